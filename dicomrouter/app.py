@@ -1,0 +1,139 @@
+"""The one place that wires config, catalog, spool, forwarder, peers and the SCP together."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from dataclasses import dataclass, field
+
+from pynetdicom import evt
+from pynetdicom.presentation import AllStoragePresentationContexts
+from pynetdicom.sop_class import Verification
+from pynetdicom import ALL_TRANSFER_SYNTAXES
+
+from dicomrouter.catalog.db import make_engine, session_factory
+from dicomrouter.catalog.queries import Catalog
+from dicomrouter.catalog.schema import require_current_schema
+from dicomrouter.config import Config
+from dicomrouter.logging import get_logger
+from dicomrouter.reload import ConfigFileWatcher, ConfigHolder
+from dicomrouter.routing.store_rules import unusable_rules
+from dicomrouter.scp.echo import handle_echo
+from dicomrouter.scp.find import find_bindings
+from dicomrouter.scp.move import move_bindings
+from dicomrouter.scp.server import DicomFront, SupportedContext
+from dicomrouter.scp.store import handle_store
+from dicomrouter.store.acks import AckRecorder
+from dicomrouter.store.forwarder import Forwarder
+from dicomrouter.store.queue import ForwardQueue
+from dicomrouter.store.receive import ReceiveService
+from dicomrouter.store.spool import Spool
+
+log = get_logger(__name__)
+
+
+def node_id() -> str:
+    """Who claims forwarding jobs: unique per process, readable in `queue list`."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def storage_contexts() -> list[SupportedContext]:
+    """Every storage SOP class pynetdicom knows, in every transfer syntax, compressed included."""
+    return [
+        SupportedContext(cx.abstract_syntax, list(ALL_TRANSFER_SYNTAXES)) for cx in AllStoragePresentationContexts
+    ]
+
+
+@dataclass
+class RouterApp:
+    holder: ConfigHolder
+    catalog: Catalog
+    spool: Spool
+    queue: ForwardQueue
+    forwarder: Forwarder
+    receive: ReceiveService
+    front: DicomFront
+    watch_file: bool = True
+    _watcher: ConfigFileWatcher | None = field(default=None, init=False)
+    _stopped: threading.Event = field(default_factory=threading.Event, init=False)
+
+    @property
+    def config(self) -> Config:
+        return self.holder.current
+
+    def start_forwarding(self) -> None:
+        """Everything but the DICOM front (the import command forwards without listening)."""
+        self.catalog.sync_servers(self.config)
+        removed = self.spool.clean_partial_writes()
+        if removed:
+            log.warning("spool_partial_writes_removed", files=removed)
+        self._log_unusable_rules(self.config)
+        self.forwarder.start()
+
+    def start(self) -> tuple[str, int]:
+        self.start_forwarding()
+        address = self.front.start()
+        if self.watch_file:
+            self._watcher = ConfigFileWatcher(self.holder)
+            self._watcher.start()
+        return address
+
+    def reload(self, reason: str) -> bool:
+        return self.holder.reload(reason)
+
+    def _log_unusable_rules(self, config: Config) -> None:
+        for rule in unusable_rules(config):
+            log.warning("route_unusable", rule=rule, reason="every destination is inactive or deleted; it falls through")
+
+    def _on_config_change(self, old: Config, new: Config) -> None:
+        self.front.apply_limits()
+        self.catalog.sync_servers(new)
+        self.forwarder.ensure_lanes(new)
+        self._log_unusable_rules(new)
+
+    def stop(self, drain_timeout_s: float = 30.0) -> None:
+        """Stop accepting, finish in-flight associations, stop forwarding, give back claims."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        if self._watcher:
+            self._watcher.stop()
+        if self.front.running:
+            self.front.stop(drain_timeout_s)
+        self.forwarder.stop()
+        log.info("router_stopped")
+
+
+def build_app(config: Config, host: str | None = None, port: int | None = None, watch_file: bool = True) -> RouterApp:
+    """Build (not start) the router for `config`; tests call this without the CLI."""
+    engine = make_engine(config.router.catalog)
+    require_current_schema(engine)
+    sessions = session_factory(engine)
+    catalog = Catalog(sessions)
+    holder = ConfigHolder(config)
+    spool = Spool(config.router.spool)
+    queue = ForwardQueue(sessions, node_id(), config.router.forwarding)
+    forwarder = Forwarder(holder, queue, spool, AckRecorder(catalog, queue))
+    receive = ReceiveService(
+        lambda: holder.current,
+        spool,
+        queue,
+        sessions,
+        forwarder.notify,
+        audit=lambda operation, outcome, **kw: catalog.add_audit(operation, outcome, **kw),
+    )
+    find_contexts, find_handlers = find_bindings(holder, catalog)
+    move_contexts, move_handlers = move_bindings(holder, catalog)
+    # Storage contexts before C-GET's: pynetdicom keeps the SCP/SCU roles of the last one added.
+    contexts = [SupportedContext(Verification), *storage_contexts(), *find_contexts, *move_contexts]
+    handlers = [
+        (evt.EVT_C_ECHO, handle_echo),
+        (evt.EVT_C_STORE, handle_store, [receive]),
+        *find_handlers,
+        *move_handlers,
+    ]
+    front = DicomFront(holder, contexts, handlers, host=host, port=port)
+    app = RouterApp(holder, catalog, spool, queue, forwarder, receive, front, watch_file=watch_file)
+    holder.on_change(app._on_config_change)
+    return app

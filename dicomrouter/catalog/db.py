@@ -1,0 +1,103 @@
+"""Engines and sessions for the catalog, with SQLite tuned for several concurrent writers."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+# Execution option naming how a SQLite transaction begins: IMMEDIATE (default) takes the
+# write lock up front, so a transaction that reads then writes never fails half-way with
+# "database is locked"; DEFERRED suits read-only work and does not block writers.
+SQLITE_BEGIN = "sqlite_begin"
+_BEGIN_MODES = ("DEFERRED", "IMMEDIATE", "EXCLUSIVE")
+
+
+def make_engine(url: str | URL, **kwargs: Any) -> Engine:
+    """An engine for `url`; SQLite gets WAL, foreign keys, a busy timeout and real BEGINs."""
+    url = make_url(url)
+    if url.get_backend_name() != "sqlite":
+        kwargs.setdefault("pool_pre_ping", True)
+        return create_engine(url, **kwargs)
+    _create_parent_folder(url)
+    engine = create_engine(url, **kwargs)
+    # SQLite has one writer at a time and its busy handler backs off in sleeps of up to 100 ms;
+    # writers of this process queue on a lock instead, so they take turns without sleeping.
+    write_lock = threading.Lock()
+    event.listen(engine, "connect", _on_sqlite_connect)
+    event.listen(engine, "begin", lambda connection: _on_sqlite_begin(connection, write_lock))
+    event.listen(engine, "commit", lambda connection: _release_write_lock(connection, write_lock))
+    event.listen(engine, "rollback", lambda connection: _release_write_lock(connection, write_lock))
+    return engine
+
+
+def session_factory(engine: Engine) -> sessionmaker[Session]:
+    """Sessions bound to `engine` whose objects stay readable after commit."""
+    return sessionmaker(bind=engine, expire_on_commit=False)
+
+
+def is_sqlite(bind: Engine | Connection) -> bool:
+    """True for a SQLite engine or connection."""
+    return bind.dialect.name == "sqlite"
+
+
+def _create_parent_folder(url: URL) -> None:
+    database = url.database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return
+    Path(database).expanduser().absolute().parent.mkdir(parents=True, exist_ok=True)
+
+
+def _on_sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
+    # Leave transaction control to SQLAlchemy (see _on_sqlite_begin) instead of the
+    # sqlite3 module's legacy mode, which never BEGINs before a SELECT or DDL.
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        _enable_wal(cursor)
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+    finally:
+        cursor.close()
+
+
+def _enable_wal(cursor: Any) -> None:
+    """Switch to WAL (persistent in the file); retry, as the switch ignores busy_timeout."""
+    if str(cursor.execute("PRAGMA journal_mode").fetchone()[0]).lower() in ("wal", "memory"):
+        return
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
+def _on_sqlite_begin(connection: Connection, write_lock: threading.Lock) -> None:
+    mode = str(connection.get_execution_options().get(SQLITE_BEGIN, "IMMEDIATE")).upper()
+    if mode not in _BEGIN_MODES:
+        raise ValueError(f"{SQLITE_BEGIN}={mode!r}; use one of {', '.join(_BEGIN_MODES)}")
+    if mode != "DEFERRED":
+        write_lock.acquire()
+        connection.info["holds_write_lock"] = True
+    try:
+        connection.exec_driver_sql(f"BEGIN {mode}")
+    except BaseException:
+        _release_write_lock(connection, write_lock)
+        raise
+
+
+def _release_write_lock(connection: Connection, write_lock: threading.Lock) -> None:
+    if connection.info.pop("holds_write_lock", False):
+        write_lock.release()

@@ -1,0 +1,252 @@
+"""Catalog tables: servers, the DICOM hierarchy, where studies live, the forward queue, audit."""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    Date,
+    DateTime,
+    Dialect,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.types import TypeDecorator
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+# Strongest evidence first: a study we stored ourselves beats one a server delivered
+# on C-MOVE, which beats one a server merely listed in a C-FIND answer.
+LEARNED_BY = ("stored", "moved", "found")
+JOB_STATES = ("pending", "claimed", "done", "dead")
+
+# 64-bit keys on PostgreSQL; SQLite only auto-increments an INTEGER PRIMARY KEY.
+ID = BigInteger().with_variant(Integer(), "sqlite")
+
+
+def utcnow() -> datetime:
+    """The current time as an aware UTC datetime."""
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Aware UTC datetimes in, aware UTC datetimes out, on SQLite as on PostgreSQL."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def __init__(self) -> None:
+        super().__init__(timezone=True)
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        """Refuse naive datetimes; store UTC (naive text on SQLite, timestamptz elsewhere)."""
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r}: pass an aware datetime (UTC)")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        """Attach or convert to UTC."""
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+def _in(column: str, values: tuple[str, ...]) -> str:
+    return f"{column} IN ({', '.join(repr(v) for v in values)})"
+
+
+class Base(DeclarativeBase):
+    """Declarative base whose metadata names every constraint and index."""
+
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {datetime: UTCDateTime(), str: String(), dict[str, Any]: JSON()}
+
+
+class Server(Base):
+    """A PACS from the YAML config, mirrored by name; never deleted, only marked deleted."""
+
+    __tablename__ = "servers"
+
+    id: Mapped[int] = mapped_column(ID, primary_key=True)
+    name: Mapped[str] = mapped_column(unique=True)
+    ae_title: Mapped[str]
+    host: Mapped[str]
+    port: Mapped[int] = mapped_column(Integer)
+    environment: Mapped[str]
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    primary: Mapped[bool] = mapped_column(Boolean, default=False)
+    deleted: Mapped[bool] = mapped_column(Boolean, default=False)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class Patient(Base):
+    """A patient; `patient_id` is the DICOM PatientID, the issuer is '' when unknown."""
+
+    __tablename__ = "patients"
+    __table_args__ = (UniqueConstraint("patient_id", "issuer_of_patient_id"),)
+
+    id: Mapped[int] = mapped_column(ID, primary_key=True)
+    patient_id: Mapped[str]
+    issuer_of_patient_id: Mapped[str] = mapped_column(default="")
+    patient_name: Mapped[str | None]
+    birth_date: Mapped[date | None] = mapped_column(Date)
+
+
+class Study(Base):
+    """A study; `patient_id` here is the key of the patients row, not the DICOM PatientID."""
+
+    __tablename__ = "studies"
+
+    id: Mapped[int] = mapped_column(ID, primary_key=True)
+    study_uid: Mapped[str] = mapped_column(unique=True)
+    patient_id: Mapped[int | None] = mapped_column(
+        ID, ForeignKey("patients.id", ondelete="SET NULL"), index=True
+    )
+    study_date: Mapped[date | None] = mapped_column(Date)
+    accession_number: Mapped[str | None] = mapped_column(index=True)
+    description: Mapped[str | None]
+    modalities: Mapped[str | None]  # backslash-separated, sorted, like ModalitiesInStudy
+
+    patient: Mapped[Patient | None] = relationship()
+
+
+class Series(Base):
+    """A series of one study."""
+
+    __tablename__ = "series"
+
+    id: Mapped[int] = mapped_column(ID, primary_key=True)
+    series_uid: Mapped[str] = mapped_column(unique=True)
+    study_id: Mapped[int] = mapped_column(
+        ID, ForeignKey("studies.id", ondelete="CASCADE"), index=True
+    )
+    modality: Mapped[str | None]
+    series_number: Mapped[int | None] = mapped_column(Integer)
+
+    study: Mapped[Study] = relationship()
+
+
+class Instance(Base):
+    """A SOP instance, with the digest and size of the last copy the router stored."""
+
+    __tablename__ = "instances"
+
+    id: Mapped[int] = mapped_column(ID, primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(unique=True)
+    series_id: Mapped[int] = mapped_column(
+        ID, ForeignKey("series.id", ondelete="CASCADE"), index=True
+    )
+    sop_class_uid: Mapped[str | None]
+    transfer_syntax_uid: Mapped[str | None]
+    size_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    sha256: Mapped[str | None]
+
+    series: Mapped[Series] = relationship()
+
+
+class StudyLocation(Base):
+    """A server known to hold (part of) a study, and how we learned it."""
+
+    __tablename__ = "study_locations"
+    __table_args__ = (
+        UniqueConstraint("study_id", "server_id"),
+        CheckConstraint(_in("learned_by", LEARNED_BY), name="learned_by"),
+    )
+
+    id: Mapped[int] = mapped_column(ID, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ID, ForeignKey("studies.id", ondelete="CASCADE"))
+    server_id: Mapped[int] = mapped_column(
+        ID, ForeignKey("servers.id", ondelete="CASCADE"), index=True
+    )
+    first_seen: Mapped[datetime] = mapped_column(default=utcnow)
+    last_seen: Mapped[datetime] = mapped_column(default=utcnow)
+    learned_by: Mapped[str]
+
+    study: Mapped[Study] = relationship()
+    server: Mapped[Server] = relationship()
+
+
+class InstanceLocation(Base):
+    """A server that acknowledged (C-STORE success) an instance the router sent it."""
+
+    __tablename__ = "instance_locations"
+    __table_args__ = (UniqueConstraint("instance_id", "server_id"),)
+
+    id: Mapped[int] = mapped_column(ID, primary_key=True)
+    instance_id: Mapped[int] = mapped_column(ID, ForeignKey("instances.id", ondelete="CASCADE"))
+    server_id: Mapped[int] = mapped_column(
+        ID, ForeignKey("servers.id", ondelete="CASCADE"), index=True
+    )
+    acknowledged_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    instance: Mapped[Instance] = relationship()
+    server: Mapped[Server] = relationship()
+
+
+class ForwardJob(Base):
+    """One spooled instance waiting to be stored on one destination server."""
+
+    __tablename__ = "forward_jobs"
+    __table_args__ = (
+        Index(None, "state", "destination", "next_attempt_at"),
+        CheckConstraint(_in("state", JOB_STATES), name="state"),
+    )
+
+    id: Mapped[int] = mapped_column(ID, primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(index=True)
+    spool_path: Mapped[str] = mapped_column(Text)
+    sha256: Mapped[str]
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    destination: Mapped[str]  # server name; not a foreign key, jobs outlive renames
+    state: Mapped[str] = mapped_column(default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)
+    claimed_by: Mapped[str | None] = mapped_column(Text)
+    lease_until: Mapped[datetime | None]
+    last_error: Mapped[str | None] = mapped_column(Text)
+    last_status: Mapped[int | None] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    calling_ae: Mapped[str | None]
+    called_ae: Mapped[str | None]
+    # Attributes the forwarder needs without reopening the file (SOPClassUID, TransferSyntaxUID...).
+    header: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+
+class AuditEvent(Base):
+    """One DICOM operation handled by the router, for the audit trail."""
+
+    __tablename__ = "audit_events"
+
+    id: Mapped[int] = mapped_column(ID, primary_key=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    calling_ae: Mapped[str | None]
+    address: Mapped[str | None]
+    operation: Mapped[str]
+    servers: Mapped[str | None] = mapped_column(Text)  # comma-separated server names
+    study_uid: Mapped[str | None] = mapped_column(index=True)
+    outcome: Mapped[str]
+    detail: Mapped[str | None] = mapped_column(Text)
+    counts: Mapped[dict[str, Any] | None]

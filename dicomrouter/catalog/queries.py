@@ -1,0 +1,250 @@
+"""The catalog service: mirror servers, learn where studies live, answer where they are."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from datetime import datetime
+from typing import Any, NamedTuple, TypeVar
+
+from sqlalchemy import exists, func, select
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicomrouter.catalog.db import SQLITE_BEGIN
+from dicomrouter.catalog.models import (
+    LEARNED_BY,
+    AuditEvent,
+    Instance,
+    InstanceLocation,
+    Server,
+    Study,
+    StudyLocation,
+    utcnow,
+)
+from dicomrouter.catalog.upserts import (
+    ServerSync,
+    StoredInstance,
+    UnknownServer,
+    ensure_study,
+    record_stored,
+    required,
+    server_id_of,
+    sync_servers,
+    touch_study_location,
+)
+from dicomrouter.catalog.values import modality_set
+from dicomrouter.config import Config
+
+__all__ = ["Catalog", "ServerSync", "StoredInstance", "StudyLocationRow", "UnknownServer"]
+
+T = TypeVar("T")
+_TRANSIENT_SQLSTATES = {"40001", "40P01"}  # serialization failure, deadlock detected
+
+
+class StudyLocationRow(NamedTuple):
+    """One server holding a study, as where_study answers it."""
+
+    server_name: str
+    learned_by: str
+    first_seen: datetime
+    last_seen: datetime
+
+
+class Catalog:
+    """Catalog reads and writes, each in its own short transaction, safe across threads."""
+
+    def __init__(self, sessions: sessionmaker[Session], attempts: int = 5):
+        self.sessions = sessions
+        self.attempts = attempts
+
+    # ----------------------------------------------------------------- servers
+
+    def sync_servers(self, config: Config) -> ServerSync:
+        """Mirror config.servers by name; servers gone from the config stay, marked deleted."""
+        return self._write(lambda session: sync_servers(session, config))
+
+    def studies_per_server(self) -> dict[str, int]:
+        """Number of studies known on every server in the catalog (0 included)."""
+
+        def work(session: Session) -> dict[str, int]:
+            query = (
+                select(Server.name, func.count(StudyLocation.id))
+                .outerjoin(StudyLocation, StudyLocation.server_id == Server.id)
+                .group_by(Server.name)
+            )
+            return {name: count for name, count in session.execute(query)}
+
+        return self._read(work)
+
+    # ----------------------------------------------------------------- studies
+
+    def where_study(self, study_uid: str) -> list[StudyLocationRow]:
+        """The servers known to hold the study, first learned first (deleted ones included)."""
+
+        def work(session: Session) -> list[StudyLocationRow]:
+            query = (
+                select(
+                    Server.name,
+                    StudyLocation.learned_by,
+                    StudyLocation.first_seen,
+                    StudyLocation.last_seen,
+                )
+                .join(StudyLocation.server)
+                .join(StudyLocation.study)
+                .where(Study.study_uid == study_uid)
+                .order_by(StudyLocation.first_seen, Server.name)
+            )
+            return [StudyLocationRow(*row) for row in session.execute(query)]
+
+        return self._read(work)
+
+    def record_study_seen(
+        self,
+        server_name: str,
+        study_uid: str,
+        learned_by: str,
+        attrs: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Note that a server holds a study (C-FIND answer, C-MOVE); attrs as in a C-FIND."""
+        self.record_studies_seen(
+            server_name, learned_by, [{**(attrs or {}), "StudyInstanceUID": study_uid}]
+        )
+
+    def record_studies_seen(
+        self, server_name: str, learned_by: str, studies: Iterable[Mapping[str, Any]]
+    ) -> None:
+        """record_study_seen for many studies (e.g. one C-FIND answer) in one transaction."""
+        if learned_by not in LEARNED_BY:
+            raise ValueError(f"learned_by={learned_by!r}; use one of {', '.join(LEARNED_BY)}")
+        rows = sorted(studies, key=lambda attrs: required(attrs, "StudyInstanceUID"))
+
+        def work(session: Session) -> None:
+            server_id = server_id_of(session, server_name)
+            now = utcnow()
+            for attrs in rows:
+                study_id = ensure_study(
+                    session, attrs, modality_set(attrs.get("ModalitiesInStudy"))
+                )
+                touch_study_location(session, study_id, server_id, learned_by, now)
+
+        self._write(work)
+
+    # ----------------------------------------------------------------- instances
+
+    def record_instance_stored(
+        self,
+        server_name: str,
+        attrs: Mapping[str, Any],
+        sop_class_uid: str | None,
+        transfer_syntax_uid: str | None,
+        size: int | None,
+        sha256: str | None,
+    ) -> None:
+        """Record that `server_name` acknowledged an instance; idempotent."""
+        item = StoredInstance(attrs, sop_class_uid, transfer_syntax_uid, size, sha256)
+        self.record_instances_stored(server_name, [item])
+
+    def record_instances_stored(self, server_name: str, items: Iterable[StoredInstance]) -> None:
+        """record_instance_stored for many instances on one server, in one transaction."""
+        # One order for every writer, so concurrent batches lock rows in the same order.
+        ordered = sorted(
+            items,
+            key=lambda i: (
+                required(i.attrs, "StudyInstanceUID"),
+                required(i.attrs, "SeriesInstanceUID"),
+                required(i.attrs, "SOPInstanceUID"),
+            ),
+        )
+        if not ordered:
+            return
+        self._write(lambda session: record_stored(session, server_name, ordered))
+
+    def server_has_instance(self, server_name: str, sop_instance_uid: str) -> bool:
+        """True when `server_name` acknowledged the instance (no need to send it again)."""
+
+        def work(session: Session) -> bool:
+            query = select(
+                exists()
+                .where(InstanceLocation.instance_id == Instance.id)
+                .where(InstanceLocation.server_id == Server.id)
+                .where(Instance.sop_instance_uid == sop_instance_uid)
+                .where(Server.name == server_name)
+            )
+            return bool(session.scalar(query))
+
+        return self._read(work)
+
+    # ----------------------------------------------------------------- audit
+
+    def add_audit(
+        self,
+        operation: str,
+        outcome: str,
+        *,
+        calling_ae: str | None = None,
+        address: str | None = None,
+        servers: Sequence[str] | str | None = None,
+        study_uid: str | None = None,
+        detail: str | None = None,
+        counts: Mapping[str, Any] | None = None,
+        at: datetime | None = None,
+    ) -> int:
+        """Append one audit event and return its id; `servers` is stored comma-separated."""
+        if servers is not None and not isinstance(servers, str):
+            servers = ",".join(servers)
+        values = {
+            "at": at or utcnow(),
+            "calling_ae": calling_ae,
+            "address": address,
+            "operation": operation,
+            "servers": servers,
+            "study_uid": study_uid,
+            "outcome": outcome,
+            "detail": detail,
+            "counts": dict(counts) if counts is not None else None,
+        }
+
+        def work(session: Session) -> int:
+            event = AuditEvent(**values)
+            session.add(event)
+            session.flush()
+            return event.id
+
+        return self._write(work)
+
+    # ----------------------------------------------------------------- transactions
+
+    def write(self, work: Callable[[Session], T]) -> T:
+        """Run `work` in one write transaction (retried on deadlock); for services joining writes."""
+        return self._write(work)
+
+    def _write(self, work: Callable[[Session], T]) -> T:
+        """Run `work` in a transaction, retrying deadlocks and lock timeouts."""
+        for attempt in range(1, self.attempts + 1):
+            try:
+                with self.sessions.begin() as session:
+                    return work(session)
+            except OperationalError as exc:
+                if attempt == self.attempts or not _transient(exc):
+                    raise
+                time.sleep(min(0.05 * 2**attempt, 1.0) * random.uniform(0.5, 1.5))
+        raise AssertionError("unreachable")
+
+    def _read(self, work: Callable[[Session], T]) -> T:
+        """Run read-only `work`; on SQLite it does not take the write lock."""
+        with self.sessions() as session:
+            session.connection(execution_options={SQLITE_BEGIN: "DEFERRED"})
+            return work(session)
+
+
+# --------------------------------------------------------------------- helpers
+
+
+def _transient(exc: OperationalError) -> bool:
+    """A deadlock, serialization failure or busy SQLite: worth running the transaction again."""
+    if getattr(exc.orig, "sqlstate", None) in _TRANSIENT_SQLSTATES:
+        return True
+    message = str(exc.orig).lower()
+    return "database is locked" in message or "database is busy" in message

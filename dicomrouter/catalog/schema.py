@@ -1,0 +1,103 @@
+"""Create and migrate the catalog schema with the Alembic scripts shipped in this package."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from alembic.util import CommandError
+from sqlalchemy import Engine
+from sqlalchemy.engine import URL
+
+from dicomrouter.catalog.db import is_sqlite, make_engine
+
+MIGRATIONS = Path(__file__).resolve().with_name("migrations")
+UPGRADE_HINT = "run: dicomrouter --config FILE db upgrade"
+_UPGRADE_LOCK_ID = 0x44434D52  # "DCMR": advisory lock serialising upgrades on PostgreSQL
+
+
+class SchemaNeedsUpgrade(Exception):
+    """The catalog database is not at the revision this release of dicomrouter needs."""
+
+
+def alembic_config() -> Config:
+    """An in-memory Alembic config pointing at the packaged migrations (no alembic.ini)."""
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS).replace("%", "%%"))
+    config.set_main_option("path_separator", "os")
+    return config
+
+
+def head_revision() -> str:
+    """The newest migration shipped with this release."""
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    assert head is not None, "the packaged migrations have no head"
+    return head
+
+
+@contextmanager
+def _engine(engine_or_url: Engine | str | URL) -> Iterator[Engine]:
+    if isinstance(engine_or_url, Engine):
+        yield engine_or_url
+        return
+    engine = make_engine(engine_or_url)
+    try:
+        yield engine
+    finally:
+        engine.dispose()
+
+
+def upgrade(engine_or_url: Engine | str | URL, revision: str = "head") -> None:
+    """Migrate the database to `revision` (default: head) in one transaction."""
+    config = alembic_config()
+    with _engine(engine_or_url) as engine, engine.connect() as connection:
+        sqlite = is_sqlite(connection)
+        if sqlite:
+            # Batch migrations copy and drop tables; SQLite only lets foreign keys be
+            # switched off outside a transaction, so do it on the raw connection first.
+            connection.connection.driver_connection.execute("PRAGMA foreign_keys=OFF")
+        try:
+            with connection.begin():
+                if connection.dialect.name == "postgresql":
+                    # Two nodes upgrading at once: the second waits, then finds nothing to do.
+                    connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_UPGRADE_LOCK_ID})")
+                config.attributes["connection"] = connection
+                command.upgrade(config, revision)
+                if sqlite:
+                    broken = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+                    if broken:
+                        raise RuntimeError(f"migration left broken foreign keys: {broken[:5]}")
+        finally:
+            if sqlite:
+                connection.connection.driver_connection.execute("PRAGMA foreign_keys=ON")
+
+
+def schema_state(engine_or_url: Engine | str | URL) -> tuple[str | None, str]:
+    """(revision the database is at, or None when empty; revision this release needs)."""
+    with _engine(engine_or_url) as engine, engine.connect() as connection:
+        current = MigrationContext.configure(connection).get_current_revision()
+    return current, head_revision()
+
+
+def require_current_schema(engine_or_url: Engine | str | URL) -> None:
+    """Raise SchemaNeedsUpgrade unless the database is exactly at the head revision."""
+    current, head = schema_state(engine_or_url)
+    if current == head:
+        return
+    if current is None:
+        raise SchemaNeedsUpgrade(f"the catalog database has no schema yet; {UPGRADE_HINT}")
+    try:
+        ScriptDirectory.from_config(alembic_config()).get_revision(current)
+    except CommandError:
+        raise SchemaNeedsUpgrade(
+            f"the catalog database is at revision {current}, which this release does not know"
+            f" (it expects {head}); a newer dicomrouter migrated it: upgrade dicomrouter"
+        ) from None
+    raise SchemaNeedsUpgrade(
+        f"the catalog database is at revision {current}, this release needs {head}; {UPGRADE_HINT}"
+    )

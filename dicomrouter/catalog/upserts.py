@@ -1,0 +1,259 @@
+"""Idempotent, concurrency-safe writes behind Catalog: INSERT .. ON CONFLICT on both databases."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from itertools import groupby
+from typing import Any
+
+from sqlalchemy import ColumnElement, case, func, select, update
+from sqlalchemy.dialects.postgresql import Insert as PgInsert
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import Insert as SqliteInsert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.orm import Session
+
+from dicomrouter.catalog.models import (
+    LEARNED_BY,
+    Base,
+    Instance,
+    InstanceLocation,
+    Patient,
+    Series,
+    Server,
+    Study,
+    StudyLocation,
+    utcnow,
+)
+from dicomrouter.catalog.values import dicom_date, integer, join_modalities, modality_set, text
+from dicomrouter.config import Config
+
+_SERVER_FIELDS = ("ae_title", "host", "port", "environment", "active", "primary", "deleted")
+
+
+class UnknownServer(LookupError):
+    """A server name the catalog has never seen (sync_servers was not run for it)."""
+
+
+@dataclass(frozen=True)
+class StoredInstance:
+    """One instance a server acknowledged; `attrs` maps DICOM keywords to values."""
+
+    attrs: Mapping[str, Any]
+    sop_class_uid: str | None
+    transfer_syntax_uid: str | None
+    size: int | None
+    sha256: str | None
+
+
+@dataclass(frozen=True)
+class ServerSync:
+    """Names of the servers that sync_servers added, changed and marked deleted."""
+
+    added: tuple[str, ...] = ()
+    updated: tuple[str, ...] = ()
+    deleted: tuple[str, ...] = ()
+
+
+def required(attrs: Mapping[str, Any], keyword: str) -> str:
+    """The attribute as text; ValueError when it is missing or empty."""
+    value = text(attrs.get(keyword))
+    if value is None:
+        raise ValueError(f"{keyword} is missing or empty")
+    return value
+
+
+def dialect_insert(session: Session, model: type[Base]) -> PgInsert | SqliteInsert:
+    """INSERT with ON CONFLICT support for the session's database."""
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        return pg_insert(model)
+    if dialect == "sqlite":
+        return sqlite_insert(model)
+    raise NotImplementedError(f"the catalog supports SQLite and PostgreSQL, not {dialect}")
+
+
+def server_id_of(session: Session, name: str) -> int:
+    """The servers key for `name`; UnknownServer when it was never synced."""
+    server_id = session.scalar(select(Server.id).where(Server.name == name))
+    if server_id is None:
+        raise UnknownServer(f"server {name!r} is not in the catalog; sync_servers(config) first")
+    return server_id
+
+
+def get_or_create(
+    session: Session, model: type[Base], key: dict[str, Any], values: dict[str, Any]
+) -> Any:
+    """The row for the unique `key` (created from `values` if missing), empty columns filled.
+
+    Returns the row as read before filling. Concurrent creators are safe: the loser's
+    INSERT does nothing and its SELECT sees the winner's row; filling uses COALESCE, so
+    the first non-empty value stays.
+    """
+    columns = [model.id] + [getattr(model, name) for name in values]  # type: ignore[attr-defined]
+    query = select(*columns).where(*(getattr(model, k) == v for k, v in key.items()))
+    row = session.execute(query).one_or_none()
+    if row is None:
+        insert = dialect_insert(session, model).values(**key, **values)
+        session.execute(insert.on_conflict_do_nothing(index_elements=list(key)))
+        row = session.execute(query).one()
+    missing = {
+        name: func.coalesce(getattr(model, name), value)
+        for name, value in values.items()
+        if value is not None and getattr(row, name) is None
+    }
+    if missing:
+        session.execute(update(model).where(model.id == row.id).values(**missing))  # type: ignore[attr-defined]
+    return row
+
+
+def ensure_patient(session: Session, attrs: Mapping[str, Any]) -> int | None:
+    """The patients key for attrs' PatientID (+ issuer), or None without a PatientID."""
+    patient_id = text(attrs.get("PatientID"))
+    if patient_id is None:
+        return None
+    key = {
+        "patient_id": patient_id,
+        "issuer_of_patient_id": text(attrs.get("IssuerOfPatientID")) or "",
+    }
+    values = {
+        "patient_name": text(attrs.get("PatientName")),
+        "birth_date": dicom_date(attrs.get("PatientBirthDate")),
+    }
+    return get_or_create(session, Patient, key, values).id
+
+
+def ensure_study(session: Session, attrs: Mapping[str, Any], modalities: set[str]) -> int:
+    """The studies key for attrs' StudyInstanceUID; fills empty fields, merges modalities."""
+    values = {
+        "patient_id": ensure_patient(session, attrs),
+        "study_date": dicom_date(attrs.get("StudyDate")),
+        "accession_number": text(attrs.get("AccessionNumber")),
+        "description": text(attrs.get("StudyDescription")),
+        "modalities": join_modalities(modalities),
+    }
+    key = {"study_uid": required(attrs, "StudyInstanceUID")}
+    row = get_or_create(session, Study, key, values)
+    if not modalities <= modality_set(row.modalities):
+        # Read-merge-write under a row lock (PostgreSQL) so concurrent merges add up.
+        lock = select(Study.modalities).where(Study.id == row.id).with_for_update(key_share=True)
+        current = session.scalar(lock)
+        merged = join_modalities(modality_set(current) | modalities)
+        if merged != current:
+            session.execute(update(Study).where(Study.id == row.id).values(modalities=merged))
+    return row.id
+
+
+def touch_study_location(
+    session: Session, study_id: int, server_id: int, learned_by: str, now: datetime
+) -> None:
+    """Upsert study_locations: keep first_seen, move last_seen on, keep the best evidence."""
+    table = StudyLocation.__table__.c
+    insert = dialect_insert(session, StudyLocation).values(
+        study_id=study_id, server_id=server_id, first_seen=now, last_seen=now, learned_by=learned_by
+    )
+    new = insert.excluded
+
+    def rank(column: ColumnElement[str]) -> ColumnElement[int]:
+        return case(
+            {name: i for i, name in enumerate(LEARNED_BY)}, value=column, else_=len(LEARNED_BY)
+        )
+
+    session.execute(
+        insert.on_conflict_do_update(
+            index_elements=["study_id", "server_id"],
+            set_={
+                "last_seen": case(
+                    (new.last_seen > table.last_seen, new.last_seen), else_=table.last_seen
+                ),
+                "learned_by": case(
+                    (rank(new.learned_by) < rank(table.learned_by), new.learned_by),
+                    else_=table.learned_by,
+                ),
+            },
+        )
+    )
+
+
+def record_stored(session: Session, server_name: str, items: list[StoredInstance]) -> None:
+    """Upsert the hierarchy and locations for instances `server_name` acknowledged.
+
+    `items` must be sorted by study, series and SOP instance UID: every writer then takes
+    its row locks study by study in one global order, which keeps PostgreSQL deadlocks rare.
+    """
+    server_id = server_id_of(session, server_name)
+    now = utcnow()
+    for _, group in groupby(items, key=lambda item: required(item.attrs, "StudyInstanceUID")):
+        in_study = list(group)
+        modalities = set().union(*(modality_set(i.attrs.get("Modality")) for i in in_study))
+        study_id = ensure_study(session, in_study[0].attrs, modalities)
+        series: dict[str, int] = {}
+        for item in in_study:
+            series_uid = required(item.attrs, "SeriesInstanceUID")
+            if series_uid not in series:
+                values = {
+                    "study_id": study_id,
+                    "modality": text(item.attrs.get("Modality")),
+                    "series_number": integer(item.attrs.get("SeriesNumber")),
+                }
+                key = {"series_uid": series_uid}
+                series[series_uid] = get_or_create(session, Series, key, values).id
+            instance_id = upsert_instance(session, item, series[series_uid])
+            location = dialect_insert(session, InstanceLocation).values(
+                instance_id=instance_id, server_id=server_id, acknowledged_at=now
+            )
+            session.execute(
+                location.on_conflict_do_update(
+                    index_elements=["instance_id", "server_id"],
+                    set_={"acknowledged_at": location.excluded.acknowledged_at},
+                )
+            )
+        touch_study_location(session, study_id, server_id, "stored", now)
+
+
+def upsert_instance(session: Session, item: StoredInstance, series_id: int) -> int:
+    """Insert or refresh an instance row (a re-store may change its content); its key."""
+    values = {
+        "series_id": series_id,
+        "sop_class_uid": text(item.sop_class_uid),
+        "transfer_syntax_uid": text(item.transfer_syntax_uid),
+        "size_bytes": item.size,
+        "sha256": item.sha256,
+    }
+    refresh = {k: v for k, v in values.items() if v is not None}
+    insert = dialect_insert(session, Instance).values(
+        sop_instance_uid=required(item.attrs, "SOPInstanceUID"), **values
+    )
+    insert = insert.on_conflict_do_update(index_elements=["sop_instance_uid"], set_=refresh)
+    return session.execute(insert.returning(Instance.id)).scalar_one()
+
+
+def sync_servers(session: Session, config: Config) -> ServerSync:
+    """Insert new servers, update changed ones, mark the ones gone from config deleted."""
+    now = utcnow()
+    existing = {server.name: server for server in session.scalars(select(Server))}
+    added: list[str] = []
+    updated: list[str] = []
+    for server in config.servers:
+        fields = {name: getattr(server, name) for name in _SERVER_FIELDS}
+        row = existing.get(server.name)
+        if row is None:
+            insert = dialect_insert(session, Server).values(
+                name=server.name, updated_at=now, **fields
+            )
+            session.execute(insert.on_conflict_do_nothing(index_elements=["name"]))
+            added.append(server.name)
+        elif any(getattr(row, k) != v for k, v in fields.items()):
+            for name, value in fields.items():
+                setattr(row, name, value)
+            row.updated_at = now
+            updated.append(server.name)
+    configured = {server.name for server in config.servers}
+    deleted: list[str] = []
+    for name, row in existing.items():
+        if name not in configured and not row.deleted:
+            row.deleted, row.active, row.primary, row.updated_at = True, False, False, now
+            deleted.append(name)
+    return ServerSync(tuple(added), tuple(updated), tuple(sorted(deleted)))

@@ -1,0 +1,92 @@
+"""What every command shares: loading the config, opening the catalog, printing tables."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+
+from dicomrouter.config import Config, ConfigError, load_config
+
+EXIT_CONFIG = 2
+
+
+class ConfigProblem(click.ClickException):
+    """A configuration error: printed without a traceback, exit code 2."""
+
+    exit_code = EXIT_CONFIG
+
+    def show(self, file=None) -> None:
+        click.echo(f"dicomrouter: {self.message}", err=True)
+
+
+@dataclass
+class CliState:
+    config_path: Path
+    _config: Config | None = None
+
+    def config(self) -> Config:
+        if self._config is None:
+            try:
+                self._config = load_config(self.config_path)
+            except ConfigError as exc:
+                raise ConfigProblem(exc.render()) from None
+            for warning in self._config.warnings:
+                click.echo(f"warning: {warning}", err=True)
+        return self._config
+
+    def forget_config(self) -> None:
+        self._config = None
+
+
+pass_state = click.make_pass_decorator(CliState)
+
+
+def open_catalog(config: Config, must_exist: bool = False):
+    """The catalog service for `config`, or None (with a note) when its schema is not ready."""
+    from dicomrouter.catalog.db import make_engine, session_factory
+    from dicomrouter.catalog.queries import Catalog
+    from dicomrouter.catalog.schema import SchemaNeedsUpgrade, require_current_schema
+
+    engine = make_engine(config.router.catalog)
+    try:
+        require_current_schema(engine)
+    except SchemaNeedsUpgrade as exc:
+        engine.dispose()
+        if must_exist:
+            raise click.ClickException(f"{exc} (config: {config.path})") from None
+        click.echo(f"note: catalog not ready ({exc}); study counts unknown", err=True)
+        return None
+    except Exception as exc:  # database unreachable: counts are a nicety, not a must
+        engine.dispose()
+        if must_exist:
+            raise click.ClickException(f"cannot open the catalog {config.router.catalog}: {exc}") from None
+        click.echo(f"note: catalog unavailable ({exc.__class__.__name__}); study counts unknown", err=True)
+        return None
+    return Catalog(session_factory(engine))
+
+
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+    """A plain aligned table; None shows as '-'."""
+    cells = [[("-" if v is None else str(v)) for v in row] for row in rows]
+    widths = [len(h) for h in headers]
+    for row in cells:
+        for i, value in enumerate(row):
+            widths[i] = max(widths[i], len(value))
+    line = "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))
+    click.echo(line.rstrip())
+    click.echo("  ".join("-" * w for w in widths))
+    for row in cells:
+        click.echo("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+
+
+def yes_no(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
+def fail(message: str, code: int = 1) -> None:
+    click.echo(f"dicomrouter: {message}", err=True)
+    sys.exit(code)

@@ -1,0 +1,111 @@
+"""`dicomrouter move` and `dicomrouter routes show`: move studies between PACS, see the move-AE grid."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+from pydicom import Dataset
+
+from dicomrouter.cli.common import CliState, open_catalog, pass_state, print_table
+from dicomrouter.net.move_client import STUDY_ROOT_MOVE
+from dicomrouter.retrieve.locate import locate_study
+from dicomrouter.retrieve.mover import SUCCESS, WARNING, MoveRun, MoveTotals
+from dicomrouter.routing.move_routes import resolve_destination, route_table
+
+EXIT_FAILED = 1
+EXIT_PARTIAL = 3
+
+
+@click.group("routes")
+def routes_group() -> None:
+    """The C-MOVE routing table (which AE title each server uses for each destination)."""
+
+
+@routes_group.command("show")
+@pass_state
+def routes_show(state: CliState) -> None:
+    """Sources down, destinations across: the AE title the source sends to, or relay."""
+    destinations, rows = route_table(state.config())
+    print_table(
+        ("source \\ destination", *destinations), [(source, *cells) for source, cells in rows]
+    )
+
+
+def _bar(done: int, total: int, width: int = 30) -> str:
+    filled = width * done // total if total else width
+    return f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total}"
+
+
+@click.command("move")
+@click.argument("study_uid")
+@click.option(
+    "--to", "move_destination", required=True, help="Server name or AE title, or a client AE title."
+)
+@click.option(
+    "--from", "source_name", help="Move only from this server (default: every server holding it)."
+)
+@pass_state
+def move_command(
+    state: CliState, study_uid: str, move_destination: str, source_name: str | None
+) -> None:
+    """Move a study to another PACS or a workstation; the catalog learns the new location."""
+    config = state.config()
+    destination = resolve_destination(config, move_destination)
+    if destination is None:
+        raise click.ClickException(
+            f"unknown destination {move_destination!r}: not a server, nor a client with host and port"
+        )
+    catalog = open_catalog(config)
+    if catalog is not None:
+        catalog.sync_servers(config)  # so it can learn where the study went
+    if source_name:
+        source = config.server(source_name)
+        if source is None or source.deleted:
+            raise click.ClickException(f"unknown server {source_name!r}")
+        sources = [source]
+    else:
+        location = locate_study(config, catalog, study_uid)
+        for name, reason in location.unreachable.items():
+            click.echo(f"warning: could not ask {name}: {reason}", err=True)
+        sources = location.sources
+        if location.inactive_only:
+            click.echo(
+                f"warning: only inactive servers hold it: {', '.join(s.name for s in sources)}",
+                err=True,
+            )
+    if not sources:
+        raise click.ClickException(f"no server holds study {study_uid}")
+    click.echo(
+        f"moving {study_uid} from {', '.join(s.name for s in sources)} to {destination.name}"
+    )
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = "STUDY"
+    identifier.StudyInstanceUID = study_uid
+    run = MoveRun(config, catalog, sources, destination, STUDY_ROOT_MOVE, identifier, study_uid)
+    final = MoveTotals()
+    show_bar = sys.stderr.isatty()
+    try:
+        for totals in run.progress():
+            if totals.final:
+                final = totals
+            elif show_bar:
+                done = totals.completed + totals.failed + totals.warning
+                click.echo("\r" + _bar(done, done + totals.remaining), nl=False, err=True)
+    except KeyboardInterrupt:
+        run.cancel()
+        raise
+    if show_bar:
+        click.echo("", err=True)
+    status = final.status if final.status is not None else -1
+    click.echo(
+        f"status 0x{status:04X}: {final.completed} completed, {final.failed} failed, {final.warning} warning"
+    )
+    if final.comment:
+        click.echo(f"  {final.comment}")
+    for sop_uid in final.failed_sop_uids:
+        click.echo(f"  failed: {sop_uid}")
+    if status == WARNING:
+        sys.exit(EXIT_PARTIAL)
+    if status != SUCCESS:
+        sys.exit(EXIT_FAILED)

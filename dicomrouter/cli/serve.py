@@ -1,0 +1,54 @@
+"""`serve`: run the router in the foreground until SIGTERM."""
+
+from __future__ import annotations
+
+import signal
+import threading
+
+import click
+
+from dicomrouter.cli.common import CliState, pass_state
+from dicomrouter.logging import configure_logging, get_logger
+
+
+@click.command("serve")
+@click.option("--log-format", type=click.Choice(["console", "json"]), default=None,
+              help="console for a terminal, json lines otherwise (default: by terminal).")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info")
+@click.option("--host", default=None, help="Override router.host.")
+@click.option("--port", type=int, default=None, help="Override router.port.")
+@pass_state
+def serve_command(state: CliState, log_format: str | None, log_level: str, host: str | None, port: int | None) -> None:
+    """Run the router: DICOM SCP in front, forwarding behind. SIGHUP reloads the config."""
+    import sys
+
+    from dicomrouter.app import build_app
+    from dicomrouter.catalog.schema import SchemaNeedsUpgrade
+
+    configure_logging(log_format or ("console" if sys.stderr.isatty() else "json"), log_level)
+    log = get_logger("dicomrouter.serve")
+    config = state.config()
+    try:
+        app = build_app(config, host=host, port=port)
+    except SchemaNeedsUpgrade as exc:
+        raise click.ClickException(f"{exc} (dicomrouter --config {config.path} db upgrade)") from None
+    stop_requested = threading.Event()
+
+    def request_stop(signum, _frame) -> None:
+        log.info("stop_requested", signal=signal.Signals(signum).name)
+        stop_requested.set()
+
+    def request_reload(_signum, _frame) -> None:
+        # Reload off the signal handler: it takes locks and touches the database.
+        threading.Thread(target=app.reload, args=("SIGHUP",), daemon=True).start()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGHUP, request_reload)
+    try:
+        app.start()
+    except OSError as exc:
+        raise click.ClickException(f"cannot listen on {host or config.router.host}:{port or config.router.port}: {exc}") from None
+    while not stop_requested.wait(1.0):
+        pass
+    app.stop()

@@ -1,0 +1,219 @@
+"""A lean DICOM upper layer for one requestor association on a blocking socket (PS3.8).
+
+pynetdicom runs two threads per association and decodes every command set through pydicom:
+about a millisecond of CPU per C-FIND answer, and the threads fight over the GIL when several
+PACS answer at once. A federated query reads thousands of small answers, so the find client
+speaks the protocol itself: one thread, struct-packed PDUs, identifiers decoded lazily.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+from dataclasses import dataclass
+
+from dicomrouter.net.sockets import set_nodelay
+
+APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
+IMPLICIT_VR_LE = "1.2.840.10008.1.2"
+EXPLICIT_VR_LE = "1.2.840.10008.1.2.1"
+IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.9.7433.1.1"  # dicomrouter's, fixed
+IMPLEMENTATION_VERSION = "DICOMROUTER"
+
+A_ASSOCIATE_RQ, A_ASSOCIATE_AC, A_ASSOCIATE_RJ = 0x01, 0x02, 0x03
+P_DATA_TF, A_RELEASE_RQ, A_RELEASE_RP, A_ABORT = 0x04, 0x05, 0x06, 0x07
+
+# A-ASSOCIATE-RJ (source, reason) in words (PS3.8 9.3.4)
+REJECT_REASONS = {
+    (1, 1): "no reason given",
+    (1, 2): "application context name not supported",
+    (1, 3): "calling AE title not recognised",
+    (1, 7): "called AE title not recognised",
+    (2, 1): "no reason given (ACSE)",
+    (2, 2): "protocol version not supported",
+    (3, 1): "temporary congestion",
+    (3, 2): "local limit exceeded",
+}
+
+
+class UpperLayerError(Exception):
+    """The peer refused, aborted or broke the protocol; `kind` as in PeerFindError."""
+
+    def __init__(self, kind: str, reason: str):
+        self.kind = kind
+        self.reason = reason
+        super().__init__(f"{kind}: {reason}")
+
+
+def _item(item_type: int, payload: bytes) -> bytes:
+    return struct.pack(">BxH", item_type, len(payload)) + payload
+
+
+def _uid_item(item_type: int, uid: str) -> bytes:
+    return _item(item_type, uid.encode("ascii"))
+
+
+def _ae(title: str) -> bytes:
+    return title.encode("ascii")[:16].ljust(16, b" ")
+
+
+def associate_rq(calling_ae: str, called_ae: str, abstract_syntax: str, max_pdu: int) -> bytes:
+    """A-ASSOCIATE-RQ with one presentation context (context ID 1), both little endian syntaxes."""
+    context = struct.pack(">BBBB", 1, 0, 0, 0) + _uid_item(0x30, abstract_syntax)
+    context += _uid_item(0x40, EXPLICIT_VR_LE) + _uid_item(0x40, IMPLICIT_VR_LE)
+    user = _item(0x51, struct.pack(">I", max_pdu)) + _uid_item(0x52, IMPLEMENTATION_CLASS_UID)
+    user += _item(0x55, IMPLEMENTATION_VERSION.encode("ascii"))
+    body = struct.pack(">HH", 1, 0) + _ae(called_ae) + _ae(calling_ae) + bytes(32)
+    body += _uid_item(0x10, APPLICATION_CONTEXT) + _item(0x20, context) + _item(0x50, user)
+    return struct.pack(">BxI", A_ASSOCIATE_RQ, len(body)) + body
+
+
+@dataclass(frozen=True)
+class Accepted:
+    context_id: int
+    transfer_syntax: str
+    peer_max_pdu: int  # 0: unlimited
+
+
+def parse_associate_ac(body: bytes) -> Accepted:
+    """The accepted presentation context and the peer's maximum PDU length."""
+    offset = 68  # version, reserved, AE titles, reserved
+    accepted: Accepted | None = None
+    max_pdu = 0
+    while offset + 4 <= len(body):
+        item_type, length = struct.unpack_from(">BxH", body, offset)
+        value = body[offset + 4 : offset + 4 + length]
+        offset += 4 + length
+        if item_type == 0x21 and value[2] == 0:  # presentation context, result acceptance
+            syntax = b""
+            if len(value) >= 8 and value[4] == 0x40:
+                (sub_length,) = struct.unpack_from(">H", value, 6)
+                syntax = value[8 : 8 + sub_length]
+            accepted = Accepted(value[0], syntax.rstrip(b"\0 ").decode("ascii"), 0)
+        elif item_type == 0x50:
+            sub = 0
+            while sub + 4 <= len(value):
+                sub_type, sub_length = struct.unpack_from(">BxH", value, sub)
+                if sub_type == 0x51 and sub_length == 4:
+                    (max_pdu,) = struct.unpack_from(">I", value, sub + 4)
+                sub += 4 + sub_length
+    if accepted is None or accepted.transfer_syntax not in (IMPLICIT_VR_LE, EXPLICIT_VR_LE):
+        raise UpperLayerError("rejected", "the peer accepted no presentation context for C-FIND")
+    return Accepted(accepted.context_id, accepted.transfer_syntax, max_pdu)
+
+
+# --------------------------------------------------------------------------- command sets
+
+
+def _element(group: int, element: int, value: bytes) -> bytes:
+    if len(value) % 2:
+        value += b"\0"
+    return struct.pack("<HHI", group, element, len(value)) + value
+
+
+def command_set(elements: list[tuple[int, bytes]]) -> bytes:
+    """An implicit VR little endian command set, group length first (PS3.7 E.1)."""
+    body = b"".join(_element(0x0000, tag, value) for tag, value in elements)
+    return _element(0x0000, 0x0000, struct.pack("<I", len(body))) + body
+
+
+def us(value: int) -> bytes:
+    return struct.pack("<H", value)
+
+
+def parse_command(data: bytes) -> dict[int, bytes]:
+    """Element number -> raw value for a command set (group 0000, implicit VR LE)."""
+    elements = {}
+    offset = 0
+    while offset + 8 <= len(data):
+        _group, element, length = struct.unpack_from("<HHI", data, offset)
+        elements[element] = data[offset + 8 : offset + 8 + length]
+        offset += 8 + length
+    return elements
+
+
+# --------------------------------------------------------------------------- the connection
+
+
+class UpperLayer:
+    """One association's socket: send PDUs from any thread, receive them in one."""
+
+    def __init__(self, host: str, port: int, connect_timeout_s: float):
+        try:
+            self.sock = socket.create_connection((host, port), timeout=connect_timeout_s)
+        except OSError as exc:
+            raise UpperLayerError("unreachable", f"cannot connect to {host}:{port} ({exc.strerror or exc})") from None
+        set_nodelay(self.sock)
+        self._reader = self.sock.makefile("rb", buffering=65536)  # few recv calls per answer
+        self._send_lock = threading.Lock()
+        self.closed = False
+
+    def send(self, pdu: bytes) -> None:
+        with self._send_lock:
+            self.sock.sendall(pdu)
+
+    def send_pdata(self, context_id: int, data: bytes, command: bool, max_pdu: int) -> None:
+        """One message part as P-DATA-TF PDUs, fragmented to the peer's maximum length."""
+        chunk = (max_pdu - 6) if max_pdu else len(data) or 1
+        pdus = []
+        for start in range(0, max(len(data), 1), chunk):
+            fragment = data[start : start + chunk]
+            header = (1 if command else 0) | (2 if start + chunk >= len(data) else 0)
+            pdv = struct.pack(">IBB", len(fragment) + 2, context_id, header) + fragment
+            pdus.append(struct.pack(">BxI", P_DATA_TF, len(pdv)) + pdv)
+        self.send(b"".join(pdus))
+
+    def _recv_exact(self, count: int) -> bytes:
+        data = self._reader.read(count)
+        if len(data) < count:
+            raise UpperLayerError("aborted", "the peer closed the connection")
+        return data
+
+    def receive(self, timeout_s: float) -> tuple[int, bytes]:
+        """(PDU type, body); socket.timeout when nothing came in time."""
+        self.sock.settimeout(max(timeout_s, 0.001))
+        try:
+            pdu_type, length = struct.unpack(">BxI", self._recv_exact(6))
+            return pdu_type, self._recv_exact(length)
+        except OSError as exc:
+            if isinstance(exc, TimeoutError):
+                raise
+            raise UpperLayerError("aborted", f"connection lost ({exc})") from None
+
+    def abort(self) -> None:
+        if self.closed:
+            return
+        try:
+            self.send(struct.pack(">BxIxxBB", A_ABORT, 4, 0, 0))
+        except OSError:
+            pass
+        self.close()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._reader.close()
+        self.sock.close()
+
+
+def pdvs(body: bytes) -> list[tuple[int, int, bytes]]:
+    """(context ID, control header, fragment) of each PDV in a P-DATA-TF body."""
+    items = []
+    offset = 0
+    while offset + 6 <= len(body):
+        (length,) = struct.unpack_from(">I", body, offset)
+        items.append((body[offset + 4], body[offset + 5], body[offset + 6 : offset + 4 + length]))
+        offset += 4 + length
+    return items
+
+
+def reject_text(body: bytes) -> str:
+    result, source, reason = body[1], body[2], body[3]
+    permanence = "permanent" if result == 1 else "transient"
+    return f"{REJECT_REASONS.get((source, reason), f'source {source}, reason {reason}')} ({permanence})"

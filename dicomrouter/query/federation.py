@@ -1,0 +1,351 @@
+"""Federated C-FIND: one query to several PACS in parallel, answers streamed, merged, de-duplicated.
+
+Merge policy while streaming: an answer cannot be taken back once sent. So the first copy of an
+entity (a patient, study, series or image, by its unique key) is held until every other server
+still answering has finished, or for at most `merge_window_s` after it arrived, whichever comes
+first. The copies that arrived by then are merged: the primary's copy (then server order) wins,
+attributes it lacks are filled from the others, counts are never summed. A copy arriving after
+its entity was sent only adds its server to the holders (the catalog and the CLI see it). PACS
+that answer within the window of each other are merged fully; a slow PACS delays no answer by
+more than the window. The CLI waits for every server (`merge_window_s=None`).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from pydicom import Dataset
+
+from dicomrouter.config import RouterSettings, ServerConfig
+from dicomrouter.logging import get_logger
+from dicomrouter.net.find_client import PeerFind, PeerFindError
+from dicomrouter.query.learn import RecentlyLearned, learn_from_answers
+from dicomrouter.query.merge import answer_key, merge_copies, prepare_query
+
+log = get_logger(__name__)
+
+DEFAULT_MERGE_WINDOW_S = 0.015
+CANCEL_POLL_S = 0.01  # how often a waiting query looks for the caller's C-CANCEL
+FAILED_STATES = ("unreachable", "rejected", "timeout", "failed", "aborted")
+
+
+@dataclass
+class ServerReport:
+    """How one server did in one federated query."""
+
+    name: str
+    state: str = "running"  # running | ok | cancelled | one of FAILED_STATES
+    reason: str = ""
+    answers: int = 0
+    first_answer_ms: float | None = None
+    elapsed_ms: float | None = None
+
+    @property
+    def failed(self) -> bool:
+        return self.state in FAILED_STATES
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "server": self.name,
+            "state": self.state,
+            "reason": self.reason,
+            "answers": self.answers,
+            "first_answer_ms": self.first_answer_ms,
+            "elapsed_ms": self.elapsed_ms,
+        }
+
+
+@dataclass
+class FederatedAnswer:
+    identifier: Dataset
+    servers: list[str]  # every server found holding it; grows while the query runs
+
+
+@dataclass
+class FindSummary:
+    outcome: str  # complete | partial | failed | cancelled | limited
+    servers: list[ServerReport]
+    answers: int
+    elapsed_ms: float
+
+    @property
+    def failed_servers(self) -> list[ServerReport]:
+        return [r for r in self.servers if r.failed]
+
+    def failure_comment(self, limit: int = 64) -> str:
+        """Names and reasons for an Error Comment (LO: 64 characters), most detail that fits."""
+        failed = self.failed_servers
+        detailed = "; ".join(f"{r.name}: {r.state} ({r.reason})" for r in failed)
+        if len(detailed) <= limit:
+            return detailed
+        by_state: dict[str, list[str]] = {}
+        for report in failed:
+            by_state.setdefault(report.state, []).append(report.name)
+        grouped = "; ".join(f"{state}: {', '.join(names)}" for state, names in by_state.items())
+        return grouped if len(grouped) <= limit else grouped[: limit - 3] + "..."
+
+
+@dataclass
+class _Entry:
+    arrived: float
+    copies: dict[int, Dataset] = field(default_factory=dict)  # rank -> answer
+    servers: list[str] = field(default_factory=list)
+
+
+class Federation:
+    """Starts federated queries; owns the background thread that teaches the catalog."""
+
+    def __init__(self, catalog=None, merge_window_s: float | None = DEFAULT_MERGE_WINDOW_S):
+        self.catalog = catalog
+        self.merge_window_s = merge_window_s
+        self.failures: Counter[str] = Counter()  # server name -> failed queries, since start
+        self._failures_lock = threading.Lock()
+        self._learner = (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="find-learn") if catalog else None
+        )
+        self._recent = RecentlyLearned()
+
+    def start(
+        self,
+        servers: Sequence[ServerConfig],
+        router: RouterSettings,
+        query_model: str,
+        identifier: Dataset,
+        level: str,
+        retrieve_ae: str | None,
+        *,
+        timeout_s: float | None = None,
+        max_results: int | None = None,
+        calling_ae: str = "",
+    ) -> FederatedFind:
+        """Send the query to every server now; iterate `answers()` of the result."""
+        run = FederatedFind(
+            self,
+            list(servers),
+            router,
+            query_model,
+            identifier,
+            level,
+            retrieve_ae,
+            timeout_s or router.find_timeout_s,
+            max_results or router.max_find_results,
+            calling_ae,
+        )
+        run.start()
+        return run
+
+    def count_failure(self, server_name: str) -> None:
+        with self._failures_lock:
+            self.failures[server_name] += 1
+
+    def learn(self, level: str, answers: list[tuple[str, Dataset]]) -> None:
+        """Record where the answered studies are, off the caller's path."""
+        if self._learner is not None and answers and level not in ("PATIENT", "WORKLIST"):
+            self._learner.submit(learn_from_answers, self.catalog, answers, self._recent)
+
+    def close(self, wait: bool = True) -> None:
+        if self._learner is not None:
+            self._learner.shutdown(wait=wait)
+
+
+class FederatedFind:
+    """One query in flight: peer threads push into a queue, `answers()` merges and streams."""
+
+    def __init__(
+        self,
+        federation: Federation,
+        servers: list[ServerConfig],
+        router: RouterSettings,
+        query_model: str,
+        identifier: Dataset,
+        level: str,
+        retrieve_ae: str | None,
+        timeout_s: float,
+        max_results: int,
+        calling_ae: str,
+    ):
+        self.federation = federation
+        self.level = level
+        self.retrieve_ae = retrieve_ae
+        self.timeout_s = timeout_s
+        self.max_results = max_results
+        self.calling_ae = calling_ae
+        query, self._strip = prepare_query(identifier, level)
+        self.peers = [PeerFind(s, router, query_model, query, timeout_s) for s in servers]
+        self.reports = [ServerReport(s.name) for s in servers]
+        self.summary: FindSummary | None = None
+        self._queue: queue.SimpleQueue[tuple[int, Dataset | None]] = queue.SimpleQueue()
+        self._started = 0.0
+        self._reports_lock = threading.Lock()
+
+    def start(self) -> None:
+        self._started = time.monotonic()
+        for rank in range(len(self.peers)):
+            threading.Thread(
+                target=self._run_peer, args=(rank,), name=f"find-{self.peers[rank].server.name}", daemon=True
+            ).start()
+
+    def _ms(self) -> float:
+        return round((time.monotonic() - self._started) * 1000, 1)
+
+    def _run_peer(self, rank: int) -> None:
+        peer, report = self.peers[rank], self.reports[rank]
+        state, reason = "ok", ""
+        try:
+            for answer in peer.answers():
+                if report.first_answer_ms is None:
+                    report.first_answer_ms = self._ms()
+                self._queue.put((rank, answer))
+            if peer.cancelled:
+                state = "cancelled"
+        except PeerFindError as exc:
+            state, reason = exc.kind, exc.reason
+        except Exception as exc:  # a bug or an unexpected peer: one server, not the query
+            log.exception("find_peer_crashed", server=peer.server.name)
+            state, reason = "failed", f"internal error: {exc.__class__.__name__}"
+        finally:
+            self._finish_peer(rank, state, reason)
+            self._queue.put((rank, None))  # after the report: the consumer may summarize next
+            peer.close()  # the release is off the caller's path
+    def _finish_peer(self, rank: int, state: str, reason: str) -> None:
+        with self._reports_lock:
+            report = self.reports[rank]
+            if report.state == "running":  # else already given up on at the deadline
+                report.state, report.reason, report.elapsed_ms = state, reason, self._ms()
+
+    def cancel(self) -> None:
+        """Stop the fan-out: C-CANCEL to every peer still answering."""
+        for peer in self.peers:
+            peer.cancel()
+
+    def answers(self, is_cancelled: Callable[[], bool] | None = None) -> Iterator[FederatedAnswer]:
+        """Merged answers as they become final; then `summary` tells how it went."""
+        window = self.federation.merge_window_s
+        deadline = self._started + self.timeout_s
+        running = set(range(len(self.peers)))
+        pending: OrderedDict[object, _Entry] = OrderedDict()
+        sent: dict[object, FederatedAnswer] = {}
+        seen: list[tuple[str, Dataset]] = []
+        outcome = None
+        released = 0
+        try:
+            while outcome is None:
+                now = time.monotonic()
+                for key in [k for k, e in pending.items() if self._ready(e, running, now, window)]:
+                    if released >= self.max_results:
+                        outcome = "limited"
+                        break
+                    answer = sent[key] = self._release(pending.pop(key))
+                    released += 1
+                    yield answer
+                if outcome or not running:
+                    break
+                if is_cancelled is not None and is_cancelled():
+                    outcome = "cancelled"
+                    break
+                wait = deadline - now
+                if wait <= 0:
+                    self._give_up(running)
+                    break
+                if window is not None and pending:
+                    first = min(e.arrived for e in pending.values())
+                    wait = min(wait, max(first + window - now, 0.0005))
+                if is_cancelled is not None:
+                    wait = min(wait, CANCEL_POLL_S)
+                try:
+                    item = self._queue.get(timeout=wait)
+                except queue.Empty:
+                    continue
+                while item is not None:
+                    self._take(item, running, pending, sent, seen)
+                    try:
+                        item = self._queue.get_nowait()
+                    except queue.Empty:
+                        item = None
+            if outcome is None:
+                for entry in pending.values():  # every server is done: nothing to wait for
+                    if released >= self.max_results:
+                        outcome = "limited"
+                        break
+                    released += 1
+                    yield self._release(entry)
+        finally:
+            if outcome is not None or running:
+                self.cancel()  # stopped early: the peers still answering stop too
+            self._summarize(outcome, released)
+            self.federation.learn(self.level, seen)
+
+    def _take(self, item, running, pending, sent, seen) -> None:
+        rank, answer = item
+        if rank not in running:
+            return  # late: the server was given up on
+        if answer is None:
+            running.discard(rank)
+            return
+        name = self.peers[rank].server.name
+        self.reports[rank].answers += 1
+        seen.append((name, answer))
+        key = answer_key(self.level, answer)
+        if key is None:
+            key = (None, len(seen))  # no unique key: cannot be matched, its own entity
+        if key in sent:
+            if name not in sent[key].servers:
+                sent[key].servers.append(name)
+            return
+        entry = pending.get(key)
+        if entry is None:
+            entry = pending[key] = _Entry(time.monotonic())
+        entry.copies.setdefault(rank, answer)
+        if name not in entry.servers:
+            entry.servers.append(name)
+
+    @staticmethod
+    def _ready(entry: _Entry, running: set[int], now: float, window: float | None) -> bool:
+        if not running - entry.copies.keys():
+            return True  # no other server can add a copy
+        return window is not None and now >= entry.arrived + window
+
+    def _release(self, entry: _Entry) -> FederatedAnswer:
+        copies = [entry.copies[rank] for rank in sorted(entry.copies)]
+        identifier = merge_copies(copies, self._strip, self.retrieve_ae)
+        return FederatedAnswer(identifier, entry.servers)
+
+    def _give_up(self, running: set[int]) -> None:
+        for rank in sorted(running):
+            self._finish_peer(rank, "timeout", f"no complete answer within {self.timeout_s:g} s")
+            self.peers[rank].cancel()
+        running.clear()
+
+    def _summarize(self, outcome: str | None, released: int) -> None:
+        for rank in range(len(self.reports)):
+            self._finish_peer(rank, "cancelled", "")  # still running: stopped by a cancel or the cap
+        for report in self.reports:
+            if report.failed:
+                self.federation.count_failure(report.name)
+                log.warning(
+                    "find_server_failed",
+                    server=report.name,
+                    state=report.state,
+                    reason=report.reason,
+                    calling_ae=self.calling_ae,
+                    level=self.level,
+                )
+        if outcome is None:
+            failed = sum(r.failed for r in self.reports)
+            outcome = "failed" if failed == len(self.reports) else "partial" if failed else "complete"
+        self.summary = FindSummary(outcome, self.reports, released, self._ms())
+        log.info(
+            "find_done",
+            calling_ae=self.calling_ae,
+            level=self.level,
+            outcome=outcome,
+            answers=released,
+            elapsed_ms=self.summary.elapsed_ms,
+            servers={r.name: f"{r.state} {r.answers} in {r.elapsed_ms} ms" for r in self.reports},
+        )

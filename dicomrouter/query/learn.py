@@ -1,0 +1,104 @@
+"""Every C-FIND answer says where a study is: teach the catalog, one batch per server."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+
+from pydicom import Dataset
+
+from dicomrouter.logging import get_logger
+
+log = get_logger(__name__)
+
+# What a C-FIND answer can tell the catalog about a study (catalog.upserts.ensure_study reads these).
+STUDY_KEYWORDS = (
+    "StudyInstanceUID",
+    "PatientID",
+    "IssuerOfPatientID",
+    "PatientName",
+    "PatientBirthDate",
+    "StudyDate",
+    "AccessionNumber",
+    "StudyDescription",
+    "ModalitiesInStudy",
+    "Modality",
+)
+
+
+def study_attributes(answer: Dataset) -> dict[str, object] | None:
+    """The study facts in one answer (any level below PATIENT), or None without a study UID."""
+    uid = str(answer.get("StudyInstanceUID", "") or "").strip()
+    if not uid:
+        return None
+    attrs: dict[str, object] = {}
+    for keyword in STUDY_KEYWORDS:
+        value = answer.get(keyword)
+        if value is not None and str(value).strip():
+            attrs[keyword] = value if keyword in ("ModalitiesInStudy", "Modality") else str(value)
+    modalities = {str(v) for key in ("ModalitiesInStudy", "Modality") for v in _values(attrs.pop(key, None))}
+    if modalities:  # a series answer's modality belongs to its study's set
+        attrs["ModalitiesInStudy"] = sorted(modalities)
+    return attrs
+
+
+def _values(value: object) -> list[object]:
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else list(value)  # type: ignore[call-overload]
+
+
+class RecentlyLearned:
+    """(server, study) pairs written lately. A workstation repeating a query must not cost
+    hundreds of catalog writes each time: the catalog's last_seen is refreshed at most every
+    `refresh_s` per pair (the writes share the GIL with the answers being sent)."""
+
+    def __init__(self, refresh_s: float = 300.0, max_entries: int = 200_000):
+        self.refresh_s = refresh_s
+        self.max_entries = max_entries
+        self._written: dict[tuple[str, str], float] = {}
+        self._lock = threading.Lock()
+
+    def claim(self, server_name: str, study_uid: str) -> bool:
+        """True when the pair is due a write (and is now counted as written)."""
+        now = time.monotonic()
+        key = (server_name, study_uid)
+        with self._lock:
+            if now - self._written.get(key, -1e18) < self.refresh_s:
+                return False
+            if len(self._written) >= self.max_entries:
+                self._written.clear()
+            self._written[key] = now
+            return True
+
+
+def learn_from_answers(
+    catalog, answers: Sequence[tuple[str, Dataset]], recent: RecentlyLearned | None = None
+) -> None:
+    """Record 'server holds study' (learned by find) for every answer; never raises."""
+    per_server: dict[str, dict[str, dict[str, object]]] = {}
+    for server_name, answer in answers:
+        try:
+            attrs = study_attributes(answer)
+        except Exception:  # an undecodable answer teaches nothing
+            continue
+        if attrs is None:
+            continue
+        if recent is not None and str(attrs["StudyInstanceUID"]) not in per_server.get(server_name, {}):
+            if not recent.claim(server_name, str(attrs["StudyInstanceUID"])):
+                continue
+        studies = per_server.setdefault(server_name, {})
+        uid = str(attrs["StudyInstanceUID"])
+        known = studies.setdefault(uid, attrs)
+        if known is not attrs:  # several series of one study: first facts, all modalities
+            modalities = set(known.get("ModalitiesInStudy", [])) | set(attrs.get("ModalitiesInStudy", []))  # type: ignore[call-overload]
+            for keyword, value in attrs.items():
+                known.setdefault(keyword, value)
+            if modalities:
+                known["ModalitiesInStudy"] = sorted(modalities)
+    for server_name, studies in per_server.items():
+        try:
+            catalog.record_studies_seen(server_name, "found", list(studies.values()))
+        except Exception as exc:
+            log.warning("find_catalog_failed", server=server_name, studies=len(studies), error=str(exc))

@@ -1,0 +1,163 @@
+"""What makes two C-FIND answers the same entity, and how copies from several PACS become one."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from pydicom import Dataset
+from pydicom.config import IGNORE
+from pydicom.datadict import tag_for_keyword
+from pydicom.dataelem import DataElement, RawDataElement
+
+from dicomrouter.net.find_client import FIND_MODELS, PATIENT_ROOT_FIND, WORKLIST_FIND
+
+# The keys that name one entity at each level (PS3.4 C.6; Patient ID is unique per issuer).
+LEVEL_KEYS: dict[str, tuple[str, ...]] = {
+    "PATIENT": ("PatientID", "IssuerOfPatientID"),
+    "STUDY": ("StudyInstanceUID",),
+    "SERIES": ("SeriesInstanceUID",),
+    "IMAGE": ("SOPInstanceUID",),
+}
+# A worklist item: no UID of its own; these together name one requested procedure step.
+WORKLIST_KEYS = ("AccessionNumber", "RequestedProcedureID", "StudyInstanceUID")
+LEVELS_BY_MODEL = {
+    "patient": ("PATIENT", "STUDY", "SERIES", "IMAGE"),
+    "study": ("STUDY", "SERIES", "IMAGE"),
+}
+# Text whose bytes depend on the Specific Character Set: only copied between same-charset answers.
+_CHARSET_VRS = frozenset({"PN", "LO", "SH", "LT", "ST", "UT", "UC"})
+
+
+class InvalidIdentifier(ValueError):
+    """The C-FIND identifier cannot be decoded or does not fit the information model."""
+
+
+def check_identifier(identifier: Dataset, query_model: str) -> str:
+    """Decode every element (pydicom defers it) and return the query level ('WORKLIST' for MWL)."""
+    try:
+        _decode_all(identifier)
+    except InvalidIdentifier:
+        raise
+    except Exception as exc:
+        raise InvalidIdentifier(f"cannot decode the identifier: {exc}") from None
+    model = FIND_MODELS.get(query_model)
+    if model is None:
+        raise InvalidIdentifier(f"{query_model} is not a supported C-FIND information model")
+    if model == "worklist":
+        return "WORKLIST"
+    level = str(identifier.get("QueryRetrieveLevel", "") or "").strip().upper()
+    if not level:
+        raise InvalidIdentifier("QueryRetrieveLevel is missing")
+    if level not in LEVELS_BY_MODEL[model]:
+        allowed = ", ".join(LEVELS_BY_MODEL[model])
+        raise InvalidIdentifier(f"QueryRetrieveLevel {level!r} is not one of {allowed}")
+    return level
+
+
+def _decode_all(dataset: Dataset) -> None:
+    for elem in dataset:
+        if elem.VR == "SQ":
+            for item in elem.value:
+                _decode_all(item)
+
+
+def level_keys(level: str) -> tuple[str, ...]:
+    return WORKLIST_KEYS if level == "WORKLIST" else LEVEL_KEYS[level]
+
+
+def prepare_query(identifier: Dataset, level: str) -> tuple[Dataset, frozenset[str]]:
+    """The identifier for the peers: the caller's, plus the level's keys as return keys.
+
+    Returns the keywords added, to strip from answers unless the caller asked for them
+    (the level's unique key itself stays: an SCP returns it anyway).
+    """
+    query = Dataset()
+    query.update(identifier)
+    added = set()
+    for keyword in level_keys(level):
+        if keyword not in query:
+            setattr(query, keyword, "")
+            added.add(keyword)
+    if level in LEVEL_KEYS:
+        added.discard(LEVEL_KEYS[level][0])
+    return query, frozenset(added)
+
+
+def answer_key(level: str, answer: Dataset) -> tuple[str, ...] | None:
+    """The entity an answer is about, or None when it lacks its unique key (never merged)."""
+    values = tuple(_raw_text(answer, tag) for tag in _KEY_TAGS[level])
+    if level == "WORKLIST":
+        return values if any(values) else None
+    return values if values[0] else None
+
+
+def _raw_text(answer: Dataset, tag: int) -> str:
+    """A key's value without pydicom's conversion (charset lookup, validation): it is hot."""
+    elem = answer.get_item(tag)
+    if elem is None:
+        return ""
+    value = elem.value
+    if isinstance(value, bytes):
+        return value.decode("latin-1").strip(" \x00")
+    return "" if value is None else str(value).strip(" \x00")
+
+
+_KEY_TAGS = {
+    level: tuple(tag_for_keyword(keyword) for keyword in level_keys(level))
+    for level in (*LEVEL_KEYS, "WORKLIST")
+}
+RETRIEVE_AE_TITLE = 0x00080054
+
+
+def _text(value: object) -> str:
+    return "" if value is None else str(value).strip(" \x00")
+
+
+def _is_empty(elem: DataElement | RawDataElement) -> bool:
+    if isinstance(elem, RawDataElement):
+        return not elem.length or not elem.value or not bytes(elem.value).strip(b" \x00")
+    return elem.is_empty
+
+
+def merge_copies(
+    copies: Sequence[Dataset], strip: frozenset[str] = frozenset(), retrieve_ae: str | None = None
+) -> Dataset:
+    """One answer from copies in preference order: the first wins, gaps are filled from the rest.
+
+    A single copy is changed in place (it is the caller's own answer); several give a new one.
+
+    Counts (NumberOfStudyRelatedInstances, ...) are the preferred copy's, never sums: copies
+    of one study are the same study, not more of it.
+    """
+    preferred = copies[0]
+    if len(copies) == 1:
+        merged = preferred  # the common case, and hot: the answer is ours to change
+    else:
+        merged = Dataset()
+        merged.update(preferred)
+    charset = _text(preferred.get("SpecificCharacterSet")) or "ISO_IR 6"
+    for other in copies[1:]:
+        same_charset = (_text(other.get("SpecificCharacterSet")) or "ISO_IR 6") == charset
+        for tag in other.keys():
+            if tag in merged and not _is_empty(merged.get_item(tag)):
+                continue
+            if _is_empty(other.get_item(tag)):
+                continue
+            elem = other[tag]
+            if elem.VR in _CHARSET_VRS and not same_charset:
+                continue
+            merged.add(elem)
+    for keyword in strip:
+        if keyword in merged:
+            delattr(merged, keyword)
+    if retrieve_ae:
+        merged[RETRIEVE_AE_TITLE] = DataElement(RETRIEVE_AE_TITLE, "AE", retrieve_ae, validation_mode=IGNORE)
+    return merged
+
+
+def is_patient_root(query_model: str) -> bool:
+    return query_model == PATIENT_ROOT_FIND
+
+
+def is_worklist(query_model: str) -> bool:
+    return query_model == WORKLIST_FIND

@@ -1,0 +1,242 @@
+"""Move a study (or series, or images) from every server holding it to one destination.
+
+Used by the C-MOVE SCP and by `dicomrouter move`. Each source is asked in turn; its pending
+answers are passed on with the counts of the sources before it added in.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from pydicom import Dataset
+
+from dicomrouter.catalog.queries import Catalog
+from dicomrouter.config import Config, ServerConfig
+from dicomrouter.logging import get_logger
+from dicomrouter.net.move_client import CANCELLED, PeerMove, PeerMoveError
+from dicomrouter.retrieve.relay import Relay
+from dicomrouter.routing.move_routes import MoveDestination, plan_route
+
+log = get_logger(__name__)
+
+SUCCESS = 0x0000
+WARNING = 0xB000  # some sub-operations failed
+UNABLE_TO_PERFORM = 0xA702  # out of resources: unable to perform sub-operations
+UNABLE_TO_PROCESS = 0xC000
+
+
+@dataclass
+class MoveTotals:
+    """Sub-operation counts over every source so far; `status` is set on the final one."""
+
+    remaining: int = 0
+    completed: int = 0
+    failed: int = 0
+    warning: int = 0
+    failed_sop_uids: list[str] = field(default_factory=list)
+    status: int | None = None  # None while pending
+    comment: str = ""
+
+    @property
+    def final(self) -> bool:
+        return self.status is not None
+
+
+@dataclass
+class _SourceOutcome:
+    server: ServerConfig
+    completed: int = 0
+    failed: int = 0
+    warning: int = 0
+    failed_sop_uids: list[str] = field(default_factory=list)
+    error_status: int | None = None  # the source refused or could not be reached
+    error: str = ""
+
+
+class MoveRun:
+    """One move to `destination` from `sources`; iterate `progress()`, `cancel()` from any thread."""
+
+    def __init__(
+        self,
+        config: Config,
+        catalog: Catalog | None,
+        sources: list[ServerConfig],
+        destination: MoveDestination,
+        query_model: str,
+        identifier: Dataset,
+        study_uid: str | None,
+    ):
+        self.config = config
+        self.catalog = catalog
+        self.sources = sources
+        self.destination = destination
+        self.query_model = query_model
+        self.identifier = identifier
+        self.study_uid = study_uid
+        self._lock = threading.Lock()
+        self._current: PeerMove | None = None
+        self._cancelled = threading.Event()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def cancel(self) -> None:
+        """Pass the cancel on to the source being asked; later sources are skipped."""
+        self._cancelled.set()
+        with self._lock:
+            current = self._current
+        if current is not None:
+            current.cancel()
+
+    def progress(self) -> Iterator[MoveTotals]:
+        """Pending totals as the sources report them, then the final totals with a status."""
+        outcomes: list[_SourceOutcome] = []
+        for source in self.sources:
+            if self.cancelled:
+                break
+            outcome = _SourceOutcome(source)
+            outcomes.append(outcome)
+            yield from self._move_from(source, outcome, outcomes)
+        final = self._final(outcomes)
+        self._learn(final)
+        log.info(
+            "move_finished",
+            study_uid=self.study_uid,
+            destination=self.destination.name,
+            sources=[s.name for s in self.sources],
+            status=f"0x{final.status:04X}",
+            completed=final.completed,
+            failed=final.failed,
+            warning=final.warning,
+            comment=final.comment,
+        )
+        yield final
+
+    def _move_from(
+        self, source: ServerConfig, outcome: _SourceOutcome, outcomes: list[_SourceOutcome]
+    ) -> Iterator[MoveTotals]:
+        route = plan_route(source, self.destination, self.config.router.ae_title)
+        if not route.direct:
+            yield from self._relay_from(source, outcome, outcomes)
+            return
+        peer = PeerMove(source, self.config.router, self.query_model, self.identifier)
+        with self._lock:
+            self._current = peer
+        if self.cancelled:
+            peer.cancel()
+        log.info(
+            "move_started",
+            source=source.name,
+            destination=self.destination.name,
+            move_destination_ae=route.move_destination_ae,
+            calling_ae=peer.calling_ae,
+            study_uid=self.study_uid,
+        )
+        try:
+            for answer in peer.progress(route.move_destination_ae):
+                outcome.completed, outcome.failed, outcome.warning = (
+                    answer.completed,
+                    answer.failed,
+                    answer.warning,
+                )
+                if answer.pending:
+                    yield self._totals(outcomes, remaining=answer.remaining)
+                    continue
+                outcome.failed_sop_uids = answer.failed_sop_uids
+                if answer.status == CANCELLED:
+                    self._cancelled.set()
+                elif answer.status not in (SUCCESS, WARNING) and (answer.status >> 12) != 0xB:
+                    outcome.error_status = answer.status
+                    outcome.error = f"{source.name} answered 0x{answer.status:04X}" + (
+                        f" ({answer.comment})" if answer.comment else ""
+                    )
+                    # A refusal before any sub-operation: count nothing as done.
+                    outcome.failed += answer.remaining
+        except PeerMoveError as exc:
+            outcome.error_status = UNABLE_TO_PERFORM
+            outcome.error = f"{source.name} {exc.kind}: {exc.reason}"
+            log.warning("move_source_failed", source=source.name, kind=exc.kind, reason=exc.reason)
+        finally:
+            with self._lock:
+                self._current = None
+
+    def _relay_from(
+        self, source: ServerConfig, outcome: _SourceOutcome, outcomes: list[_SourceOutcome]
+    ) -> Iterator[MoveTotals]:
+        relay = Relay(
+            source, self.destination, self.config.router, self.query_model, self.identifier
+        )
+        log.info(
+            "move_relay_started",
+            source=source.name,
+            destination=self.destination.name,
+            study_uid=self.study_uid,
+        )
+        for event in relay.progress():
+            if self.cancelled:
+                relay.cancelled.set()
+            counts = relay.counts
+            outcome.completed, outcome.failed, outcome.warning = (
+                counts.completed,
+                counts.failed,
+                counts.warning,
+            )
+            outcome.failed_sop_uids = list(counts.failed_sop_uids)
+            if event is None:
+                yield self._totals(outcomes)
+            elif isinstance(event, PeerMoveError):
+                outcome.error_status = UNABLE_TO_PERFORM
+                outcome.error = f"{source.name} {event.kind}: {event.reason}"
+                log.warning(
+                    "move_source_failed", source=source.name, kind=event.kind, reason=event.reason
+                )
+            elif (
+                event.status not in (SUCCESS, WARNING)
+                and (event.status >> 12) != 0xB
+                and not relay.cancelled.is_set()
+            ):
+                outcome.error_status = event.status
+                outcome.error = f"{source.name} answered 0x{event.status:04X}" + (
+                    f" ({event.comment})" if event.comment else ""
+                )
+
+    @staticmethod
+    def _totals(outcomes: list[_SourceOutcome], remaining: int = 0) -> MoveTotals:
+        totals = MoveTotals(remaining=remaining)
+        for outcome in outcomes:
+            totals.completed += outcome.completed
+            totals.failed += outcome.failed
+            totals.warning += outcome.warning
+            totals.failed_sop_uids += outcome.failed_sop_uids
+        return totals
+
+    def _final(self, outcomes: list[_SourceOutcome]) -> MoveTotals:
+        totals = self._totals(outcomes)
+        errors = [o for o in outcomes if o.error_status is not None]
+        totals.comment = "; ".join(o.error for o in errors)
+        if self.cancelled:
+            totals.status = CANCELLED
+        elif errors and not totals.completed and not totals.warning:
+            statuses = {o.error_status for o in errors}
+            totals.status = statuses.pop() if len(statuses) == 1 else UNABLE_TO_PERFORM
+        elif errors or totals.failed or totals.warning:
+            totals.status = WARNING
+        else:
+            totals.status = SUCCESS
+        return totals
+
+    def _learn(self, final: MoveTotals) -> None:
+        """A move between PACS: the destination now holds the study."""
+        if self.catalog is None or self.destination.server is None or not self.study_uid:
+            return
+        if not (final.completed or final.warning):
+            return
+        try:
+            self.catalog.record_study_seen(self.destination.server.name, self.study_uid, "moved")
+        except Exception:
+            log.exception(
+                "catalog_learn_failed", server=self.destination.name, study_uid=self.study_uid
+            )

@@ -1,0 +1,170 @@
+"""Relay route: C-GET from the source on a dedicated association, C-STORE each instance on to the
+destination as it arrives.
+
+The dedicated association is how instances are told apart from other stores: they never reach
+the router's C-STORE SCP, so they are not routed as new stores, whatever the source puts (or
+omits) in Move Originator AE / Message ID.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from pydicom import Dataset
+from pydicom.uid import (
+    JPEG2000,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+from pynetdicom import StoragePresentationContexts
+
+from dicomrouter.config import CallingAETitles, RouterSettings, ServerConfig
+from dicomrouter.logging import get_logger
+from dicomrouter.net.get_client import PATIENT_ROOT_GET, STUDY_ROOT_GET, get_instances
+from dicomrouter.net.move_client import PATIENT_ROOT_MOVE, PeerMoveError
+from dicomrouter.net.store_client import StoreClient
+from dicomrouter.routing.move_routes import MoveDestination
+
+log = get_logger(__name__)
+
+GET_MODEL_FOR_MOVE = {PATIENT_ROOT_MOVE: PATIENT_ROOT_GET}
+RELAY_TRANSFER_SYNTAXES = [
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    JPEG2000Lossless,
+    JPEG2000,
+    RLELossless,
+]
+RELAY_STORAGE = {
+    str(cx.abstract_syntax): [str(ts) for ts in RELAY_TRANSFER_SYNTAXES]
+    for cx in StoragePresentationContexts
+}
+_DONE = object()
+
+
+@dataclass
+class RelayCounts:
+    completed: int = 0
+    failed: int = 0
+    warning: int = 0
+    failed_sop_uids: list[str] = field(default_factory=list)
+
+
+def destination_peer(destination: MoveDestination) -> ServerConfig:
+    """A ServerConfig-like peer for StoreClient: the destination server, or a client as a peer."""
+    if destination.server is not None:
+        return destination.server
+    return ServerConfig(
+        name=destination.name,
+        ae_title=destination.ae_title,
+        host=destination.host,
+        port=destination.port,
+        environment="test",
+        active=True,
+        primary=False,
+        deleted=False,
+        comments="",
+        web_url=None,
+        calling_ae=CallingAETitles(),
+        move_routing={},
+    )
+
+
+class Relay:
+    """Retrieve from `source`, store to `destination`; iterate `progress()` for running counts."""
+
+    def __init__(
+        self,
+        source: ServerConfig,
+        destination: MoveDestination,
+        router: RouterSettings,
+        move_model: str,
+        identifier: Dataset,
+    ):
+        self.source = source
+        self.destination = destination
+        self.router = router
+        self.get_model = GET_MODEL_FOR_MOVE.get(move_model, STUDY_ROOT_GET)
+        self.identifier = identifier
+        self.counts = RelayCounts()
+        self.cancelled = threading.Event()
+        self._events: queue.Queue = queue.Queue()
+
+    def _store(self, client: StoreClient, dataset: Dataset) -> int:
+        if self.cancelled.is_set():
+            return 0xA700  # refuse further sub-operations so the source stops soon
+        sop_uid = str(dataset.get("SOPInstanceUID", ""))
+        try:
+            outcome = client.send_file(
+                dataset,  # type: ignore[arg-type]  # pynetdicom sends a Dataset as well as a path
+                str(dataset.file_meta.MediaStorageSOPClassUID),
+                str(dataset.file_meta.TransferSyntaxUID),
+            )
+            if outcome.success and outcome.status == 0x0000:
+                self.counts.completed += 1
+            elif outcome.success:
+                self.counts.warning += 1
+            else:
+                self.counts.failed += 1
+                self.counts.failed_sop_uids.append(sop_uid)
+        except Exception as exc:  # the destination refused or went away: this sub-operation failed
+            log.warning(
+                "relay_store_failed",
+                destination=self.destination.name,
+                sop_uid=sop_uid,
+                reason=str(exc),
+            )
+            self.counts.failed += 1
+            self.counts.failed_sop_uids.append(sop_uid)
+        self._events.put(None)
+        return 0x0000  # the router has the instance; the destination's outcome is counted above
+
+    def _run(self) -> None:
+        client = StoreClient(destination_peer(self.destination), self.router)
+        try:
+            outcome = get_instances(
+                self.source,
+                self.router,
+                self.get_model,
+                self.identifier,
+                RELAY_STORAGE,
+                lambda dataset: self._store(client, dataset),
+            )
+            self._events.put(outcome)
+        except PeerMoveError as exc:
+            self._events.put(exc)
+        except Exception as exc:
+            log.exception(
+                "relay_failed", source=self.source.name, destination=self.destination.name
+            )
+            self._events.put(PeerMoveError("failed", str(exc)))
+        finally:
+            client.close()
+            self._events.put(_DONE)
+
+    def progress(self) -> Iterator[object]:
+        """None after each instance relayed, then the source's final MoveProgress or a PeerMoveError."""
+        worker = threading.Thread(target=self._run, name="move-relay", daemon=True)
+        worker.start()
+        while (event := self._events.get()) is not _DONE:
+            yield event
+        worker.join()

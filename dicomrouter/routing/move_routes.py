@@ -1,0 +1,135 @@
+"""Pure C-MOVE decisions: what a Move Destination names, who may send there, and how to get there.
+
+A source server reaches a destination *directly* when its `move_routing` knows the destination
+(the source then stores straight to it); otherwise the router *relays* (retrieves, then stores).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dicomrouter.config import ClientConfig, Config, ServerConfig
+from dicomrouter.routing.access import Caller, may_write
+
+DIRECT = "direct"
+RELAY = "relay"
+
+
+@dataclass(frozen=True)
+class MoveDestination:
+    """Where a C-MOVE's sub-operations must end up."""
+
+    name: str  # the server's name, or the client's AE title
+    ae_title: str
+    host: str
+    port: int
+    kind: str  # server | client
+    server: ServerConfig | None = None
+    client: ClientConfig | None = None
+
+    @property
+    def routing_keys(self) -> tuple[str, ...]:
+        """The keys a source's `move_routing` may list this destination under."""
+        return tuple(dict.fromkeys((self.name, self.ae_title)))
+
+
+@dataclass(frozen=True)
+class MoveRoute:
+    """How one source server sends to one destination."""
+
+    source: ServerConfig
+    destination: MoveDestination
+    via: str  # direct | relay
+    move_destination_ae: (
+        str | None
+    )  # the AE title the source knows the destination (or the router) by
+
+    @property
+    def direct(self) -> bool:
+        return self.via == DIRECT
+
+
+def resolve_destination(config: Config, move_destination: str) -> MoveDestination | None:
+    """The destination a Move Destination AE title (or server name) names, or None when unknown.
+
+    A live server (by name or AE title) or a client with a host and port; a deleted server is
+    unknown. The router's own AE title is not a destination: it would loop.
+    """
+    move_destination = move_destination.strip()
+    if not move_destination:
+        return None
+    server = config.server(move_destination)
+    if server is None or server.deleted:
+        server = config.server_by_ae(move_destination)
+    if server is not None and not server.deleted:
+        return MoveDestination(
+            server.name, server.ae_title, server.host, server.port, "server", server=server
+        )
+    client = config.client(move_destination)
+    if client is not None and client.host and client.port:
+        return MoveDestination(
+            client.ae_title, client.ae_title, client.host, client.port, "client", client=client
+        )
+    return None
+
+
+def may_move_to(caller: Caller, destination: MoveDestination, config: Config) -> bool:
+    """True when the caller may send studies to `destination`.
+
+    An admin may send anywhere. A client listing `move_destinations` may send to those (server
+    names or client AE titles); otherwise to itself and to the servers it may write to.
+    """
+    if "admin" in caller.roles:
+        return True
+    listed = caller.client.move_destinations if caller.client is not None else None
+    if listed is not None:
+        return any(key in listed for key in destination.routing_keys)
+    if destination.kind == "client":
+        return destination.ae_title == caller.ae_title
+    assert destination.server is not None
+    return may_write(caller, destination.server)
+
+
+def plan_route(source: ServerConfig, destination: MoveDestination, router_ae: str) -> MoveRoute:
+    """Direct when the source's move_routing knows the destination, otherwise relay."""
+    for key in destination.routing_keys:
+        ae_title = source.move_routing.get(key)
+        if ae_title:
+            return MoveRoute(source, destination, DIRECT, ae_title)
+    return MoveRoute(source, destination, RELAY, source.move_routing.get(router_ae))
+
+
+def order_sources(
+    config: Config, server_names: list[str]
+) -> tuple[list[ServerConfig], list[ServerConfig]]:
+    """(sources to use, inactive servers used only because no active one holds the study).
+
+    Active servers come first, the primary first; deleted servers are never used.
+    """
+    known = [config.server(name) for name in dict.fromkeys(server_names)]
+    live = [s for s in known if s is not None and not s.deleted]
+    active = sorted((s for s in live if s.active), key=lambda s: not s.primary)
+    if active:
+        return active, []
+    return [], [s for s in live if not s.active]
+
+
+def route_table(config: Config) -> tuple[list[str], list[tuple[str, list[str]]]]:
+    """The move-AE grid: destination names across, one row per live source server.
+
+    A cell is the AE title the source uses for that destination, or "relay".
+    """
+    destinations = [s.name for s in config.live_servers()]
+    destinations += [c.ae_title for c in config.clients if c.host and c.port]
+    rows = []
+    for source in config.live_servers():
+        cells = []
+        for name in destinations:
+            destination = resolve_destination(config, name)
+            if destination is None or destination.name == source.name:
+                cells.append("-")
+                continue
+            route = plan_route(source, destination, config.router.ae_title)
+            cells.append(route.move_destination_ae if route.direct else RELAY)
+        rows.append((source.name, cells))
+    return destinations, rows

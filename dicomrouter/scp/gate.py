@@ -1,0 +1,79 @@
+"""Association-time admission: reject unknown callers with A-ASSOCIATE-RJ before any DIMSE."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from pynetdicom import evt
+from pynetdicom.acse import ACSE
+from pynetdicom.association import Association
+from pynetdicom.transport import RequestHandler
+
+from dicomrouter.logging import get_logger
+from dicomrouter.net.sockets import set_nodelay
+from dicomrouter.routing.access import AssociationDecision
+
+log = get_logger(__name__)
+
+# (calling AE, called AE, peer address) -> decision
+Gate = Callable[[str, str, str], AssociationDecision]
+
+
+class GatedACSE(ACSE):
+    """pynetdicom's ACSE, asking our gate before it negotiates anything.
+
+    pynetdicom only offers a fixed list of calling AE titles; we also check the caller's host,
+    accept configured servers and answer under several called AE titles.
+    """
+
+    def __init__(self, assoc: Association, gate: Gate):
+        super().__init__(assoc)
+        self._gate = gate
+
+    def _negotiate_as_acceptor(self) -> None:
+        request = self.requestor.primitive
+        calling_ae = (request.calling_ae_title or "").strip()
+        called_ae = (request.called_ae_title or "").strip()
+        address = self.assoc.requestor.address
+        try:
+            decision = self._gate(calling_ae, called_ae, address)
+        except Exception:
+            log.exception("association_gate_failed", calling_ae=calling_ae, address=address)
+            decision = AssociationDecision(False, "internal error in admission", reject=(0x02, 0x01, 0x01))
+        if not decision.accepted:
+            log.warning(
+                "association_rejected", calling_ae=calling_ae, called_ae=called_ae, address=address, reason=decision.reason
+            )
+            self.requestor.ae_title = calling_ae
+            self.send_reject(*decision.reject)
+            evt.trigger(self.assoc, evt.EVT_REJECTED, {})
+            self.assoc.kill()
+            return
+        # Answer under the AE title that was called (the router's own or a virtual server AE).
+        self.acceptor.ae_title = called_ae
+        self.assoc.router_caller = decision.caller  # read by the DIMSE handlers
+        self.assoc.router_called_ae = called_ae
+        log.info(
+            "association_accepted",
+            calling_ae=calling_ae,
+            called_ae=called_ae,
+            address=address,
+            caller_kind=decision.caller.kind if decision.caller else None,
+        )
+        super()._negotiate_as_acceptor()
+
+
+def make_request_handler(gate: Gate) -> type[RequestHandler]:
+    """A pynetdicom request handler class bound to `gate`, setting TCP_NODELAY on accept."""
+
+    class GatedRequestHandler(RequestHandler):
+        def handle(self) -> None:
+            set_nodelay(self.request)
+            super().handle()
+
+        def _create_association(self) -> Association:
+            assoc = super()._create_association()
+            assoc.acse = GatedACSE(assoc, gate)
+            return assoc
+
+    return GatedRequestHandler

@@ -1,0 +1,142 @@
+"""C-GET SCP: the router C-GETs from the holding PACS and returns the instances on the caller's
+own association (workstations behind NAT, no fixed port)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from pydicom import Dataset
+from pynetdicom import ALL_TRANSFER_SYNTAXES, evt
+from pynetdicom.events import Event
+from pynetdicom.presentation import AllStoragePresentationContexts
+
+from dicomrouter.catalog.queries import Catalog
+from dicomrouter.logging import get_logger
+from dicomrouter.net.get_client import PATIENT_ROOT_GET, STUDY_ROOT_GET, get_instances
+from dicomrouter.net.move_client import PeerMoveError
+from dicomrouter.reload import ConfigHolder
+from dicomrouter.retrieve.mover import UNABLE_TO_PERFORM
+from dicomrouter.scp.retrieve_request import (
+    IDENTIFIER_MISMATCH,
+    PENDING,
+    MoveRefused,
+    check_retrieve_identifier,
+    retrieve_sources,
+)
+from dicomrouter.scp.server import SupportedContext
+
+log = get_logger(__name__)
+
+GET_MODELS = (PATIENT_ROOT_GET, STUDY_ROOT_GET)
+CANCELLED = 0xFE00
+WARNING = 0xB000
+
+GetResponse = int | tuple[int | Dataset, Dataset | None]
+
+
+def _status(status: int, comment: str) -> Dataset:
+    result = Dataset()
+    result.Status = status
+    result.ErrorComment = comment[:64]
+    return result
+
+
+def caller_storage(assoc) -> dict[str, list[str]]:
+    """Storage SOP class -> transfer syntaxes the caller accepted to receive (it took the SCP role)."""
+    storage: dict[str, list[str]] = {}
+    for context in assoc.accepted_contexts:
+        if context.as_scu and context.abstract_syntax not in GET_MODELS:
+            storage.setdefault(str(context.abstract_syntax), []).append(
+                str(context.transfer_syntax[0])
+            )
+    return storage
+
+
+def handle_get(
+    event: Event, holder: ConfigHolder, catalog: Catalog | None
+) -> Iterator[GetResponse]:
+    """Obtain the instances from every holding server, then send them as C-STORE sub-operations."""
+    config = holder.current
+    caller = event.assoc.router_caller
+    query_model = str(event.request.AffectedSOPClassUID)
+    try:
+        identifier = event.identifier
+        level, study_uid = check_retrieve_identifier(identifier, query_model == STUDY_ROOT_GET)
+    except MoveRefused as exc:
+        log.warning("get_refused", calling_ae=caller.ae_title, reason=exc.comment)
+        yield 1
+        yield _status(exc.status, exc.comment), None
+        return
+    except Exception as exc:
+        log.warning(
+            "get_refused", calling_ae=caller.ae_title, reason=f"undecodable identifier: {exc}"
+        )
+        yield 1
+        yield _status(IDENTIFIER_MISMATCH, "cannot decode the identifier"), None
+        return
+    sources, unreachable = retrieve_sources(config, catalog, caller, study_uid)
+    storage = caller_storage(event.assoc)
+    instances: list[Dataset] = []
+    errors = (
+        [f"{name} unreachable: {reason}" for name, reason in unreachable.items()]
+        if not sources
+        else []
+    )
+    for source in sources:
+        try:
+            outcome = get_instances(
+                source,
+                config.router,
+                query_model,
+                identifier,
+                storage,
+                lambda dataset: instances.append(dataset) or 0x0000,
+            )
+        except PeerMoveError as exc:
+            log.warning("get_source_failed", source=source.name, kind=exc.kind, reason=exc.reason)
+            errors.append(f"{source.name} {exc.kind}: {exc.reason}")
+            continue
+        if outcome.status not in (0x0000, WARNING) and (outcome.status >> 12) != 0xB:
+            errors.append(
+                f"{source.name} answered 0x{outcome.status:04X} {outcome.comment}".strip()
+            )
+        if event.is_cancelled:
+            yield 0
+            return
+    log.info(
+        "get_collected",
+        calling_ae=caller.ae_title,
+        level=level,
+        study_uid=study_uid,
+        sources=[s.name for s in sources],
+        instances=len(instances),
+        errors=errors,
+    )
+    # A source that failed counts as one failed sub-operation, so the final status shows it.
+    yield len(instances) + (1 if errors else 0)
+    for dataset in instances:
+        if event.is_cancelled:
+            yield CANCELLED, None
+            return
+        yield PENDING, dataset
+    if errors:
+        status = WARNING if instances else UNABLE_TO_PERFORM
+        yield _status(status, "; ".join(errors)), None
+
+
+def get_bindings(
+    holder: ConfigHolder, catalog: Catalog | None = None
+) -> tuple[list[SupportedContext], list[tuple[Any, ...]]]:
+    """C-GET contexts and handler; storage contexts accept the caller's SCP/SCU role selection.
+
+    Wire these after the C-STORE storage contexts: pynetdicom keeps the roles of the last call.
+    """
+    contexts = [SupportedContext(model) for model in GET_MODELS]
+    contexts += [
+        SupportedContext(
+            cx.abstract_syntax, list(ALL_TRANSFER_SYNTAXES), scu_role=True, scp_role=True
+        )
+        for cx in AllStoragePresentationContexts
+    ]
+    return contexts, [(evt.EVT_C_GET, handle_get, [holder, catalog])]

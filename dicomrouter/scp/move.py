@@ -1,0 +1,207 @@
+"""C-MOVE SCP (Patient Root, Study Root): a proxy that passes the source's answers on as they come.
+
+pynetdicom's own C-MOVE service always opens the association to the destination itself; on the
+direct route the *source* PACS stores to the destination. So on each accepted association the
+router takes over the C-MOVE requests (and only those) and answers them with the source's
+sub-operation counts.
+"""
+
+from __future__ import annotations
+
+import threading
+from io import BytesIO
+from typing import Any
+
+from pydicom import Dataset
+from pynetdicom import evt
+from pynetdicom.dimse_primitives import C_MOVE
+from pynetdicom.dsutils import decode, encode
+from pynetdicom.events import Event
+
+from dicomrouter.catalog.queries import Catalog
+from dicomrouter.logging import get_logger
+from dicomrouter.net.move_client import CANCELLED, PATIENT_ROOT_MOVE, STUDY_ROOT_MOVE
+from dicomrouter.reload import ConfigHolder
+from dicomrouter.retrieve.mover import SUCCESS, UNABLE_TO_PERFORM, MoveRun, MoveTotals
+from dicomrouter.routing.access import Caller
+from dicomrouter.routing.move_routes import may_move_to, resolve_destination
+from dicomrouter.scp.get import get_bindings
+from dicomrouter.scp.retrieve_request import (
+    IDENTIFIER_MISMATCH,
+    PENDING,
+    MoveRefused,
+    check_retrieve_identifier,
+    retrieve_sources,
+)
+from dicomrouter.scp.server import SupportedContext
+
+log = get_logger(__name__)
+
+MOVE_MODELS = (PATIENT_ROOT_MOVE, STUDY_ROOT_MOVE)
+DESTINATION_UNKNOWN = 0xA801
+NOT_PERMITTED = 0xC001
+UNABLE_TO_PROCESS = 0xC000
+
+
+class MoveExchange:
+    """One C-MOVE request on the caller's association: decode, answer, watch for C-CANCEL."""
+
+    def __init__(self, assoc, request: C_MOVE, context_id: int):
+        self.assoc = assoc
+        self.request = request
+        self.context_id = context_id
+        self.transfer_syntax = assoc._accepted_cx[context_id].transfer_syntax[0]
+
+    def identifier(self) -> Dataset:
+        ts = self.transfer_syntax
+        return decode(
+            self.request.Identifier, ts.is_implicit_VR, ts.is_little_endian, ts.is_deflated
+        )
+
+    def is_cancelled(self) -> bool:
+        return self.assoc.dimse.cancel_req.pop(self.request.MessageID, None) is not None
+
+    def send(self, status: int, totals: MoveTotals | None = None, comment: str = "") -> None:
+        rsp = C_MOVE()
+        rsp.MessageIDBeingRespondedTo = self.request.MessageID
+        rsp.AffectedSOPClassUID = self.request.AffectedSOPClassUID
+        rsp.Status = status
+        if comment and status not in (SUCCESS, PENDING):
+            rsp.ErrorComment = comment[:64]
+        if totals is not None:
+            if status in (PENDING, CANCELLED):
+                rsp.NumberOfRemainingSuboperations = totals.remaining
+            rsp.NumberOfCompletedSuboperations = totals.completed
+            rsp.NumberOfFailedSuboperations = totals.failed
+            rsp.NumberOfWarningSuboperations = totals.warning
+            if status not in (PENDING, SUCCESS):
+                failed = Dataset()
+                failed.FailedSOPInstanceUIDList = totals.failed_sop_uids
+                ts = self.transfer_syntax
+                rsp.Identifier = BytesIO(
+                    encode(failed, ts.is_implicit_VR, ts.is_little_endian, ts.is_deflated)
+                )
+        self.assoc.dimse.send_msg(rsp, self.context_id)
+
+
+def serve_move(exchange: MoveExchange, holder: ConfigHolder, catalog: Catalog | None) -> None:
+    """Answer one C-MOVE request from start to final response."""
+    config = holder.current
+    caller: Caller = exchange.assoc.router_caller
+    move_destination = str(exchange.request.MoveDestination or "").strip()
+    query_model = str(exchange.request.AffectedSOPClassUID)
+    destination = resolve_destination(config, move_destination)
+    if destination is None:
+        log.warning(
+            "move_destination_unknown",
+            calling_ae=caller.ae_title,
+            move_destination=move_destination,
+        )
+        exchange.send(DESTINATION_UNKNOWN, comment=f"unknown move destination {move_destination}")
+        return
+    if not may_move_to(caller, destination, config):
+        log.warning(
+            "move_refused",
+            calling_ae=caller.ae_title,
+            move_destination=move_destination,
+            reason="not permitted",
+        )
+        exchange.send(
+            NOT_PERMITTED, comment=f"{caller.ae_title} may not send to {move_destination}"
+        )
+        return
+    try:
+        identifier = exchange.identifier()
+        level, study_uid = check_retrieve_identifier(identifier, query_model == STUDY_ROOT_MOVE)
+    except MoveRefused as exc:
+        log.warning("move_refused", calling_ae=caller.ae_title, reason=exc.comment)
+        exchange.send(exc.status, comment=exc.comment)
+        return
+    except Exception as exc:
+        log.warning(
+            "move_refused", calling_ae=caller.ae_title, reason=f"undecodable identifier: {exc}"
+        )
+        exchange.send(IDENTIFIER_MISMATCH, comment="cannot decode the identifier")
+        return
+    sources, unreachable = retrieve_sources(config, catalog, caller, study_uid)
+    if not sources:
+        if unreachable:
+            comment = "not found; unreachable: " + ", ".join(unreachable)
+            log.warning("move_study_not_found", study_uid=study_uid, unreachable=unreachable)
+            exchange.send(UNABLE_TO_PERFORM, MoveTotals(), comment=comment)
+        else:
+            log.warning("move_study_not_found", study_uid=study_uid, calling_ae=caller.ae_title)
+            exchange.send(SUCCESS, MoveTotals())
+        return
+    run = MoveRun(config, catalog, sources, destination, query_model, identifier, study_uid)
+    log.info(
+        "move_requested",
+        calling_ae=caller.ae_title,
+        level=level,
+        study_uid=study_uid,
+        destination=destination.name,
+        sources=[s.name for s in sources],
+    )
+    done = threading.Event()
+
+    def watch_for_cancel() -> None:
+        # The source may take long between answers: pass a C-CANCEL on as soon as it arrives.
+        while not done.wait(0.05):
+            if exchange.is_cancelled() or not exchange.assoc.is_established:
+                log.info("move_cancel_requested", calling_ae=caller.ae_title, study_uid=study_uid)
+                run.cancel()
+                return
+
+    watcher = threading.Thread(target=watch_for_cancel, name="move-cancel-watch", daemon=True)
+    watcher.start()
+    try:
+        for totals in run.progress():
+            if not exchange.assoc.is_established:
+                continue
+            if totals.final:
+                exchange.send(totals.status, totals, comment=totals.comment)
+            else:
+                exchange.send(PENDING, totals)
+    finally:
+        done.set()
+
+
+def take_over_moves(event: Event, holder: ConfigHolder, catalog: Catalog | None) -> None:
+    """On an accepted association: answer C-MOVE requests ourselves, the rest as pynetdicom does."""
+    assoc = event.assoc
+    serve_default = assoc._serve_request
+
+    def serve_request(msg, context_id: int) -> None:
+        context = assoc._accepted_cx.get(context_id)
+        if (
+            not isinstance(msg, C_MOVE)
+            or context is None
+            or context.abstract_syntax not in MOVE_MODELS
+        ):
+            serve_default(msg, context_id)
+            return
+        assoc.dimse.cancel_req = {}
+        exchange = MoveExchange(assoc, msg, context_id)
+        try:
+            serve_move(exchange, holder, catalog)
+        except Exception:
+            log.exception("move_failed", calling_ae=assoc.requestor.ae_title)
+            if assoc.is_established:
+                exchange.send(UNABLE_TO_PROCESS, comment="internal error in the router")
+        finally:
+            assoc.dimse.cancel_req = {}
+
+    assoc._serve_request = serve_request
+
+
+def move_bindings(
+    holder: ConfigHolder, catalog: Catalog | None = None
+) -> tuple[list[SupportedContext], list[tuple[Any, ...]]]:
+    """The presentation contexts and handlers for C-MOVE and C-GET (app.py wires them)."""
+    get_contexts, get_handlers = get_bindings(holder, catalog)
+    contexts = [*(SupportedContext(model) for model in MOVE_MODELS), *get_contexts]
+    handlers: list[tuple[Any, ...]] = [
+        (evt.EVT_ESTABLISHED, take_over_moves, [holder, catalog]),
+        *get_handlers,
+    ]
+    return contexts, handlers

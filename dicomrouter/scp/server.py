@@ -1,0 +1,119 @@
+"""The DICOM front: one pynetdicom AE listening under the router's AE title."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from pynetdicom import AE
+from pynetdicom.transport import ThreadedAssociationServer
+
+from dicomrouter.logging import get_logger
+from dicomrouter.reload import ConfigHolder
+from dicomrouter.routing.access import decide_association
+from dicomrouter.scp.gate import make_request_handler
+
+log = get_logger(__name__)
+
+
+@dataclass
+class SupportedContext:
+    abstract_syntax: str
+    transfer_syntaxes: Sequence[str] | None = None  # None: pynetdicom's defaults
+    scu_role: bool | None = None
+    scp_role: bool | None = None
+
+
+@dataclass
+class DicomFront:
+    """Listens for associations; handlers are bound per event by the app."""
+
+    holder: ConfigHolder
+    contexts: list[SupportedContext]
+    handlers: list[tuple[Any, ...]]
+    host: str | None = None  # override config (tests bind 127.0.0.1:0)
+    port: int | None = None
+    _server: ThreadedAssociationServer | None = field(default=None, init=False)
+    _thread: threading.Thread | None = field(default=None, init=False)
+
+    def _gate(self, calling_ae: str, called_ae: str, address: str):
+        return decide_association(self.holder.current, calling_ae, called_ae, address)
+
+    def build_ae(self) -> AE:
+        router = self.holder.current.router
+        ae = AE(ae_title=router.ae_title)
+        ae.maximum_associations = router.max_associations
+        ae.maximum_pdu_size = router.max_pdu_size
+        ae.acse_timeout = router.acse_timeout_s
+        ae.dimse_timeout = router.dimse_timeout_s
+        ae.network_timeout = router.network_timeout_s
+        for cx in self.contexts:
+            ae.add_supported_context(
+                cx.abstract_syntax, cx.transfer_syntaxes, scu_role=cx.scu_role, scp_role=cx.scp_role
+            )
+        return ae
+
+    def start(self) -> tuple[str, int]:
+        """Bind and serve in a background thread; return the bound (host, port)."""
+        router = self.holder.current.router
+        host = self.host if self.host is not None else router.host
+        port = self.port if self.port is not None else router.port
+        self.ae = self.build_ae()
+        self._server = self.ae.make_server(
+            (host, port),
+            evt_handlers=self.handlers,
+            server_class=ThreadedAssociationServer,
+            request_handler=make_request_handler(self._gate),
+        )
+        self._server.daemon_threads = True
+        self.ae._servers.append(self._server)
+        self._thread = threading.Thread(target=self._server.serve_forever, name="dicom-front", daemon=True)
+        self._thread.start()
+        bound = self._server.server_address[:2]
+        log.info("listening", ae_title=router.ae_title, host=bound[0], port=bound[1])
+        return bound[0], bound[1]
+
+    @property
+    def bound_port(self) -> int:
+        assert self._server is not None
+        return self._server.server_address[1]
+
+    def apply_limits(self) -> None:
+        """Take new limits and timeouts from a reloaded config (in-flight associations keep theirs)."""
+        router = self.holder.current.router
+        self.ae.maximum_associations = router.max_associations
+        self.ae.acse_timeout = router.acse_timeout_s
+        self.ae.dimse_timeout = router.dimse_timeout_s
+        self.ae.network_timeout = router.network_timeout_s
+
+    @property
+    def running(self) -> bool:
+        return self._server is not None
+
+    def active_associations(self) -> int:
+        return len(self._server.active_associations) if self._server else 0
+
+    def stop(self, drain_timeout_s: float = 30.0) -> None:
+        """Stop accepting, let in-flight associations finish, then abort what is left."""
+        if self._server is None:
+            return
+        server = self._server
+        server.shutdown()
+        for assoc in server.active_associations:
+            if not assoc.is_established:
+                # Connected but never associated: nothing in flight to finish. When the peer
+                # already hung up (a port probe), the DUL is gone and the reactor still waits
+                # up to acse_timeout for an A-ASSOCIATE-RQ; None wakes it as a timeout would.
+                assoc.abort()
+                assoc.dul.to_user_queue.put(None)
+        deadline = time.monotonic() + drain_timeout_s
+        while server.active_associations and time.monotonic() < deadline:
+            time.sleep(0.05)
+        leftover = server.active_associations
+        for assoc in leftover:
+            assoc.abort()
+        log.info("stopped_listening", aborted_associations=len(leftover))
+        self._server = None

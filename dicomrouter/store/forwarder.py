@@ -1,0 +1,202 @@
+"""Sends queued jobs to their destinations: parallel reused associations, retries, dead letters."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from dicomrouter.config import Config, ServerConfig
+from dicomrouter.logging import get_logger
+from dicomrouter.net.store_client import ContextRejected, PeerUnavailable, StoreClient, StoreFailed
+from dicomrouter.reload import ConfigHolder
+from dicomrouter.store.queue import ClaimedJob, ForwardQueue, backoff_s
+from dicomrouter.store.spool import Spool
+
+log = get_logger(__name__)
+
+CLAIM_BATCH = 16
+IDLE_RELEASE_S = 5.0  # release an idle association so it does not hold a PACS slot
+
+
+@dataclass
+class Delivery:
+    job: ClaimedJob
+    server: ServerConfig
+
+
+# Called after a batch is acknowledged: records locations and completes the jobs in one transaction.
+AckRecorder = Callable[[ServerConfig, list[ClaimedJob]], list[str]]
+
+
+class DestinationLane:
+    """The workers for one destination; a failing destination only pauses its own lane."""
+
+    def __init__(self, forwarder: Forwarder, name: str):
+        self.forwarder = forwarder
+        self.name = name
+        self.wakeup = threading.Condition()
+        self.paused_until = 0.0
+        self.consecutive_failures = 0
+        self.threads: list[threading.Thread] = []
+
+    def notify(self) -> None:
+        with self.wakeup:
+            self.wakeup.notify_all()
+
+    def wait(self, seconds: float) -> None:
+        with self.wakeup:
+            self.wakeup.wait(timeout=seconds)
+
+    def start(self, workers: int) -> None:
+        for index in range(workers):
+            thread = threading.Thread(target=self.run, name=f"forward-{self.name}-{index}", daemon=True)
+            thread.start()
+            self.threads.append(thread)
+
+    def pause(self, reason: str) -> float:
+        self.consecutive_failures += 1
+        delay = backoff_s(self.consecutive_failures, self.forwarder.settings)
+        self.paused_until = time.monotonic() + delay
+        log.warning("destination_unavailable", destination=self.name, reason=reason, retry_in_s=round(delay, 1))
+        return delay
+
+    def run(self) -> None:
+        forwarder = self.forwarder
+        client: StoreClient | None = None
+        idle_since = time.monotonic()
+        while not forwarder.stopping.is_set():
+            server = forwarder.holder.current.server(self.name)
+            if server is None or server.deleted:
+                self.wait(forwarder.settings.poll_interval_s)
+                continue
+            if client is None or client.server != server:
+                if client:
+                    client.close()
+                client = StoreClient(server, forwarder.holder.current.router)
+            pause = self.paused_until - time.monotonic()
+            if pause > 0:
+                self.wait(min(pause, forwarder.settings.poll_interval_s))
+                continue
+            try:
+                jobs = forwarder.queue.claim(self.name, CLAIM_BATCH)
+            except Exception:
+                log.exception("claim_failed", destination=self.name)
+                self.wait(forwarder.settings.poll_interval_s)
+                continue
+            if not jobs:
+                if time.monotonic() - idle_since > IDLE_RELEASE_S:
+                    client.close()
+                self.wait(forwarder.settings.poll_interval_s)
+                continue
+            idle_since = time.monotonic()
+            self.send_batch(client, server, jobs)
+        if client:
+            client.close()
+
+    def send_batch(self, client: StoreClient, server: ServerConfig, jobs: list[ClaimedJob]) -> None:
+        forwarder = self.forwarder
+        delivered: list[ClaimedJob] = []
+        for position, job in enumerate(jobs):
+            path = Path(job.spool_path)
+            if not path.exists():
+                forwarder.queue.fail(job, f"spool file {path} is missing", None, permanent=True)
+                log.error("dead_letter", job_id=job.id, destination=self.name, reason="spool file missing")
+                continue
+            try:
+                outcome = client.send_file(path, job.sop_class_uid, job.transfer_syntax_uid)
+            except PeerUnavailable as exc:
+                delay = self.pause(f"{exc.status}: {exc.reason}")
+                forwarder.queue.postpone(jobs[position:], delay, f"{exc.status}: {exc.reason}")
+                break
+            except ContextRejected as exc:
+                forwarder.queue.fail(job, str(exc), None, permanent=True)
+                log.error("dead_letter", job_id=job.id, destination=self.name, sop_instance_uid=job.sop_instance_uid, reason=str(exc))
+                continue
+            except StoreFailed as exc:
+                state = forwarder.queue.fail(job, str(exc), None, permanent=False)
+                delay = self.pause(str(exc))
+                forwarder.queue.postpone(jobs[position + 1 :], delay, str(exc))
+                log.warning("store_retry", job_id=job.id, destination=self.name, state=state, reason=str(exc))
+                break
+            if outcome.success:
+                delivered.append(job)
+                self.consecutive_failures = 0
+            else:
+                reason = f"status 0x{outcome.status:04X} {outcome.comment}".strip()
+                state = forwarder.queue.fail(job, reason, outcome.status, permanent=outcome.permanent_failure)
+                log_event = log.error if state == "dead" else log.warning
+                log_event("store_refused", job_id=job.id, destination=self.name, sop_instance_uid=job.sop_instance_uid, reason=reason, state=state)
+        if delivered:
+            forwarder.acknowledge(server, delivered)
+
+
+class Forwarder:
+    """Owns one lane per destination; `notify` wakes a lane as soon as a job is committed."""
+
+    def __init__(self, holder: ConfigHolder, queue: ForwardQueue, spool: Spool, record_acks: AckRecorder):
+        self.holder = holder
+        self.queue = queue
+        self.spool = spool
+        self.record_acks = record_acks
+        self.stopping = threading.Event()
+        self.lanes: dict[str, DestinationLane] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def settings(self):
+        return self.holder.current.router.forwarding
+
+    def start(self) -> None:
+        self.ensure_lanes(self.holder.current)
+        for name in self.queue.destinations_with_work():
+            if name not in self.lanes:
+                log.warning("queued_jobs_for_unknown_destination", destination=name)
+
+    def ensure_lanes(self, config: Config) -> None:
+        with self._lock:
+            for server in config.live_servers():
+                if server.name not in self.lanes:
+                    lane = DestinationLane(self, server.name)
+                    self.lanes[server.name] = lane
+                    lane.start(config.router.forwarding.workers_per_destination)
+
+    def notify(self, destination: str) -> None:
+        lane = self.lanes.get(destination)
+        if lane is not None:
+            lane.notify()
+
+    def acknowledge(self, server: ServerConfig, jobs: list[ClaimedJob]) -> None:
+        """Record the deliveries, then delete spool files no destination still needs."""
+        try:
+            removable = self.record_acks(server, jobs)
+        except Exception:
+            # The jobs stay claimed; the lease expires and they are sent again (idempotent).
+            log.exception("ack_record_failed", destination=server.name, jobs=len(jobs))
+            return
+        for path in removable:
+            self.spool.remove(Path(path))
+        log.debug("delivered", destination=server.name, instances=len(jobs))
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        self.stopping.set()
+        for lane in self.lanes.values():
+            lane.notify()
+        deadline = time.monotonic() + timeout_s
+        for lane in self.lanes.values():
+            for thread in lane.threads:
+                thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        released = self.queue.release_claims()
+        log.info("forwarder_stopped", released_claims=released)
+
+    def wait_until_idle(self, timeout_s: float) -> bool:
+        """True once no job is pending or claimed (dead letters do not count); for tests and import."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            counts = self.queue.counts()
+            if not counts.get("pending") and not counts.get("claimed"):
+                return True
+            time.sleep(0.05)
+        return False

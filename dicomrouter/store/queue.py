@@ -1,0 +1,266 @@
+"""The forwarding queue in the catalog: one job per (instance, destination), atomic claims."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, delete, func, or_, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicomrouter.catalog.models import ForwardJob
+from dicomrouter.config import ForwardingConfig
+
+PENDING, CLAIMED, DONE, DEAD = "pending", "claimed", "done", "dead"
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class NewJob:
+    sop_instance_uid: str
+    spool_path: str
+    sha256: str
+    size_bytes: int
+    destination: str
+    calling_ae: str | None
+    called_ae: str | None
+    header: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ClaimedJob:
+    id: int
+    sop_instance_uid: str
+    spool_path: str
+    sha256: str
+    size_bytes: int
+    destination: str
+    attempts: int
+    header: dict[str, Any]
+
+    @property
+    def sop_class_uid(self) -> str:
+        return self.header["SOPClassUID"]
+
+    @property
+    def transfer_syntax_uid(self) -> str:
+        return self.header["TransferSyntaxUID"]
+
+
+def backoff_s(attempts: int, settings: ForwardingConfig, rng: random.Random | None = None) -> float:
+    """Exponential backoff with jitter, never above the cap."""
+    base = settings.retry_initial_s * settings.retry_multiplier ** max(0, attempts - 1)
+    base = min(base, settings.retry_max_s)
+    jitter = (rng or random).uniform(-settings.retry_jitter, settings.retry_jitter)
+    return max(0.1, min(settings.retry_max_s, base * (1 + jitter)))
+
+
+class ForwardQueue:
+    """All reads and writes of forward_jobs; safe for several router processes on PostgreSQL."""
+
+    def __init__(self, sessions: sessionmaker[Session], node_id: str, settings: ForwardingConfig):
+        self.sessions = sessions
+        self.node_id = node_id
+        self.settings = settings
+
+    # -- producing
+
+    def enqueue(self, session: Session, jobs: Sequence[NewJob]) -> None:
+        """Add jobs inside the caller's transaction (committed together with the receive)."""
+        now = utcnow()
+        for job in jobs:
+            session.add(
+                ForwardJob(
+                    sop_instance_uid=job.sop_instance_uid,
+                    spool_path=job.spool_path,
+                    sha256=job.sha256,
+                    size_bytes=job.size_bytes,
+                    destination=job.destination,
+                    state=PENDING,
+                    attempts=0,
+                    next_attempt_at=now,
+                    created_at=now,
+                    updated_at=now,
+                    calling_ae=job.calling_ae,
+                    called_ae=job.called_ae,
+                    header=job.header,
+                )
+            )
+
+    def open_job_for(self, session: Session, sha256: str, destination: str) -> bool:
+        """A job for these exact bytes to this destination is already queued (not dead, not done)."""
+        query = select(ForwardJob.id).where(
+            ForwardJob.sha256 == sha256,
+            ForwardJob.destination == destination,
+            ForwardJob.state.in_((PENDING, CLAIMED)),
+        )
+        return session.execute(query.limit(1)).first() is not None
+
+    # -- consuming
+
+    def claim(self, destination: str, limit: int) -> list[ClaimedJob]:
+        """Take up to `limit` due jobs (or expired claims) for one destination; no job twice."""
+        now = utcnow()
+        due = or_(
+            and_(ForwardJob.state == PENDING, ForwardJob.next_attempt_at <= now),
+            and_(ForwardJob.state == CLAIMED, ForwardJob.lease_until < now),
+        )
+        with self.sessions.begin() as session:
+            candidates = (
+                select(ForwardJob.id)
+                .where(ForwardJob.destination == destination, due)
+                .order_by(ForwardJob.id)
+                .limit(limit)
+                .with_for_update(skip_locked=True)
+            )
+            ids = list(session.scalars(candidates))
+            if not ids:
+                return []
+            # The state condition again: on SQLite (no row locks) a racing claim changes 0 rows.
+            claimed = session.execute(
+                update(ForwardJob)
+                .where(ForwardJob.id.in_(ids), due)
+                .values(
+                    state=CLAIMED,
+                    claimed_by=self.node_id,
+                    lease_until=now + timedelta(seconds=self.settings.lease_s),
+                    updated_at=now,
+                )
+                .returning(
+                    ForwardJob.id,
+                    ForwardJob.sop_instance_uid,
+                    ForwardJob.spool_path,
+                    ForwardJob.sha256,
+                    ForwardJob.size_bytes,
+                    ForwardJob.destination,
+                    ForwardJob.attempts,
+                    ForwardJob.header,
+                )
+            ).all()
+        jobs = [ClaimedJob(*row) for row in claimed]
+        jobs.sort(key=lambda job: job.id)
+        return jobs
+
+    def complete(self, session: Session, job_ids: Iterable[int]) -> None:
+        ids = list(job_ids)
+        if ids:
+            session.execute(
+                update(ForwardJob)
+                .where(ForwardJob.id.in_(ids), ForwardJob.claimed_by == self.node_id)
+                .values(state=DONE, lease_until=None, updated_at=utcnow(), last_error=None)
+            )
+
+    def unreferenced_paths(self, session: Session, paths: Iterable[str]) -> list[str]:
+        """Spool paths that no open or dead job needs any more (safe to delete)."""
+        paths = sorted(set(paths))
+        if not paths:
+            return []
+        still_needed = set(
+            session.scalars(
+                select(ForwardJob.spool_path).where(
+                    ForwardJob.spool_path.in_(paths), ForwardJob.state.in_((PENDING, CLAIMED, DEAD))
+                )
+            )
+        )
+        return [p for p in paths if p not in still_needed]
+
+    def fail(self, job: ClaimedJob, error: str, status: int | None, permanent: bool) -> str:
+        """Count an attempt: retry later with backoff, or dead-letter. Returns the new state."""
+        attempts = job.attempts + 1
+        dead = permanent or attempts >= self.settings.max_attempts
+        now = utcnow()
+        values: dict[str, Any] = {
+            "attempts": attempts,
+            "last_error": error[:2000],
+            "last_status": status,
+            "lease_until": None,
+            "updated_at": now,
+            "state": DEAD if dead else PENDING,
+        }
+        if not dead:
+            values["next_attempt_at"] = now + timedelta(seconds=backoff_s(attempts, self.settings))
+        with self.sessions.begin() as session:
+            session.execute(update(ForwardJob).where(ForwardJob.id == job.id).values(**values))
+        return values["state"]
+
+    def postpone(self, jobs: Sequence[ClaimedJob], delay_s: float, error: str) -> None:
+        """Give claims back without counting an attempt (destination down before we tried them)."""
+        if not jobs:
+            return
+        now = utcnow()
+        with self.sessions.begin() as session:
+            session.execute(
+                update(ForwardJob)
+                .where(ForwardJob.id.in_([j.id for j in jobs]), ForwardJob.state == CLAIMED)
+                .values(
+                    state=PENDING,
+                    lease_until=None,
+                    next_attempt_at=now + timedelta(seconds=delay_s),
+                    last_error=error[:2000],
+                    updated_at=now,
+                )
+            )
+
+    def release_claims(self) -> int:
+        """On clean shutdown: give this node's claims back at once (a crash waits for the lease)."""
+        with self.sessions.begin() as session:
+            result = session.execute(
+                update(ForwardJob)
+                .where(ForwardJob.state == CLAIMED, ForwardJob.claimed_by == self.node_id)
+                .values(state=PENDING, lease_until=None, updated_at=utcnow())
+            )
+            return result.rowcount or 0
+
+    # -- inspection and admin
+
+    def destinations_with_work(self) -> set[str]:
+        with self.sessions() as session:
+            return set(
+                session.scalars(
+                    select(ForwardJob.destination).where(ForwardJob.state.in_((PENDING, CLAIMED))).distinct()
+                )
+            )
+
+    def counts(self) -> dict[str, int]:
+        with self.sessions() as session:
+            rows = session.execute(select(ForwardJob.state, func.count()).group_by(ForwardJob.state)).all()
+        return {state: count for state, count in rows}
+
+    def list_jobs(self, dead: bool, limit: int = 200) -> list[ForwardJob]:
+        states = (DEAD,) if dead else (PENDING, CLAIMED)
+        with self.sessions() as session:
+            query = select(ForwardJob).where(ForwardJob.state.in_(states)).order_by(ForwardJob.id).limit(limit)
+            jobs = list(session.scalars(query))
+            session.expunge_all()
+            return jobs
+
+    def retry(self, job_id: int | None = None, all_dead: bool = False) -> int:
+        """Put dead (or waiting) jobs back to pending now, attempts reset."""
+        condition = ForwardJob.state == DEAD if all_dead else ForwardJob.id == job_id
+        with self.sessions.begin() as session:
+            result = session.execute(
+                update(ForwardJob)
+                .where(condition, ForwardJob.state.in_((DEAD, PENDING)))
+                .values(state=PENDING, attempts=0, next_attempt_at=utcnow(), updated_at=utcnow())
+            )
+            return result.rowcount or 0
+
+    def purge_dead(self) -> list[str]:
+        """Delete dead jobs; returns their spool paths (the caller deletes unreferenced files)."""
+        with self.sessions.begin() as session:
+            paths = list(session.scalars(select(ForwardJob.spool_path).where(ForwardJob.state == DEAD)))
+            session.execute(delete(ForwardJob).where(ForwardJob.state == DEAD))
+            return self.unreferenced_paths(session, paths)
+
+    def prune_done(self, older_than: timedelta) -> int:
+        with self.sessions.begin() as session:
+            result = session.execute(
+                delete(ForwardJob).where(ForwardJob.state == DONE, ForwardJob.updated_at < utcnow() - older_than)
+            )
+            return result.rowcount or 0

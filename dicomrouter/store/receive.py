@@ -1,0 +1,220 @@
+"""A received C-STORE: decide destinations, spool the bytes, queue jobs; Success only when safe."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from io import BytesIO
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicomrouter.catalog.models import Instance, InstanceLocation, Server
+from dicomrouter.config import Config
+from dicomrouter.logging import get_logger
+from dicomrouter.routing.access import Caller, may_write
+from dicomrouter.routing.store_rules import choose_destinations, rule_keywords
+from dicomrouter.store.queue import ForwardQueue, NewJob
+from dicomrouter.store.spool import Spool, SpoolError, SpoolFull
+
+log = get_logger(__name__)
+
+# C-STORE statuses (PS3.4 B.2.3, PS3.7 C)
+SUCCESS = 0x0000
+REFUSED_NOT_AUTHORIZED = 0x0124
+OUT_OF_RESOURCES = 0xA700
+DATASET_MISMATCH = 0xA900
+CANNOT_UNDERSTAND = 0xC000
+DUPLICATE_REFUSED = 0xC011
+NO_DESTINATION = 0xC012
+
+UID_PATTERN = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+
+# What the catalog records about every instance (beyond what the rules look at).
+CATALOG_KEYWORDS = (
+    "PatientID",
+    "IssuerOfPatientID",
+    "PatientName",
+    "PatientBirthDate",
+    "StudyInstanceUID",
+    "StudyDate",
+    "AccessionNumber",
+    "StudyDescription",
+    "SeriesInstanceUID",
+    "Modality",
+    "SeriesNumber",
+    "SOPInstanceUID",
+    "SOPClassUID",
+)
+
+
+@dataclass(frozen=True)
+class ReceiveResult:
+    status: int
+    comment: str = ""
+    destinations: tuple[str, ...] = ()  # the destinations a job was queued for
+    sop_instance_uid: str | None = None
+
+
+def valid_uid(value: str | None) -> bool:
+    return bool(value) and len(value) <= 64 and UID_PATTERN.match(value) is not None
+
+
+def _plain(value: Any) -> Any:
+    if value is None:
+        return None
+    if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
+        return [str(v) for v in value]
+    return str(value)
+
+
+def check_complete(dataset) -> None:
+    """Refuse a dataset whose elements stop short of their declared length (a truncated send)."""
+    for tag in list(dataset.keys()):
+        raw = dataset.get_item(tag)
+        length = getattr(raw, "length", None)
+        value = getattr(raw, "value", None)
+        if length is None or length == 0xFFFFFFFF or not isinstance(value, bytes | bytearray):
+            continue
+        if len(value) != length:
+            raise ValueError(f"element {tag} is truncated: {len(value)} of {length} bytes")
+
+
+def read_header(encoded: bytes, keywords: Iterable[str]) -> dict[str, Any]:
+    """Parse the dataset without decoding pixels; check it is whole; return what we route by.
+
+    Values stay raw bytes until a keyword is asked for, so pixel data is only carried along.
+    """
+    dataset = dcmread(BytesIO(encoded), force=False)
+    check_complete(dataset)
+    header: dict[str, Any] = {}
+    for keyword in {*CATALOG_KEYWORDS, *keywords}:
+        value = dataset.get(keyword)
+        if value is not None and value != "":
+            header[keyword] = _plain(value)
+    header["TransferSyntaxUID"] = str(dataset.file_meta.TransferSyntaxUID)
+    return header
+
+
+def delivered_copies(session: Session, sop_instance_uid: str) -> dict[str, str | None]:
+    """server name -> sha256 of the copy that server acknowledged."""
+    rows = session.execute(
+        select(Server.name, Instance.sha256)
+        .join(InstanceLocation, InstanceLocation.server_id == Server.id)
+        .join(Instance, Instance.id == InstanceLocation.instance_id)
+        .where(Instance.sop_instance_uid == sop_instance_uid)
+    ).all()
+    return {name: sha for name, sha in rows}
+
+
+class ReceiveService:
+    def __init__(
+        self,
+        config: Callable[[], Config],
+        spool: Spool,
+        queue: ForwardQueue,
+        sessions: sessionmaker[Session],
+        notify: Callable[[str], None],
+        audit: Callable[..., None] | None = None,
+    ):
+        self.config = config
+        self.spool = spool
+        self.queue = queue
+        self.sessions = sessions
+        self.notify = notify
+        self.audit = audit or (lambda **_: None)
+
+    def receive(
+        self, caller: Caller, called_ae: str, sop_instance_uid: str | None, encoded: bytes
+    ) -> ReceiveResult:
+        """`sop_instance_uid` is the request's Affected SOP Instance UID (None: take the dataset's)."""
+        config = self.config()
+        bound = log.bind(calling_ae=caller.ae_title, address=caller.address, sop_instance_uid=(sop_instance_uid or "")[:80])
+        if sop_instance_uid is not None and not valid_uid(sop_instance_uid):
+            bound.warning("store_refused", reason="invalid SOP Instance UID")
+            return ReceiveResult(DATASET_MISMATCH, "Affected SOP Instance UID is not a valid UID")
+        try:
+            header = read_header(encoded, rule_keywords(config))
+        except (InvalidDicomError, ValueError, TypeError, KeyError, EOFError, OSError, AttributeError) as exc:
+            bound.warning("store_refused", reason=f"unreadable dataset: {exc}")
+            return ReceiveResult(CANNOT_UNDERSTAND, f"cannot parse the dataset: {str(exc)[:200]}")
+        if sop_instance_uid is None:
+            sop_instance_uid = header.get("SOPInstanceUID")
+            if not valid_uid(sop_instance_uid) or not valid_uid(header.get("SOPClassUID")):
+                return ReceiveResult(DATASET_MISMATCH, "the dataset has no valid SOP Instance or SOP Class UID")
+        if header.get("SOPInstanceUID") != sop_instance_uid:
+            bound.warning("store_refused", reason="SOP Instance UID in dataset differs from the request")
+            return ReceiveResult(DATASET_MISMATCH, "SOPInstanceUID in the dataset does not match the request")
+        if not valid_uid(header.get("SOPClassUID")):
+            bound.warning("store_refused", reason="no valid SOP Class UID in the dataset")
+            return ReceiveResult(DATASET_MISMATCH, "the dataset has no valid SOPClassUID")
+        decision = choose_destinations(config, caller.ae_title, called_ae, header)
+        if decision.refused:
+            bound.warning("store_refused", reason=decision.refused)
+            return ReceiveResult(NO_DESTINATION, decision.refused)
+        forbidden = [s.name for s in decision.destinations if not may_write(caller, s)]
+        if forbidden:
+            reason = f"{caller.ae_title} may not write to {', '.join(forbidden)} ({decision.reason})"
+            bound.warning("store_refused", reason=reason)
+            return ReceiveResult(REFUSED_NOT_AUTHORIZED, reason)
+        try:
+            spooled = self.spool.write(encoded)
+        except SpoolFull as exc:
+            bound.error("store_refused", reason=str(exc))
+            return ReceiveResult(OUT_OF_RESOURCES, str(exc))
+        except SpoolError as exc:
+            bound.error("store_refused", reason=str(exc))
+            return ReceiveResult(OUT_OF_RESOURCES, str(exc))
+        names = tuple(s.name for s in decision.destinations)
+        try:
+            queued, refusal = self._queue_jobs(config, caller, called_ae, spooled, header, names)
+        except Exception as exc:
+            self.spool.remove(spooled.path)
+            bound.exception("store_refused", reason="catalog unavailable")
+            return ReceiveResult(OUT_OF_RESOURCES, f"cannot queue the instance: {exc.__class__.__name__}")
+        if refusal:
+            self.spool.remove(spooled.path)
+            bound.warning("store_refused", reason=refusal)
+            return ReceiveResult(DUPLICATE_REFUSED, refusal)
+        if not queued:
+            self.spool.remove(spooled.path)  # every destination already has these exact bytes
+        for name in queued:
+            self.notify(name)
+        bound.info("stored", destinations=names, queued=queued, route=decision.reason, bytes=spooled.size)
+        return ReceiveResult(SUCCESS, destinations=queued, sop_instance_uid=sop_instance_uid)
+
+    def _queue_jobs(self, config, caller, called_ae, spooled, header, names) -> tuple[tuple[str, ...], str | None]:
+        sop_uid = header["SOPInstanceUID"]
+        queued: list[str] = []
+        with self.sessions.begin() as session:
+            copies = delivered_copies(session, sop_uid)
+            different = {n: sha for n, sha in copies.items() if n in names and sha != spooled.sha256}
+            if different and config.router.duplicate_policy == "reject":
+                return (), (
+                    f"SOP Instance UID {sop_uid} is already on {', '.join(different)} with different content "
+                    "(router.duplicate_policy: reject)"
+                )
+            jobs = []
+            for name in names:
+                if copies.get(name) == spooled.sha256 or self.queue.open_job_for(session, spooled.sha256, name):
+                    continue
+                jobs.append(
+                    NewJob(sop_uid, str(spooled.path), spooled.sha256, spooled.size, name, caller.ae_title, called_ae, header)
+                )
+                queued.append(name)
+            self.queue.enqueue(session, jobs)
+        if different:
+            self.audit(
+                operation="store",
+                calling_ae=caller.ae_title,
+                address=caller.address,
+                servers=",".join(different),
+                study_uid=header.get("StudyInstanceUID"),
+                outcome="overwrite",
+                detail=f"SOP Instance UID {sop_uid} received with different content; overwriting",
+            )
+        return tuple(queued), None

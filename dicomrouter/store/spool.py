@@ -1,0 +1,117 @@
+"""The durable spool: received bytes become complete, fsynced DICOM files before Success."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class SpoolFull(Exception):
+    """No space (or quota) left: answer 0xA700, never Success."""
+
+
+class SpoolError(Exception):
+    """The spool could not keep the instance safe."""
+
+
+@dataclass(frozen=True)
+class SpooledFile:
+    path: Path
+    sha256: str
+    size: int
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Spool:
+    """Files under `root` named from the bytes' hash, never from UIDs.
+
+    A sender's SOP Instance UID such as ``../../x`` therefore can never name a path.
+    """
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.tmp = self.root / "tmp"
+        self.objects = self.root / "objects"
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        self.objects.mkdir(parents=True, exist_ok=True)
+        self._known_dirs: set[Path] = set()
+
+    def write(self, content: bytes) -> SpooledFile:
+        """Write, fsync, rename, fsync the folder; return where the file now safely lives.
+
+        Every reception gets its own file (hash plus a random suffix): deleting one after its
+        acknowledgements can never pull the file from under another reception of the same bytes.
+        """
+        sha256 = hashlib.sha256(content).hexdigest()
+        token = secrets.token_hex(6)
+        final = self.objects / sha256[:2] / f"{sha256}-{token}.dcm"
+        tmp = self.tmp / f"{sha256}-{token}.part"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+            try:
+                view = memoryview(content)
+                while view:
+                    written = os.write(fd, view)
+                    view = view[written:]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            folder = final.parent
+            if folder not in self._known_dirs:
+                folder.mkdir(parents=True, exist_ok=True)
+                _fsync_dir(self.objects)
+                self._known_dirs.add(folder)
+            os.replace(tmp, final)
+            _fsync_dir(folder)
+        except OSError as exc:
+            _unlink_quietly(tmp)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                raise SpoolFull(f"spool {self.root} is full: {exc.strerror}") from exc
+            raise SpoolError(f"cannot write to spool {self.root}: {exc}") from exc
+        return SpooledFile(final, sha256, len(content))
+
+    def remove(self, path: Path) -> None:
+        """Delete a spool file once every destination acknowledged it."""
+        _unlink_quietly(Path(path))
+
+    def clean_partial_writes(self, older_than_s: float = 600.0) -> int:
+        """Remove half-written files left by a crash; they were never acknowledged.
+
+        Only old ones: another process sharing the spool may be writing right now.
+        """
+        removed = 0
+        limit = time.time() - older_than_s
+        for leftover in self.tmp.glob("*.part"):
+            try:
+                if leftover.stat().st_mtime < limit:
+                    _unlink_quietly(leftover)
+                    removed += 1
+            except FileNotFoundError:
+                continue
+        return removed
+
+    def contains(self, path: Path) -> bool:
+        try:
+            Path(path).resolve().relative_to(self.objects.resolve())
+        except ValueError:
+            return False
+        return True
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass

@@ -1,0 +1,154 @@
+#!/usr/bin/env python3
+"""Store throughput: DCMTK storescu -> Orthanc directly, against storescu -> router -> Orthanc.
+
+Starts its own Orthanc servers and router on free ports, in one run, on this machine, and prints
+instances/s, MB/s, the router/direct ratio and the router's peak RSS.
+
+    python3 scripts/bench_store.py --count 500 --size large
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from dicomrouter.pacsfarm import OrthancFarm, free_ports  # noqa: E402
+from tests.router_process import RouterProcess, dcmtk, dcmtk_env  # noqa: E402
+
+SIZES = {"large": 512, "small": 64}
+
+
+def make_instances(folder: Path, count: int, side: int) -> list[str]:
+    """`count` CT instances of side x side 16-bit pixels in one study (512x512: ~512 KiB)."""
+    study, series = generate_uid(), generate_uid()
+    pixels = (np.arange(side * side, dtype=np.uint16) % 4096).reshape(side, side).tobytes()
+    files = []
+    for index in range(count):
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.PatientID, ds.PatientName, ds.Modality = "BENCH", "Bench^Store", "CT"
+        ds.InstanceNumber = index + 1
+        ds.Rows = ds.Columns = side
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.PixelData = pixels
+        path = folder / f"{index:05d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        files.append(str(path))
+    return files
+
+
+def run_storescu(port: int, called_ae: str, files: list[str]) -> None:
+    # One association for the whole batch, as a modality sends a study.
+    result = subprocess.run(
+        [dcmtk("storescu"), "-aet", "WORKSTATION", "-aec", called_ae, "127.0.0.1", str(port), *files],
+        capture_output=True, text=True, env=dcmtk_env(),
+    )
+    if result.returncode != 0:
+        raise SystemExit(f"storescu failed: {result.stderr[-2000:]}")
+
+
+def wait_count(server, count: int, timeout: float = 600) -> float:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.instance_count() >= count:
+            return time.monotonic()
+        time.sleep(0.05)
+    raise SystemExit(f"{server.spec.name} holds {server.instance_count()} of {count} after {timeout}s")
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def write_config(folder: Path, router_port: int, orthanc) -> Path:
+    text = f"""router:
+  ae_title: DICOMROUTER
+  host: 127.0.0.1
+  port: {router_port}
+  catalog: sqlite:///var/catalog.db
+  spool: var/spool
+  max_pdu_size: {os.environ.get("BENCH_MAX_PDU", 262144)}
+  forwarding:
+    workers_per_destination: {os.environ.get("BENCH_WORKERS", 2)}
+servers:
+  - name: Bench PACS
+    ae_title: {orthanc.spec.ae_title}
+    host: 127.0.0.1
+    port: {orthanc.spec.dicom_port}
+    environment: test
+    active: true
+    primary: true
+clients:
+  - ae_title: WORKSTATION
+    roles: [test_write]
+"""
+    path = folder / "bench.yaml"
+    path.write_text(text)
+    subprocess.run([sys.executable, "-m", "dicomrouter", "--config", str(path), "db", "upgrade"], check=True,
+                   capture_output=True)
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--count", type=int, default=300)
+    parser.add_argument("--size", choices=sorted(SIZES), default="large")
+    args = parser.parse_args()
+    os.environ["TCP_NODELAY"] = "1"
+    with tempfile.TemporaryDirectory(prefix="bench-store-") as tmp:
+        folder = Path(tmp)
+        (folder / "in").mkdir()
+        files = make_instances(folder / "in", args.count, SIZES[args.size])
+        megabytes = sum(os.path.getsize(f) for f in files) / 1e6
+        router_port = free_ports(1)[0]
+        farm = OrthancFarm.on_free_ports(folder / "orthanc", ("test", "test"),
+                                         extra_peers=[("DICOMROUTER", "127.0.0.1", router_port)])
+        with farm:
+            farm.start_all()
+            direct_target, routed_target = farm[0], farm[1]
+            started = time.monotonic()
+            run_storescu(direct_target.spec.dicom_port, direct_target.spec.ae_title, files)
+            direct_s = wait_count(direct_target, len(files)) - started
+
+            router = RouterProcess(write_config(folder, router_port, routed_target), router_port)
+            router.start()
+            try:
+                started = time.monotonic()
+                run_storescu(router_port, "DICOMROUTER", files)
+                acknowledged_s = time.monotonic() - started
+                routed_s = wait_count(routed_target, len(files)) - started
+                rss = peak_rss_mb(router.process.pid)
+            finally:
+                router.stop()
+    print(f"instances: {len(files)} x {args.size} ({megabytes / len(files) * 1000:.0f} KB each, {megabytes:.0f} MB)")
+    print(f"direct  storescu -> Orthanc          : {direct_s:6.2f} s  {len(files) / direct_s:7.1f} inst/s  {megabytes / direct_s:6.1f} MB/s")
+    print(f"router  storescu -> router -> Orthanc: {routed_s:6.2f} s  {len(files) / routed_s:7.1f} inst/s  {megabytes / routed_s:6.1f} MB/s")
+    print(f"        (storescu done, all acknowledged after {acknowledged_s:.2f} s)")
+    print(f"ratio router/direct throughput       : {direct_s / routed_s:.2f}x")
+    print(f"router peak RSS                      : {rss:.0f} MB")
+
+
+if __name__ == "__main__":
+    main()

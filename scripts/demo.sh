@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Install, start the four test PACS, and run the router on them (embedded SQLite catalog).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install.sh
+export TCP_NODELAY=1
+./setup_all_pacs.sh start
+mkdir -p var
+[ -f var/dicomrouter.yaml ] || python3 scripts/setup_pacs_config.py --output var/dicomrouter.yaml
+dicomrouter --config var/dicomrouter.yaml db upgrade
+dicomrouter --config var/dicomrouter.yaml health || true
+exec dicomrouter --config var/dicomrouter.yaml serve

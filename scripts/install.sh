@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Install what dicomrouter needs on a Debian machine, skipping what is already there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+[ -x /usr/sbin/Orthanc ] || need_apt+=(orthanc)
+[ -x /usr/bin/storescu ] || need_apt+=(dcmtk)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "installing ${need_apt[*]} from Debian" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+fi
+# The Debian package may start its own Orthanc on 4242/8042; the demo farm needs those ports.
+if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet orthanc 2>/dev/null; then
+  systemctl stop orthanc || true
+fi
+python3 -m pip install --quiet --disable-pip-version-check -e ".[test]"

@@ -1,0 +1,308 @@
+"""The catalog database on SQLite and PostgreSQL: migrations, servers, studies, concurrency."""
+
+from __future__ import annotations
+
+import os
+import threading
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+
+from dicomrouter.catalog import (
+    Catalog,
+    SchemaNeedsUpgrade,
+    StoredInstance,
+    make_engine,
+    require_current_schema,
+    schema_state,
+    session_factory,
+    upgrade,
+)
+from dicomrouter.catalog.models import (
+    AuditEvent,
+    Base,
+    ForwardJob,
+    Server,
+)
+from dicomrouter.catalog.schema import head_revision
+from dicomrouter.config import parse_config
+
+PG_ADMIN_URL = os.environ.get(
+    "DICOMROUTER_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+)
+TABLES = {
+    "servers",
+    "patients",
+    "studies",
+    "series",
+    "instances",
+    "study_locations",
+    "instance_locations",
+    "forward_jobs",
+    "audit_events",
+}
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """An empty database: a SQLite file in a not-yet-existing folder, or a fresh PG schema."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'var' / 'catalog.db'}"
+        return
+    database: sa.URL = request.getfixturevalue("pg_database")
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(database, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+    try:
+        scoped = database.update_query_dict({"options": f"-csearch_path={schema}"})
+        yield scoped.render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as connection:
+            connection.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
+
+
+@pytest.fixture
+def engine(url: str) -> Iterator[sa.Engine]:
+    engine = make_engine(url)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def catalog(engine: sa.Engine) -> Catalog:
+    upgrade(engine)
+    catalog = Catalog(session_factory(engine))
+    catalog.sync_servers(make_config(["pacs1", "pacs2", "pacs3"]))
+    return catalog
+
+
+def make_config(
+    names: list[str], ports: dict[str, int] | None = None, deleted: tuple[str, ...] = ()
+):
+    """A validated config with one server per name, the first primary."""
+    servers = [
+        {
+            "name": name,
+            "ae_title": name.upper(),
+            "host": "127.0.0.1",
+            "port": (ports or {}).get(name, 4242 + index),
+            "environment": "test",
+            "active": name not in deleted,
+            "primary": index == 0,
+            "deleted": name in deleted,
+        }
+        for index, name in enumerate(names)
+    ]
+    return parse_config({"servers": servers}, Path("/nonexistent/dicomrouter.yaml"))
+
+
+def attrs(
+    study: str, series: str = "1", sop: str = "1", modality: str = "CT", **extra: Any
+) -> dict[str, Any]:
+    """Attributes of one instance, UIDs derived from short names."""
+    values = {
+        "PatientID": "PAT1",
+        "IssuerOfPatientID": None,
+        "PatientName": "Doe^Jane",
+        "PatientBirthDate": "19700102",
+        "StudyInstanceUID": f"1.2.3.{study}",
+        "StudyDate": "20240131",
+        "AccessionNumber": f"ACC{study}",
+        "StudyDescription": "CHEST",
+        "SeriesInstanceUID": f"1.2.3.{study}.{series}",
+        "Modality": modality,
+        "SeriesNumber": series,
+        "SOPInstanceUID": f"1.2.3.{study}.{series}.{sop}",
+    }
+    values.update(extra)
+    return values
+
+
+def stored(study: str, series: str = "1", sop: str = "1", **extra: Any) -> StoredInstance:
+    return StoredInstance(
+        attrs(study, series, sop, **extra),
+        "1.2.840.10008.5.1.4.1.1.2",
+        "1.2.840.10008.1.2.1",
+        1234,
+        "ab" * 32,
+    )
+
+
+def count(engine: sa.Engine, model: type[Base]) -> int:
+    with engine.connect() as connection:
+        return connection.scalar(sa.select(sa.func.count()).select_from(model))
+
+
+# --------------------------------------------------------------------------- schema
+
+
+def test_upgrade_from_empty_to_head(url: str) -> None:
+    assert schema_state(url) == (None, head_revision())
+    upgrade(url)  # from a URL string: opens and disposes its own engine
+    assert schema_state(url) == (head_revision(), head_revision())
+    upgrade(url)  # already at head: nothing to do
+    engine = make_engine(url)
+    try:
+        assert TABLES <= set(sa.inspect(engine).get_table_names())
+    finally:
+        engine.dispose()
+
+
+def test_models_and_migrations_agree(engine: sa.Engine) -> None:
+    upgrade(engine)
+    with engine.connect() as connection:
+        context = MigrationContext.configure(connection, opts={"compare_type": True})
+        assert compare_metadata(context, Base.metadata) == []
+
+
+def test_concurrent_upgrades(url: str) -> None:
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(3)
+
+    def run() -> None:
+        try:
+            barrier.wait(timeout=30)
+            upgrade(url)
+        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors, errors
+    assert schema_state(url) == (head_revision(), head_revision())
+
+
+def test_require_current_schema(engine: sa.Engine) -> None:
+    with pytest.raises(SchemaNeedsUpgrade, match="run: dicomrouter --config FILE db upgrade"):
+        require_current_schema(engine)
+    upgrade(engine)
+    require_current_schema(engine)
+
+
+def test_sqlite_engine_settings(tmp_path: Path) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path / 'deep' / 'er' / 'c.db'}")
+    try:
+        with engine.connect() as connection:
+            pragma = {
+                name: connection.exec_driver_sql(f"PRAGMA {name}").scalar()
+                for name in ("journal_mode", "foreign_keys", "busy_timeout", "synchronous")
+            }
+        assert pragma == {
+            "journal_mode": "wal",
+            "foreign_keys": 1,
+            "busy_timeout": 30000,
+            "synchronous": 1,
+        }
+        assert (tmp_path / "deep" / "er" / "c.db").exists()
+    finally:
+        engine.dispose()
+
+
+# --------------------------------------------------------------------------- servers
+
+
+def test_sync_servers_keeps_removed_servers_as_deleted(engine: sa.Engine) -> None:
+    upgrade(engine)
+    catalog = Catalog(session_factory(engine))
+    first = catalog.sync_servers(make_config(["pacs1", "pacs2", "pacs3"]))
+    assert first.added == ("pacs1", "pacs2", "pacs3")
+    assert catalog.sync_servers(make_config(["pacs1", "pacs2", "pacs3"])).updated == ()
+
+    change = catalog.sync_servers(make_config(["pacs1", "pacs3"], ports={"pacs3": 5000}))
+    assert (change.added, change.updated, change.deleted) == ((), ("pacs3",), ("pacs2",))
+
+    with session_factory(engine)() as session:
+        rows = {s.name: s for s in session.scalars(sa.select(Server))}
+    assert set(rows) == {"pacs1", "pacs2", "pacs3"}
+    assert (rows["pacs2"].deleted, rows["pacs2"].active, rows["pacs2"].primary) == (
+        True,
+        False,
+        False,
+    )
+    assert rows["pacs3"].port == 5000 and not rows["pacs3"].deleted
+    assert rows["pacs1"].primary and rows["pacs1"].updated_at.tzinfo == UTC
+
+    # Deleted in the YAML (soft-deleted there) is mirrored too, and comes back when restored.
+    catalog.sync_servers(make_config(["pacs1", "pacs2", "pacs3"], deleted=("pacs2",)))
+    assert catalog.sync_servers(make_config(["pacs1", "pacs2", "pacs3"])).updated == ("pacs2",)
+
+
+# --------------------------------------------------------------------------- counts, queue, audit
+
+
+def test_studies_per_server(catalog: Catalog) -> None:
+    assert catalog.studies_per_server() == {"pacs1": 0, "pacs2": 0, "pacs3": 0}
+    catalog.record_instances_stored("pacs1", [stored("1"), stored("1", sop="2"), stored("2")])
+    catalog.record_instance_stored("pacs2", attrs("1"), None, None, None, None)
+    catalog.record_study_seen("pacs2", "1.2.3.3", "found")
+    assert catalog.studies_per_server() == {"pacs1": 2, "pacs2": 2, "pacs3": 0}
+
+
+def test_forward_job_round_trip(catalog: Catalog) -> None:
+    due = datetime(2030, 1, 2, 3, 4, 5, tzinfo=timezone(timedelta(hours=2)))
+    with catalog.sessions.begin() as session:
+        session.add(
+            ForwardJob(
+                sop_instance_uid="1.2.3.4",
+                spool_path="/spool/ab/cd.dcm",
+                sha256="cd" * 32,
+                size_bytes=5_000_000_000,
+                destination="pacs2",
+                next_attempt_at=due,
+                header={"SOPClassUID": "1.2.840.10008.5.1.4.1.1.2"},
+            )
+        )
+    with catalog.sessions() as session:
+        job = session.scalars(sa.select(ForwardJob)).one()
+        later = session.scalars(
+            sa.select(ForwardJob).where(ForwardJob.next_attempt_at > due - timedelta(seconds=1))
+        ).all()
+        earlier = session.scalars(
+            sa.select(ForwardJob).where(ForwardJob.next_attempt_at < due)
+        ).all()
+    assert (job.state, job.attempts, job.size_bytes, job.header["SOPClassUID"]) == (
+        "pending",
+        0,
+        5_000_000_000,
+        "1.2.840.10008.5.1.4.1.1.2",
+    )
+    assert job.next_attempt_at == due and job.next_attempt_at.tzinfo == UTC
+    assert (len(later), len(earlier)) == (1, 0)
+    with (
+        pytest.raises(sa.exc.StatementError, match="naive datetime"),
+        catalog.sessions.begin() as session,
+    ):
+        session.execute(sa.update(ForwardJob).values(next_attempt_at=datetime(2030, 1, 1)))
+
+
+def test_add_audit(catalog: Catalog, engine: sa.Engine) -> None:
+    first = catalog.add_audit(
+        "find",
+        "success",
+        calling_ae="WS1",
+        address="10.0.0.1:4000",
+        servers=["pacs1", "pacs2"],
+        counts={"matches": 3},
+    )
+    second = catalog.add_audit("store", "failure", study_uid="1.2.3", detail="pacs2 refused")
+    assert second > first
+    with session_factory(engine)() as session:
+        event = session.get(AuditEvent, first)
+    assert event is not None
+    assert (event.servers, event.counts, event.calling_ae) == ("pacs1,pacs2", {"matches": 3}, "WS1")
+    assert event.at.tzinfo == UTC

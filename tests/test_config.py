@@ -1,0 +1,160 @@
+"""Config validation: each broken file gets a message naming the key and the fix, exit 2."""
+
+from __future__ import annotations
+
+import pytest
+from click.testing import CliRunner
+
+from dicomrouter.cli import main as _main  # noqa: F401  (the console script's entry)
+from dicomrouter.cli.main import cli
+from dicomrouter.config import ConfigError, load_config
+from tests.configs import base_document, write_document
+
+
+def _broken(mutate):
+    document = base_document()
+    mutate(document)
+    return document
+
+
+def _set(path, value):
+    def mutate(document):
+        target = document
+        for key in path[:-1]:
+            target = target[key]
+        target[path[-1]] = value
+
+    return mutate
+
+
+def _two_primaries(document):
+    document["servers"][1]["primary"] = True
+
+
+def _no_primary(document):
+    document["servers"][0]["primary"] = False
+
+
+def _inactive_primary(document):
+    document["servers"][0]["active"] = False
+
+
+def _deleted_active(document):
+    document["servers"][1]["deleted"] = True
+
+
+def _deleted_primary(document):
+    document["servers"][0].update(deleted=True, active=False)
+    document["servers"][1]["primary"] = True
+
+
+def _none_active(document):
+    document["servers"][1]["active"] = False
+    document["servers"][0]["active"] = False
+
+
+def _duplicate_name(document):
+    document["servers"][1]["name"] = "Test PACS 1"
+
+
+def _duplicate_ae(document):
+    document["servers"][1]["ae_title"] = "TEST_PACS_1"
+
+
+def _bad_move_routing(document):
+    document["servers"][0]["move_routing"] = {"Nowhere PACS": "NOWHERE"}
+
+
+def _bad_route_destination(document):
+    document["routes"] = [{"name": "CT", "match": {"Modality": "CT"}, "destinations": ["Test PACS 9"]}]
+
+
+BROKEN = [
+    ("port too big", _set(["servers", 1, "port"], 70000), "servers[1].port", "70000 is not a valid TCP port"),
+    ("port text", _set(["router", "port"], "eleven"), "router.port", "not a valid TCP port"),
+    ("AE too long", _set(["servers", 0, "ae_title"], "A" * 17), "servers[0].ae_title", "1 to 16"),
+    ("AE backslash", _set(["router", "ae_title"], "BAD\\AE"), "router.ae_title", "backslash"),
+    ("AE spaces", _set(["clients", 0, "ae_title"], "    "), "clients[0].ae_title", "all spaces"),
+    ("AE control", _set(["servers", 0, "ae_title"], "BAD\x01"), "servers[0].ae_title", "control"),
+    ("environment", _set(["servers", 0, "environment"], "staging"), "servers[0].environment", "use test or prod"),
+    ("role", _set(["clients", 0, "roles"], ["test_reed"]), "clients[0].roles", "did you mean 'test_read'"),
+    ("two primaries", _two_primaries, "servers", "2 servers are primary"),
+    ("no primary", _no_primary, "servers", "no server is primary"),
+    ("inactive primary", _inactive_primary, "servers[0].active", "primary server 'Test PACS 1' is inactive"),
+    ("deleted but active", _deleted_active, "servers[1].active", "deleted but active"),
+    ("deleted primary", _deleted_primary, "servers[0].primary", "deleted but primary"),
+    ("none active", _none_active, "servers", "no server is active"),
+    ("duplicate name", _duplicate_name, "servers[1].name", "already used by servers[0]"),
+    ("duplicate AE", _duplicate_ae, "servers[1].ae_title", "already used by servers[0]"),
+    ("move routing", _bad_move_routing, "servers[0].move_routing.Nowhere PACS", "neither a server name"),
+    ("route destination", _bad_route_destination, "routes[0].destinations", "'Test PACS 9' is not a server name"),
+    ("missing host", lambda d: d["servers"][0].pop("host"), "servers[0].host", "is required"),
+    ("bool as text", _set(["servers", 0, "active"], "yes"), "servers[0].active", "expected true or false"),
+    ("duplicate policy", _set(["router", "duplicate_policy"], "keep"), "router.duplicate_policy", "overwrite or reject"),
+]
+
+
+@pytest.mark.parametrize(("label", "mutate", "key", "message"), BROKEN, ids=[b[0] for b in BROKEN])
+def test_broken_file_names_key_and_fix(tmp_path, label, mutate, key, message):
+    path = write_document(tmp_path / "router.yaml", _broken(mutate))
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    problems = {p.key: p for p in caught.value.problems}
+    assert key in problems, caught.value.render()
+    assert message in problems[key].message or message in problems[key].fix, caught.value.render()
+    assert problems[key].fix, "every problem says how to fix it"
+
+    result = CliRunner().invoke(cli, ["--config", str(path), "config", "check"])
+    assert result.exit_code == 2
+    assert str(path) in result.output
+    assert key in result.output
+    assert "Traceback" not in result.output
+
+
+def test_yaml_syntax_error_names_line(tmp_path):
+    path = tmp_path / "router.yaml"
+    path.write_text("router:\n  ae_title: X\n servers: [\n")
+    result = CliRunner().invoke(cli, ["--config", str(path), "config", "check"])
+    assert result.exit_code == 2
+    assert "line" in result.output and str(path) in result.output
+    assert "Traceback" not in result.output
+
+
+def test_missing_file_is_exit_2(tmp_path):
+    result = CliRunner().invoke(cli, ["--config", str(tmp_path / "nope.yaml"), "config", "check"])
+    assert result.exit_code == 2
+    assert "file not found" in result.output
+
+
+def test_unknown_key_warns_with_suggestion(tmp_path):
+    document = base_document()
+    document["servers"][0]["primay"] = True
+    path = write_document(tmp_path / "router.yaml", document)
+    config = load_config(path)
+    assert any("servers[0].primay" in w and "did you mean 'primary'" in w for w in config.warnings)
+    result = CliRunner().invoke(cli, ["--config", str(path), "config", "check"])
+    assert result.exit_code == 0
+    assert "did you mean 'primary'" in result.output
+
+
+def test_relative_paths_follow_the_file(tmp_path):
+    path = write_document(tmp_path / "router.yaml", base_document())
+    config = load_config(path)
+    assert config.router.spool == tmp_path / "var" / "spool"
+    assert config.router.catalog == f"sqlite:///{tmp_path}/var/catalog.db"
+
+
+def test_example_config_is_valid():
+    from pathlib import Path
+
+    config = load_config(Path(__file__).parent.parent / "config" / "dicomrouter.example.yaml")
+    assert config.primary.name == "Test PACS 1"
+    assert not config.warnings
+
+
+def test_config_env_var(tmp_path, monkeypatch):
+    path = write_document(tmp_path / "router.yaml", base_document())
+    monkeypatch.setenv("DICOMROUTER_CONFIG", str(path))
+    result = CliRunner().invoke(cli, ["config", "check"])
+    assert result.exit_code == 0, result.output
+    assert "primary: Test PACS 1" in result.output
