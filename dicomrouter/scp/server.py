@@ -102,18 +102,26 @@ class DicomFront:
             return
         server = self._server
         server.shutdown()
-        for assoc in server.active_associations:
-            if not assoc.is_established:
-                # Connected but never associated: nothing in flight to finish. When the peer
-                # already hung up (a port probe), the DUL is gone and the reactor still waits
-                # up to acse_timeout for an A-ASSOCIATE-RQ; None wakes it as a timeout would.
-                assoc.abort()
-                assoc.dul.to_user_queue.put(None)
         deadline = time.monotonic() + drain_timeout_s
         while server.active_associations and time.monotonic() < deadline:
+            # Checked on every pass: a connection accepted just before shutdown() gets its
+            # association thread a moment later.
+            self._drop_unassociated(server.active_associations)
             time.sleep(0.05)
         leftover = server.active_associations
         for assoc in leftover:
             assoc.abort()
         log.info("stopped_listening", aborted_associations=len(leftover))
         self._server = None
+
+    @staticmethod
+    def _drop_unassociated(associations) -> None:
+        """Connected but never associated: nothing in flight to finish, so no reason to wait."""
+        for assoc in associations:
+            if assoc.is_established or getattr(assoc, "_router_dropped", False):
+                continue
+            assoc._router_dropped = True
+            assoc.abort()
+            # When the peer already hung up (a port probe), the DUL is gone and the reactor still
+            # waits up to acse_timeout for an A-ASSOCIATE-RQ; None wakes it as a timeout would.
+            assoc.dul.to_user_queue.put(None)
