@@ -7,10 +7,9 @@ import socket
 import threading
 from dataclasses import dataclass, field
 
-from pynetdicom import evt
+from pynetdicom import ALL_TRANSFER_SYNTAXES, evt
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification
-from pynetdicom import ALL_TRANSFER_SYNTAXES
 
 from dicomrouter.catalog.db import make_engine, session_factory
 from dicomrouter.catalog.queries import Catalog

@@ -558,7 +558,7 @@ class _Parser:
             }
             routing = self.mapping(data.get("move_routing"), f"{key}.move_routing")
             move_routing = {}
-            for destination, ae in routing.items():
+            for destination in routing:
                 move_routing[str(destination)] = self.get_ae(routing, destination, f"{key}.move_routing.{destination}")
             web_url = data.get("web_url")
             if web_url is not None and not (isinstance(web_url, str) and web_url.startswith(("http://", "https://"))):
@@ -623,7 +623,7 @@ class _Parser:
             name = data.get("name") or f"rule {index + 1}"
             match_data = self.mapping(data.get("match"), f"{key}.match")
             match: dict[str, tuple[str, ...]] = {}
-            for attribute, patterns in match_data.items():
+            for attribute in match_data:
                 listed = self.get_str_list(match_data, attribute, f"{key}.match.{attribute}")
                 if listed is None:
                     self.error(f"{key}.match.{attribute}", "has no pattern", "give a glob or a list of globs")

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 
-
 def base_document(router_port: int = 11199, servers: list[dict] | None = None) -> dict[str, Any]:
     return {
         "router": {

@@ -11,7 +11,13 @@ from dicomrouter.config import load_config
 from dicomrouter.net.find_client import STUDY_ROOT_FIND, WORKLIST_FIND
 from dicomrouter.query.federation import Federation, FindSummary, ServerReport
 from dicomrouter.query.keys import BadKey, build_identifier
-from dicomrouter.query.merge import InvalidIdentifier, answer_key, check_identifier, merge_copies, prepare_query
+from dicomrouter.query.merge import (
+    InvalidIdentifier,
+    answer_key,
+    check_identifier,
+    merge_copies,
+    prepare_query,
+)
 from dicomrouter.routing.access import Caller
 from dicomrouter.routing.find_targets import find_targets
 from tests.configs import base_document, write_document

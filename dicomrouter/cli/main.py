@@ -10,8 +10,8 @@ from dicomrouter import __version__
 from dicomrouter.cli.catalog import catalog_group, db_group
 from dicomrouter.cli.common import CliState, pass_state, print_table, yes_no
 from dicomrouter.cli.find import find_command
-from dicomrouter.cli.move import move_command, routes_group
 from dicomrouter.cli.health import echo_command, health_command
+from dicomrouter.cli.move import move_command, routes_group
 from dicomrouter.cli.serve import serve_command
 from dicomrouter.cli.servers import servers_group
 from dicomrouter.cli.store import import_command, queue_group, route_group
