@@ -9,6 +9,7 @@ sub-operation counts.
 from __future__ import annotations
 
 import threading
+import time
 from io import BytesIO
 from typing import Any
 
@@ -41,6 +42,9 @@ MOVE_MODELS = (PATIENT_ROOT_MOVE, STUDY_ROOT_MOVE)
 DESTINATION_UNKNOWN = 0xA801
 NOT_PERMITTED = 0xC001
 UNABLE_TO_PROCESS = 0xC000
+# Pending responses are optional (PS3.4 C.4.2.1.5): a few a second show progress; one per
+# instance costs the router an encode and a send each and slows the move it reports on.
+PENDING_INTERVAL_S = 0.2
 
 
 class MoveExchange:
@@ -154,14 +158,16 @@ def serve_move(exchange: MoveExchange, holder: ConfigHolder, catalog: Catalog | 
 
     watcher = threading.Thread(target=watch_for_cancel, name="move-cancel-watch", daemon=True)
     watcher.start()
+    last_pending = float("-inf")
     try:
         for totals in run.progress():
             if not exchange.assoc.is_established:
                 continue
             if totals.final:
                 exchange.send(totals.status, totals, comment=totals.comment)
-            else:
+            elif time.monotonic() - last_pending >= PENDING_INTERVAL_S:
                 exchange.send(PENDING, totals)
+                last_pending = time.monotonic()
     finally:
         done.set()
 

@@ -19,6 +19,18 @@ from dicomrouter.scp.gate import make_request_handler
 log = get_logger(__name__)
 
 
+class SharedContexts(list):
+    """The front's supported presentation contexts, shared by every association.
+
+    pynetdicom deep-copies the server's contexts for each association it accepts: with every
+    storage class in every transfer syntax that re-validates thousands of UIDs, ~45 ms per
+    association. Negotiation only reads them, so a shallow copy is enough.
+    """
+
+    def __deepcopy__(self, memo: dict) -> list:
+        return list(self)
+
+
 @dataclass
 class SupportedContext:
     abstract_syntax: str
@@ -69,6 +81,7 @@ class DicomFront:
             request_handler=make_request_handler(self._gate),
         )
         self._server.daemon_threads = True
+        self._server.contexts = SharedContexts(self._server.contexts)
         self.ae._servers.append(self._server)
         self._thread = threading.Thread(target=self._server.serve_forever, name="dicom-front", daemon=True)
         self._thread.start()
