@@ -1,20 +1,35 @@
-"""C-MOVE SCU to one PACS: progress as it comes, C-CANCEL from any thread."""
+"""C-MOVE SCU to one PACS: progress as it comes, C-CANCEL from any thread.
+
+On the lean upper layer (net/upper_layer.py): a move reports one response per instance, and
+pynetdicom's two threads and command decoding per response slowed the source's own move.
+"""
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from io import BytesIO
 
 from pydicom import Dataset
-from pynetdicom.association import Association
+from pynetdicom.dsutils import decode, encode
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelMove,
     StudyRootQueryRetrieveInformationModelMove,
 )
 
 from dicomrouter.config import RouterSettings, ServerConfig, calling_ae_for
-from dicomrouter.net.peer import PeerUnavailable, make_ae, open_association
+from dicomrouter.net.upper_layer import (
+    EXPLICIT_VR_LE,
+    IMPLICIT_VR_LE,
+    NO_DATASET,
+    Link,
+    Message,
+    UpperLayerError,
+    command_set,
+    open_link,
+    us,
+)
 
 PATIENT_ROOT_MOVE = str(PatientRootQueryRetrieveInformationModelMove)
 STUDY_ROOT_MOVE = str(StudyRootQueryRetrieveInformationModelMove)
@@ -49,11 +64,6 @@ class MoveProgress:
         return self.status in PENDING
 
 
-def _count(status: Dataset, keyword: str) -> int:
-    value = status.get(keyword)
-    return int(value) if value is not None and value != "" else 0
-
-
 def failed_uids(identifier: Dataset | None) -> list[str]:
     if identifier is None or "FailedSOPInstanceUIDList" not in identifier:
         return []
@@ -61,6 +71,81 @@ def failed_uids(identifier: Dataset | None) -> list[str]:
     if isinstance(value, str):
         return [value] if value else []
     return [str(v) for v in value if v]
+
+
+def open_retrieve_link(
+    server: ServerConfig,
+    router: RouterSettings,
+    contexts: list[tuple[str, list[str]]],
+    scp_roles: list[str] | tuple[str, ...] = (),
+) -> Link:
+    """An association for C-MOVE or C-GET to `server`, or PeerMoveError saying why not."""
+    try:
+        return open_link(
+            server.host,
+            server.port,
+            calling_ae_for(server, "move", router),
+            server.ae_title,
+            contexts,
+            router.max_pdu_size,
+            router.connect_timeout_s,
+            router.acse_timeout_s,
+            scp_roles,
+        )
+    except UpperLayerError as exc:
+        raise PeerMoveError(exc.kind, exc.reason) from None
+
+
+def retrieve_request(link: Link, command_field: int, query_model: str, identifier: Dataset, *extra) -> int:
+    """Send a C-MOVE or C-GET request on `link`; returns its context ID."""
+    context_id = link.context_for(query_model)
+    if context_id is None:
+        raise PeerMoveError("rejected", f"the peer accepted no presentation context for {query_model}")
+    implicit = link.contexts[context_id][1] == IMPLICIT_VR_LE
+    encoded = encode(identifier, implicit, True)
+    if encoded is None:
+        raise PeerMoveError("failed", "cannot encode the retrieve identifier")
+    command = command_set(
+        [
+            (0x0002, query_model.encode("ascii")),
+            (0x0100, us(command_field)),
+            (0x0110, us(MESSAGE_ID)),
+            *extra,
+            (0x0700, us(0x0000)),  # medium priority
+            (0x0800, us(0x0001)),
+        ]
+    )
+    link.send_message(context_id, command, encoded)
+    return context_id
+
+
+def retrieve_response(message: Message, link: Link) -> MoveProgress:
+    """A C-MOVE-RSP or C-GET-RSP as MoveProgress."""
+    failed: list[str] = []
+    if message.dataset is not None and message.status not in PENDING:
+        implicit = link.contexts.get(message.context_id, ("", IMPLICIT_VR_LE))[1] == IMPLICIT_VR_LE
+        try:
+            failed = failed_uids(decode(BytesIO(message.dataset), implicit, True))
+        except Exception:
+            failed = []  # the counts still tell
+    return MoveProgress(
+        message.status,
+        remaining=message.us(0x1020),
+        completed=message.us(0x1021),
+        failed=message.us(0x1022),
+        warning=message.us(0x1023),
+        failed_sop_uids=failed,
+        comment=message.text(0x0902),
+    )
+
+
+def send_cancel(link: Link, context_id: int) -> None:
+    """C-CANCEL for our request (a peer may ignore it; its final answer still ends the exchange)."""
+    cancel = command_set([(0x0100, us(0x0FFF)), (0x0120, us(MESSAGE_ID)), (0x0800, us(NO_DATASET))])
+    try:
+        link.send_message(context_id, cancel)
+    except OSError:
+        pass  # the association is going away anyway
 
 
 class PeerMove:
@@ -75,66 +160,66 @@ class PeerMove:
         self.identifier = identifier
         self.calling_ae = calling_ae_for(server, "move", router)
         self._lock = threading.Lock()
-        self._assoc: Association | None = None
+        self._link: Link | None = None
+        self._context_id: int | None = None
         self._cancelled = False
 
     def progress(self, move_destination_ae: str) -> Iterator[MoveProgress]:
         """Yield every response of the source, the final one last; raise PeerMoveError."""
-        ae = make_ae(self.calling_ae, self.router, [(self.query_model, [])])
-        try:
-            assoc = open_association(ae, self.server)
-        except PeerUnavailable as exc:
-            raise PeerMoveError(exc.status, exc.reason) from None
-        except OSError as exc:
-            raise PeerMoveError("unreachable", str(exc)) from None
-        with self._lock:
-            self._assoc = assoc
-            cancelled = self._cancelled
+        link = open_retrieve_link(
+            self.server, self.router, [(self.query_model, [EXPLICIT_VR_LE, IMPLICIT_VR_LE])]
+        )
         clean = False
         try:
-            if cancelled:
-                clean = True
-                yield MoveProgress(CANCELLED, comment="cancelled before the request was sent")
+            with self._lock:
+                self._link = link
+                if self._cancelled:
+                    clean = True
+                    cancelled = MoveProgress(CANCELLED, comment="cancelled before the request was sent")
+                else:
+                    cancelled = None
+                    destination = move_destination_ae.encode("ascii")[:16].ljust(16, b" ")
+                    self._context_id = retrieve_request(
+                        link, 0x0021, self.query_model, self.identifier, (0x0600, destination)
+                    )
+            if cancelled is not None:
+                yield cancelled
                 return
-            responses = assoc.send_c_move(
-                self.identifier, move_destination_ae, self.query_model, msg_id=MESSAGE_ID
-            )
-            for status, identifier in responses:
-                if "Status" not in status:
+            while True:
+                try:
+                    messages = link.receive_messages(self.router.dimse_timeout_s)
+                except TimeoutError:
                     raise PeerMoveError(
                         "aborted", f"{self.server.name} sent no answer (timeout or abort)"
-                    )
-                progress = MoveProgress(
-                    int(status.Status),
-                    remaining=_count(status, "NumberOfRemainingSuboperations"),
-                    completed=_count(status, "NumberOfCompletedSuboperations"),
-                    failed=_count(status, "NumberOfFailedSuboperations"),
-                    warning=_count(status, "NumberOfWarningSuboperations"),
-                    failed_sop_uids=failed_uids(identifier),
-                    comment=str(status.get("ErrorComment", "") or "").strip(),
-                )
-                if not progress.pending:
-                    clean = True
-                yield progress
-                if not progress.pending:
-                    return
-            raise PeerMoveError(
-                "aborted", f"{self.server.name} ended the C-MOVE without a final answer"
-            )
+                    ) from None
+                except UpperLayerError as exc:
+                    raise PeerMoveError(
+                        "aborted", f"{self.server.name} sent no answer ({exc.reason})"
+                    ) from None
+                for message in messages:
+                    if message.command_field != 0x8021:
+                        continue
+                    progress = retrieve_response(message, link)
+                    if not progress.pending:
+                        clean = True
+                    yield progress
+                    if not progress.pending:
+                        return
+        except OSError as exc:
+            raise PeerMoveError("aborted", f"{self.server.name}: connection lost ({exc})") from None
         finally:
             with self._lock:
-                self._assoc = None
-            if assoc.is_established:
-                assoc.release() if clean else assoc.abort()
+                self._link = None
+            if clean:
+                link.release()
+            else:
+                link.abort()
 
     def cancel(self) -> None:
         """Pass a C-CANCEL on to the source (the source's final answer ends `progress()`)."""
         with self._lock:
             self._cancelled = True
-            assoc = self._assoc
-        if assoc is None or not assoc.is_established:
+            link, context_id = self._link, self._context_id
+        if link is None or context_id is None or link.closed:
             return
-        try:
-            assoc.send_c_cancel(MESSAGE_ID, query_model=self.query_model)
-        except (RuntimeError, ValueError, OSError):
-            pass  # the association is going away anyway
+        send_cancel(link, context_id)

@@ -11,7 +11,9 @@ from __future__ import annotations
 import socket
 import struct
 import threading
-from dataclasses import dataclass
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 from dicomrouter.net.sockets import set_nodelay
 
@@ -58,15 +60,37 @@ def _ae(title: str) -> bytes:
     return title.encode("ascii")[:16].ljust(16, b" ")
 
 
-def associate_rq(calling_ae: str, called_ae: str, abstract_syntax: str, max_pdu: int) -> bytes:
-    """A-ASSOCIATE-RQ with one presentation context (context ID 1), both little endian syntaxes."""
-    context = struct.pack(">BBBB", 1, 0, 0, 0) + _uid_item(0x30, abstract_syntax)
-    context += _uid_item(0x40, EXPLICIT_VR_LE) + _uid_item(0x40, IMPLICIT_VR_LE)
+def associate_request(
+    calling_ae: str,
+    called_ae: str,
+    contexts: Sequence[tuple[str, Sequence[str]]],
+    max_pdu: int,
+    scp_roles: Sequence[str] = (),
+) -> bytes:
+    """A-ASSOCIATE-RQ proposing `contexts` (abstract syntax, transfer syntaxes) as IDs 1, 3, 5...
+
+    `scp_roles`: SOP classes for which we offer the SCP role (C-GET's sub-operations).
+    """
+    items = b""
+    for index, (abstract_syntax, transfer_syntaxes) in enumerate(contexts):
+        context = struct.pack(">BBBB", 2 * index + 1, 0, 0, 0) + _uid_item(0x30, abstract_syntax)
+        context += b"".join(_uid_item(0x40, syntax) for syntax in transfer_syntaxes)
+        items += _item(0x20, context)
     user = _item(0x51, struct.pack(">I", max_pdu)) + _uid_item(0x52, IMPLEMENTATION_CLASS_UID)
     user += _item(0x55, IMPLEMENTATION_VERSION.encode("ascii"))
+    for sop_class in scp_roles:
+        uid = sop_class.encode("ascii")
+        user += _item(0x54, struct.pack(">H", len(uid)) + uid + bytes([0, 1]))  # SCU no, SCP yes
     body = struct.pack(">HH", 1, 0) + _ae(called_ae) + _ae(calling_ae) + bytes(32)
-    body += _uid_item(0x10, APPLICATION_CONTEXT) + _item(0x20, context) + _item(0x50, user)
+    body += _uid_item(0x10, APPLICATION_CONTEXT) + items + _item(0x50, user)
     return struct.pack(">BxI", A_ASSOCIATE_RQ, len(body)) + body
+
+
+def associate_rq(calling_ae: str, called_ae: str, abstract_syntax: str, max_pdu: int) -> bytes:
+    """A-ASSOCIATE-RQ with one presentation context (context ID 1), both little endian syntaxes."""
+    return associate_request(
+        calling_ae, called_ae, [(abstract_syntax, [EXPLICIT_VR_LE, IMPLICIT_VR_LE])], max_pdu
+    )
 
 
 @dataclass(frozen=True)
@@ -76,21 +100,21 @@ class Accepted:
     peer_max_pdu: int  # 0: unlimited
 
 
-def parse_associate_ac(body: bytes) -> Accepted:
-    """The accepted presentation context and the peer's maximum PDU length."""
+def parse_accepted(body: bytes) -> tuple[dict[int, str], int]:
+    """(accepted context ID -> transfer syntax, the peer's maximum PDU length, 0: unlimited)."""
     offset = 68  # version, reserved, AE titles, reserved
-    accepted: Accepted | None = None
+    accepted: dict[int, str] = {}
     max_pdu = 0
     while offset + 4 <= len(body):
         item_type, length = struct.unpack_from(">BxH", body, offset)
         value = body[offset + 4 : offset + 4 + length]
         offset += 4 + length
-        if item_type == 0x21 and value[2] == 0:  # presentation context, result acceptance
+        if item_type == 0x21 and len(value) >= 4 and value[2] == 0:  # context, acceptance
             syntax = b""
             if len(value) >= 8 and value[4] == 0x40:
                 (sub_length,) = struct.unpack_from(">H", value, 6)
                 syntax = value[8 : 8 + sub_length]
-            accepted = Accepted(value[0], syntax.rstrip(b"\0 ").decode("ascii"), 0)
+            accepted[value[0]] = syntax.rstrip(b"\0 ").decode("ascii")
         elif item_type == 0x50:
             sub = 0
             while sub + 4 <= len(value):
@@ -98,9 +122,16 @@ def parse_associate_ac(body: bytes) -> Accepted:
                 if sub_type == 0x51 and sub_length == 4:
                     (max_pdu,) = struct.unpack_from(">I", value, sub + 4)
                 sub += 4 + sub_length
-    if accepted is None or accepted.transfer_syntax not in (IMPLICIT_VR_LE, EXPLICIT_VR_LE):
-        raise UpperLayerError("rejected", "the peer accepted no presentation context for C-FIND")
-    return Accepted(accepted.context_id, accepted.transfer_syntax, max_pdu)
+    return accepted, max_pdu
+
+
+def parse_associate_ac(body: bytes) -> Accepted:
+    """The accepted presentation context and the peer's maximum PDU length."""
+    accepted, max_pdu = parse_accepted(body)
+    for context_id, syntax in accepted.items():
+        if syntax in (IMPLICIT_VR_LE, EXPLICIT_VR_LE):
+            return Accepted(context_id, syntax, max_pdu)
+    raise UpperLayerError("rejected", "the peer accepted no presentation context for C-FIND")
 
 
 # --------------------------------------------------------------------------- command sets
@@ -217,3 +248,156 @@ def reject_text(body: bytes) -> str:
     result, source, reason = body[1], body[2], body[3]
     permanence = "permanent" if result == 1 else "transient"
     return f"{REJECT_REASONS.get((source, reason), f'source {source}, reason {reason}')} ({permanence})"
+
+
+# --------------------------------------------------------------------------- DIMSE messages
+
+NO_DATASET = 0x0101
+
+
+@dataclass
+class Message:
+    """One DIMSE message: its command elements (element number -> raw value) and data set bytes."""
+
+    context_id: int
+    command: dict[int, bytes]
+    dataset: bytes | None = None
+
+    def us(self, element: int, default: int = 0) -> int:
+        value = self.command.get(element)
+        return int.from_bytes(value[:2], "little") if value else default
+
+    def text(self, element: int) -> str:
+        return self.command.get(element, b"").decode("latin-1").strip(" \x00")
+
+    @property
+    def command_field(self) -> int:
+        return self.us(0x0100)
+
+    @property
+    def status(self) -> int:
+        return self.us(0x0900, 0xFFFF)
+
+
+class MessageReader:
+    """Reassembles DIMSE messages from the PDVs of P-DATA-TF PDUs."""
+
+    def __init__(self) -> None:
+        self._command = bytearray()
+        self._dataset = bytearray()
+        self._pending: Message | None = None  # the command is complete, its data set is coming
+
+    def feed(self, body: bytes) -> list[Message]:
+        messages = []
+        for context_id, header, fragment in pdvs(body):
+            last = bool(header & 2)
+            if header & 1:
+                self._command += fragment
+                if not last:
+                    continue
+                message = Message(context_id, parse_command(bytes(self._command)))
+                self._command = bytearray()
+                if message.us(0x0800, NO_DATASET) == NO_DATASET:
+                    messages.append(message)
+                else:
+                    self._pending = message
+            else:
+                self._dataset += fragment
+                if last and self._pending is not None:
+                    self._pending.dataset = bytes(self._dataset)
+                    messages.append(self._pending)
+                    self._pending, self._dataset = None, bytearray()
+        return messages
+
+
+@dataclass
+class Link:
+    """An established association on a lean upper layer: send and receive whole DIMSE messages."""
+
+    layer: UpperLayer
+    contexts: dict[int, tuple[str, str]]  # accepted context ID -> (abstract syntax, transfer syntax)
+    peer_max_pdu: int
+    _reader: MessageReader = field(default_factory=MessageReader)
+
+    def context_for(self, abstract_syntax: str, transfer_syntax: str | None = None) -> int | None:
+        for context_id, (abstract, syntax) in self.contexts.items():
+            if abstract == abstract_syntax and transfer_syntax in (None, syntax):
+                return context_id
+        return None
+
+    def send_message(self, context_id: int, command: bytes, dataset: bytes | None = None) -> None:
+        self.layer.send_pdata(context_id, command, True, self.peer_max_pdu)
+        if dataset is not None:
+            self.layer.send_pdata(context_id, dataset, False, self.peer_max_pdu)
+
+    def receive_messages(self, timeout_s: float) -> list[Message]:
+        """The messages completed by the next PDU (often none); TimeoutError, UpperLayerError."""
+        pdu_type, body = self.layer.receive(timeout_s)
+        if pdu_type == P_DATA_TF:
+            return self._reader.feed(body)
+        if pdu_type == A_ABORT:
+            self.layer.close()
+            raise UpperLayerError("aborted", "the peer aborted the association")
+        if pdu_type == A_RELEASE_RQ:
+            self.layer.close()
+            raise UpperLayerError("aborted", "the peer released the association mid-exchange")
+        raise UpperLayerError("aborted", f"unexpected PDU type {pdu_type}")
+
+    def release(self, wait_s: float = 1.0) -> None:
+        """A-RELEASE, waiting up to `wait_s` for the answer, then close."""
+        if self.layer.closed:
+            return
+        try:
+            self.layer.send(bytes([A_RELEASE_RQ, 0, 0, 0, 0, 4, 0, 0, 0, 0]))
+            deadline = time.monotonic() + wait_s
+            while time.monotonic() < deadline:
+                pdu_type, _ = self.layer.receive(deadline - time.monotonic())
+                if pdu_type in (A_RELEASE_RP, A_ABORT):
+                    break
+        except (OSError, UpperLayerError):
+            pass
+        self.layer.close()
+
+    def abort(self) -> None:
+        self.layer.abort()
+
+    @property
+    def closed(self) -> bool:
+        return self.layer.closed
+
+
+def open_link(
+    host: str,
+    port: int,
+    calling_ae: str,
+    called_ae: str,
+    contexts: Sequence[tuple[str, Sequence[str]]],
+    max_pdu: int,
+    connect_timeout_s: float,
+    acse_timeout_s: float,
+    scp_roles: Sequence[str] = (),
+) -> Link:
+    """Connect and associate; UpperLayerError (unreachable | rejected | aborted) says why not."""
+    layer = UpperLayer(host, port, connect_timeout_s)
+    try:
+        layer.send(associate_request(calling_ae, called_ae, contexts, max_pdu, scp_roles))
+        try:
+            pdu_type, body = layer.receive(acse_timeout_s)
+        except TimeoutError:
+            raise UpperLayerError(
+                "unreachable", f"no answer to the association request from {host}:{port} in {acse_timeout_s:g} s"
+            ) from None
+        if pdu_type == A_ASSOCIATE_RJ:
+            raise UpperLayerError("rejected", reject_text(body))
+        if pdu_type != A_ASSOCIATE_AC:
+            raise UpperLayerError("unreachable", "association aborted by the peer")
+        accepted, peer_max_pdu = parse_accepted(body)
+    except BaseException:
+        layer.close()
+        raise
+    proposed = {2 * index + 1: abstract for index, (abstract, _) in enumerate(contexts)}
+    return Link(
+        layer,
+        {cid: (proposed[cid], syntax) for cid, syntax in accepted.items() if cid in proposed},
+        peer_max_pdu,
+    )
