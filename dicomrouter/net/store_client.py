@@ -1,4 +1,8 @@
-"""C-STORE SCU to one PACS over a reused association, sending spool files as encoded bytes."""
+"""C-STORE SCU to one PACS over a reused association, sending spool files as encoded bytes.
+
+`StoreClient` (pynetdicom) sends spool files for the forwarder; `EncodedStoreClient` (the lean
+upper layer) sends data sets already encoded in memory for the relay, without decoding them.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,13 @@ from pynetdicom.association import Association
 
 from dicomrouter.config import RouterSettings, ServerConfig, calling_ae_for
 from dicomrouter.net.peer import PeerUnavailable, make_ae, open_association
+from dicomrouter.net.upper_layer import (
+    Link,
+    UpperLayerError,
+    command_set,
+    open_link,
+    us,
+)
 
 # Send files from disk in chunks without decoding them (pynetdicom's own switch).
 pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True
@@ -120,4 +131,86 @@ class StoreClient:
                 assoc.release()
 
 
-__all__ = ["StoreClient", "StoreOutcome", "ContextRejected", "StoreFailed", "PeerUnavailable"]
+class EncodedStoreClient:
+    """One reusable lean association to `peer` for encoded data sets; renegotiates like StoreClient."""
+
+    def __init__(self, peer: ServerConfig, router: RouterSettings):
+        self.peer = peer
+        self.router = router
+        self.calling_ae = calling_ae_for(peer, "store", router)
+        self._wanted: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self._link: Link | None = None
+        self._message_id = 0
+
+    def _context(self, sop_class: str, transfer_syntax: str) -> int:
+        """The accepted context for the pair, associating anew when it is new; ContextRejected."""
+        link = self._link
+        if link is not None and not link.closed:
+            context_id = link.context_for(sop_class, transfer_syntax)
+            if context_id is not None:
+                return context_id
+        pair = (sop_class, transfer_syntax)
+        newly_wanted = pair not in self._wanted
+        self._wanted[pair] = None
+        self._wanted.move_to_end(pair)
+        while len(self._wanted) > MAX_CONTEXTS:
+            self._wanted.popitem(last=False)
+        rejected = ContextRejected(f"{self.peer.name} does not accept SOP class {sop_class} in {transfer_syntax}")
+        if link is not None and not link.closed and not newly_wanted:
+            raise rejected
+        self.close()
+        try:
+            self._link = open_link(
+                self.peer.host,
+                self.peer.port,
+                self.calling_ae,
+                self.peer.ae_title,
+                [(sop, [syntax]) for sop, syntax in self._wanted],
+                self.router.max_pdu_size,
+                self.router.connect_timeout_s,
+                self.router.acse_timeout_s,
+            )
+        except UpperLayerError as exc:
+            raise PeerUnavailable("rejected" if exc.kind == "rejected" else "unreachable", exc.reason) from None
+        context_id = self._link.context_for(sop_class, transfer_syntax)
+        if context_id is None:
+            raise rejected
+        return context_id
+
+    def send_encoded(self, sop_class: str, sop_instance: str, transfer_syntax: str, dataset: bytes) -> StoreOutcome:
+        """C-STORE one encoded data set; raise PeerUnavailable, ContextRejected or StoreFailed."""
+        context_id = self._context(sop_class, transfer_syntax)
+        link = self._link
+        assert link is not None
+        self._message_id = self._message_id % 65535 + 1
+        command = command_set(
+            [
+                (0x0002, sop_class.encode("ascii")),
+                (0x0100, us(0x0001)),
+                (0x0110, us(self._message_id)),
+                (0x0700, us(0x0000)),  # medium priority
+                (0x0800, us(0x0000)),  # a data set follows
+                (0x1000, sop_instance.encode("ascii")),
+            ]
+        )
+        try:
+            link.send_message(context_id, command, dataset)
+            while True:
+                for message in link.receive_messages(self.router.dimse_timeout_s):
+                    if message.command_field == 0x8001 and message.us(0x0120) == self._message_id:
+                        return StoreOutcome(message.status, message.text(0x0902))
+        except (OSError, UpperLayerError) as exc:
+            self.close(abort=True)
+            raise StoreFailed(f"no C-STORE response from {self.peer.name} ({exc})") from exc
+
+    def close(self, abort: bool = False) -> None:
+        link, self._link = self._link, None
+        if link is None:
+            return
+        if abort:
+            link.abort()
+        else:
+            link.release()
+
+
+__all__ = ["EncodedStoreClient", "StoreClient", "StoreOutcome", "ContextRejected", "StoreFailed", "PeerUnavailable"]

@@ -1,6 +1,10 @@
 """Relay route: C-GET from the source on a dedicated association, C-STORE each instance on to the
 destination as it arrives.
 
+Two threads: one takes the instances from the source, one stores them at the destination, with
+a short queue between them, so receiving the next instance overlaps sending the last. Instances
+travel as the bytes the source sent (same transfer syntax), never decoded.
+
 The dedicated association is how instances are told apart from other stores: they never reach
 the router's C-STORE SCP, so they are not routed as new stores, whatever the source puts (or
 omits) in Move Originator AE / Message ID.
@@ -32,9 +36,14 @@ from pynetdicom import StoragePresentationContexts
 
 from dicomrouter.config import CallingAETitles, RouterSettings, ServerConfig
 from dicomrouter.logging import get_logger
-from dicomrouter.net.get_client import PATIENT_ROOT_GET, STUDY_ROOT_GET, get_instances
+from dicomrouter.net.get_client import (
+    PATIENT_ROOT_GET,
+    STUDY_ROOT_GET,
+    ReceivedInstance,
+    get_instances,
+)
 from dicomrouter.net.move_client import PATIENT_ROOT_MOVE, PeerMoveError
-from dicomrouter.net.store_client import StoreClient
+from dicomrouter.net.store_client import EncodedStoreClient
 from dicomrouter.routing.move_routes import MoveDestination
 
 log = get_logger(__name__)
@@ -59,6 +68,8 @@ RELAY_STORAGE = {
     for cx in StoragePresentationContexts
 }
 _DONE = object()
+# Instances received but not yet stored on: bounds memory (~16 MiB of 512 KiB instances).
+RELAY_BUFFER = 32
 
 
 @dataclass
@@ -108,16 +119,25 @@ class Relay:
         self.counts = RelayCounts()
         self.cancelled = threading.Event()
         self._events: queue.Queue = queue.Queue()
+        self._outbox: queue.Queue = queue.Queue(maxsize=RELAY_BUFFER)
 
-    def _store(self, client: StoreClient, dataset: Dataset) -> int:
+    def _accept(self, instance: ReceivedInstance) -> int:
+        """On the retrieving thread: queue the instance for the sender and answer the source."""
         if self.cancelled.is_set():
             return 0xA700  # refuse further sub-operations so the source stops soon
-        sop_uid = str(dataset.get("SOPInstanceUID", ""))
+        self._outbox.put(instance)  # blocks while the sender is RELAY_BUFFER behind
+        return 0x0000  # the router has the instance; the destination's outcome is counted later
+
+    def _send_all(self, client: EncodedStoreClient) -> None:
+        """On the sending thread: store each queued instance at the destination, in order."""
+        while (instance := self._outbox.get()) is not _DONE:
+            self._store(client, instance)
+
+    def _store(self, client: EncodedStoreClient, instance: ReceivedInstance) -> None:
+        sop_uid = instance.sop_instance_uid
         try:
-            outcome = client.send_file(
-                dataset,  # type: ignore[arg-type]  # pynetdicom sends a Dataset as well as a path
-                str(dataset.file_meta.MediaStorageSOPClassUID),
-                str(dataset.file_meta.TransferSyntaxUID),
+            outcome = client.send_encoded(
+                instance.sop_class_uid, sop_uid, instance.transfer_syntax, instance.dataset
             )
             if outcome.success and outcome.status == 0x0000:
                 self.counts.completed += 1
@@ -136,30 +156,36 @@ class Relay:
             self.counts.failed += 1
             self.counts.failed_sop_uids.append(sop_uid)
         self._events.put(None)
-        return 0x0000  # the router has the instance; the destination's outcome is counted above
 
     def _run(self) -> None:
-        client = StoreClient(destination_peer(self.destination), self.router)
+        client = EncodedStoreClient(destination_peer(self.destination), self.router)
+        sender = threading.Thread(
+            target=self._send_all, args=(client,), name="move-relay-send", daemon=True
+        )
+        sender.start()
+        result: object
         try:
-            outcome = get_instances(
+            result = get_instances(
                 self.source,
                 self.router,
                 self.get_model,
                 self.identifier,
                 RELAY_STORAGE,
-                lambda dataset: self._store(client, dataset),
+                self._accept,
             )
-            self._events.put(outcome)
         except PeerMoveError as exc:
-            self._events.put(exc)
+            result = exc
         except Exception as exc:
             log.exception(
                 "relay_failed", source=self.source.name, destination=self.destination.name
             )
-            self._events.put(PeerMoveError("failed", str(exc)))
+            result = PeerMoveError("failed", str(exc))
         finally:
+            self._outbox.put(_DONE)
+            sender.join()
             client.close()
-            self._events.put(_DONE)
+        self._events.put(result)
+        self._events.put(_DONE)
 
     def progress(self) -> Iterator[object]:
         """None after each instance relayed, then the source's final MoveProgress or a PeerMoveError."""

@@ -91,7 +91,7 @@ def handle_get(
                 query_model,
                 identifier,
                 storage,
-                lambda dataset: instances.append(dataset) or 0x0000,
+                lambda instance: instances.append(instance.decoded()) or 0x0000,
             )
         except PeerMoveError as exc:
             log.warning("get_source_failed", source=source.name, kind=exc.kind, reason=exc.reason)
