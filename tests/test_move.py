@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import time
+from io import BytesIO
 
 import pytest
+from pydicom import dcmread
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove
 
 from dicomrouter.pacsfarm import free_ports
@@ -17,6 +19,7 @@ from tests.move_support import (
     upload_study,
     workstation,
 )
+from tests.orthanc_fixtures import instance_bytes, make_test_instance
 
 pytestmark = pytest.mark.slow
 
@@ -244,6 +247,36 @@ def test_relay_between_pacs_updates_catalog(farm_config, router_port, clean_orth
     assert run.status == 0x0000, run.output
     assert set(study["sops"]) <= set(clean_orthanc_farm[3].instance_sop_uids())
     assert holders == {"Test PACS 1", "Prod PACS 2"}
+
+
+def test_relay_to_a_destination_that_is_down_counts_each_instance_failed(
+    farm_config, router_port, clean_orthanc_farm
+):
+    study = upload_study(clean_orthanc_farm[0], images=3)
+    _drop_routes(farm_config, 0, "WORKSTATION")
+    with running_move_front(farm_config, router_port) as front:  # no storescp listens
+        run = movescu(front.port, "QueryRetrieveLevel=STUDY", f"StudyInstanceUID={study['study']}")
+    assert run.status != 0x0000, run.output
+    assert run.count("Failed") == 3
+    assert not run.count("Completed")
+
+
+def test_relay_passes_a_large_instance_on_intact(farm_config, router_port, clean_orthanc_farm):
+    # 512 KiB of pixels: more than one PDU each way (router.max_pdu_size is 256 KiB).
+    ds = make_test_instance(rows=512, cols=512)
+    clean_orthanc_farm[0].upload(instance_bytes(ds))
+    _drop_routes(farm_config, 0, "Prod PACS 2")
+    with running_move_front(farm_config, router_port) as front:
+        run = movescu(
+            front.port,
+            "QueryRetrieveLevel=STUDY",
+            f"StudyInstanceUID={ds.StudyInstanceUID}",
+            destination="PROD_PACS_2",
+        )
+    assert run.status == 0x0000, run.output
+    relayed = dcmread(BytesIO(clean_orthanc_farm[3].download_instance(ds.SOPInstanceUID)))
+    assert relayed.PixelData == ds.PixelData
+    assert relayed.PatientName == ds.PatientName
 
 
 def test_destination_the_caller_may_not_send_to_is_refused(
