@@ -164,6 +164,18 @@ def parse_command(data: bytes) -> dict[int, bytes]:
     return elements
 
 
+def pdata_pdus(context_id: int, data: bytes, command: bool, max_pdu: int) -> bytes:
+    """One message part (command or data set) as P-DATA-TF PDUs of at most `max_pdu` bytes (0: any)."""
+    chunk = (max_pdu - 6) if max_pdu else len(data) or 1
+    pdus = []
+    for start in range(0, max(len(data), 1), chunk):
+        fragment = data[start : start + chunk]
+        header = (1 if command else 0) | (2 if start + chunk >= len(data) else 0)
+        pdv = struct.pack(">IBB", len(fragment) + 2, context_id, header) + fragment
+        pdus.append(struct.pack(">BxI", P_DATA_TF, len(pdv)) + pdv)
+    return b"".join(pdus)
+
+
 # --------------------------------------------------------------------------- the connection
 
 
@@ -186,14 +198,7 @@ class UpperLayer:
 
     def send_pdata(self, context_id: int, data: bytes, command: bool, max_pdu: int) -> None:
         """One message part as P-DATA-TF PDUs, fragmented to the peer's maximum length."""
-        chunk = (max_pdu - 6) if max_pdu else len(data) or 1
-        pdus = []
-        for start in range(0, max(len(data), 1), chunk):
-            fragment = data[start : start + chunk]
-            header = (1 if command else 0) | (2 if start + chunk >= len(data) else 0)
-            pdv = struct.pack(">IBB", len(fragment) + 2, context_id, header) + fragment
-            pdus.append(struct.pack(">BxI", P_DATA_TF, len(pdv)) + pdv)
-        self.send(b"".join(pdus))
+        self.send(pdata_pdus(context_id, data, command, max_pdu))
 
     def _recv_exact(self, count: int) -> bytes:
         data = self._reader.read(count)

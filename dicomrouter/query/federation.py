@@ -95,7 +95,6 @@ class FindSummary:
 class _Entry:
     arrived: float
     copies: dict[int, Dataset] = field(default_factory=dict)  # rank -> answer
-    servers: list[str] = field(default_factory=list)
 
 
 class Federation:
@@ -229,7 +228,10 @@ class FederatedFind:
         window = self.federation.merge_window_s
         deadline = self._started + self.timeout_s
         running = set(range(len(self.peers)))
+        # In arrival order (entries are added when their first copy arrives), so the window
+        # expiries are checked from the front; `complete` holds the keys no server can add to.
         pending: OrderedDict[object, _Entry] = OrderedDict()
+        complete: set[object] = set()
         sent: dict[object, FederatedAnswer] = {}
         seen: list[tuple[str, Dataset]] = []
         outcome = None
@@ -237,7 +239,7 @@ class FederatedFind:
         try:
             while outcome is None:
                 now = time.monotonic()
-                for key in [k for k, e in pending.items() if self._ready(e, running, now, window)]:
+                for key in self._ready_keys(pending, complete, now, window):
                     if released >= self.max_results:
                         outcome = "limited"
                         break
@@ -254,8 +256,7 @@ class FederatedFind:
                     self._give_up(running)
                     break
                 if window is not None and pending:
-                    first = min(e.arrived for e in pending.values())
-                    wait = min(wait, max(first + window - now, 0.0005))
+                    wait = min(wait, max(self._oldest(pending) + window - now, 0.0005))
                 if is_cancelled is not None:
                     wait = min(wait, CANCEL_POLL_S)
                 try:
@@ -263,7 +264,12 @@ class FederatedFind:
                 except queue.Empty:
                     continue
                 while item is not None:
-                    self._take(item, running, pending, sent, seen)
+                    self._take(item, running, pending, complete, sent, seen)
+                    # Stop reading as soon as an answer is due: fast peers must not hold it up.
+                    if complete or (
+                        window is not None and pending and time.monotonic() >= self._oldest(pending) + window
+                    ):
+                        break
                     try:
                         item = self._queue.get_nowait()
                     except queue.Empty:
@@ -281,12 +287,31 @@ class FederatedFind:
             self._summarize(outcome, released)
             self.federation.learn(self.level, seen)
 
-    def _take(self, item, running, pending, sent, seen) -> None:
+    @staticmethod
+    def _oldest(pending: OrderedDict[object, _Entry]) -> float:
+        return next(iter(pending.values())).arrived
+
+    @staticmethod
+    def _ready_keys(
+        pending: OrderedDict[object, _Entry], complete: set[object], now: float, window: float | None
+    ) -> list[object]:
+        """Keys to release now: every copy is in, or the first copy waited the merge window."""
+        ready = dict.fromkeys(key for key in complete if key in pending)
+        complete.clear()
+        if window is not None:
+            for key, entry in pending.items():
+                if now < entry.arrived + window:
+                    break
+                ready[key] = None
+        return list(ready)
+
+    def _take(self, item, running, pending, complete, sent, seen) -> None:
         rank, answer = item
         if rank not in running:
             return  # late: the server was given up on
         if answer is None:
             running.discard(rank)
+            complete.update(key for key, entry in pending.items() if not running - entry.copies.keys())
             return
         name = self.peers[rank].server.name
         self.reports[rank].answers += 1
@@ -302,19 +327,14 @@ class FederatedFind:
         if entry is None:
             entry = pending[key] = _Entry(time.monotonic())
         entry.copies.setdefault(rank, answer)
-        if name not in entry.servers:
-            entry.servers.append(name)
-
-    @staticmethod
-    def _ready(entry: _Entry, running: set[int], now: float, window: float | None) -> bool:
         if not running - entry.copies.keys():
-            return True  # no other server can add a copy
-        return window is not None and now >= entry.arrived + window
+            complete.add(key)
 
     def _release(self, entry: _Entry) -> FederatedAnswer:
-        copies = [entry.copies[rank] for rank in sorted(entry.copies)]
-        identifier = merge_copies(copies, self._strip, self.retrieve_ae)
-        return FederatedAnswer(identifier, entry.servers)
+        ranks = sorted(entry.copies)
+        identifier = merge_copies([entry.copies[rank] for rank in ranks], self._strip, self.retrieve_ae)
+        # In server order (the primary first), whichever answered first; later holders follow.
+        return FederatedAnswer(identifier, [self.peers[rank].server.name for rank in ranks])
 
     def _give_up(self, running: set[int]) -> None:
         for rank in sorted(running):
