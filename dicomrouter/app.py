@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import threading
 from dataclasses import dataclass, field
 
@@ -30,6 +31,11 @@ from dicomrouter.store.receive import ReceiveService
 from dicomrouter.store.spool import Spool
 
 log = get_logger(__name__)
+
+# A thread waiting for the GIL gets it after at most this long (Python's default: 5 ms). The
+# router is many I/O threads (peer queries, the caller's association); a federated C-FIND's
+# first answer waited whole intervals behind the threads decoding the other servers' answers.
+GIL_SWITCH_INTERVAL_S = 0.001
 
 
 def node_id() -> str:
@@ -71,6 +77,7 @@ class RouterApp:
         self.forwarder.start()
 
     def start(self) -> tuple[str, int]:
+        sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         self.start_forwarding()
         address = self.front.start()
         if self.watch_file:

@@ -80,16 +80,20 @@ def learn_from_answers(
     per_server: dict[str, dict[str, dict[str, object]]] = {}
     for server_name, answer in answers:
         try:
+            uid = str(answer.get("StudyInstanceUID", "") or "").strip()
+            # Claim before reading the rest: a repeated query skips nearly every answer here.
+            if not uid or (
+                recent is not None
+                and uid not in per_server.get(server_name, {})
+                and not recent.claim(server_name, uid)
+            ):
+                continue
             attrs = study_attributes(answer)
         except Exception:  # an undecodable answer teaches nothing
             continue
         if attrs is None:
             continue
-        if recent is not None and str(attrs["StudyInstanceUID"]) not in per_server.get(server_name, {}):
-            if not recent.claim(server_name, str(attrs["StudyInstanceUID"])):
-                continue
         studies = per_server.setdefault(server_name, {})
-        uid = str(attrs["StudyInstanceUID"])
         known = studies.setdefault(uid, attrs)
         if known is not attrs:  # several series of one study: first facts, all modalities
             modalities = set(known.get("ModalitiesInStudy", [])) | set(attrs.get("ModalitiesInStudy", []))  # type: ignore[call-overload]
