@@ -32,6 +32,11 @@ log = get_logger(__name__)
 
 DEFAULT_MERGE_WINDOW_S = 0.015
 CANCEL_POLL_S = 0.01  # how often a waiting query looks for the caller's C-CANCEL
+# Catalog learning writes when no query has been in flight for LEARN_QUIET_S, or after
+# LEARN_MAX_WAIT_S per batch: its writes hold the GIL for a good part of a second per few
+# hundred studies, which a workstation's next query would wait for.
+LEARN_QUIET_S = 0.2
+LEARN_MAX_WAIT_S = 5.0
 FAILED_STATES = ("unreachable", "rejected", "timeout", "failed", "aborted")
 
 
@@ -109,6 +114,10 @@ class Federation:
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="find-learn") if catalog else None
         )
         self._recent = RecentlyLearned()
+        self._in_flight = 0
+        self._last_finished = float("-inf")
+        self._closing = False
+        self._quiet = threading.Condition()
 
     def start(
         self,
@@ -146,9 +155,35 @@ class Federation:
     def learn(self, level: str, answers: list[tuple[str, Dataset]]) -> None:
         """Record where the answered studies are, off the caller's path."""
         if self._learner is not None and answers and level not in ("PATIENT", "WORKLIST"):
-            self._learner.submit(learn_from_answers, self.catalog, answers, self._recent)
+            self._learner.submit(learn_from_answers, self.catalog, answers, self._recent, self._wait_quiet)
+
+    def _query_started(self) -> None:
+        with self._quiet:
+            self._in_flight += 1
+
+    def _query_finished(self) -> None:
+        with self._quiet:
+            self._in_flight -= 1
+            self._last_finished = time.monotonic()
+            self._quiet.notify_all()
+
+    def _wait_quiet(self) -> None:
+        """Until no query has run for LEARN_QUIET_S, or LEARN_MAX_WAIT_S passed."""
+        deadline = time.monotonic() + LEARN_MAX_WAIT_S
+        with self._quiet:
+            while (now := time.monotonic()) < deadline and not self._closing:
+                if self._in_flight:
+                    self._quiet.wait(deadline - now)
+                    continue
+                quiet_for = now - self._last_finished
+                if quiet_for >= LEARN_QUIET_S:
+                    return
+                self._quiet.wait(min(LEARN_QUIET_S - quiet_for, deadline - now))
 
     def close(self, wait: bool = True) -> None:
+        with self._quiet:
+            self._closing = True  # no query will come: learn at once
+            self._quiet.notify_all()
         if self._learner is not None:
             self._learner.shutdown(wait=wait)
 
@@ -236,6 +271,7 @@ class FederatedFind:
         seen: list[tuple[str, Dataset]] = []
         outcome = None
         released = 0
+        self.federation._query_started()
         try:
             while outcome is None:
                 now = time.monotonic()
@@ -282,6 +318,7 @@ class FederatedFind:
                     released += 1
                     yield self._release(entry)
         finally:
+            self.federation._query_finished()
             if outcome is not None or running:
                 self.cancel()  # stopped early: the peers still answering stop too
             self._summarize(outcome, released)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from pydicom import Dataset
 
@@ -73,10 +73,20 @@ class RecentlyLearned:
             return True
 
 
+# Studies written per transaction: `before_write` runs between them.
+LEARN_BATCH = 20
+
+
 def learn_from_answers(
-    catalog, answers: Sequence[tuple[str, Dataset]], recent: RecentlyLearned | None = None
+    catalog,
+    answers: Sequence[tuple[str, Dataset]],
+    recent: RecentlyLearned | None = None,
+    before_write: Callable[[], None] | None = None,
 ) -> None:
-    """Record 'server holds study' (learned by find) for every answer; never raises."""
+    """Record 'server holds study' (learned by find) for every answer; never raises.
+
+    `before_write` is called before each batch (the federation waits there for a quiet moment).
+    """
     per_server: dict[str, dict[str, dict[str, object]]] = {}
     for server_name, answer in answers:
         try:
@@ -102,7 +112,12 @@ def learn_from_answers(
             if modalities:
                 known["ModalitiesInStudy"] = sorted(modalities)
     for server_name, studies in per_server.items():
-        try:
-            catalog.record_studies_seen(server_name, "found", list(studies.values()))
-        except Exception as exc:
-            log.warning("find_catalog_failed", server=server_name, studies=len(studies), error=str(exc))
+        rows = list(studies.values())
+        for start in range(0, len(rows), LEARN_BATCH):
+            if before_write is not None:
+                before_write()
+            try:
+                catalog.record_studies_seen(server_name, "found", rows[start : start + LEARN_BATCH])
+            except Exception as exc:
+                log.warning("find_catalog_failed", server=server_name, studies=len(rows), error=str(exc))
+                break
