@@ -8,7 +8,7 @@ workstation. Everything (Orthanc, `python3 -m dicomrouter serve`, storescp) runs
 temporary folder on this machine and is stopped at the end. Bars (issue 5): direct route within
 1.2x of movescu straight to Orthanc; relay within 3x.
 
-    python3 scripts/bench_move.py [--count 200] [--runs 3]
+    python3 scripts/bench_move.py [--count 200] [--runs 5]
 """
 
 from __future__ import annotations
@@ -117,7 +117,7 @@ class Workstation:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=200, help="instances in the study")
-    parser.add_argument("--runs", type=int, default=3, help="timed runs per route (median), after one warm-up")
+    parser.add_argument("--runs", type=int, default=5, help="timed runs per route (median), after one warm-up")
     args = parser.parse_args()
     os.environ["TCP_NODELAY"] = "1"
     routes = [
