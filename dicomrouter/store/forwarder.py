@@ -31,6 +31,71 @@ class Delivery:
 AckRecorder = Callable[[ServerConfig, list[ClaimedJob]], list[str]]
 
 
+class AckWriter:
+    """Records deliveries in the background, many per transaction, so lanes keep sending.
+
+    A delivered job stays claimed until its ack is written; if the process dies first, the lease
+    expires and the job is sent again, which the destination treats as the same instance.
+    """
+
+    def __init__(self, record_acks: AckRecorder, spool: Spool, max_batch: int = 500, linger_s: float = 0.1):
+        self.record_acks = record_acks
+        self.spool = spool
+        self.max_batch = max_batch
+        self.linger_s = linger_s  # let deliveries gather: one transaction for many
+        self._pending: list[tuple[ServerConfig, list[ClaimedJob]]] = []
+        self._wakeup = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="ack-writer", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, server: ServerConfig, jobs: list[ClaimedJob]) -> None:
+        with self._wakeup:
+            self._pending.append((server, jobs))
+            self._wakeup.notify_all()
+
+    def stop(self, timeout_s: float) -> None:
+        """Write what is waiting, then stop."""
+        with self._wakeup:
+            self._stopping = True
+            self._wakeup.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout=timeout_s)
+
+    def _take(self) -> list[tuple[ServerConfig, list[ClaimedJob]]] | None:
+        with self._wakeup:
+            while not self._pending and not self._stopping:
+                self._wakeup.wait()
+            if not self._pending:
+                return None
+            if not self._stopping:
+                self._wakeup.wait(self.linger_s)
+            taken, self._pending = self._pending, []
+            return taken
+
+    def _run(self) -> None:
+        while (taken := self._take()) is not None:
+            by_server: dict[str, tuple[ServerConfig, list[ClaimedJob]]] = {}
+            for server, jobs in taken:
+                by_server.setdefault(server.name, (server, []))[1].extend(jobs)
+            for server, jobs in by_server.values():
+                for start in range(0, len(jobs), self.max_batch):
+                    self._write(server, jobs[start : start + self.max_batch])
+
+    def _write(self, server: ServerConfig, jobs: list[ClaimedJob]) -> None:
+        try:
+            removable = self.record_acks(server, jobs)
+        except Exception:
+            # The jobs stay claimed; the lease expires and they are sent again (idempotent).
+            log.exception("ack_record_failed", destination=server.name, jobs=len(jobs))
+            return
+        for path in removable:
+            self.spool.remove(Path(path))
+        log.debug("delivered", destination=server.name, instances=len(jobs))
+
+
 class DestinationLane:
     """The workers for one destination; a failing destination only pauses its own lane."""
 
@@ -140,7 +205,7 @@ class Forwarder:
         self.holder = holder
         self.queue = queue
         self.spool = spool
-        self.record_acks = record_acks
+        self.acks = AckWriter(record_acks, spool)
         self.stopping = threading.Event()
         self.lanes: dict[str, DestinationLane] = {}
         self._lock = threading.Lock()
@@ -150,6 +215,7 @@ class Forwarder:
         return self.holder.current.router.forwarding
 
     def start(self) -> None:
+        self.acks.start()
         self.ensure_lanes(self.holder.current)
         for name in self.queue.destinations_with_work():
             if name not in self.lanes:
@@ -169,16 +235,8 @@ class Forwarder:
             lane.notify()
 
     def acknowledge(self, server: ServerConfig, jobs: list[ClaimedJob]) -> None:
-        """Record the deliveries, then delete spool files no destination still needs."""
-        try:
-            removable = self.record_acks(server, jobs)
-        except Exception:
-            # The jobs stay claimed; the lease expires and they are sent again (idempotent).
-            log.exception("ack_record_failed", destination=server.name, jobs=len(jobs))
-            return
-        for path in removable:
-            self.spool.remove(Path(path))
-        log.debug("delivered", destination=server.name, instances=len(jobs))
+        """Hand the deliveries to the ack writer: catalog, jobs done, spool files freed."""
+        self.acks.submit(server, jobs)
 
     def stop(self, timeout_s: float = 10.0) -> None:
         self.stopping.set()
@@ -188,6 +246,7 @@ class Forwarder:
         for lane in self.lanes.values():
             for thread in lane.threads:
                 thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        self.acks.stop(timeout_s=max(1.0, deadline - time.monotonic()))
         released = self.queue.release_claims()
         log.info("forwarder_stopped", released_claims=released)
 

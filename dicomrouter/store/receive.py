@@ -10,7 +10,7 @@ from typing import Any
 
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomrouter.catalog.models import Instance, InstanceLocation, Server
@@ -100,14 +100,18 @@ def read_header(encoded: bytes, keywords: Iterable[str]) -> dict[str, Any]:
     return header
 
 
+# Built once: SQLAlchemy then reuses their cache keys instead of recomputing them per C-STORE.
+_DELIVERED_COPIES = (
+    select(Server.name, Instance.sha256)
+    .join(InstanceLocation, InstanceLocation.server_id == Server.id)
+    .join(Instance, Instance.id == InstanceLocation.instance_id)
+    .where(Instance.sop_instance_uid == bindparam("sop_uid"))
+)
+
+
 def delivered_copies(session: Session, sop_instance_uid: str) -> dict[str, str | None]:
     """server name -> sha256 of the copy that server acknowledged."""
-    rows = session.execute(
-        select(Server.name, Instance.sha256)
-        .join(InstanceLocation, InstanceLocation.server_id == Server.id)
-        .join(Instance, Instance.id == InstanceLocation.instance_id)
-        .where(Instance.sop_instance_uid == sop_instance_uid)
-    ).all()
+    rows = session.execute(_DELIVERED_COPIES, {"sop_uid": sop_instance_uid}).all()
     return {name: sha for name, sha in rows}
 
 
