@@ -105,6 +105,7 @@ class DestinationLane:
         self.wakeup = threading.Condition()
         self.paused_until = 0.0
         self.consecutive_failures = 0
+        self.backlog = False  # the last claim came back full: let every worker send
         self.threads: list[threading.Thread] = []
 
     def notify(self) -> None:
@@ -117,7 +118,7 @@ class DestinationLane:
 
     def start(self, workers: int) -> None:
         for index in range(workers):
-            thread = threading.Thread(target=self.run, name=f"forward-{self.name}-{index}", daemon=True)
+            thread = threading.Thread(target=self.run, args=(index,), name=f"forward-{self.name}-{index}", daemon=True)
             thread.start()
             self.threads.append(thread)
 
@@ -128,7 +129,12 @@ class DestinationLane:
         log.warning("destination_unavailable", destination=self.name, reason=reason, retry_in_s=round(delay, 1))
         return delay
 
-    def run(self) -> None:
+    def run(self, index: int = 0) -> None:
+        """Worker 0 always sends; the others join only while there is a backlog.
+
+        In a steady stream one association keeps up, and extra workers would only compete for
+        the interpreter; after an outage, or under a burst, every worker drains the queue.
+        """
         forwarder = self.forwarder
         client: StoreClient | None = None
         idle_since = time.monotonic()
@@ -145,12 +151,20 @@ class DestinationLane:
             if pause > 0:
                 self.wait(min(pause, forwarder.settings.poll_interval_s))
                 continue
+            if index > 0 and not self.backlog:
+                if time.monotonic() - idle_since > IDLE_RELEASE_S:
+                    client.close()
+                self.wait(forwarder.settings.poll_interval_s)
+                continue
             try:
                 jobs = forwarder.queue.claim(self.name, CLAIM_BATCH)
             except Exception:
                 log.exception("claim_failed", destination=self.name)
                 self.wait(forwarder.settings.poll_interval_s)
                 continue
+            self.backlog = len(jobs) == CLAIM_BATCH
+            if self.backlog:
+                self.notify()
             if not jobs:
                 if time.monotonic() - idle_since > IDLE_RELEASE_S:
                     client.close()
