@@ -23,7 +23,7 @@ from dicomrouter.catalog.queries import Catalog
 from dicomrouter.logging import get_logger
 from dicomrouter.net.move_client import CANCELLED, PATIENT_ROOT_MOVE, STUDY_ROOT_MOVE
 from dicomrouter.reload import ConfigHolder
-from dicomrouter.retrieve.mover import SUCCESS, UNABLE_TO_PERFORM, MoveRun, MoveTotals
+from dicomrouter.retrieve.mover import SUCCESS, UNABLE_TO_PERFORM, MoveRun, MoveTotals, move_outcome
 from dicomrouter.routing.access import Caller
 from dicomrouter.routing.move_routes import move_permission, resolve_destination
 from dicomrouter.scp.get import get_bindings
@@ -83,17 +83,6 @@ class MoveExchange:
                     encode(failed, ts.is_implicit_VR, ts.is_little_endian, ts.is_deflated)
                 )
         self.assoc.dimse.send_msg(rsp, self.context_id)
-
-
-def move_outcome(status: int | None) -> str:
-    """The audit trail's word for a final C-MOVE / C-GET status."""
-    if status == SUCCESS:
-        return "success"
-    if status == CANCELLED:
-        return "cancelled"
-    if status is not None and (status >> 12) == 0xB:
-        return "partial"
-    return "failed"
 
 
 def serve_move(exchange: MoveExchange, holder: ConfigHolder, catalog: Catalog | None) -> None:
