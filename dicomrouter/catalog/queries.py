@@ -178,35 +178,9 @@ class Catalog:
 
     # ----------------------------------------------------------------- audit
 
-    def add_audit(
-        self,
-        operation: str,
-        outcome: str,
-        *,
-        calling_ae: str | None = None,
-        called_ae: str | None = None,
-        address: str | None = None,
-        node: str | None = None,
-        servers: Sequence[str] | str | None = None,
-        study_uid: str | None = None,
-        detail: str | None = None,
-        counts: Mapping[str, Any] | None = None,
-        at: datetime | None = None,
-    ) -> int:
-        """Append one audit event and return its id; `servers` is stored comma-separated."""
-        values = audit_values(
-            operation,
-            outcome,
-            calling_ae=calling_ae,
-            called_ae=called_ae,
-            address=address,
-            node=node,
-            servers=servers,
-            study_uid=study_uid,
-            detail=detail,
-            counts=counts,
-            at=at,
-        )
+    def add_audit(self, operation: str, outcome: str, **fields: Any) -> int:
+        """Append one audit event (fields as `audit_values` takes them) and return its id."""
+        values = audit_values(operation, outcome, **fields)
 
         def work(session: Session) -> int:
             event = AuditEvent(**values)
