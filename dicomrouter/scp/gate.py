@@ -9,6 +9,7 @@ from pynetdicom.acse import ACSE
 from pynetdicom.association import Association
 from pynetdicom.transport import RequestHandler
 
+from dicomrouter.audit import AssociationAudit, AuditTrail, NoAudit, association_audit
 from dicomrouter.logging import get_logger
 from dicomrouter.net.sockets import set_nodelay
 from dicomrouter.routing.access import AssociationDecision
@@ -26,9 +27,10 @@ class GatedACSE(ACSE):
     accept configured servers and answer under several called AE titles.
     """
 
-    def __init__(self, assoc: Association, gate: Gate):
+    def __init__(self, assoc: Association, gate: Gate, audit: AuditTrail | NoAudit):
         super().__init__(assoc)
         self._gate = gate
+        self._audit = audit
 
     def _negotiate_as_acceptor(self) -> None:
         request = self.requestor.primitive
@@ -44,6 +46,10 @@ class GatedACSE(ACSE):
             log.warning(
                 "association_rejected", calling_ae=calling_ae, called_ae=called_ae, address=address, reason=decision.reason
             )
+            self._audit.record(
+                "association", "rejected", calling_ae=calling_ae, called_ae=called_ae, address=address,
+                detail=decision.reason,
+            )
             self.requestor.ae_title = calling_ae
             self.send_reject(*decision.reject)
             evt.trigger(self.assoc, evt.EVT_REJECTED, {})
@@ -53,18 +59,27 @@ class GatedACSE(ACSE):
         self.acceptor.ae_title = called_ae
         self.assoc.router_caller = decision.caller  # read by the DIMSE handlers
         self.assoc.router_called_ae = called_ae
-        log.info(
-            "association_accepted",
-            calling_ae=calling_ae,
-            called_ae=called_ae,
-            address=address,
-            caller_kind=decision.caller.kind if decision.caller else None,
-        )
+        audit = AssociationAudit(self._audit, calling_ae, called_ae, address)
+        self.assoc.router_audit = audit
+        caller_kind = decision.caller.kind if decision.caller else None
+        log.info("association_accepted", calling_ae=calling_ae, called_ae=called_ae, address=address, caller_kind=caller_kind)
         super()._negotiate_as_acceptor()
+        if self.assoc.is_established:
+            audit.record("association", "accepted", detail=f"{decision.reason} ({caller_kind})")
+        else:
+            # pynetdicom's own checks after ours: the association limit.
+            reason = f"local limit exceeded (router.max_associations {self.assoc.ae.maximum_associations})"
+            log.warning("association_rejected", calling_ae=calling_ae, called_ae=called_ae, address=address, reason=reason)
+            audit.record("association", "rejected", detail=reason)
 
 
-def make_request_handler(gate: Gate) -> type[RequestHandler]:
-    """A pynetdicom request handler class bound to `gate`, setting TCP_NODELAY on accept."""
+def make_request_handler(gate: Gate, audit: AuditTrail | NoAudit | None = None) -> type[RequestHandler]:
+    """A pynetdicom request handler class bound to `gate`, setting TCP_NODELAY on accept.
+
+    Every admission decision goes to `audit`; what an association tallied (its stores) is
+    written when its thread ends, however it ends (release, abort, timeout).
+    """
+    audit = audit or NoAudit()
 
     class GatedRequestHandler(RequestHandler):
         def handle(self) -> None:
@@ -73,7 +88,16 @@ def make_request_handler(gate: Gate) -> type[RequestHandler]:
 
         def _create_association(self) -> Association:
             assoc = super()._create_association()
-            assoc.acse = GatedACSE(assoc, gate)
+            assoc.acse = GatedACSE(assoc, gate, audit)
+            run = assoc.run
+
+            def run_then_close_audit() -> None:
+                try:
+                    run()
+                finally:
+                    association_audit(assoc).close()
+
+            assoc.run = run_then_close_audit  # Thread.start() calls self.run
             return assoc
 
     return GatedRequestHandler

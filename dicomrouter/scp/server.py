@@ -11,6 +11,7 @@ from typing import Any
 from pynetdicom import AE
 from pynetdicom.transport import ThreadedAssociationServer
 
+from dicomrouter.audit import AuditTrail, NoAudit
 from dicomrouter.logging import get_logger
 from dicomrouter.reload import ConfigHolder
 from dicomrouter.routing.access import decide_association
@@ -36,6 +37,7 @@ class DicomFront:
     handlers: list[tuple[Any, ...]]
     host: str | None = None  # override config (tests bind 127.0.0.1:0)
     port: int | None = None
+    audit: AuditTrail | NoAudit = field(default_factory=NoAudit)
     _server: ThreadedAssociationServer | None = field(default=None, init=False)
     _thread: threading.Thread | None = field(default=None, init=False)
 
@@ -66,7 +68,7 @@ class DicomFront:
             (host, port),
             evt_handlers=self.handlers,
             server_class=ThreadedAssociationServer,
-            request_handler=make_request_handler(self._gate),
+            request_handler=make_request_handler(self._gate, self.audit),
         )
         self._server.daemon_threads = True
         self.ae._servers.append(self._server)

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from dicomrouter.audit import AuditTrail, NoAudit
 from dicomrouter.config import Config, ServerConfig
 from dicomrouter.logging import get_logger
 from dicomrouter.net.store_client import ContextRejected, PeerUnavailable, StoreClient, StoreFailed
@@ -183,6 +184,7 @@ class DestinationLane:
             if not path.exists():
                 forwarder.queue.fail(job, f"spool file {path} is missing", None, permanent=True)
                 log.error("dead_letter", job_id=job.id, destination=self.name, reason="spool file missing")
+                forwarder.audit_dead_letter(job, f"spool file {path} is missing")
                 continue
             try:
                 outcome = client.send_file(path, job.sop_class_uid, job.transfer_syntax_uid)
@@ -193,9 +195,12 @@ class DestinationLane:
             except ContextRejected as exc:
                 forwarder.queue.fail(job, str(exc), None, permanent=True)
                 log.error("dead_letter", job_id=job.id, destination=self.name, sop_instance_uid=job.sop_instance_uid, reason=str(exc))
+                forwarder.audit_dead_letter(job, str(exc))
                 continue
             except StoreFailed as exc:
                 state = forwarder.queue.fail(job, str(exc), None, permanent=False)
+                if state == "dead":
+                    forwarder.audit_dead_letter(job, str(exc))
                 delay = self.pause(str(exc))
                 forwarder.queue.postpone(jobs[position + 1 :], delay, str(exc))
                 log.warning("store_retry", job_id=job.id, destination=self.name, state=state, reason=str(exc))
@@ -208,6 +213,8 @@ class DestinationLane:
                 state = forwarder.queue.fail(job, reason, outcome.status, permanent=outcome.permanent_failure)
                 log_event = log.error if state == "dead" else log.warning
                 log_event("store_refused", job_id=job.id, destination=self.name, sop_instance_uid=job.sop_instance_uid, reason=reason, state=state)
+                if state == "dead":
+                    forwarder.audit_dead_letter(job, reason)
         if delivered:
             forwarder.acknowledge(server, delivered)
 
@@ -215,8 +222,16 @@ class DestinationLane:
 class Forwarder:
     """Owns one lane per destination; `notify` wakes a lane as soon as a job is committed."""
 
-    def __init__(self, holder: ConfigHolder, queue: ForwardQueue, spool: Spool, record_acks: AckRecorder):
+    def __init__(
+        self,
+        holder: ConfigHolder,
+        queue: ForwardQueue,
+        spool: Spool,
+        record_acks: AckRecorder,
+        audit: AuditTrail | NoAudit | None = None,
+    ):
         self.holder = holder
+        self.audit = audit or NoAudit()
         self.queue = queue
         self.spool = spool
         self.acks = AckWriter(record_acks, spool)
@@ -247,6 +262,14 @@ class Forwarder:
         lane = self.lanes.get(destination)
         if lane is not None:
             lane.notify()
+
+    def audit_dead_letter(self, job: ClaimedJob, reason: str) -> None:
+        """A job given up on: an audit row (the job itself stays, `queue retry` revives it)."""
+        self.audit.record(
+            "forward", "dead_letter", servers=[job.destination], study_uid=job.header.get("StudyInstanceUID"),
+            detail=f"job {job.id}, SOP Instance UID {job.sop_instance_uid}, after {job.attempts + 1} attempts: {reason}"[:2000],
+            counts={"instances": 1},
+        )
 
     def acknowledge(self, server: ServerConfig, jobs: list[ClaimedJob]) -> None:
         """Hand the deliveries to the ack writer: catalog, jobs done, spool files freed."""

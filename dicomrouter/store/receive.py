@@ -58,6 +58,8 @@ class ReceiveResult:
     comment: str = ""
     destinations: tuple[str, ...] = ()  # the destinations a job was queued for
     sop_instance_uid: str | None = None
+    study_uid: str | None = None  # for the audit trail, once the header was read
+    servers: tuple[str, ...] = ()  # the destinations routing chose (refused or not)
 
 
 def valid_uid(value: str | None) -> bool:
@@ -146,50 +148,63 @@ class ReceiveService:
         except (InvalidDicomError, ValueError, TypeError, KeyError, EOFError, OSError, AttributeError) as exc:
             bound.warning("store_refused", reason=f"unreadable dataset: {exc}")
             return ReceiveResult(CANNOT_UNDERSTAND, f"cannot parse the dataset: {str(exc)[:200]}")
+        study = header.get("StudyInstanceUID")
+        study_uid = study if isinstance(study, str) else None
         if sop_instance_uid is None:
             sop_instance_uid = header.get("SOPInstanceUID")
             if not valid_uid(sop_instance_uid) or not valid_uid(header.get("SOPClassUID")):
-                return ReceiveResult(DATASET_MISMATCH, "the dataset has no valid SOP Instance or SOP Class UID")
+                return ReceiveResult(
+                    DATASET_MISMATCH, "the dataset has no valid SOP Instance or SOP Class UID", study_uid=study_uid
+                )
         if header.get("SOPInstanceUID") != sop_instance_uid:
             bound.warning("store_refused", reason="SOP Instance UID in dataset differs from the request")
-            return ReceiveResult(DATASET_MISMATCH, "SOPInstanceUID in the dataset does not match the request")
+            return ReceiveResult(
+                DATASET_MISMATCH, "SOPInstanceUID in the dataset does not match the request", study_uid=study_uid
+            )
         if not valid_uid(header.get("SOPClassUID")):
             bound.warning("store_refused", reason="no valid SOP Class UID in the dataset")
-            return ReceiveResult(DATASET_MISMATCH, "the dataset has no valid SOPClassUID")
+            return ReceiveResult(DATASET_MISMATCH, "the dataset has no valid SOPClassUID", study_uid=study_uid)
         decision = choose_destinations(config, caller.ae_title, called_ae, header)
         if decision.refused:
             bound.warning("store_refused", reason=decision.refused)
-            return ReceiveResult(NO_DESTINATION, decision.refused)
-        forbidden = [s.name for s in decision.destinations if not may_write(caller, s)]
+            return ReceiveResult(NO_DESTINATION, decision.refused, study_uid=study_uid)
+        names = tuple(s.name for s in decision.destinations)
+        forbidden = [s for s in decision.destinations if not may_write(caller, s)]
         if forbidden:
-            reason = f"{caller.ae_title} may not write to {', '.join(forbidden)} ({decision.reason})"
-            bound.warning("store_refused", reason=reason)
-            return ReceiveResult(REFUSED_NOT_AUTHORIZED, reason)
+            needs = ", ".join(sorted({f"{s.environment}_write" for s in forbidden}))
+            reason = (
+                f"{caller.ae_title} may not write to {', '.join(s.name for s in forbidden)}"
+                f" (needs {needs}; {decision.reason})"
+            )
+            bound.warning("store_refused", reason=reason, status="0x0124")
+            return ReceiveResult(REFUSED_NOT_AUTHORIZED, reason, study_uid=study_uid, servers=names)
         try:
             spooled = self.spool.write(encoded)
         except SpoolFull as exc:
             bound.error("store_refused", reason=str(exc))
-            return ReceiveResult(OUT_OF_RESOURCES, str(exc))
+            return ReceiveResult(OUT_OF_RESOURCES, str(exc), study_uid=study_uid, servers=names)
         except SpoolError as exc:
             bound.error("store_refused", reason=str(exc))
-            return ReceiveResult(OUT_OF_RESOURCES, str(exc))
-        names = tuple(s.name for s in decision.destinations)
+            return ReceiveResult(OUT_OF_RESOURCES, str(exc), study_uid=study_uid, servers=names)
         try:
             queued, refusal = self._queue_jobs(config, caller, called_ae, spooled, header, names)
         except Exception as exc:
             self.spool.remove(spooled.path)
             bound.exception("store_refused", reason="catalog unavailable")
-            return ReceiveResult(OUT_OF_RESOURCES, f"cannot queue the instance: {exc.__class__.__name__}")
+            comment = f"cannot queue the instance: {exc.__class__.__name__}"
+            return ReceiveResult(OUT_OF_RESOURCES, comment, study_uid=study_uid, servers=names)
         if refusal:
             self.spool.remove(spooled.path)
             bound.warning("store_refused", reason=refusal)
-            return ReceiveResult(DUPLICATE_REFUSED, refusal)
+            return ReceiveResult(DUPLICATE_REFUSED, refusal, study_uid=study_uid, servers=names)
         if not queued:
             self.spool.remove(spooled.path)  # every destination already has these exact bytes
         for name in queued:
             self.notify(name)
         bound.info("stored", destinations=names, queued=queued, route=decision.reason, bytes=spooled.size)
-        return ReceiveResult(SUCCESS, destinations=queued, sop_instance_uid=sop_instance_uid)
+        return ReceiveResult(
+            SUCCESS, destinations=queued, sop_instance_uid=sop_instance_uid, study_uid=study_uid, servers=names
+        )
 
     def _queue_jobs(self, config, caller, called_ae, spooled, header, names) -> tuple[tuple[str, ...], str | None]:
         sop_uid = header["SOPInstanceUID"]
