@@ -15,6 +15,7 @@ from dicomrouter.logging import get_logger
 from dicomrouter.reload import ConfigHolder
 from dicomrouter.routing.access import decide_association
 from dicomrouter.scp.gate import make_request_handler
+from dicomrouter.scp.limits import Admission
 
 log = get_logger(__name__)
 
@@ -38,6 +39,10 @@ class DicomFront:
     port: int | None = None
     _server: ThreadedAssociationServer | None = field(default=None, init=False)
     _thread: threading.Thread | None = field(default=None, init=False)
+    admission: Admission = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.admission = Admission(lambda: self.holder.current.router.max_associations)
 
     def _gate(self, calling_ae: str, called_ae: str, address: str):
         return decide_association(self.holder.current, calling_ae, called_ae, address)
@@ -45,7 +50,9 @@ class DicomFront:
     def build_ae(self) -> AE:
         router = self.holder.current.router
         ae = AE(ae_title=router.ae_title)
-        ae.maximum_associations = router.max_associations
+        # The admission counts (scp/limits.py) enforce max_associations; pynetdicom's own check
+        # counts connections still negotiating too, so it gets the connection bound.
+        ae.maximum_associations = self.admission.max_connections
         ae.maximum_pdu_size = router.max_pdu_size
         ae.acse_timeout = router.acse_timeout_s
         ae.dimse_timeout = router.dimse_timeout_s
@@ -66,7 +73,7 @@ class DicomFront:
             (host, port),
             evt_handlers=self.handlers,
             server_class=ThreadedAssociationServer,
-            request_handler=make_request_handler(self._gate),
+            request_handler=make_request_handler(self._gate, self.admission),
         )
         self._server.daemon_threads = True
         self.ae._servers.append(self._server)
@@ -84,7 +91,7 @@ class DicomFront:
     def apply_limits(self) -> None:
         """Take new limits and timeouts from a reloaded config (in-flight associations keep theirs)."""
         router = self.holder.current.router
-        self.ae.maximum_associations = router.max_associations
+        self.ae.maximum_associations = self.admission.max_connections
         self.ae.acse_timeout = router.acse_timeout_s
         self.ae.dimse_timeout = router.dimse_timeout_s
         self.ae.network_timeout = router.network_timeout_s
