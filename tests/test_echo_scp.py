@@ -35,11 +35,17 @@ def dead_port_servers() -> list[dict]:
     ]
 
 
-def write_router_config(folder: Path, accept_unknown_callers: bool = False) -> tuple[Path, int]:
-    """A config with WORKSTATION (from 127.0.0.1) and REMOTE (only from 127.0.0.2), catalog upgraded."""
+def write_router_config(
+    folder: Path, accept_unknown_callers: bool = False, router: dict | None = None
+) -> tuple[Path, int]:
+    """A config with WORKSTATION (from 127.0.0.1) and REMOTE (only from 127.0.0.2), catalog upgraded.
+
+    `router` overrides keys of the `router` section (limits, timeouts).
+    """
     port = free_ports(1)[0]
     document = base_document(port, dead_port_servers())
     document["router"]["accept_unknown_callers"] = accept_unknown_callers
+    document["router"].update(router or {})
     document["clients"].append({"ae_title": "REMOTE", "host": "127.0.0.2", "roles": ["test_read"]})
     document["clients"].append({"ae_title": "ANYWHERE", "roles": ["test_read"]})
     folder.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,7 @@ from dicomrouter.scp.limits import (
     REJECT_LOCAL_LIMIT,
     Admission,
     GuardedAssociationSocket,
+    guard_state_machine,
     refuse_connection,
 )
 
@@ -91,6 +92,7 @@ def make_request_handler(gate: Gate, admission: Admission) -> type[RequestHandle
         def _create_association(self) -> Association:
             assoc = super()._create_association()
             GuardedAssociationSocket.guard(assoc.dul.socket, self.ae.maximum_pdu_size)
+            guard_state_machine(assoc)
             assoc.acse = GatedACSE(assoc, gate, admission)
             return assoc
 

@@ -12,7 +12,10 @@ even after the peer hung up. The front therefore:
   the body is read, and a PDU must arrive whole within the ACSE timeout (before association) or
   the network timeout (after);
 - lets a connection that closes, aborts or breaks the protocol before associating free its slot
-  at once instead of after the ACSE timeout.
+  at once instead of after the ACSE timeout;
+- aborts the association when pynetdicom's state machine raises (a command set without a
+  CommandField, an event its tables do not allow after a peer's garbage): pynetdicom would let
+  the exception end its DUL thread and leave the association to the timeouts.
 """
 
 from __future__ import annotations
@@ -156,12 +159,13 @@ class GuardedAssociationSocket(AssociationSocket):
         if sock is None or self._dropped:
             return data
         previous_timeout = sock.gettimeout()
-        deadline = time.monotonic() + self._read_timeout()
+        read_timeout = self._read_timeout()
+        deadline = time.monotonic() + read_timeout
         try:
             while len(data) < nr_bytes:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    self._drop(f"no complete PDU within {self._read_timeout():g} s")
+                    self._drop(f"no complete PDU within {read_timeout:g} s")
                     return data
                 sock.settimeout(remaining)
                 chunk = sock.recv(min(65536, nr_bytes - len(data)))
@@ -170,7 +174,7 @@ class GuardedAssociationSocket(AssociationSocket):
                     return data
                 data += chunk
         except TimeoutError:
-            self._drop(f"no complete PDU within {self._read_timeout():g} s")
+            self._drop(f"no complete PDU within {read_timeout:g} s")
             return data
         except OSError:
             self._peer_closed()
@@ -227,3 +231,25 @@ class GuardedAssociationSocket(AssociationSocket):
         assoc = self.assoc
         if not assoc.is_established and assoc.requestor.primitive is None:
             assoc.dul.to_user_queue.put(None)
+
+
+def guard_state_machine(assoc: Association) -> None:
+    """Turn an exception in pynetdicom's state machine into an A-ABORT of this one association."""
+    machine = assoc.dul.state_machine
+    do_action = machine.do_action
+
+    def guarded_do_action(event: str) -> None:
+        try:
+            do_action(event)
+        except Exception as exc:
+            sock = assoc.dul.socket
+            reason = f"protocol error in state {machine.current_state} on {event}: {exc.__class__.__name__}: {exc}"
+            if isinstance(sock, GuardedAssociationSocket):
+                sock._drop(reason[:300], abort=True)
+            # As pynetdicom does for an exception while reading: stop both reactors.
+            assoc.is_aborted = True
+            assoc.is_established = False
+            assoc._kill = True
+            assoc.dul._kill_thread = True
+
+    machine.do_action = guarded_do_action
