@@ -87,7 +87,7 @@ def make_request_handler(gate: Gate, admission: Admission) -> type[RequestHandle
                 if admission.room_for_connection(live):
                     super().handle()
                     return
-            refuse_connection(self.request, self.client_address[0], min(self.ae.acse_timeout or 10.0, 5.0), len(live))
+            refuse_connection(self.request, self.client_address[0], self.ae.acse_timeout or 10.0, len(live))
 
         def _create_association(self) -> Association:
             assoc = super()._create_association()

@@ -15,9 +15,19 @@ from dicomrouter.logging import get_logger
 from dicomrouter.reload import ConfigHolder
 from dicomrouter.routing.access import decide_association
 from dicomrouter.scp.gate import make_request_handler
-from dicomrouter.scp.limits import Admission
+from dicomrouter.scp.limits import Admission, QuickCopyContexts
 
 log = get_logger(__name__)
+
+
+class FrontServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server with a listen backlog for bursts.
+
+    socketserver's default backlog is 5: a burst of connects beyond it sees its SYNs dropped and
+    retried a second later, and idle connections made in the same burst time out meanwhile.
+    """
+
+    request_queue_size = 512
 
 
 @dataclass
@@ -37,7 +47,7 @@ class DicomFront:
     handlers: list[tuple[Any, ...]]
     host: str | None = None  # override config (tests bind 127.0.0.1:0)
     port: int | None = None
-    _server: ThreadedAssociationServer | None = field(default=None, init=False)
+    _server: FrontServer | None = field(default=None, init=False)
     _thread: threading.Thread | None = field(default=None, init=False)
     admission: Admission = field(init=False)
 
@@ -72,10 +82,11 @@ class DicomFront:
         self._server = self.ae.make_server(
             (host, port),
             evt_handlers=self.handlers,
-            server_class=ThreadedAssociationServer,
+            server_class=FrontServer,
             request_handler=make_request_handler(self._gate, self.admission),
         )
         self._server.daemon_threads = True
+        self._server.contexts = QuickCopyContexts(self._server.contexts)
         self.ae._servers.append(self._server)
         self._thread = threading.Thread(target=self._server.serve_forever, name="dicom-front", daemon=True)
         self._thread.start()
