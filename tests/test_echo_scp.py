@@ -213,3 +213,16 @@ def test_accepted_socket_has_tcp_nodelay(tmp_path):
             assoc.release()
     finally:
         app.stop(drain_timeout_s=5)
+
+
+@pytest.mark.slow
+def test_client_from_its_own_host_accepted_and_spoofed_ae_rejected(router):
+    """REMOTE may call only from 127.0.0.2: accepted from there, rejected from 127.0.0.1 (spoofing)."""
+    client = AE(ae_title="REMOTE")
+    client.add_requested_context(Verification)
+    assoc = client.associate("127.0.0.1", router.port, ae_title=ROUTER_AE, bind_address=("127.0.0.2", 0))
+    assert assoc.is_established
+    assoc.release()
+    spoofed = client.associate("127.0.0.1", router.port, ae_title=ROUTER_AE, bind_address=("127.0.0.1", 0))
+    assert spoofed.is_rejected
+    assert (spoofed.acceptor.primitive.result_source, spoofed.acceptor.primitive.diagnostic) == (0x01, 0x03)
