@@ -13,6 +13,13 @@ from dicomrouter.audit import AssociationAudit, AuditTrail, NoAudit, association
 from dicomrouter.logging import get_logger
 from dicomrouter.net.sockets import set_nodelay
 from dicomrouter.routing.access import AssociationDecision
+from dicomrouter.scp.limits import (
+    REJECT_LOCAL_LIMIT,
+    Admission,
+    GuardedAssociationSocket,
+    guard_state_machine,
+    refuse_connection,
+)
 
 log = get_logger(__name__)
 
@@ -27,9 +34,10 @@ class GatedACSE(ACSE):
     accept configured servers and answer under several called AE titles.
     """
 
-    def __init__(self, assoc: Association, gate: Gate, audit: AuditTrail | NoAudit):
+    def __init__(self, assoc: Association, gate: Gate, admission: Admission, audit: AuditTrail | NoAudit):
         super().__init__(assoc)
         self._gate = gate
+        self._admission = admission
         self._audit = audit
 
     def _negotiate_as_acceptor(self) -> None:
@@ -42,6 +50,10 @@ class GatedACSE(ACSE):
         except Exception:
             log.exception("association_gate_failed", calling_ae=calling_ae, address=address)
             decision = AssociationDecision(False, "internal error in admission", reject=(0x02, 0x01, 0x01))
+        if decision.accepted and not self._admission.admit(self.assoc, self.assoc._server.active_associations):
+            decision = AssociationDecision(
+                False, f"local limit exceeded ({self._admission.limit} associations)", reject=REJECT_LOCAL_LIMIT
+            )
         if not decision.accepted:
             log.warning(
                 "association_rejected", calling_ae=calling_ae, called_ae=called_ae, address=address, reason=decision.reason
@@ -73,8 +85,10 @@ class GatedACSE(ACSE):
             audit.record("association", "rejected", detail=reason)
 
 
-def make_request_handler(gate: Gate, audit: AuditTrail | NoAudit | None = None) -> type[RequestHandler]:
-    """A pynetdicom request handler class bound to `gate`, setting TCP_NODELAY on accept.
+def make_request_handler(
+    gate: Gate, admission: Admission, audit: AuditTrail | NoAudit | None = None
+) -> type[RequestHandler]:
+    """A pynetdicom request handler class bound to `gate`: TCP_NODELAY, connection limit, guarded reads.
 
     Every admission decision goes to `audit`; what an association tallied (its stores) is
     written when its thread ends, however it ends (release, abort, timeout).
@@ -84,11 +98,19 @@ def make_request_handler(gate: Gate, audit: AuditTrail | NoAudit | None = None) 
     class GatedRequestHandler(RequestHandler):
         def handle(self) -> None:
             set_nodelay(self.request)
-            super().handle()
+            # Counting and starting under one lock: a burst of connects cannot all see room.
+            with admission.connection_lock():
+                live = self.server.active_associations
+                if admission.room_for_connection(live):
+                    super().handle()
+                    return
+            refuse_connection(self.request, self.client_address[0], self.ae.acse_timeout or 10.0, len(live))
 
         def _create_association(self) -> Association:
             assoc = super()._create_association()
-            assoc.acse = GatedACSE(assoc, gate, audit)
+            GuardedAssociationSocket.guard(assoc.dul.socket, self.ae.maximum_pdu_size)
+            guard_state_machine(assoc)
+            assoc.acse = GatedACSE(assoc, gate, admission, audit)
             run = assoc.run
 
             def run_then_close_audit() -> None:

@@ -16,8 +16,19 @@ from dicomrouter.logging import get_logger
 from dicomrouter.reload import ConfigHolder
 from dicomrouter.routing.access import decide_association
 from dicomrouter.scp.gate import make_request_handler
+from dicomrouter.scp.limits import Admission, QuickCopyContexts
 
 log = get_logger(__name__)
+
+
+class FrontServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server with a listen backlog for bursts.
+
+    socketserver's default backlog is 5: a burst of connects beyond it sees its SYNs dropped and
+    retried a second later, and idle connections made in the same burst time out meanwhile.
+    """
+
+    request_queue_size = 512
 
 
 @dataclass
@@ -38,8 +49,12 @@ class DicomFront:
     host: str | None = None  # override config (tests bind 127.0.0.1:0)
     port: int | None = None
     audit: AuditTrail | NoAudit = field(default_factory=NoAudit)
-    _server: ThreadedAssociationServer | None = field(default=None, init=False)
+    _server: FrontServer | None = field(default=None, init=False)
     _thread: threading.Thread | None = field(default=None, init=False)
+    admission: Admission = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.admission = Admission(lambda: self.holder.current.router.max_associations)
 
     def _gate(self, calling_ae: str, called_ae: str, address: str):
         return decide_association(self.holder.current, calling_ae, called_ae, address)
@@ -47,7 +62,9 @@ class DicomFront:
     def build_ae(self) -> AE:
         router = self.holder.current.router
         ae = AE(ae_title=router.ae_title)
-        ae.maximum_associations = router.max_associations
+        # The admission counts (scp/limits.py) enforce max_associations; pynetdicom's own check
+        # counts connections still negotiating too, so it gets the connection bound.
+        ae.maximum_associations = self.admission.max_connections
         ae.maximum_pdu_size = router.max_pdu_size
         ae.acse_timeout = router.acse_timeout_s
         ae.dimse_timeout = router.dimse_timeout_s
@@ -67,10 +84,11 @@ class DicomFront:
         self._server = self.ae.make_server(
             (host, port),
             evt_handlers=self.handlers,
-            server_class=ThreadedAssociationServer,
-            request_handler=make_request_handler(self._gate, self.audit),
+            server_class=FrontServer,
+            request_handler=make_request_handler(self._gate, self.admission, self.audit),
         )
         self._server.daemon_threads = True
+        self._server.contexts = QuickCopyContexts(self._server.contexts)
         self.ae._servers.append(self._server)
         self._thread = threading.Thread(target=self._server.serve_forever, name="dicom-front", daemon=True)
         self._thread.start()
@@ -86,7 +104,7 @@ class DicomFront:
     def apply_limits(self) -> None:
         """Take new limits and timeouts from a reloaded config (in-flight associations keep theirs)."""
         router = self.holder.current.router
-        self.ae.maximum_associations = router.max_associations
+        self.ae.maximum_associations = self.admission.max_connections
         self.ae.acse_timeout = router.acse_timeout_s
         self.ae.dimse_timeout = router.dimse_timeout_s
         self.ae.network_timeout = router.network_timeout_s

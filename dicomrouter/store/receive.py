@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import re
+import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from io import BytesIO
 from typing import Any
 
 from pydicom import dcmread
-from pydicom.errors import InvalidDicomError
+from pydicom.filereader import _read_file_meta_info, read_preamble
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -31,6 +33,9 @@ DATASET_MISMATCH = 0xA900
 CANNOT_UNDERSTAND = 0xC000
 DUPLICATE_REFUSED = 0xC011
 NO_DESTINATION = 0xC012
+
+# Deflate gives real DICOM a few times, text-heavy reports some tens; a bomb gives a thousand.
+MAX_INFLATION_RATIO = 100
 
 UID_PATTERN = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 
@@ -86,13 +91,45 @@ def check_complete(dataset) -> None:
             raise ValueError(f"element {tag} is truncated: {len(value)} of {length} bytes")
 
 
-def read_header(encoded: bytes, keywords: Iterable[str]) -> dict[str, Any]:
-    """Parse the dataset without decoding pixels; check it is whole; return what we route by.
+def check_readable(dataset) -> None:
+    """Convert every value, nested ones included: what the spool keeps must read back.
 
-    Values stay raw bytes until a keyword is asked for, so pixel data is only carried along.
+    pydicom parses lazily; without this walk a wrong VR or a broken item deep in a sequence
+    would pass here and fail at the destination. Pixel data stays bytes (nothing is decoded).
     """
+    for element in dataset.iterall():
+        _ = element.value
+
+
+def check_inflation(encoded: bytes) -> None:
+    """Refuse a deflated dataset that would inflate far beyond what deflate gives real data.
+
+    pydicom inflates the whole dataset at once; a few hundred KiB of deflated zeros would cost
+    gigabytes and minutes of parsing.
+    """
+    fp = BytesIO(encoded)
+    read_preamble(fp, False)
+    meta = _read_file_meta_info(fp)  # written by pynetdicom from the negotiated context
+    if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
+        return
+    deflated = encoded[fp.tell() :]
+    limit = MAX_INFLATION_RATIO * len(deflated) + 1024 * 1024
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    inflated = 0
+    for start in range(0, len(deflated), 65536):
+        inflated += len(inflater.decompress(deflated[start : start + 65536], limit + 1 - inflated))
+        while inflater.unconsumed_tail and inflated <= limit:
+            inflated += len(inflater.decompress(inflater.unconsumed_tail, limit + 1 - inflated))
+        if inflated > limit:
+            raise ValueError(f"deflated dataset of {len(deflated)} bytes inflates beyond {limit} bytes")
+
+
+def read_header(encoded: bytes, keywords: Iterable[str]) -> dict[str, Any]:
+    """Parse the whole dataset (pixels stay bytes); check it is whole; return what we route by."""
+    check_inflation(encoded)
     dataset = dcmread(BytesIO(encoded), force=False)
     check_complete(dataset)
+    check_readable(dataset)
     header: dict[str, Any] = {}
     for keyword in {*CATALOG_KEYWORDS, *keywords}:
         value = dataset.get(keyword)
@@ -145,9 +182,15 @@ class ReceiveService:
             return ReceiveResult(DATASET_MISMATCH, "Affected SOP Instance UID is not a valid UID")
         try:
             header = read_header(encoded, rule_keywords(config))
-        except (InvalidDicomError, ValueError, TypeError, KeyError, EOFError, OSError, AttributeError) as exc:
-            bound.warning("store_refused", reason=f"unreadable dataset: {exc}")
-            return ReceiveResult(CANNOT_UNDERSTAND, f"cannot parse the dataset: {str(exc)[:200]}")
+        except MemoryError:
+            bound.error("store_refused", reason="out of memory while parsing")
+            return ReceiveResult(OUT_OF_RESOURCES, "out of memory while parsing the dataset")
+        except Exception as exc:
+            # Untrusted bytes: pydicom raises struct.error, RecursionError (deep sequences),
+            # zlib.error (deflate), UnicodeDecodeError... all mean the same thing to the sender.
+            reason = f"{exc.__class__.__name__}: {exc}"[:200]
+            bound.warning("store_refused", reason=f"unreadable dataset: {reason}")
+            return ReceiveResult(CANNOT_UNDERSTAND, f"cannot parse the dataset: {reason}")
         study = header.get("StudyInstanceUID")
         study_uid = study if isinstance(study, str) else None
         if sop_instance_uid is None:
