@@ -121,7 +121,11 @@ class PeerFind:
             raise PeerFindError(exc.kind, exc.reason) from None
         with self._lock:
             self._link = link
-        link.send(associate_rq(self.calling_ae, self.server.ae_title, self.query_model, self.router.max_pdu_size))
+        try:
+            link.send(associate_rq(self.calling_ae, self.server.ae_title, self.query_model, self.router.max_pdu_size))
+        except OSError as exc:
+            error = link.send_failure(exc)
+            raise PeerFindError(error.kind, error.reason) from None
         pdu = self._receive(link, deadline)
         if pdu is None:
             raise PeerFindError("aborted", "cancelled while associating")

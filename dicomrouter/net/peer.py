@@ -18,7 +18,7 @@ from dicomrouter.net.tls import (
     PeerTLSContext,
     TLSSetupError,
     connecting_context,
-    describe_tls_error,
+    describe_peer_tls_error,
 )
 
 # A-ASSOCIATE-RJ (result source, diagnostic) -> words an admin understands (PS3.8 9.3.4).
@@ -104,7 +104,7 @@ def open_association(ae: AE, server: ServerConfig, **kwargs) -> Association:
         raise PeerUnavailable("rejected", reject_reason(assoc))
     if tls_context is not None and tls_context.last_error is not None:
         raise PeerUnavailable(
-            "unreachable", f"TLS with {server.address} failed: {describe_tls_error(tls_context.last_error)}"
+            "unreachable", f"TLS with {server.address} failed: {describe_peer_tls_error(tls_context.last_error)}"
         )
     if not connected:
         raise PeerUnavailable("unreachable", f"cannot connect to {server.address} (refused or timed out)")

@@ -32,31 +32,53 @@ class PeerTLSContext(ssl.SSLContext):
     Build one per association (see `connecting_context`), so the error belongs to that one.
     """
 
-    last_error: ssl.SSLError | None = None
+    last_error: OSError | None = None
 
 
 class _RecordingSSLSocket(ssl.SSLSocket):
-    def _record(self, exc: ssl.SSLError) -> None:
-        if isinstance(self.context, PeerTLSContext):
+    def _record(self, exc: OSError) -> None:
+        # The first error says why; what follows is the fallout (EOF, reset).
+        if isinstance(self.context, PeerTLSContext) and self.context.last_error is None:
             self.context.last_error = exc
 
-    def connect(self, address) -> None:  # handshake happens here (do_handshake_on_connect)
+    def connect(self, address) -> None:  # the handshake happens here (do_handshake_on_connect)
         try:
             super().connect(address)
         except ssl.SSLError as exc:
             self._record(exc)
             raise
 
+    def send(self, data, flags: int = 0) -> int:
+        try:
+            return super().send(data, flags)
+        except (ssl.SSLError, ConnectionError) as exc:
+            self._record(pending_alert(self, exc))
+            raise
+
     def recv(self, buflen: int = 1024, flags: int = 0) -> bytes:
         # TLS 1.3: a server refusing our client certificate says so on the first read.
+        # (Not plain OSError: wrap_socket itself probes an unconnected socket with recv.)
         try:
             return super().recv(buflen, flags)
-        except ssl.SSLError as exc:
+        except (ssl.SSLError, ConnectionError) as exc:
             self._record(exc)
             raise
 
 
 PeerTLSContext.sslsocket_class = _RecordingSSLSocket
+
+
+def pending_alert(sock: ssl.SSLSocket, error: OSError) -> OSError:
+    """After a failed send, the peer's TLS alert if one is still waiting: it says more than the
+    broken pipe. (A reset from the peer may have taken it away.)"""
+    try:
+        sock.settimeout(1.0)
+        ssl.SSLSocket.recv(sock, 1)
+    except ssl.SSLError as alert:
+        return alert
+    except (OSError, ValueError):
+        pass
+    return error
 
 
 # --------------------------------------------------------------------------- loading files
@@ -189,6 +211,14 @@ def describe_tls_error(exc: BaseException) -> str:
     if isinstance(exc, ConnectionError):
         return "the peer closed the connection during the TLS handshake"
     return str(exc)
+
+
+def describe_peer_tls_error(exc: BaseException) -> str:
+    """Why TLS towards a server failed: like describe_tls_error, with a guess for a silent hang-up."""
+    reason = getattr(exc, "reason", None) or ""
+    if isinstance(exc, ssl.SSLEOFError | ConnectionError) or "EOF" in reason:
+        return "the peer closed the TLS connection without saying why (does it require a client certificate, or refuse ours?)"
+    return describe_tls_error(exc)
 
 
 def complete_handshake(sock: ssl.SSLSocket, timeout_s: float) -> BaseException | None:

@@ -93,7 +93,8 @@ def make_request_handler(gate: Gate) -> type[RequestHandler]:
             if isinstance(self.request, ssl.SSLSocket) and not tls_handshake_ok(
                 self.request, self.ae.acse_timeout or 10.0, self.client_address[0]
             ):
-                return  # socketserver closes the socket
+                self.request.close()  # pynetdicom's server leaves closing to the association
+                return
             super().handle()
 
         def _create_association(self) -> Association:
