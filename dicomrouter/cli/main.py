@@ -54,6 +54,11 @@ def config_check(state: CliState) -> None:
     click.echo(f"catalog {router.catalog}")
     click.echo(f"spool   {router.spool}")
     click.echo(f"unknown callers {'accepted' if router.accept_unknown_callers else 'rejected'}")
+    if router.tls is None:
+        click.echo("tls     off (plain TCP)")
+    else:
+        required = "required" if router.tls.require_client_certificate else "optional"
+        click.echo(f"tls     on, certificate {router.tls.certificate}, client certificates {required}")
     click.echo("")
     rows = [
         (s.name, s.ae_title, s.address, s.environment, yes_no(s.active), yes_no(s.primary), yes_no(s.deleted))

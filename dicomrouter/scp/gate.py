@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Callable
 
 from pynetdicom import evt
@@ -12,6 +13,7 @@ from pynetdicom.transport import RequestHandler
 from dicomrouter.audit import AssociationAudit, AuditTrail, NoAudit, association_audit
 from dicomrouter.logging import get_logger
 from dicomrouter.net.sockets import set_nodelay
+from dicomrouter.net.tls import complete_handshake, describe_tls_error, peer_subject
 from dicomrouter.routing.access import AssociationDecision
 from dicomrouter.scp.limits import (
     REJECT_LOCAL_LIMIT,
@@ -85,11 +87,28 @@ class GatedACSE(ACSE):
             audit.record("association", "rejected", detail=reason)
 
 
+def tls_handshake_ok(sock: ssl.SSLSocket, timeout_s: float, address: str) -> bool:
+    """Finish the TLS handshake of an accepted connection, in its own thread; log why not."""
+    error = complete_handshake(sock, timeout_s)
+    if error is None:
+        log.debug("tls_established", address=address, version=sock.version(), client_certificate=peer_subject(sock))
+        return True
+    reason = describe_tls_error(error)
+    if isinstance(error, ssl.SSLEOFError | ConnectionError) or "UNEXPECTED_EOF" in str(error):
+        # Port probes and load balancer checks connect and hang up; not worth a warning.
+        log.info("tls_handshake_failed", address=address, reason=reason)
+    else:
+        log.warning("tls_handshake_failed", address=address, reason=reason)
+    return False
+
+
 def make_request_handler(
     gate: Gate, admission: Admission, audit: AuditTrail | NoAudit | None = None
 ) -> type[RequestHandler]:
-    """A pynetdicom request handler class bound to `gate`: TCP_NODELAY, connection limit, guarded reads.
+    """A pynetdicom request handler class bound to `gate`: TCP_NODELAY, TLS, connection limit, guarded reads.
 
+    A TLS connection is handshaken here, before any association exists, so a plain TCP or
+    silent caller costs this thread at most `acse_timeout` and never an association slot.
     Every admission decision goes to `audit`; what an association tallied (its stores) is
     written when its thread ends, however it ends (release, abort, timeout).
     """
@@ -98,6 +117,11 @@ def make_request_handler(
     class GatedRequestHandler(RequestHandler):
         def handle(self) -> None:
             set_nodelay(self.request)
+            if isinstance(self.request, ssl.SSLSocket) and not tls_handshake_ok(
+                self.request, self.ae.acse_timeout or 10.0, self.client_address[0]
+            ):
+                self.request.close()  # pynetdicom's server leaves closing to the association
+                return
             # Counting and starting under one lock: a burst of connects cannot all see room.
             with admission.connection_lock():
                 live = self.server.active_associations

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections.abc import Sequence
@@ -13,6 +14,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from dicomrouter.audit import AuditTrail, NoAudit
 from dicomrouter.logging import get_logger
+from dicomrouter.net.tls import TLSSetupError, listening_context
 from dicomrouter.reload import ConfigHolder
 from dicomrouter.routing.access import decide_association
 from dicomrouter.scp.gate import make_request_handler
@@ -22,13 +24,23 @@ log = get_logger(__name__)
 
 
 class FrontServer(ThreadedAssociationServer):
-    """pynetdicom's threaded server with a listen backlog for bursts.
+    """pynetdicom's threaded server with a listen backlog for bursts, and TLS handshakes off the accept loop.
 
     socketserver's default backlog is 5: a burst of connects beyond it sees its SYNs dropped and
     retried a second later, and idle connections made in the same burst time out meanwhile.
+    pynetdicom wraps accepted sockets with the handshake on, in the thread that accepts: one
+    plain TCP or silent caller would stop the port for everyone. Our request handler runs
+    the handshake in the connection's own thread, with a timeout.
     """
 
     request_queue_size = 512
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        client_socket, address = self.socket.accept()
+        context = self.ssl_context
+        if context is not None:
+            client_socket = context.wrap_socket(client_socket, server_side=True, do_handshake_on_connect=False)
+        return client_socket, address
 
 
 @dataclass
@@ -81,9 +93,11 @@ class DicomFront:
         host = self.host if self.host is not None else router.host
         port = self.port if self.port is not None else router.port
         self.ae = self.build_ae()
+        tls = self.holder.current.router.tls
         self._server = self.ae.make_server(
             (host, port),
             evt_handlers=self.handlers,
+            ssl_context=listening_context(tls) if tls else None,
             server_class=FrontServer,
             request_handler=make_request_handler(self._gate, self.admission, self.audit),
         )
@@ -93,7 +107,7 @@ class DicomFront:
         self._thread = threading.Thread(target=self._server.serve_forever, name="dicom-front", daemon=True)
         self._thread.start()
         bound = self._server.server_address[:2]
-        log.info("listening", ae_title=router.ae_title, host=bound[0], port=bound[1])
+        log.info("listening", ae_title=router.ae_title, host=bound[0], port=bound[1], tls=tls is not None)
         return bound[0], bound[1]
 
     @property
@@ -102,12 +116,18 @@ class DicomFront:
         return self._server.server_address[1]
 
     def apply_limits(self) -> None:
-        """Take new limits and timeouts from a reloaded config (in-flight associations keep theirs)."""
+        """Take new limits, timeouts and TLS files from a reloaded config (in-flight associations keep theirs)."""
         router = self.holder.current.router
         self.ae.maximum_associations = self.admission.max_connections
         self.ae.acse_timeout = router.acse_timeout_s
         self.ae.dimse_timeout = router.dimse_timeout_s
         self.ae.network_timeout = router.network_timeout_s
+        if self._server is not None:
+            # New connections take the reloaded certificates (renewed, or TLS turned on or off).
+            try:
+                self._server.ssl_context = listening_context(router.tls) if router.tls else None
+            except TLSSetupError as exc:  # the files changed again since the config was checked
+                log.error("tls_reload_failed", reason=str(exc), kept="the previous TLS setting")
 
     @property
     def running(self) -> bool:
