@@ -12,6 +12,7 @@ from pynetdicom import ALL_TRANSFER_SYNTAXES, evt
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification
 
+from dicomrouter.audit import AuditTrail
 from dicomrouter.catalog.db import make_engine, session_factory
 from dicomrouter.catalog.queries import Catalog
 from dicomrouter.catalog.schema import require_current_schema
@@ -59,6 +60,7 @@ class RouterApp:
     forwarder: Forwarder
     receive: ReceiveService
     front: DicomFront
+    audit: AuditTrail
     watch_file: bool = True
     _watcher: ConfigFileWatcher | None = field(default=None, init=False)
     _stopped: threading.Event = field(default_factory=threading.Event, init=False)
@@ -69,6 +71,7 @@ class RouterApp:
 
     def start_forwarding(self) -> None:
         """Everything but the DICOM front (the import command forwards without listening)."""
+        self.audit.start()
         self.catalog.sync_servers(self.config)
         removed = self.spool.clean_partial_writes()
         if removed:
@@ -108,6 +111,7 @@ class RouterApp:
         if self.front.running:
             self.front.stop(drain_timeout_s)
         self.forwarder.stop()
+        self.audit.stop()
         log.info("router_stopped")
 
 
@@ -120,15 +124,9 @@ def build_app(config: Config, host: str | None = None, port: int | None = None, 
     holder = ConfigHolder(config)
     spool = Spool(config.router.spool)
     queue = ForwardQueue(sessions, node_id(), config.router.forwarding)
-    forwarder = Forwarder(holder, queue, spool, AckRecorder(catalog, queue))
-    receive = ReceiveService(
-        lambda: holder.current,
-        spool,
-        queue,
-        sessions,
-        forwarder.notify,
-        audit=lambda operation, outcome, **kw: catalog.add_audit(operation, outcome, **kw),
-    )
+    audit = AuditTrail(catalog.add_audit_rows, node=node_id())
+    forwarder = Forwarder(holder, queue, spool, AckRecorder(catalog, queue), audit)
+    receive = ReceiveService(lambda: holder.current, spool, queue, sessions, forwarder.notify, audit=audit.record)
     find_contexts, find_handlers = find_bindings(holder, catalog)
     move_contexts, move_handlers = move_bindings(holder, catalog)
     # Storage contexts before C-GET's: pynetdicom keeps the SCP/SCU roles of the last one added.
@@ -139,7 +137,7 @@ def build_app(config: Config, host: str | None = None, port: int | None = None, 
         *find_handlers,
         *move_handlers,
     ]
-    front = DicomFront(holder, contexts, handlers, host=host, port=port)
-    app = RouterApp(holder, catalog, spool, queue, forwarder, receive, front, watch_file=watch_file)
+    front = DicomFront(holder, contexts, handlers, host=host, port=port, audit=audit)
+    app = RouterApp(holder, catalog, spool, queue, forwarder, receive, front, audit, watch_file=watch_file)
     holder.on_change(app._on_config_change)
     return app

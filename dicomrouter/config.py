@@ -16,6 +16,8 @@ from typing import Any
 from ruamel.yaml import YAML
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
+from dicomrouter.net.tls import TLSSetupError, check_tls_files
+
 ENVIRONMENTS = ("test", "prod")
 ROLES = ("test_read", "test_write", "prod_read", "prod_write", "admin")
 OPERATIONS = ("echo", "find", "store", "move")
@@ -468,7 +470,8 @@ class _Parser:
         self.check_references(router, servers, clients, routes)
         return Config(self.path, router, tuple(servers), tuple(clients), tuple(routes), tuple(self.warnings))
 
-    def parse_tls(self, data: Any, key: str) -> TLSConfig | None:
+    def parse_tls(self, data: Any, key: str, listening: bool) -> TLSConfig | None:
+        """A `tls:` block; its files must load (`listening`: the router's own port)."""
         if data is None:
             return None
         data = self.mapping(data, key)
@@ -478,7 +481,7 @@ class _Parser:
             value = self.get_str(data, name, f"{key}.{name}", None)
             return self.resolve_path(value) if value else None
 
-        return TLSConfig(
+        tls = TLSConfig(
             certificate=opt_path("certificate"),
             private_key=opt_path("private_key"),
             ca_certificates=opt_path("ca_certificates"),
@@ -486,6 +489,17 @@ class _Parser:
                 data, "require_client_certificate", f"{key}.require_client_certificate", False
             ),
         )
+        if not listening and tls.require_client_certificate:
+            self.error(
+                f"{key}.require_client_certificate",
+                "only applies to the router's own port",
+                "remove it here; whether this server requires our certificate is its own setting",
+            )
+        try:
+            check_tls_files(tls, listening)
+        except TLSSetupError as exc:
+            self.error(f"{key}.{exc.field}", exc.message, exc.fix)
+        return tls
 
     def parse_router(self, data: Mapping[str, Any]) -> RouterSettings:
         self.check_keys(data, _ROUTER_KEYS, "router")
@@ -529,7 +543,7 @@ class _Parser:
             find_timeout_s=self.get_seconds(data, "find_timeout", "router.find_timeout", d.find_timeout_s),
             max_find_results=self.get_int(data, "max_find_results", "router.max_find_results", d.max_find_results, 1, 10**7),
             forwarding=forwarding,
-            tls=self.parse_tls(data.get("tls"), "router.tls"),
+            tls=self.parse_tls(data.get("tls"), "router.tls", listening=True),
         )
 
     def parse_servers(self, value: Any) -> list[ServerConfig]:
@@ -580,7 +594,7 @@ class _Parser:
                     calling_ae=CallingAETitles(**calling_ae),  # type: ignore[arg-type]  # filled below
                     move_routing=move_routing,
                     worklist=self.get_bool(data, "worklist", f"{key}.worklist", False),
-                    tls=self.parse_tls(data.get("tls"), f"{key}.tls"),
+                    tls=self.parse_tls(data.get("tls"), f"{key}.tls", listening=False),
                 )
             )
         return servers

@@ -21,6 +21,10 @@ class RegistryError(Exception):
     """An edit that is refused, with the reason for the admin."""
 
 
+class InvalidResult(RegistryError):
+    """The edited file would not pass validation; the message names each key path."""
+
+
 @dataclass(frozen=True)
 class EditResult:
     config: Config
@@ -91,8 +95,8 @@ class ConfigDocument:
         try:
             return parse_config(reparsed, self.path)
         except ConfigError as exc:
-            reasons = "; ".join(f"{p.key}: {p.message}" for p in exc.problems)
-            raise RegistryError(f"refused, the result would be invalid: {reasons}") from None
+            reasons = "; ".join(f"{p.key}: {p.message}" + (f" ({p.fix})" if p.fix else "") for p in exc.problems)
+            raise InvalidResult(f"refused, the result would be invalid: {reasons}") from None
 
     def commit(self) -> Config:
         config = self.validate()
@@ -276,3 +280,57 @@ def restore_server(document: ConfigDocument, name: str) -> str:
     set_value(entry, "deleted", False)
     set_value(entry, "active", False)
     return f"server {name!r} restored (inactive; activate it when ready)"
+
+
+# ----------------------------------------------------------------------------- clients
+
+CLIENT_KEYS = ("ae_title", "host", "port", "roles", "query_servers", "move_destinations")
+LIST_KEYS = ("roles", "query_servers", "move_destinations")
+
+
+def _yaml_value(key: str, value: Any) -> Any:
+    """Lists as one-line flow sequences (`roles: [test_read, test_write]`), the rest as given."""
+    if key in LIST_KEYS:
+        sequence = CommentedSeq(value)
+        sequence.fa.set_flow_style()
+        return sequence
+    return value
+
+
+def add_client(document: ConfigDocument, fields: dict[str, Any]) -> str:
+    ae_title = fields["ae_title"]
+    if any(isinstance(c, Mapping) and c.get("ae_title") == ae_title for c in document.section("clients")):
+        raise RegistryError(f"a client with AE title {ae_title!r} already exists")
+    entry = CommentedMap()
+    for key in CLIENT_KEYS:
+        if fields.get(key) is not None:
+            entry[key] = _yaml_value(key, fields[key])
+    entry.setdefault("roles", _yaml_value("roles", []))
+    append_item(document.section("clients"), entry)
+    return f"added client {ae_title!r}"
+
+
+def edit_client(document: ConfigDocument, ae_title: str, fields: dict[str, Any], clear: tuple[str, ...] = ()) -> str:
+    """Set the fields given (None: unchanged) and remove the keys in `clear`."""
+    entry = document.find_client(ae_title)
+    changed = []
+    for key in clear:
+        if key not in CLIENT_KEYS or key == "ae_title":
+            raise RegistryError(f"cannot clear {key!r}; clearable: {', '.join(CLIENT_KEYS[1:])}")
+        if fields.get(key) is not None:
+            raise RegistryError(f"{key!r} is both set and cleared")
+        set_value(entry, key, None)
+        changed.append(f"{key} cleared")
+    for key, value in fields.items():
+        if value is None:
+            continue
+        set_value(entry, key, _yaml_value(key, value))
+        changed.append(key)
+    if not changed:
+        raise RegistryError("nothing to change: give at least one option")
+    return f"edited client {ae_title!r}: {', '.join(changed)}"
+
+
+def remove_client(document: ConfigDocument, ae_title: str) -> str:
+    remove_item(document.section("clients"), document.find_client(ae_title))
+    return f"removed client {ae_title!r}"

@@ -82,6 +82,11 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def write_config(folder: Path, router_port: int, orthanc) -> Path:
     text = f"""router:
   ae_title: DICOMROUTER
@@ -115,6 +120,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=300)
     parser.add_argument("--size", choices=sorted(SIZES), default="large")
+    parser.add_argument("--profile", metavar="FILE", help="py-spy the router into FILE (collapsed stacks)")
     args = parser.parse_args()
     os.environ["TCP_NODELAY"] = "1"
     with tempfile.TemporaryDirectory(prefix="bench-store-") as tmp:
@@ -134,19 +140,31 @@ def main() -> None:
 
             router = RouterProcess(write_config(folder, router_port, routed_target), router_port)
             router.start()
+            profiler = None
+            if args.profile:
+                profiler = subprocess.Popen(["py-spy", "record", "--gil", "--threads", "--format", "raw", "-r", "200",
+                                             "-o", args.profile, "-p", str(router.process.pid)],
+                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                time.sleep(1)
             try:
+                cpu_before = cpu_seconds(router.process.pid)
                 started = time.monotonic()
                 run_storescu(router_port, "DICOMROUTER", files)
                 acknowledged_s = time.monotonic() - started
                 routed_s = wait_count(routed_target, len(files)) - started
                 rss = peak_rss_mb(router.process.pid)
+                router_cpu_s = cpu_seconds(router.process.pid) - cpu_before
             finally:
+                if profiler:
+                    profiler.send_signal(2)
+                    profiler.wait(timeout=30)
                 router.stop()
     print(f"instances: {len(files)} x {args.size} ({megabytes / len(files) * 1000:.0f} KB each, {megabytes:.0f} MB)")
     print(f"direct  storescu -> Orthanc          : {direct_s:6.2f} s  {len(files) / direct_s:7.1f} inst/s  {megabytes / direct_s:6.1f} MB/s")
     print(f"router  storescu -> router -> Orthanc: {routed_s:6.2f} s  {len(files) / routed_s:7.1f} inst/s  {megabytes / routed_s:6.1f} MB/s")
     print(f"        (storescu done, all acknowledged after {acknowledged_s:.2f} s)")
     print(f"ratio router/direct throughput       : {direct_s / routed_s:.2f}x")
+    print(f"router CPU                           : {router_cpu_s:6.2f} s  ({router_cpu_s / len(files) * 1000:.1f} ms per instance)")
     print(f"router peak RSS                      : {rss:.0f} MB")
 
 

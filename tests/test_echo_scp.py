@@ -35,11 +35,17 @@ def dead_port_servers() -> list[dict]:
     ]
 
 
-def write_router_config(folder: Path, accept_unknown_callers: bool = False) -> tuple[Path, int]:
-    """A config with WORKSTATION (from 127.0.0.1) and REMOTE (only from 127.0.0.2), catalog upgraded."""
+def write_router_config(
+    folder: Path, accept_unknown_callers: bool = False, router: dict | None = None
+) -> tuple[Path, int]:
+    """A config with WORKSTATION (from 127.0.0.1) and REMOTE (only from 127.0.0.2), catalog upgraded.
+
+    `router` overrides keys of the `router` section (limits, timeouts).
+    """
     port = free_ports(1)[0]
     document = base_document(port, dead_port_servers())
     document["router"]["accept_unknown_callers"] = accept_unknown_callers
+    document["router"].update(router or {})
     document["clients"].append({"ae_title": "REMOTE", "host": "127.0.0.2", "roles": ["test_read"]})
     document["clients"].append({"ae_title": "ANYWHERE", "roles": ["test_read"]})
     folder.mkdir(parents=True, exist_ok=True)
@@ -207,3 +213,16 @@ def test_accepted_socket_has_tcp_nodelay(tmp_path):
             assoc.release()
     finally:
         app.stop(drain_timeout_s=5)
+
+
+@pytest.mark.slow
+def test_client_from_its_own_host_accepted_and_spoofed_ae_rejected(router):
+    """REMOTE may call only from 127.0.0.2: accepted from there, rejected from 127.0.0.1 (spoofing)."""
+    client = AE(ae_title="REMOTE")
+    client.add_requested_context(Verification)
+    assoc = client.associate("127.0.0.1", router.port, ae_title=ROUTER_AE, bind_address=("127.0.0.2", 0))
+    assert assoc.is_established
+    assoc.release()
+    spoofed = client.associate("127.0.0.1", router.port, ae_title=ROUTER_AE, bind_address=("127.0.0.1", 0))
+    assert spoofed.is_rejected
+    assert (spoofed.acceptor.primitive.result_source, spoofed.acceptor.primitive.diagnostic) == (0x01, 0x03)

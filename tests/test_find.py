@@ -223,10 +223,11 @@ def test_malformed_identifier_is_refused_and_the_router_keeps_serving(clean_orth
         request.Priority = 2
         request.Identifier = BytesIO(b"\x08\x00\x52\x00\xff\xff\xff\x7fSTUDY garbage")  # length past the end
         context = next(c for c in assoc.accepted_contexts if c.abstract_syntax == StudyRootQueryRetrieveInformationModelFind)
-        # Pause our reactor as pynetdicom's send_c_*() do, or it may take the answer first.
+        # Pause the requestor's reactor as pynetdicom's own send_c_* do: otherwise it may take the
+        # response first and drop it as an unexpected message.
         assoc._reactor_checkpoint.clear()
         while not assoc._is_paused:
-            time.sleep(0.0001)
+            time.sleep(0.001)
         try:
             assoc.dimse.send_msg(request, context.context_id)
             _, response = assoc.dimse.get_msg(block=True)

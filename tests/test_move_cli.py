@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from click.testing import CliRunner
 
@@ -38,6 +40,12 @@ def test_move_command_between_pacs_updates_catalog(farm_config, clean_orthanc_fa
     assert set(study["sops"]) <= set(clean_orthanc_farm[1].instance_sop_uids())
     again = run_cli(farm_config, "catalog", "where", study["study"])
     assert "Test PACS 2" in again.output, again.output
+    audit = run_cli(farm_config, "audit", "--json", "--study", study["study"])
+    rows = json.loads(audit.stdout)
+    assert [(r["operation"], r["outcome"], r["servers"], r["counts"]["completed"]) for r in rows] == [
+        ("move", "success", ["Test PACS 1"], 3)
+    ]
+    assert rows[0]["node"].startswith("cli ") and "to Test PACS 2" in rows[0]["detail"]
 
 
 def test_move_command_to_workstation_from_one_server(

@@ -236,14 +236,16 @@ class ForwardJob(Base):
 
 
 class AuditEvent(Base):
-    """One DICOM operation handled by the router, for the audit trail."""
+    """One association, DICOM operation, CLI config change or dead letter, for the audit trail."""
 
     __tablename__ = "audit_events"
 
     id: Mapped[int] = mapped_column(ID, primary_key=True)
     at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
-    calling_ae: Mapped[str | None]
+    calling_ae: Mapped[str | None] = mapped_column(index=True)
+    called_ae: Mapped[str | None]
     address: Mapped[str | None]
+    node: Mapped[str | None]  # the router node (host:pid) or "cli user@host" that wrote it
     operation: Mapped[str]
     servers: Mapped[str | None] = mapped_column(Text)  # comma-separated server names
     study_uid: Mapped[str | None] = mapped_column(index=True)

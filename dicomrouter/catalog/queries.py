@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, NamedTuple, TypeVar
 
-from sqlalchemy import exists, func, select
+from sqlalchemy import exists, func, insert, select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -37,7 +37,7 @@ from dicomrouter.catalog.upserts import (
 from dicomrouter.catalog.values import modality_set
 from dicomrouter.config import Config
 
-__all__ = ["Catalog", "ServerSync", "StoredInstance", "StudyLocationRow", "UnknownServer"]
+__all__ = ["Catalog", "ServerSync", "StoredInstance", "StudyLocationRow", "UnknownServer", "audit_values"]
 
 T = TypeVar("T")
 _TRANSIENT_SQLSTATES = {"40001", "40P01"}  # serialization failure, deadlock detected
@@ -178,33 +178,9 @@ class Catalog:
 
     # ----------------------------------------------------------------- audit
 
-    def add_audit(
-        self,
-        operation: str,
-        outcome: str,
-        *,
-        calling_ae: str | None = None,
-        address: str | None = None,
-        servers: Sequence[str] | str | None = None,
-        study_uid: str | None = None,
-        detail: str | None = None,
-        counts: Mapping[str, Any] | None = None,
-        at: datetime | None = None,
-    ) -> int:
-        """Append one audit event and return its id; `servers` is stored comma-separated."""
-        if servers is not None and not isinstance(servers, str):
-            servers = ",".join(servers)
-        values = {
-            "at": at or utcnow(),
-            "calling_ae": calling_ae,
-            "address": address,
-            "operation": operation,
-            "servers": servers,
-            "study_uid": study_uid,
-            "outcome": outcome,
-            "detail": detail,
-            "counts": dict(counts) if counts is not None else None,
-        }
+    def add_audit(self, operation: str, outcome: str, **fields: Any) -> int:
+        """Append one audit event (fields as `audit_values` takes them) and return its id."""
+        values = audit_values(operation, outcome, **fields)
 
         def work(session: Session) -> int:
             event = AuditEvent(**values)
@@ -213,6 +189,37 @@ class Catalog:
             return event.id
 
         return self._write(work)
+
+    def add_audit_rows(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Append many audit events (each as `audit_values` makes them) in one transaction."""
+        if rows:
+            self._write(lambda session: session.execute(insert(AuditEvent), [dict(r) for r in rows]))
+
+    def audit_events(
+        self,
+        *,
+        since: datetime | None = None,
+        calling_ae: str | None = None,
+        study_uid: str | None = None,
+        operation: str | None = None,
+        limit: int = 200,
+    ) -> list[AuditEvent]:
+        """The newest `limit` audit events matching every filter given, oldest first."""
+
+        def work(session: Session) -> list[AuditEvent]:
+            query = select(AuditEvent)
+            if since is not None:
+                query = query.where(AuditEvent.at >= since)
+            if calling_ae is not None:
+                query = query.where(AuditEvent.calling_ae == calling_ae)
+            if study_uid is not None:
+                query = query.where(AuditEvent.study_uid == study_uid)
+            if operation is not None:
+                query = query.where(AuditEvent.operation == operation)
+            query = query.order_by(AuditEvent.at.desc(), AuditEvent.id.desc()).limit(limit)
+            return list(reversed(session.scalars(query).all()))
+
+        return self._read(work)
 
     # ----------------------------------------------------------------- transactions
 
@@ -240,6 +247,38 @@ class Catalog:
 
 
 # --------------------------------------------------------------------- helpers
+
+
+def audit_values(
+    operation: str,
+    outcome: str,
+    *,
+    calling_ae: str | None = None,
+    called_ae: str | None = None,
+    address: str | None = None,
+    node: str | None = None,
+    servers: Sequence[str] | str | None = None,
+    study_uid: str | None = None,
+    detail: str | None = None,
+    counts: Mapping[str, Any] | None = None,
+    at: datetime | None = None,
+) -> dict[str, Any]:
+    """The column values of one audit_events row."""
+    if servers is not None and not isinstance(servers, str):
+        servers = ",".join(servers)
+    return {
+        "at": at or utcnow(),
+        "calling_ae": calling_ae,
+        "called_ae": called_ae,
+        "address": address,
+        "node": node,
+        "operation": operation,
+        "servers": servers or None,
+        "study_uid": study_uid,
+        "outcome": outcome,
+        "detail": detail,
+        "counts": dict(counts) if counts is not None else None,
+    }
 
 
 def _transient(exc: OperationalError) -> bool:

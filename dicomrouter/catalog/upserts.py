@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from functools import cache
 from itertools import groupby
 from typing import Any
 
-from sqlalchemy import ColumnElement, case, func, select, update
+from sqlalchemy import ColumnElement, bindparam, case, func, select, update
 from sqlalchemy.dialects.postgresql import Insert as PgInsert
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import Insert as SqliteInsert
@@ -67,12 +68,7 @@ def required(attrs: Mapping[str, Any], keyword: str) -> str:
 
 def dialect_insert(session: Session, model: type[Base]) -> PgInsert | SqliteInsert:
     """INSERT with ON CONFLICT support for the session's database."""
-    dialect = session.get_bind().dialect.name
-    if dialect == "postgresql":
-        return pg_insert(model)
-    if dialect == "sqlite":
-        return sqlite_insert(model)
-    raise NotImplementedError(f"the catalog supports SQLite and PostgreSQL, not {dialect}")
+    return _insert_for(session.get_bind().dialect.name, model)
 
 
 def server_id_of(session: Session, name: str) -> int:
@@ -150,10 +146,16 @@ def touch_study_location(
     session: Session, study_id: int, server_id: int, learned_by: str, now: datetime
 ) -> None:
     """Upsert study_locations: keep first_seen, move last_seen on, keep the best evidence."""
-    table = StudyLocation.__table__.c
-    insert = dialect_insert(session, StudyLocation).values(
-        study_id=study_id, server_id=server_id, first_seen=now, last_seen=now, learned_by=learned_by
+    session.execute(
+        _study_location_upsert(session.get_bind().dialect.name),
+        {"study_id": study_id, "server_id": server_id, "first_seen": now, "last_seen": now, "learned_by": learned_by},
     )
+
+
+@cache
+def _study_location_upsert(dialect: str):
+    table = StudyLocation.__table__.c
+    insert = _insert_for(dialect, StudyLocation)
     new = insert.excluded
 
     def rank(column: ColumnElement[str]) -> ColumnElement[int]:
@@ -161,19 +163,15 @@ def touch_study_location(
             {name: i for i, name in enumerate(LEARNED_BY)}, value=column, else_=len(LEARNED_BY)
         )
 
-    session.execute(
-        insert.on_conflict_do_update(
-            index_elements=["study_id", "server_id"],
-            set_={
-                "last_seen": case(
-                    (new.last_seen > table.last_seen, new.last_seen), else_=table.last_seen
-                ),
-                "learned_by": case(
-                    (rank(new.learned_by) < rank(table.learned_by), new.learned_by),
-                    else_=table.learned_by,
-                ),
-            },
-        )
+    return insert.on_conflict_do_update(
+        index_elements=["study_id", "server_id"],
+        set_={
+            "last_seen": case((new.last_seen > table.last_seen, new.last_seen), else_=table.last_seen),
+            "learned_by": case(
+                (rank(new.learned_by) < rank(table.learned_by), new.learned_by),
+                else_=table.learned_by,
+            ),
+        },
     )
 
 
@@ -182,14 +180,17 @@ def record_stored(session: Session, server_name: str, items: list[StoredInstance
 
     `items` must be sorted by study, series and SOP instance UID: every writer then takes
     its row locks study by study in one global order, which keeps PostgreSQL deadlocks rare.
+    Instances and their locations go in one executemany per study, from statements built once.
     """
     server_id = server_id_of(session, server_name)
     now = utcnow()
+    dialect = session.get_bind().dialect.name
     for _, group in groupby(items, key=lambda item: required(item.attrs, "StudyInstanceUID")):
         in_study = list(group)
         modalities = set().union(*(modality_set(i.attrs.get("Modality")) for i in in_study))
         study_id = ensure_study(session, in_study[0].attrs, modalities)
         series: dict[str, int] = {}
+        instances: dict[str, dict[str, Any]] = {}  # by SOP Instance UID: a batch may hold one twice
         for item in in_study:
             series_uid = required(item.attrs, "SeriesInstanceUID")
             if series_uid not in series:
@@ -200,34 +201,54 @@ def record_stored(session: Session, server_name: str, items: list[StoredInstance
                 }
                 key = {"series_uid": series_uid}
                 series[series_uid] = get_or_create(session, Series, key, values).id
-            instance_id = upsert_instance(session, item, series[series_uid])
-            location = dialect_insert(session, InstanceLocation).values(
-                instance_id=instance_id, server_id=server_id, acknowledged_at=now
-            )
-            session.execute(
-                location.on_conflict_do_update(
-                    index_elements=["instance_id", "server_id"],
-                    set_={"acknowledged_at": location.excluded.acknowledged_at},
-                )
-            )
+            sop_uid = required(item.attrs, "SOPInstanceUID")
+            instances[sop_uid] = {
+                "sop_instance_uid": sop_uid,
+                "series_id": series[series_uid],
+                "sop_class_uid": text(item.sop_class_uid),
+                "transfer_syntax_uid": text(item.transfer_syntax_uid),
+                "size_bytes": item.size,
+                "sha256": item.sha256,
+            }
+        session.execute(_instance_upsert(dialect), list(instances.values()))
+        ids = session.execute(_INSTANCE_IDS, {"uids": list(instances)}).scalars().all()
+        session.execute(
+            _location_upsert(dialect),
+            [{"instance_id": i, "server_id": server_id, "acknowledged_at": now} for i in sorted(set(ids))],
+        )
         touch_study_location(session, study_id, server_id, "stored", now)
 
 
-def upsert_instance(session: Session, item: StoredInstance, series_id: int) -> int:
-    """Insert or refresh an instance row (a re-store may change its content); its key."""
-    values = {
-        "series_id": series_id,
-        "sop_class_uid": text(item.sop_class_uid),
-        "transfer_syntax_uid": text(item.transfer_syntax_uid),
-        "size_bytes": item.size,
-        "sha256": item.sha256,
-    }
-    refresh = {k: v for k, v in values.items() if v is not None}
-    insert = dialect_insert(session, Instance).values(
-        sop_instance_uid=required(item.attrs, "SOPInstanceUID"), **values
+_INSTANCE_IDS = select(Instance.id).where(Instance.sop_instance_uid.in_(bindparam("uids", expanding=True)))
+_REFRESHED = ("series_id", "sop_class_uid", "transfer_syntax_uid", "size_bytes", "sha256")
+
+
+def _insert_for(dialect: str, model: type[Base]) -> PgInsert | SqliteInsert:
+    if dialect == "postgresql":
+        return pg_insert(model)
+    if dialect == "sqlite":
+        return sqlite_insert(model)
+    raise NotImplementedError(f"the catalog supports SQLite and PostgreSQL, not {dialect}")
+
+
+@cache
+def _instance_upsert(dialect: str):
+    """Insert or refresh an instance (a re-store may change its content); empty values keep the old."""
+    insert = _insert_for(dialect, Instance)
+    table = Instance.__table__.c
+    return insert.on_conflict_do_update(
+        index_elements=["sop_instance_uid"],
+        set_={name: func.coalesce(insert.excluded[name], table[name]) for name in _REFRESHED},
     )
-    insert = insert.on_conflict_do_update(index_elements=["sop_instance_uid"], set_=refresh)
-    return session.execute(insert.returning(Instance.id)).scalar_one()
+
+
+@cache
+def _location_upsert(dialect: str):
+    insert = _insert_for(dialect, InstanceLocation)
+    return insert.on_conflict_do_update(
+        index_elements=["instance_id", "server_id"],
+        set_={"acknowledged_at": insert.excluded.acknowledged_at},
+    )
 
 
 def sync_servers(session: Session, config: Config) -> ServerSync:

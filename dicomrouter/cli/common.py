@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import getpass
+import os
+import socket
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -45,7 +48,7 @@ class CliState:
 pass_state = click.make_pass_decorator(CliState)
 
 
-def open_catalog(config: Config, must_exist: bool = False):
+def open_catalog(config: Config, must_exist: bool = False, consequence: str = "study counts unknown"):
     """The catalog service for `config`, or None (with a note) when its schema is not ready."""
     from dicomrouter.catalog.db import make_engine, session_factory
     from dicomrouter.catalog.queries import Catalog
@@ -58,15 +61,57 @@ def open_catalog(config: Config, must_exist: bool = False):
         engine.dispose()
         if must_exist:
             raise click.ClickException(f"{exc} (config: {config.path})") from None
-        click.echo(f"note: catalog not ready ({exc}); study counts unknown", err=True)
+        click.echo(f"note: catalog not ready ({exc}); {consequence}", err=True)
         return None
     except Exception as exc:  # database unreachable: counts are a nicety, not a must
         engine.dispose()
         if must_exist:
             raise click.ClickException(f"cannot open the catalog {config.router.catalog}: {exc}") from None
-        click.echo(f"note: catalog unavailable ({exc.__class__.__name__}); study counts unknown", err=True)
+        click.echo(f"note: catalog unavailable ({exc.__class__.__name__}); {consequence}", err=True)
         return None
     return Catalog(session_factory(engine))
+
+
+def cli_identity() -> str:
+    """Who made a change from the command line, for the audit trail."""
+    try:
+        user = getpass.getuser()
+    except Exception:  # no user name in this environment
+        user = f"uid {os.getuid()}"
+    return f"cli {user}@{socket.gethostname()}"
+
+
+def audit_config_change(config: Config, message: str, servers: Sequence[str] = ()) -> None:
+    """One audit row for an edit the CLI made; the edit stands even when the row cannot be written."""
+    catalog = open_catalog(config, consequence="the change is not in the audit trail")
+    if catalog is None:
+        return
+    try:
+        catalog.add_audit(
+            "config", "changed", node=cli_identity(), servers=list(servers) or None,
+            detail=f"{message} ({config.path})",
+        )
+    except Exception as exc:
+        click.echo(f"note: audit row not written ({exc.__class__.__name__}); the change was made", err=True)
+    finally:
+        catalog.sessions.kw["bind"].dispose()
+
+
+def apply_edit(state: CliState, change, servers: Sequence[str] = (), invalid_exit_code: int = 1) -> None:
+    """Apply a registry edit to the file, print what changed, add it to the audit trail."""
+    from dicomrouter import registry
+
+    try:
+        result = registry.edit(state.config_path, change)
+    except registry.InvalidResult as exc:
+        if invalid_exit_code == EXIT_CONFIG:
+            raise ConfigProblem(str(exc)) from None
+        raise click.ClickException(str(exc)) from None
+    except registry.RegistryError as exc:
+        raise click.ClickException(str(exc)) from None
+    state.forget_config()
+    click.echo(result.message)
+    audit_config_change(result.config, result.message, servers)
 
 
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:

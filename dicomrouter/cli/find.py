@@ -69,9 +69,18 @@ def _value(answer: Dataset, path: tuple[str, ...]) -> str:
     return str(value)
 
 
-def _print_table(columns, answers: list[FederatedAnswer]) -> None:
+def _in_config_order(config: Config, names: list[str]) -> list[str]:
+    """The servers holding an answer in the file's order, not the order they happened to answer."""
+    order = {server.name: index for index, server in enumerate(config.servers)}
+    return sorted(names, key=lambda name: order.get(name, len(order)))
+
+
+def _print_table(config: Config, columns, answers: list[FederatedAnswer]) -> None:
     headers = [".".join(path) for path in columns] + ["servers"]
-    rows = [[_value(a.identifier, path) for path in columns] + [", ".join(a.servers)] for a in answers]
+    rows = [
+        [_value(a.identifier, path) for path in columns] + [", ".join(_in_config_order(config, a.servers))]
+        for a in answers
+    ]
     print_table(headers, rows)
 
 
@@ -90,14 +99,14 @@ def _print_servers(summary: FindSummary) -> None:
     )
 
 
-def _as_json(columns, answers: list[FederatedAnswer], summary: FindSummary) -> str:
+def _as_json(config: Config, columns, answers: list[FederatedAnswer], summary: FindSummary) -> str:
     document = {
         "outcome": summary.outcome,
         "elapsed_ms": summary.elapsed_ms,
         "answers": [
             {
                 "attributes": {".".join(path): _value(a.identifier, path) for path in columns},
-                "servers": a.servers,
+                "servers": _in_config_order(config, a.servers),
             }
             for a in answers
         ],
@@ -152,9 +161,9 @@ def find_command(state: CliState, level: str, model: str | None, keys: tuple[str
     assert summary is not None
     columns = _columns(identifier)
     if as_json:
-        click.echo(_as_json(columns, answers, summary))
+        click.echo(_as_json(config, columns, answers, summary))
     else:
-        _print_table(columns, answers)
+        _print_table(config, columns, answers)
         _print_servers(summary)
         if summary.outcome == "limited":
             click.echo(f"stopped at router.max_find_results ({config.router.max_find_results}); narrow the query", err=True)

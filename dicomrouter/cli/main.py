@@ -7,7 +7,10 @@ from pathlib import Path
 import click
 
 from dicomrouter import __version__
+from dicomrouter.cli.access import access_group
+from dicomrouter.cli.audit import audit_command
 from dicomrouter.cli.catalog import catalog_group, db_group
+from dicomrouter.cli.clients import clients_group
 from dicomrouter.cli.common import CliState, pass_state, print_table, yes_no
 from dicomrouter.cli.find import find_command
 from dicomrouter.cli.health import echo_command, health_command
@@ -51,6 +54,11 @@ def config_check(state: CliState) -> None:
     click.echo(f"catalog {router.catalog}")
     click.echo(f"spool   {router.spool}")
     click.echo(f"unknown callers {'accepted' if router.accept_unknown_callers else 'rejected'}")
+    if router.tls is None:
+        click.echo("tls     off (plain TCP)")
+    else:
+        required = "required" if router.tls.require_client_certificate else "optional"
+        click.echo(f"tls     on, certificate {router.tls.certificate}, client certificates {required}")
     click.echo("")
     rows = [
         (s.name, s.ae_title, s.address, s.environment, yes_no(s.active), yes_no(s.primary), yes_no(s.deleted))
@@ -63,6 +71,9 @@ def config_check(state: CliState) -> None:
 
 cli.add_command(serve_command)
 cli.add_command(servers_group)
+cli.add_command(clients_group)
+cli.add_command(access_group)
+cli.add_command(audit_command)
 cli.add_command(echo_command)
 cli.add_command(health_command)
 cli.add_command(db_group)

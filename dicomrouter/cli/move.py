@@ -7,10 +7,10 @@ import sys
 import click
 from pydicom import Dataset
 
-from dicomrouter.cli.common import CliState, open_catalog, pass_state, print_table
+from dicomrouter.cli.common import CliState, cli_identity, open_catalog, pass_state, print_table
 from dicomrouter.net.move_client import STUDY_ROOT_MOVE
 from dicomrouter.retrieve.locate import locate_study
-from dicomrouter.retrieve.mover import SUCCESS, WARNING, MoveRun, MoveTotals
+from dicomrouter.retrieve.mover import SUCCESS, WARNING, MoveRun, MoveTotals, move_outcome
 from dicomrouter.routing.move_routes import resolve_destination, route_table
 
 EXIT_FAILED = 1
@@ -97,6 +97,8 @@ def move_command(
         raise
     if show_bar:
         click.echo("", err=True)
+    if catalog is not None:
+        _audit_move(catalog, final, study_uid, sources, destination.name)
     status = final.status if final.status is not None else -1
     click.echo(
         f"status 0x{status:04X}: {final.completed} completed, {final.failed} failed, {final.warning} warning"
@@ -109,3 +111,14 @@ def move_command(
         sys.exit(EXIT_PARTIAL)
     if status != SUCCESS:
         sys.exit(EXIT_FAILED)
+
+
+def _audit_move(catalog, final: MoveTotals, study_uid: str, sources, destination_name: str) -> None:
+    try:
+        catalog.add_audit(
+            "move", move_outcome(final.status), node=cli_identity(), study_uid=study_uid,
+            servers=[s.name for s in sources], detail=f"STUDY to {destination_name} (dicomrouter move)",
+            counts={"completed": final.completed, "failed": final.failed, "warning": final.warning},
+        )
+    except Exception as exc:
+        click.echo(f"note: audit row not written ({exc.__class__.__name__})", err=True)

@@ -7,7 +7,14 @@ import json
 import click
 
 from dicomrouter import registry
-from dicomrouter.cli.common import CliState, open_catalog, pass_state, print_table, yes_no
+from dicomrouter.cli.common import (
+    CliState,
+    apply_edit,
+    open_catalog,
+    pass_state,
+    print_table,
+    yes_no,
+)
 from dicomrouter.config import ENVIRONMENTS, Config, ServerConfig
 
 
@@ -35,13 +42,8 @@ def _server_dict(server: ServerConfig, studies: int | None) -> dict:
     }
 
 
-def _run_edit(state: CliState, change) -> None:
-    try:
-        result = registry.edit(state.config_path, change)
-    except registry.RegistryError as exc:
-        raise click.ClickException(str(exc)) from None
-    state.forget_config()
-    click.echo(result.message)
+def _run_edit(state: CliState, change, name: str) -> None:
+    apply_edit(state, change, servers=[name])
 
 
 @click.group("servers")
@@ -121,7 +123,7 @@ def add_server(state: CliState, name: str, primary: bool, inactive: bool, **fiel
     if missing:
         raise click.UsageError(f"missing {', '.join(missing)}")
     fields.update(name=name, primary=primary, active=not inactive)
-    _run_edit(state, lambda doc: registry.add_server(doc, fields))
+    _run_edit(state, lambda doc: registry.add_server(doc, fields), name)
 
 
 @servers_group.command("edit")
@@ -133,7 +135,7 @@ def edit_server(state: CliState, name: str, rename: str | None, **fields) -> Non
     """Change a server's fields (only the options given)."""
     if rename:
         fields["name"] = rename
-    _run_edit(state, lambda doc: registry.edit_server(doc, name, fields))
+    _run_edit(state, lambda doc: registry.edit_server(doc, name, fields), name)
 
 
 @servers_group.command("activate")
@@ -141,7 +143,7 @@ def edit_server(state: CliState, name: str, rename: str | None, **fields) -> Non
 @pass_state
 def activate(state: CliState, name: str) -> None:
     """Let the server receive stores and queries."""
-    _run_edit(state, lambda doc: registry.set_active(doc, name, True))
+    _run_edit(state, lambda doc: registry.set_active(doc, name, True), name)
 
 
 @servers_group.command("deactivate")
@@ -149,7 +151,7 @@ def activate(state: CliState, name: str) -> None:
 @pass_state
 def deactivate(state: CliState, name: str) -> None:
     """Stop using the server for new work (its history stays reachable)."""
-    _run_edit(state, lambda doc: registry.set_active(doc, name, False))
+    _run_edit(state, lambda doc: registry.set_active(doc, name, False), name)
 
 
 @servers_group.command("set-primary")
@@ -157,7 +159,7 @@ def deactivate(state: CliState, name: str) -> None:
 @pass_state
 def set_primary(state: CliState, name: str) -> None:
     """Make an active server the primary."""
-    _run_edit(state, lambda doc: registry.set_primary(doc, name))
+    _run_edit(state, lambda doc: registry.set_primary(doc, name), name)
 
 
 @servers_group.command("delete")
@@ -171,7 +173,7 @@ def delete(state: CliState, name: str) -> None:
     catalog = open_catalog(config)
     # Without a catalog we cannot know it holds nothing: keep it, soft-deleted.
     held = catalog.studies_per_server().get(name, 0) if catalog else None
-    _run_edit(state, lambda doc: registry.delete_server(doc, name, held))
+    _run_edit(state, lambda doc: registry.delete_server(doc, name, held), name)
 
 
 @servers_group.command("restore")
@@ -179,4 +181,4 @@ def delete(state: CliState, name: str) -> None:
 @pass_state
 def restore(state: CliState, name: str) -> None:
     """Bring back a soft-deleted server (inactive)."""
-    _run_edit(state, lambda doc: registry.restore_server(doc, name))
+    _run_edit(state, lambda doc: registry.restore_server(doc, name), name)

@@ -16,6 +16,7 @@ from pynetdicom.sop_class import (
 )
 
 from dicomrouter.config import RouterSettings, ServerConfig, calling_ae_for
+from dicomrouter.net.peer import PeerUnavailable, peer_tls_context
 from dicomrouter.net.upper_layer import (
     A_ABORT,
     A_ASSOCIATE_AC,
@@ -106,14 +107,25 @@ class PeerFind:
 
     def _associate(self, deadline: float) -> tuple[UpperLayer, Accepted]:
         try:
+            tls_context = peer_tls_context(self.server)
+        except PeerUnavailable as exc:
+            raise PeerFindError(exc.status, exc.reason) from None
+        try:
             link = UpperLayer(
-                self.server.host, self.server.port, min(self.router.connect_timeout_s, deadline - time.monotonic())
+                self.server.host,
+                self.server.port,
+                min(self.router.connect_timeout_s, deadline - time.monotonic()),
+                tls_context,
             )
         except UpperLayerError as exc:
             raise PeerFindError(exc.kind, exc.reason) from None
         with self._lock:
             self._link = link
-        link.send(associate_rq(self.calling_ae, self.server.ae_title, self.query_model, self.router.max_pdu_size))
+        try:
+            link.send(associate_rq(self.calling_ae, self.server.ae_title, self.query_model, self.router.max_pdu_size))
+        except OSError as exc:
+            error = link.send_failure(exc)
+            raise PeerFindError(error.kind, error.reason) from None
         pdu = self._receive(link, deadline)
         if pdu is None:
             raise PeerFindError("aborted", "cancelled while associating")

@@ -14,6 +14,12 @@ from pynetdicom.sop_class import Verification
 
 from dicomrouter.config import RouterSettings, ServerConfig, calling_ae_for
 from dicomrouter.net.sockets import OUTGOING_SOCKET_HANDLERS
+from dicomrouter.net.tls import (
+    PeerTLSContext,
+    TLSSetupError,
+    connecting_context,
+    describe_peer_tls_error,
+)
 
 # A-ASSOCIATE-RJ (result source, diagnostic) -> words an admin understands (PS3.8 9.3.4).
 _REJECT_REASONS = {
@@ -63,8 +69,21 @@ def make_ae(
     return ae
 
 
+def peer_tls_context(server: ServerConfig) -> PeerTLSContext | None:
+    """A fresh TLS context for one association with `server`, or None without a `tls:` block."""
+    if server.tls is None:
+        return None
+    try:
+        return connecting_context(server.tls)
+    except TLSSetupError as exc:  # the files changed since the config was checked
+        raise PeerUnavailable("unreachable", f"TLS setup for {server.name} failed: {exc}") from None
+
+
 def open_association(ae: AE, server: ServerConfig, **kwargs) -> Association:
-    """Associate with `server` or raise PeerUnavailable saying why."""
+    """Associate with `server` (over TLS when it has a `tls:` block) or raise PeerUnavailable saying why."""
+    tls_context = peer_tls_context(server)
+    if tls_context is not None:
+        kwargs["tls_args"] = (tls_context, server.host)
     connected = []
     peer_aborted = []
 
@@ -83,6 +102,10 @@ def open_association(ae: AE, server: ServerConfig, **kwargs) -> Association:
         return assoc
     if assoc.is_rejected:
         raise PeerUnavailable("rejected", reject_reason(assoc))
+    if tls_context is not None and tls_context.last_error is not None:
+        raise PeerUnavailable(
+            "unreachable", f"TLS with {server.address} failed: {describe_peer_tls_error(tls_context.last_error)}"
+        )
     if not connected:
         raise PeerUnavailable("unreachable", f"cannot connect to {server.address} (refused or timed out)")
     if assoc.is_aborted and peer_aborted:

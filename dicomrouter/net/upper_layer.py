@@ -9,6 +9,7 @@ speaks the protocol itself: one thread, struct-packed PDUs, identifiers decoded 
 from __future__ import annotations
 
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -16,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from dicomrouter.net.sockets import set_nodelay
+from dicomrouter.net.tls import describe_peer_tls_error, pending_alert
 
 APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
 IMPLICIT_VR_LE = "1.2.840.10008.1.2"
@@ -182,12 +184,18 @@ def pdata_pdus(context_id: int, data: bytes, command: bool, max_pdu: int) -> byt
 class UpperLayer:
     """One association's socket: send PDUs from any thread, receive them in one."""
 
-    def __init__(self, host: str, port: int, connect_timeout_s: float):
+    def __init__(self, host: str, port: int, connect_timeout_s: float, tls_context: ssl.SSLContext | None = None):
         try:
             self.sock = socket.create_connection((host, port), timeout=connect_timeout_s)
         except OSError as exc:
             raise UpperLayerError("unreachable", f"cannot connect to {host}:{port} ({exc.strerror or exc})") from None
         set_nodelay(self.sock)
+        if tls_context is not None:
+            try:  # the handshake runs within the connect timeout
+                self.sock = tls_context.wrap_socket(self.sock, server_hostname=host)
+            except OSError as exc:
+                self.sock.close()
+                raise UpperLayerError("unreachable", f"TLS with {host}:{port} failed: {describe_peer_tls_error(exc)}") from None
         self._reader = self.sock.makefile("rb", buffering=65536)  # few recv calls per answer
         self._send_lock = threading.Lock()
         self.closed = False
@@ -195,6 +203,13 @@ class UpperLayer:
     def send(self, pdu: bytes) -> None:
         with self._send_lock:
             self.sock.sendall(pdu)
+
+    def send_failure(self, exc: OSError) -> UpperLayerError:
+        """Why a send failed. Over TLS the peer's alert (our certificate refused...) is still
+        waiting to be read, and says more than the broken pipe."""
+        if isinstance(self.sock, ssl.SSLSocket):
+            return UpperLayerError("unreachable", f"TLS failed: {describe_peer_tls_error(pending_alert(self.sock, exc))}")
+        return UpperLayerError("aborted", f"connection lost ({exc})")
 
     def send_pdata(self, context_id: int, data: bytes, command: bool, max_pdu: int) -> None:
         """One message part as P-DATA-TF PDUs, fragmented to the peer's maximum length."""
@@ -215,6 +230,9 @@ class UpperLayer:
         except OSError as exc:
             if isinstance(exc, TimeoutError):
                 raise
+            if isinstance(exc, ssl.SSLError):
+                # TLS 1.3: a refused client certificate shows up here
+                raise UpperLayerError("unreachable", f"TLS failed: {describe_peer_tls_error(exc)}") from None
             raise UpperLayerError("aborted", f"connection lost ({exc})") from None
 
     def abort(self) -> None:

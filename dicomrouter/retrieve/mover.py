@@ -27,6 +27,17 @@ UNABLE_TO_PERFORM = 0xA702  # out of resources: unable to perform sub-operations
 UNABLE_TO_PROCESS = 0xC000
 
 
+def move_outcome(status: int | None) -> str:
+    """The audit trail's word for a final C-MOVE / C-GET status."""
+    if status == SUCCESS:
+        return "success"
+    if status == CANCELLED:
+        return "cancelled"
+    if status is not None and (status >> 12) == 0xB:
+        return "partial"
+    return "failed"
+
+
 @dataclass
 class MoveTotals:
     """Sub-operation counts over every source so far; `status` is set on the final one."""

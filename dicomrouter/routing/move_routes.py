@@ -74,20 +74,31 @@ def resolve_destination(config: Config, move_destination: str) -> MoveDestinatio
 
 
 def may_move_to(caller: Caller, destination: MoveDestination, config: Config) -> bool:
-    """True when the caller may send studies to `destination`.
+    """True when the caller may send studies to `destination` (see move_permission)."""
+    return move_permission(caller, destination, config)[0]
+
+
+def move_permission(caller: Caller, destination: MoveDestination, config: Config) -> tuple[bool, str]:
+    """(may the caller send studies to `destination`, why).
 
     An admin may send anywhere. A client listing `move_destinations` may send to those (server
     names or client AE titles); otherwise to itself and to the servers it may write to.
     """
     if "admin" in caller.roles:
-        return True
+        return True, "admin"
     listed = caller.client.move_destinations if caller.client is not None else None
     if listed is not None:
-        return any(key in listed for key in destination.routing_keys)
+        if any(key in listed for key in destination.routing_keys):
+            return True, "listed in its move_destinations"
+        return False, f"not in its move_destinations ({', '.join(listed) or 'empty'})"
     if destination.kind == "client":
-        return destination.ae_title == caller.ae_title
+        if destination.ae_title == caller.ae_title:
+            return True, "itself"
+        return False, "another client; only itself and writable servers unless move_destinations lists it"
     assert destination.server is not None
-    return may_write(caller, destination.server)
+    if may_write(caller, destination.server):
+        return True, f"may write to {destination.server.environment} servers"
+    return False, f"needs {destination.server.environment}_write (or admin, or move_destinations)"
 
 
 def plan_route(source: ServerConfig, destination: MoveDestination, router_ae: str) -> MoveRoute:

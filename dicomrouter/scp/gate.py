@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Callable
 
 from pynetdicom import evt
@@ -9,9 +10,18 @@ from pynetdicom.acse import ACSE
 from pynetdicom.association import Association
 from pynetdicom.transport import RequestHandler
 
+from dicomrouter.audit import AssociationAudit, AuditTrail, NoAudit, association_audit
 from dicomrouter.logging import get_logger
 from dicomrouter.net.sockets import set_nodelay
+from dicomrouter.net.tls import complete_handshake, describe_tls_error, peer_subject
 from dicomrouter.routing.access import AssociationDecision
+from dicomrouter.scp.limits import (
+    REJECT_LOCAL_LIMIT,
+    Admission,
+    GuardedAssociationSocket,
+    guard_state_machine,
+    refuse_connection,
+)
 
 log = get_logger(__name__)
 
@@ -26,9 +36,11 @@ class GatedACSE(ACSE):
     accept configured servers and answer under several called AE titles.
     """
 
-    def __init__(self, assoc: Association, gate: Gate):
+    def __init__(self, assoc: Association, gate: Gate, admission: Admission, audit: AuditTrail | NoAudit):
         super().__init__(assoc)
         self._gate = gate
+        self._admission = admission
+        self._audit = audit
 
     def _negotiate_as_acceptor(self) -> None:
         request = self.requestor.primitive
@@ -40,9 +52,17 @@ class GatedACSE(ACSE):
         except Exception:
             log.exception("association_gate_failed", calling_ae=calling_ae, address=address)
             decision = AssociationDecision(False, "internal error in admission", reject=(0x02, 0x01, 0x01))
+        if decision.accepted and not self._admission.admit(self.assoc, self.assoc._server.active_associations):
+            decision = AssociationDecision(
+                False, f"local limit exceeded ({self._admission.limit} associations)", reject=REJECT_LOCAL_LIMIT
+            )
         if not decision.accepted:
             log.warning(
                 "association_rejected", calling_ae=calling_ae, called_ae=called_ae, address=address, reason=decision.reason
+            )
+            self._audit.record(
+                "association", "rejected", calling_ae=calling_ae, called_ae=called_ae, address=address,
+                detail=decision.reason,
             )
             self.requestor.ae_title = calling_ae
             self.send_reject(*decision.reject)
@@ -53,27 +73,77 @@ class GatedACSE(ACSE):
         self.acceptor.ae_title = called_ae
         self.assoc.router_caller = decision.caller  # read by the DIMSE handlers
         self.assoc.router_called_ae = called_ae
-        log.info(
-            "association_accepted",
-            calling_ae=calling_ae,
-            called_ae=called_ae,
-            address=address,
-            caller_kind=decision.caller.kind if decision.caller else None,
-        )
+        audit = AssociationAudit(self._audit, calling_ae, called_ae, address)
+        self.assoc.router_audit = audit
+        caller_kind = decision.caller.kind if decision.caller else None
+        log.info("association_accepted", calling_ae=calling_ae, called_ae=called_ae, address=address, caller_kind=caller_kind)
         super()._negotiate_as_acceptor()
+        if self.assoc.is_established:
+            audit.record("association", "accepted", detail=f"{decision.reason} ({caller_kind})")
+        else:
+            # pynetdicom's own checks after ours: the association limit.
+            reason = f"local limit exceeded (router.max_associations {self.assoc.ae.maximum_associations})"
+            log.warning("association_rejected", calling_ae=calling_ae, called_ae=called_ae, address=address, reason=reason)
+            audit.record("association", "rejected", detail=reason)
 
 
-def make_request_handler(gate: Gate) -> type[RequestHandler]:
-    """A pynetdicom request handler class bound to `gate`, setting TCP_NODELAY on accept."""
+def tls_handshake_ok(sock: ssl.SSLSocket, timeout_s: float, address: str) -> bool:
+    """Finish the TLS handshake of an accepted connection, in its own thread; log why not."""
+    error = complete_handshake(sock, timeout_s)
+    if error is None:
+        log.debug("tls_established", address=address, version=sock.version(), client_certificate=peer_subject(sock))
+        return True
+    reason = describe_tls_error(error)
+    if isinstance(error, ssl.SSLEOFError | ConnectionError) or "UNEXPECTED_EOF" in str(error):
+        # Port probes and load balancer checks connect and hang up; not worth a warning.
+        log.info("tls_handshake_failed", address=address, reason=reason)
+    else:
+        log.warning("tls_handshake_failed", address=address, reason=reason)
+    return False
+
+
+def make_request_handler(
+    gate: Gate, admission: Admission, audit: AuditTrail | NoAudit | None = None
+) -> type[RequestHandler]:
+    """A pynetdicom request handler class bound to `gate`: TCP_NODELAY, TLS, connection limit, guarded reads.
+
+    A TLS connection is handshaken here, before any association exists, so a plain TCP or
+    silent caller costs this thread at most `acse_timeout` and never an association slot.
+    Every admission decision goes to `audit`; what an association tallied (its stores) is
+    written when its thread ends, however it ends (release, abort, timeout).
+    """
+    audit = audit or NoAudit()
 
     class GatedRequestHandler(RequestHandler):
         def handle(self) -> None:
             set_nodelay(self.request)
-            super().handle()
+            if isinstance(self.request, ssl.SSLSocket) and not tls_handshake_ok(
+                self.request, self.ae.acse_timeout or 10.0, self.client_address[0]
+            ):
+                self.request.close()  # pynetdicom's server leaves closing to the association
+                return
+            # Counting and starting under one lock: a burst of connects cannot all see room.
+            with admission.connection_lock():
+                live = self.server.active_associations
+                if admission.room_for_connection(live):
+                    super().handle()
+                    return
+            refuse_connection(self.request, self.client_address[0], self.ae.acse_timeout or 10.0, len(live))
 
         def _create_association(self) -> Association:
             assoc = super()._create_association()
-            assoc.acse = GatedACSE(assoc, gate)
+            GuardedAssociationSocket.guard(assoc.dul.socket, self.ae.maximum_pdu_size)
+            guard_state_machine(assoc)
+            assoc.acse = GatedACSE(assoc, gate, admission, audit)
+            run = assoc.run
+
+            def run_then_close_audit() -> None:
+                try:
+                    run()
+                finally:
+                    association_audit(assoc).close()
+
+            assoc.run = run_then_close_audit  # Thread.start() calls self.run
             return assoc
 
     return GatedRequestHandler

@@ -11,6 +11,7 @@ from pynetdicom import ALL_TRANSFER_SYNTAXES, evt
 from pynetdicom.events import Event
 from pynetdicom.presentation import AllStoragePresentationContexts
 
+from dicomrouter.audit import association_audit
 from dicomrouter.catalog.queries import Catalog
 from dicomrouter.logging import get_logger
 from dicomrouter.net.get_client import PATIENT_ROOT_GET, STUDY_ROOT_GET, get_instances
@@ -57,6 +58,16 @@ def handle_get(
     event: Event, holder: ConfigHolder, catalog: Catalog | None
 ) -> Iterator[GetResponse]:
     """Obtain the instances from every holding server, then send them as C-STORE sub-operations."""
+    audit_row: dict[str, Any] = {"outcome": "cancelled", "detail": "the caller went away"}
+    try:
+        yield from _answer_get(event, holder, catalog, audit_row)
+    finally:
+        association_audit(event.assoc).record("get", **audit_row)
+
+
+def _answer_get(
+    event: Event, holder: ConfigHolder, catalog: Catalog | None, audit_row: dict[str, Any]
+) -> Iterator[GetResponse]:
     config = holder.current
     caller = event.assoc.router_caller
     query_model = str(event.request.AffectedSOPClassUID)
@@ -65,6 +76,7 @@ def handle_get(
         level, study_uid = check_retrieve_identifier(identifier, query_model == STUDY_ROOT_GET)
     except MoveRefused as exc:
         log.warning("get_refused", calling_ae=caller.ae_title, reason=exc.comment)
+        audit_row.update(outcome="refused", detail=exc.comment)
         yield 1
         yield _status(exc.status, exc.comment), None
         return
@@ -72,10 +84,12 @@ def handle_get(
         log.warning(
             "get_refused", calling_ae=caller.ae_title, reason=f"undecodable identifier: {exc}"
         )
+        audit_row.update(outcome="refused", detail="cannot decode the identifier")
         yield 1
         yield _status(IDENTIFIER_MISMATCH, "cannot decode the identifier"), None
         return
     sources, unreachable = retrieve_sources(config, catalog, caller, study_uid)
+    audit_row.update(study_uid=study_uid, servers=[s.name for s in sources] or list(unreachable), detail=level)
     storage = caller_storage(event.assoc)
     instances: list[Dataset] = []
     errors = (
@@ -102,6 +116,7 @@ def handle_get(
                 f"{source.name} answered 0x{outcome.status:04X} {outcome.comment}".strip()
             )
         if event.is_cancelled:
+            audit_row.update(outcome="cancelled", detail=f"{level}: cancelled while collecting")
             yield 0
             return
     log.info(
@@ -114,12 +129,18 @@ def handle_get(
         errors=errors,
     )
     # A source that failed counts as one failed sub-operation, so the final status shows it.
+    detail = f"{level}: " + "; ".join(errors) if errors else level
+    audit_row.update(counts={"instances": len(instances), "sent": 0}, detail=detail)
     yield len(instances) + (1 if errors else 0)
-    for dataset in instances:
+    for sent, dataset in enumerate(instances):
         if event.is_cancelled:
+            audit_row["outcome"] = "cancelled"
             yield CANCELLED, None
             return
+        audit_row["counts"]["sent"] = sent
         yield PENDING, dataset
+    audit_row["counts"]["sent"] = len(instances)
+    audit_row["outcome"] = ("partial" if instances else "failed") if errors else "success"
     if errors:
         status = WARNING if instances else UNABLE_TO_PERFORM
         yield _status(status, "; ".join(errors)), None

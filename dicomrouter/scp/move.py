@@ -19,13 +19,14 @@ from pynetdicom.dimse_primitives import C_MOVE
 from pynetdicom.dsutils import decode, encode
 from pynetdicom.events import Event
 
+from dicomrouter.audit import association_audit
 from dicomrouter.catalog.queries import Catalog
 from dicomrouter.logging import get_logger
 from dicomrouter.net.move_client import CANCELLED, PATIENT_ROOT_MOVE, STUDY_ROOT_MOVE
 from dicomrouter.reload import ConfigHolder
-from dicomrouter.retrieve.mover import SUCCESS, UNABLE_TO_PERFORM, MoveRun, MoveTotals
+from dicomrouter.retrieve.mover import SUCCESS, UNABLE_TO_PERFORM, MoveRun, MoveTotals, move_outcome
 from dicomrouter.routing.access import Caller
-from dicomrouter.routing.move_routes import may_move_to, resolve_destination
+from dicomrouter.routing.move_routes import move_permission, resolve_destination
 from dicomrouter.scp.get import get_bindings
 from dicomrouter.scp.retrieve_request import (
     IDENTIFIER_MISMATCH,
@@ -92,49 +93,45 @@ def serve_move(exchange: MoveExchange, holder: ConfigHolder, catalog: Catalog | 
     """Answer one C-MOVE request from start to final response."""
     config = holder.current
     caller: Caller = exchange.assoc.router_caller
+    audit = association_audit(exchange.assoc)
     move_destination = str(exchange.request.MoveDestination or "").strip()
     query_model = str(exchange.request.AffectedSOPClassUID)
+
+    def refuse(status: int, comment: str, reason: str, study_uid: str | None = None) -> None:
+        log.warning("move_refused", calling_ae=caller.ae_title, move_destination=move_destination, reason=reason)
+        audit.record("move", "refused", study_uid=study_uid, detail=f"to {move_destination}: {reason}")
+        exchange.send(status, comment=comment)
+
     destination = resolve_destination(config, move_destination)
     if destination is None:
-        log.warning(
-            "move_destination_unknown",
-            calling_ae=caller.ae_title,
-            move_destination=move_destination,
-        )
-        exchange.send(DESTINATION_UNKNOWN, comment=f"unknown move destination {move_destination}")
+        # No open relay: only configured servers and clients are destinations.
+        reason = "unknown move destination (neither a server nor a client with host and port)"
+        refuse(DESTINATION_UNKNOWN, f"unknown move destination {move_destination}", reason)
         return
-    if not may_move_to(caller, destination, config):
-        log.warning(
-            "move_refused",
-            calling_ae=caller.ae_title,
-            move_destination=move_destination,
-            reason="not permitted",
-        )
-        exchange.send(
-            NOT_PERMITTED, comment=f"{caller.ae_title} may not send to {move_destination}"
-        )
+    allowed, why = move_permission(caller, destination, config)
+    if not allowed:
+        refuse(NOT_PERMITTED, f"{caller.ae_title} may not send to {move_destination}", why)
         return
     try:
         identifier = exchange.identifier()
         level, study_uid = check_retrieve_identifier(identifier, query_model == STUDY_ROOT_MOVE)
     except MoveRefused as exc:
-        log.warning("move_refused", calling_ae=caller.ae_title, reason=exc.comment)
-        exchange.send(exc.status, comment=exc.comment)
+        refuse(exc.status, exc.comment, exc.comment)
         return
     except Exception as exc:
-        log.warning(
-            "move_refused", calling_ae=caller.ae_title, reason=f"undecodable identifier: {exc}"
-        )
-        exchange.send(IDENTIFIER_MISMATCH, comment="cannot decode the identifier")
+        refuse(IDENTIFIER_MISMATCH, "cannot decode the identifier", f"undecodable identifier: {exc}")
         return
     sources, unreachable = retrieve_sources(config, catalog, caller, study_uid)
     if not sources:
+        detail = f"{level} to {destination.name}: not found on any server {caller.ae_title} may read"
         if unreachable:
             comment = "not found; unreachable: " + ", ".join(unreachable)
             log.warning("move_study_not_found", study_uid=study_uid, unreachable=unreachable)
+            audit.record("move", "failed", study_uid=study_uid, servers=list(unreachable), detail=f"{detail}; {comment}")
             exchange.send(UNABLE_TO_PERFORM, MoveTotals(), comment=comment)
         else:
             log.warning("move_study_not_found", study_uid=study_uid, calling_ae=caller.ae_title)
+            audit.record("move", "success", study_uid=study_uid, detail=detail, counts={"completed": 0})
             exchange.send(SUCCESS, MoveTotals())
         return
     run = MoveRun(config, catalog, sources, destination, query_model, identifier, study_uid)
@@ -158,9 +155,11 @@ def serve_move(exchange: MoveExchange, holder: ConfigHolder, catalog: Catalog | 
 
     watcher = threading.Thread(target=watch_for_cancel, name="move-cancel-watch", daemon=True)
     watcher.start()
+    last = MoveTotals()
     last_pending = float("-inf")
     try:
         for totals in run.progress():
+            last = totals
             if not exchange.assoc.is_established:
                 continue
             if totals.final:
@@ -170,6 +169,12 @@ def serve_move(exchange: MoveExchange, holder: ConfigHolder, catalog: Catalog | 
                 last_pending = time.monotonic()
     finally:
         done.set()
+        counts = {"completed": last.completed, "failed": last.failed, "warning": last.warning}
+        detail = f"{level} to {destination.name} ({why})" + (f": {last.comment}" if last.comment else "")
+        audit.record(
+            "move", move_outcome(last.status) if last.final else "cancelled", study_uid=study_uid, servers=[s.name for s in sources],
+            detail=detail, counts=counts,
+        )
 
 
 def take_over_moves(event: Event, holder: ConfigHolder, catalog: Catalog | None) -> None:

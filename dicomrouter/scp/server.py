@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections.abc import Sequence
@@ -11,24 +12,35 @@ from typing import Any
 from pynetdicom import AE
 from pynetdicom.transport import ThreadedAssociationServer
 
+from dicomrouter.audit import AuditTrail, NoAudit
 from dicomrouter.logging import get_logger
+from dicomrouter.net.tls import TLSSetupError, listening_context
 from dicomrouter.reload import ConfigHolder
 from dicomrouter.routing.access import decide_association
 from dicomrouter.scp.gate import make_request_handler
+from dicomrouter.scp.limits import Admission, QuickCopyContexts
 
 log = get_logger(__name__)
 
 
-class SharedContexts(list):
-    """The front's supported presentation contexts, shared by every association.
+class FrontServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server with a listen backlog for bursts, and TLS handshakes off the accept loop.
 
-    pynetdicom deep-copies the server's contexts for each association it accepts: with every
-    storage class in every transfer syntax that re-validates thousands of UIDs, ~45 ms per
-    association. Negotiation only reads them, so a shallow copy is enough.
+    socketserver's default backlog is 5: a burst of connects beyond it sees its SYNs dropped and
+    retried a second later, and idle connections made in the same burst time out meanwhile.
+    pynetdicom wraps accepted sockets with the handshake on, in the thread that accepts: one
+    plain TCP or silent caller would stop the port for everyone. Our request handler runs
+    the handshake in the connection's own thread, with a timeout.
     """
 
-    def __deepcopy__(self, memo: dict) -> list:
-        return list(self)
+    request_queue_size = 512
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        client_socket, address = self.socket.accept()
+        context = self.ssl_context
+        if context is not None:
+            client_socket = context.wrap_socket(client_socket, server_side=True, do_handshake_on_connect=False)
+        return client_socket, address
 
 
 @dataclass
@@ -48,8 +60,13 @@ class DicomFront:
     handlers: list[tuple[Any, ...]]
     host: str | None = None  # override config (tests bind 127.0.0.1:0)
     port: int | None = None
-    _server: ThreadedAssociationServer | None = field(default=None, init=False)
+    audit: AuditTrail | NoAudit = field(default_factory=NoAudit)
+    _server: FrontServer | None = field(default=None, init=False)
     _thread: threading.Thread | None = field(default=None, init=False)
+    admission: Admission = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.admission = Admission(lambda: self.holder.current.router.max_associations)
 
     def _gate(self, calling_ae: str, called_ae: str, address: str):
         return decide_association(self.holder.current, calling_ae, called_ae, address)
@@ -57,7 +74,9 @@ class DicomFront:
     def build_ae(self) -> AE:
         router = self.holder.current.router
         ae = AE(ae_title=router.ae_title)
-        ae.maximum_associations = router.max_associations
+        # The admission counts (scp/limits.py) enforce max_associations; pynetdicom's own check
+        # counts connections still negotiating too, so it gets the connection bound.
+        ae.maximum_associations = self.admission.max_connections
         ae.maximum_pdu_size = router.max_pdu_size
         ae.acse_timeout = router.acse_timeout_s
         ae.dimse_timeout = router.dimse_timeout_s
@@ -74,19 +93,21 @@ class DicomFront:
         host = self.host if self.host is not None else router.host
         port = self.port if self.port is not None else router.port
         self.ae = self.build_ae()
+        tls = self.holder.current.router.tls
         self._server = self.ae.make_server(
             (host, port),
             evt_handlers=self.handlers,
-            server_class=ThreadedAssociationServer,
-            request_handler=make_request_handler(self._gate),
+            ssl_context=listening_context(tls) if tls else None,
+            server_class=FrontServer,
+            request_handler=make_request_handler(self._gate, self.admission, self.audit),
         )
         self._server.daemon_threads = True
-        self._server.contexts = SharedContexts(self._server.contexts)
+        self._server.contexts = QuickCopyContexts(self._server.contexts)
         self.ae._servers.append(self._server)
         self._thread = threading.Thread(target=self._server.serve_forever, name="dicom-front", daemon=True)
         self._thread.start()
         bound = self._server.server_address[:2]
-        log.info("listening", ae_title=router.ae_title, host=bound[0], port=bound[1])
+        log.info("listening", ae_title=router.ae_title, host=bound[0], port=bound[1], tls=tls is not None)
         return bound[0], bound[1]
 
     @property
@@ -95,12 +116,18 @@ class DicomFront:
         return self._server.server_address[1]
 
     def apply_limits(self) -> None:
-        """Take new limits and timeouts from a reloaded config (in-flight associations keep theirs)."""
+        """Take new limits, timeouts and TLS files from a reloaded config (in-flight associations keep theirs)."""
         router = self.holder.current.router
-        self.ae.maximum_associations = router.max_associations
+        self.ae.maximum_associations = self.admission.max_connections
         self.ae.acse_timeout = router.acse_timeout_s
         self.ae.dimse_timeout = router.dimse_timeout_s
         self.ae.network_timeout = router.network_timeout_s
+        if self._server is not None:
+            # New connections take the reloaded certificates (renewed, or TLS turned on or off).
+            try:
+                self._server.ssl_context = listening_context(router.tls) if router.tls else None
+            except TLSSetupError as exc:  # the files changed again since the config was checked
+                log.error("tls_reload_failed", reason=str(exc), kept="the previous TLS setting")
 
     @property
     def running(self) -> bool:

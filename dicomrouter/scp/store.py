@@ -5,8 +5,17 @@ from __future__ import annotations
 from pydicom import Dataset
 from pynetdicom.events import Event
 
+from dicomrouter.audit import association_audit
 from dicomrouter.logging import get_logger
-from dicomrouter.store.receive import OUT_OF_RESOURCES, REFUSED_NOT_AUTHORIZED, ReceiveService
+from dicomrouter.store.receive import (
+    DUPLICATE_REFUSED,
+    NO_DESTINATION,
+    OUT_OF_RESOURCES,
+    REFUSED_NOT_AUTHORIZED,
+    SUCCESS,
+    ReceiveResult,
+    ReceiveService,
+)
 
 log = get_logger(__name__)
 
@@ -19,6 +28,15 @@ def status_dataset(status: int, comment: str = "") -> Dataset:
     return result
 
 
+def audit_outcome(status: int) -> str:
+    """The audit trail's word for a C-STORE status."""
+    if status == SUCCESS:
+        return "success"
+    if status in (REFUSED_NOT_AUTHORIZED, DUPLICATE_REFUSED, NO_DESTINATION):
+        return "refused"
+    return "failed"
+
+
 def handle_store(event: Event, receive: ReceiveService, relay=None) -> Dataset:
     caller = event.assoc.router_caller
     request = event.request
@@ -28,13 +46,16 @@ def handle_store(event: Event, receive: ReceiveService, relay=None) -> Dataset:
         if relay is not None:
             return relay.receive_sub_operation(event)
         log.warning("store_refused", calling_ae=caller.ae_title, reason="server AE outside a relayed move")
-        return status_dataset(REFUSED_NOT_AUTHORIZED, "server AE may only deliver relayed moves")
-    try:
-        encoded = event.encoded_dataset(include_meta=True)
-        result = receive.receive(caller, event.assoc.router_called_ae, sop_instance_uid, encoded)
-    except MemoryError:
-        return status_dataset(OUT_OF_RESOURCES, "out of memory")
-    except Exception:
-        log.exception("store_failed", calling_ae=caller.ae_title, sop_instance_uid=sop_instance_uid[:80])
-        return status_dataset(OUT_OF_RESOURCES, "internal error; not stored")
+        result = ReceiveResult(REFUSED_NOT_AUTHORIZED, "server AE may only deliver relayed moves")
+    else:
+        try:
+            encoded = event.encoded_dataset(include_meta=True)
+            result = receive.receive(caller, event.assoc.router_called_ae, sop_instance_uid, encoded)
+        except MemoryError:
+            result = ReceiveResult(OUT_OF_RESOURCES, "out of memory")
+        except Exception:
+            log.exception("store_failed", calling_ae=caller.ae_title, sop_instance_uid=sop_instance_uid[:80])
+            result = ReceiveResult(OUT_OF_RESOURCES, "internal error; not stored")
+    reason = result.comment if result.status != SUCCESS else None
+    association_audit(event.assoc).count_store(result.study_uid, audit_outcome(result.status), result.servers, reason)
     return status_dataset(result.status, result.comment)

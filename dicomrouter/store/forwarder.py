@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from dicomrouter.audit import AuditTrail, NoAudit
 from dicomrouter.config import Config, ServerConfig
 from dicomrouter.logging import get_logger
 from dicomrouter.net.store_client import ContextRejected, PeerUnavailable, StoreClient, StoreFailed
@@ -31,6 +32,71 @@ class Delivery:
 AckRecorder = Callable[[ServerConfig, list[ClaimedJob]], list[str]]
 
 
+class AckWriter:
+    """Records deliveries in the background, many per transaction, so lanes keep sending.
+
+    A delivered job stays claimed until its ack is written; if the process dies first, the lease
+    expires and the job is sent again, which the destination treats as the same instance.
+    """
+
+    def __init__(self, record_acks: AckRecorder, spool: Spool, max_batch: int = 500, linger_s: float = 0.1):
+        self.record_acks = record_acks
+        self.spool = spool
+        self.max_batch = max_batch
+        self.linger_s = linger_s  # let deliveries gather: one transaction for many
+        self._pending: list[tuple[ServerConfig, list[ClaimedJob]]] = []
+        self._wakeup = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="ack-writer", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, server: ServerConfig, jobs: list[ClaimedJob]) -> None:
+        with self._wakeup:
+            self._pending.append((server, jobs))
+            self._wakeup.notify_all()
+
+    def stop(self, timeout_s: float) -> None:
+        """Write what is waiting, then stop."""
+        with self._wakeup:
+            self._stopping = True
+            self._wakeup.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout=timeout_s)
+
+    def _take(self) -> list[tuple[ServerConfig, list[ClaimedJob]]] | None:
+        with self._wakeup:
+            while not self._pending and not self._stopping:
+                self._wakeup.wait()
+            if not self._pending:
+                return None
+            if not self._stopping:
+                self._wakeup.wait(self.linger_s)
+            taken, self._pending = self._pending, []
+            return taken
+
+    def _run(self) -> None:
+        while (taken := self._take()) is not None:
+            by_server: dict[str, tuple[ServerConfig, list[ClaimedJob]]] = {}
+            for server, jobs in taken:
+                by_server.setdefault(server.name, (server, []))[1].extend(jobs)
+            for server, jobs in by_server.values():
+                for start in range(0, len(jobs), self.max_batch):
+                    self._write(server, jobs[start : start + self.max_batch])
+
+    def _write(self, server: ServerConfig, jobs: list[ClaimedJob]) -> None:
+        try:
+            removable = self.record_acks(server, jobs)
+        except Exception:
+            # The jobs stay claimed; the lease expires and they are sent again (idempotent).
+            log.exception("ack_record_failed", destination=server.name, jobs=len(jobs))
+            return
+        for path in removable:
+            self.spool.remove(Path(path))
+        log.debug("delivered", destination=server.name, instances=len(jobs))
+
+
 class DestinationLane:
     """The workers for one destination; a failing destination only pauses its own lane."""
 
@@ -40,6 +106,7 @@ class DestinationLane:
         self.wakeup = threading.Condition()
         self.paused_until = 0.0
         self.consecutive_failures = 0
+        self.backlog = False  # the last claim came back full: let every worker send
         self.threads: list[threading.Thread] = []
 
     def notify(self) -> None:
@@ -52,7 +119,7 @@ class DestinationLane:
 
     def start(self, workers: int) -> None:
         for index in range(workers):
-            thread = threading.Thread(target=self.run, name=f"forward-{self.name}-{index}", daemon=True)
+            thread = threading.Thread(target=self.run, args=(index,), name=f"forward-{self.name}-{index}", daemon=True)
             thread.start()
             self.threads.append(thread)
 
@@ -63,7 +130,12 @@ class DestinationLane:
         log.warning("destination_unavailable", destination=self.name, reason=reason, retry_in_s=round(delay, 1))
         return delay
 
-    def run(self) -> None:
+    def run(self, index: int = 0) -> None:
+        """Worker 0 always sends; the others join only while there is a backlog.
+
+        In a steady stream one association keeps up, and extra workers would only compete for
+        the interpreter; after an outage, or under a burst, every worker drains the queue.
+        """
         forwarder = self.forwarder
         client: StoreClient | None = None
         idle_since = time.monotonic()
@@ -80,12 +152,20 @@ class DestinationLane:
             if pause > 0:
                 self.wait(min(pause, forwarder.settings.poll_interval_s))
                 continue
+            if index > 0 and not self.backlog:
+                if time.monotonic() - idle_since > IDLE_RELEASE_S:
+                    client.close()
+                self.wait(forwarder.settings.poll_interval_s)
+                continue
             try:
                 jobs = forwarder.queue.claim(self.name, CLAIM_BATCH)
             except Exception:
                 log.exception("claim_failed", destination=self.name)
                 self.wait(forwarder.settings.poll_interval_s)
                 continue
+            self.backlog = len(jobs) == CLAIM_BATCH
+            if self.backlog:
+                self.notify()
             if not jobs:
                 if time.monotonic() - idle_since > IDLE_RELEASE_S:
                     client.close()
@@ -104,6 +184,7 @@ class DestinationLane:
             if not path.exists():
                 forwarder.queue.fail(job, f"spool file {path} is missing", None, permanent=True)
                 log.error("dead_letter", job_id=job.id, destination=self.name, reason="spool file missing")
+                forwarder.audit_dead_letter(job, f"spool file {path} is missing")
                 continue
             try:
                 outcome = client.send_file(path, job.sop_class_uid, job.transfer_syntax_uid)
@@ -114,9 +195,12 @@ class DestinationLane:
             except ContextRejected as exc:
                 forwarder.queue.fail(job, str(exc), None, permanent=True)
                 log.error("dead_letter", job_id=job.id, destination=self.name, sop_instance_uid=job.sop_instance_uid, reason=str(exc))
+                forwarder.audit_dead_letter(job, str(exc))
                 continue
             except StoreFailed as exc:
                 state = forwarder.queue.fail(job, str(exc), None, permanent=False)
+                if state == "dead":
+                    forwarder.audit_dead_letter(job, str(exc))
                 delay = self.pause(str(exc))
                 forwarder.queue.postpone(jobs[position + 1 :], delay, str(exc))
                 log.warning("store_retry", job_id=job.id, destination=self.name, state=state, reason=str(exc))
@@ -129,6 +213,8 @@ class DestinationLane:
                 state = forwarder.queue.fail(job, reason, outcome.status, permanent=outcome.permanent_failure)
                 log_event = log.error if state == "dead" else log.warning
                 log_event("store_refused", job_id=job.id, destination=self.name, sop_instance_uid=job.sop_instance_uid, reason=reason, state=state)
+                if state == "dead":
+                    forwarder.audit_dead_letter(job, reason)
         if delivered:
             forwarder.acknowledge(server, delivered)
 
@@ -136,11 +222,19 @@ class DestinationLane:
 class Forwarder:
     """Owns one lane per destination; `notify` wakes a lane as soon as a job is committed."""
 
-    def __init__(self, holder: ConfigHolder, queue: ForwardQueue, spool: Spool, record_acks: AckRecorder):
+    def __init__(
+        self,
+        holder: ConfigHolder,
+        queue: ForwardQueue,
+        spool: Spool,
+        record_acks: AckRecorder,
+        audit: AuditTrail | NoAudit | None = None,
+    ):
         self.holder = holder
+        self.audit = audit or NoAudit()
         self.queue = queue
         self.spool = spool
-        self.record_acks = record_acks
+        self.acks = AckWriter(record_acks, spool)
         self.stopping = threading.Event()
         self.lanes: dict[str, DestinationLane] = {}
         self._lock = threading.Lock()
@@ -150,6 +244,7 @@ class Forwarder:
         return self.holder.current.router.forwarding
 
     def start(self) -> None:
+        self.acks.start()
         self.ensure_lanes(self.holder.current)
         for name in self.queue.destinations_with_work():
             if name not in self.lanes:
@@ -168,17 +263,17 @@ class Forwarder:
         if lane is not None:
             lane.notify()
 
+    def audit_dead_letter(self, job: ClaimedJob, reason: str) -> None:
+        """A job given up on: an audit row (the job itself stays, `queue retry` revives it)."""
+        self.audit.record(
+            "forward", "dead_letter", servers=[job.destination], study_uid=job.header.get("StudyInstanceUID"),
+            detail=f"job {job.id}, SOP Instance UID {job.sop_instance_uid}, after {job.attempts + 1} attempts: {reason}"[:2000],
+            counts={"instances": 1},
+        )
+
     def acknowledge(self, server: ServerConfig, jobs: list[ClaimedJob]) -> None:
-        """Record the deliveries, then delete spool files no destination still needs."""
-        try:
-            removable = self.record_acks(server, jobs)
-        except Exception:
-            # The jobs stay claimed; the lease expires and they are sent again (idempotent).
-            log.exception("ack_record_failed", destination=server.name, jobs=len(jobs))
-            return
-        for path in removable:
-            self.spool.remove(Path(path))
-        log.debug("delivered", destination=server.name, instances=len(jobs))
+        """Hand the deliveries to the ack writer: catalog, jobs done, spool files freed."""
+        self.acks.submit(server, jobs)
 
     def stop(self, timeout_s: float = 10.0) -> None:
         self.stopping.set()
@@ -188,6 +283,7 @@ class Forwarder:
         for lane in self.lanes.values():
             for thread in lane.threads:
                 thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        self.acks.stop(timeout_s=max(1.0, deadline - time.monotonic()))
         released = self.queue.release_claims()
         log.info("forwarder_stopped", released_claims=released)
 

@@ -8,13 +8,60 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, delete, func, or_, select, update
+from sqlalchemy import and_, bindparam, delete, func, insert, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomrouter.catalog.models import ForwardJob
 from dicomrouter.config import ForwardingConfig
 
 PENDING, CLAIMED, DONE, DEAD = "pending", "claimed", "done", "dead"
+
+# Statements on the C-STORE path, built once so SQLAlchemy reuses their compiled form.
+_INSERT_JOB = insert(ForwardJob.__table__)
+_OPEN_JOB = (
+    select(ForwardJob.id)
+    .where(
+        ForwardJob.sha256 == bindparam("sha256"),
+        ForwardJob.destination == bindparam("destination"),
+        ForwardJob.state.in_((PENDING, CLAIMED)),
+    )
+    .limit(1)
+)
+_jobs = ForwardJob.__table__.c
+_DUE = or_(
+    and_(_jobs.state == PENDING, _jobs.next_attempt_at <= bindparam("now")),
+    and_(_jobs.state == CLAIMED, _jobs.lease_until < bindparam("now")),
+)
+_CLAIM_CANDIDATES = (
+    select(_jobs.id)
+    .where(_jobs.destination == bindparam("destination"), _DUE)
+    .order_by(_jobs.id)
+    .limit(bindparam("limit"))
+    .with_for_update(skip_locked=True)
+)
+_CLAIM = (
+    update(ForwardJob.__table__)
+    .where(_jobs.id.in_(bindparam("ids", expanding=True)), _DUE)
+    .values(state=CLAIMED, claimed_by=bindparam("node"), lease_until=bindparam("new_lease"), updated_at=bindparam("now"))
+    .returning(
+        _jobs.id,
+        _jobs.sop_instance_uid,
+        _jobs.spool_path,
+        _jobs.sha256,
+        _jobs.size_bytes,
+        _jobs.destination,
+        _jobs.attempts,
+        _jobs.header,
+    )
+)
+_COMPLETE = (
+    update(ForwardJob.__table__)
+    .where(_jobs.id.in_(bindparam("ids", expanding=True)), _jobs.claimed_by == bindparam("node"))
+    .values(state=DONE, lease_until=None, updated_at=bindparam("now"), last_error=None)
+)
+_PATHS_STILL_NEEDED = select(_jobs.spool_path).where(
+    _jobs.spool_path.in_(bindparam("paths", expanding=True)), _jobs.state.in_((PENDING, CLAIMED, DEAD))
+)
 
 
 def utcnow() -> datetime:
@@ -73,75 +120,51 @@ class ForwardQueue:
 
     def enqueue(self, session: Session, jobs: Sequence[NewJob]) -> None:
         """Add jobs inside the caller's transaction (committed together with the receive)."""
+        if not jobs:
+            return
         now = utcnow()
-        for job in jobs:
-            session.add(
-                ForwardJob(
-                    sop_instance_uid=job.sop_instance_uid,
-                    spool_path=job.spool_path,
-                    sha256=job.sha256,
-                    size_bytes=job.size_bytes,
-                    destination=job.destination,
-                    state=PENDING,
-                    attempts=0,
-                    next_attempt_at=now,
-                    created_at=now,
-                    updated_at=now,
-                    calling_ae=job.calling_ae,
-                    called_ae=job.called_ae,
-                    header=job.header,
-                )
-            )
+        rows = [
+            {
+                "sop_instance_uid": job.sop_instance_uid,
+                "spool_path": job.spool_path,
+                "sha256": job.sha256,
+                "size_bytes": job.size_bytes,
+                "destination": job.destination,
+                "state": PENDING,
+                "attempts": 0,
+                "next_attempt_at": now,
+                "created_at": now,
+                "updated_at": now,
+                "calling_ae": job.calling_ae,
+                "called_ae": job.called_ae,
+                "header": job.header,
+            }
+            for job in jobs
+        ]
+        session.execute(_INSERT_JOB, rows)
 
     def open_job_for(self, session: Session, sha256: str, destination: str) -> bool:
         """A job for these exact bytes to this destination is already queued (not dead, not done)."""
-        query = select(ForwardJob.id).where(
-            ForwardJob.sha256 == sha256,
-            ForwardJob.destination == destination,
-            ForwardJob.state.in_((PENDING, CLAIMED)),
-        )
-        return session.execute(query.limit(1)).first() is not None
+        return session.execute(_OPEN_JOB, {"sha256": sha256, "destination": destination}).first() is not None
 
     # -- consuming
 
     def claim(self, destination: str, limit: int) -> list[ClaimedJob]:
         """Take up to `limit` due jobs (or expired claims) for one destination; no job twice."""
         now = utcnow()
-        due = or_(
-            and_(ForwardJob.state == PENDING, ForwardJob.next_attempt_at <= now),
-            and_(ForwardJob.state == CLAIMED, ForwardJob.lease_until < now),
-        )
         with self.sessions.begin() as session:
-            candidates = (
-                select(ForwardJob.id)
-                .where(ForwardJob.destination == destination, due)
-                .order_by(ForwardJob.id)
-                .limit(limit)
-                .with_for_update(skip_locked=True)
-            )
-            ids = list(session.scalars(candidates))
+            ids = list(session.scalars(_CLAIM_CANDIDATES, {"destination": destination, "now": now, "limit": limit}))
             if not ids:
                 return []
             # The state condition again: on SQLite (no row locks) a racing claim changes 0 rows.
             claimed = session.execute(
-                update(ForwardJob)
-                .where(ForwardJob.id.in_(ids), due)
-                .values(
-                    state=CLAIMED,
-                    claimed_by=self.node_id,
-                    lease_until=now + timedelta(seconds=self.settings.lease_s),
-                    updated_at=now,
-                )
-                .returning(
-                    ForwardJob.id,
-                    ForwardJob.sop_instance_uid,
-                    ForwardJob.spool_path,
-                    ForwardJob.sha256,
-                    ForwardJob.size_bytes,
-                    ForwardJob.destination,
-                    ForwardJob.attempts,
-                    ForwardJob.header,
-                )
+                _CLAIM,
+                {
+                    "ids": ids,
+                    "now": now,
+                    "node": self.node_id,
+                    "new_lease": now + timedelta(seconds=self.settings.lease_s),
+                },
             ).all()
         jobs = [ClaimedJob(*row) for row in claimed]
         jobs.sort(key=lambda job: job.id)
@@ -150,24 +173,14 @@ class ForwardQueue:
     def complete(self, session: Session, job_ids: Iterable[int]) -> None:
         ids = list(job_ids)
         if ids:
-            session.execute(
-                update(ForwardJob)
-                .where(ForwardJob.id.in_(ids), ForwardJob.claimed_by == self.node_id)
-                .values(state=DONE, lease_until=None, updated_at=utcnow(), last_error=None)
-            )
+            session.execute(_COMPLETE, {"ids": ids, "node": self.node_id, "now": utcnow()})
 
     def unreferenced_paths(self, session: Session, paths: Iterable[str]) -> list[str]:
         """Spool paths that no open or dead job needs any more (safe to delete)."""
         paths = sorted(set(paths))
         if not paths:
             return []
-        still_needed = set(
-            session.scalars(
-                select(ForwardJob.spool_path).where(
-                    ForwardJob.spool_path.in_(paths), ForwardJob.state.in_((PENDING, CLAIMED, DEAD))
-                )
-            )
-        )
+        still_needed = set(session.scalars(_PATHS_STILL_NEEDED, {"paths": paths}))
         return [p for p in paths if p not in still_needed]
 
     def fail(self, job: ClaimedJob, error: str, status: int | None, permanent: bool) -> str:

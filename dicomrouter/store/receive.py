@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import re
+import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from io import BytesIO
 from typing import Any
 
 from pydicom import dcmread
-from pydicom.errors import InvalidDicomError
-from sqlalchemy import select
+from pydicom.filereader import _read_file_meta_info, read_preamble
+from pydicom.uid import DeflatedExplicitVRLittleEndian
+from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomrouter.catalog.models import Instance, InstanceLocation, Server
@@ -31,6 +33,9 @@ DATASET_MISMATCH = 0xA900
 CANNOT_UNDERSTAND = 0xC000
 DUPLICATE_REFUSED = 0xC011
 NO_DESTINATION = 0xC012
+
+# Deflate gives real DICOM a few times, text-heavy reports some tens; a bomb gives a thousand.
+MAX_INFLATION_RATIO = 100
 
 UID_PATTERN = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 
@@ -58,6 +63,8 @@ class ReceiveResult:
     comment: str = ""
     destinations: tuple[str, ...] = ()  # the destinations a job was queued for
     sop_instance_uid: str | None = None
+    study_uid: str | None = None  # for the audit trail, once the header was read
+    servers: tuple[str, ...] = ()  # the destinations routing chose (refused or not)
 
 
 def valid_uid(value: str | None) -> bool:
@@ -84,13 +91,45 @@ def check_complete(dataset) -> None:
             raise ValueError(f"element {tag} is truncated: {len(value)} of {length} bytes")
 
 
-def read_header(encoded: bytes, keywords: Iterable[str]) -> dict[str, Any]:
-    """Parse the dataset without decoding pixels; check it is whole; return what we route by.
+def check_readable(dataset) -> None:
+    """Convert every value, nested ones included: what the spool keeps must read back.
 
-    Values stay raw bytes until a keyword is asked for, so pixel data is only carried along.
+    pydicom parses lazily; without this walk a wrong VR or a broken item deep in a sequence
+    would pass here and fail at the destination. Pixel data stays bytes (nothing is decoded).
     """
+    for element in dataset.iterall():
+        _ = element.value
+
+
+def check_inflation(encoded: bytes) -> None:
+    """Refuse a deflated dataset that would inflate far beyond what deflate gives real data.
+
+    pydicom inflates the whole dataset at once; a few hundred KiB of deflated zeros would cost
+    gigabytes and minutes of parsing.
+    """
+    fp = BytesIO(encoded)
+    read_preamble(fp, False)
+    meta = _read_file_meta_info(fp)  # written by pynetdicom from the negotiated context
+    if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
+        return
+    deflated = encoded[fp.tell() :]
+    limit = MAX_INFLATION_RATIO * len(deflated) + 1024 * 1024
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    inflated = 0
+    for start in range(0, len(deflated), 65536):
+        inflated += len(inflater.decompress(deflated[start : start + 65536], limit + 1 - inflated))
+        while inflater.unconsumed_tail and inflated <= limit:
+            inflated += len(inflater.decompress(inflater.unconsumed_tail, limit + 1 - inflated))
+        if inflated > limit:
+            raise ValueError(f"deflated dataset of {len(deflated)} bytes inflates beyond {limit} bytes")
+
+
+def read_header(encoded: bytes, keywords: Iterable[str]) -> dict[str, Any]:
+    """Parse the whole dataset (pixels stay bytes); check it is whole; return what we route by."""
+    check_inflation(encoded)
     dataset = dcmread(BytesIO(encoded), force=False)
     check_complete(dataset)
+    check_readable(dataset)
     header: dict[str, Any] = {}
     for keyword in {*CATALOG_KEYWORDS, *keywords}:
         value = dataset.get(keyword)
@@ -100,14 +139,18 @@ def read_header(encoded: bytes, keywords: Iterable[str]) -> dict[str, Any]:
     return header
 
 
+# Built once: SQLAlchemy then reuses their cache keys instead of recomputing them per C-STORE.
+_DELIVERED_COPIES = (
+    select(Server.name, Instance.sha256)
+    .join(InstanceLocation, InstanceLocation.server_id == Server.id)
+    .join(Instance, Instance.id == InstanceLocation.instance_id)
+    .where(Instance.sop_instance_uid == bindparam("sop_uid"))
+)
+
+
 def delivered_copies(session: Session, sop_instance_uid: str) -> dict[str, str | None]:
     """server name -> sha256 of the copy that server acknowledged."""
-    rows = session.execute(
-        select(Server.name, Instance.sha256)
-        .join(InstanceLocation, InstanceLocation.server_id == Server.id)
-        .join(Instance, Instance.id == InstanceLocation.instance_id)
-        .where(Instance.sop_instance_uid == sop_instance_uid)
-    ).all()
+    rows = session.execute(_DELIVERED_COPIES, {"sop_uid": sop_instance_uid}).all()
     return {name: sha for name, sha in rows}
 
 
@@ -139,53 +182,72 @@ class ReceiveService:
             return ReceiveResult(DATASET_MISMATCH, "Affected SOP Instance UID is not a valid UID")
         try:
             header = read_header(encoded, rule_keywords(config))
-        except (InvalidDicomError, ValueError, TypeError, KeyError, EOFError, OSError, AttributeError) as exc:
-            bound.warning("store_refused", reason=f"unreadable dataset: {exc}")
-            return ReceiveResult(CANNOT_UNDERSTAND, f"cannot parse the dataset: {str(exc)[:200]}")
+        except MemoryError:
+            bound.error("store_refused", reason="out of memory while parsing")
+            return ReceiveResult(OUT_OF_RESOURCES, "out of memory while parsing the dataset")
+        except Exception as exc:
+            # Untrusted bytes: pydicom raises struct.error, RecursionError (deep sequences),
+            # zlib.error (deflate), UnicodeDecodeError... all mean the same thing to the sender.
+            reason = f"{exc.__class__.__name__}: {exc}"[:200]
+            bound.warning("store_refused", reason=f"unreadable dataset: {reason}")
+            return ReceiveResult(CANNOT_UNDERSTAND, f"cannot parse the dataset: {reason}")
+        study = header.get("StudyInstanceUID")
+        study_uid = study if isinstance(study, str) else None
         if sop_instance_uid is None:
             sop_instance_uid = header.get("SOPInstanceUID")
             if not valid_uid(sop_instance_uid) or not valid_uid(header.get("SOPClassUID")):
-                return ReceiveResult(DATASET_MISMATCH, "the dataset has no valid SOP Instance or SOP Class UID")
+                return ReceiveResult(
+                    DATASET_MISMATCH, "the dataset has no valid SOP Instance or SOP Class UID", study_uid=study_uid
+                )
         if header.get("SOPInstanceUID") != sop_instance_uid:
             bound.warning("store_refused", reason="SOP Instance UID in dataset differs from the request")
-            return ReceiveResult(DATASET_MISMATCH, "SOPInstanceUID in the dataset does not match the request")
+            return ReceiveResult(
+                DATASET_MISMATCH, "SOPInstanceUID in the dataset does not match the request", study_uid=study_uid
+            )
         if not valid_uid(header.get("SOPClassUID")):
             bound.warning("store_refused", reason="no valid SOP Class UID in the dataset")
-            return ReceiveResult(DATASET_MISMATCH, "the dataset has no valid SOPClassUID")
+            return ReceiveResult(DATASET_MISMATCH, "the dataset has no valid SOPClassUID", study_uid=study_uid)
         decision = choose_destinations(config, caller.ae_title, called_ae, header)
         if decision.refused:
             bound.warning("store_refused", reason=decision.refused)
-            return ReceiveResult(NO_DESTINATION, decision.refused)
-        forbidden = [s.name for s in decision.destinations if not may_write(caller, s)]
+            return ReceiveResult(NO_DESTINATION, decision.refused, study_uid=study_uid)
+        names = tuple(s.name for s in decision.destinations)
+        forbidden = [s for s in decision.destinations if not may_write(caller, s)]
         if forbidden:
-            reason = f"{caller.ae_title} may not write to {', '.join(forbidden)} ({decision.reason})"
-            bound.warning("store_refused", reason=reason)
-            return ReceiveResult(REFUSED_NOT_AUTHORIZED, reason)
+            needs = ", ".join(sorted({f"{s.environment}_write" for s in forbidden}))
+            reason = (
+                f"{caller.ae_title} may not write to {', '.join(s.name for s in forbidden)}"
+                f" (needs {needs}; {decision.reason})"
+            )
+            bound.warning("store_refused", reason=reason, status="0x0124")
+            return ReceiveResult(REFUSED_NOT_AUTHORIZED, reason, study_uid=study_uid, servers=names)
         try:
             spooled = self.spool.write(encoded)
         except SpoolFull as exc:
             bound.error("store_refused", reason=str(exc))
-            return ReceiveResult(OUT_OF_RESOURCES, str(exc))
+            return ReceiveResult(OUT_OF_RESOURCES, str(exc), study_uid=study_uid, servers=names)
         except SpoolError as exc:
             bound.error("store_refused", reason=str(exc))
-            return ReceiveResult(OUT_OF_RESOURCES, str(exc))
-        names = tuple(s.name for s in decision.destinations)
+            return ReceiveResult(OUT_OF_RESOURCES, str(exc), study_uid=study_uid, servers=names)
         try:
             queued, refusal = self._queue_jobs(config, caller, called_ae, spooled, header, names)
         except Exception as exc:
             self.spool.remove(spooled.path)
             bound.exception("store_refused", reason="catalog unavailable")
-            return ReceiveResult(OUT_OF_RESOURCES, f"cannot queue the instance: {exc.__class__.__name__}")
+            comment = f"cannot queue the instance: {exc.__class__.__name__}"
+            return ReceiveResult(OUT_OF_RESOURCES, comment, study_uid=study_uid, servers=names)
         if refusal:
             self.spool.remove(spooled.path)
             bound.warning("store_refused", reason=refusal)
-            return ReceiveResult(DUPLICATE_REFUSED, refusal)
+            return ReceiveResult(DUPLICATE_REFUSED, refusal, study_uid=study_uid, servers=names)
         if not queued:
             self.spool.remove(spooled.path)  # every destination already has these exact bytes
         for name in queued:
             self.notify(name)
         bound.info("stored", destinations=names, queued=queued, route=decision.reason, bytes=spooled.size)
-        return ReceiveResult(SUCCESS, destinations=queued, sop_instance_uid=sop_instance_uid)
+        return ReceiveResult(
+            SUCCESS, destinations=queued, sop_instance_uid=sop_instance_uid, study_uid=study_uid, servers=names
+        )
 
     def _queue_jobs(self, config, caller, called_ae, spooled, header, names) -> tuple[tuple[str, ...], str | None]:
         sop_uid = header["SOPInstanceUID"]

@@ -1,0 +1,211 @@
+"""The audit trail: `record()` never blocks; a background thread batches rows into the catalog.
+
+DICOM handlers must not wait for (or fail because of) the database: a row goes into a bounded
+in-memory buffer and a writer thread inserts batches. While the database is unavailable the
+writer keeps the rows and retries with backoff; they are written when it returns. When the
+buffer is full, new rows are counted and dropped, and one row saying how many were lost is
+written once the database answers again.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from dicomrouter.catalog.queries import audit_values
+from dicomrouter.logging import get_logger
+
+log = get_logger(__name__)
+
+# Writes a batch of rows (as catalog.queries.audit_values makes them) in one transaction.
+AuditSink = Callable[[Sequence[Mapping[str, Any]]], None]
+
+
+class AuditTrail:
+    """A bounded buffer of audit rows and the thread that writes them."""
+
+    def __init__(
+        self,
+        sink: AuditSink,
+        node: str | None = None,
+        capacity: int = 50_000,
+        batch_size: int = 500,
+        retry_initial_s: float = 0.2,
+        retry_max_s: float = 5.0,
+    ):
+        self.sink = sink
+        self.node = node
+        self.capacity = capacity
+        self.batch_size = batch_size
+        self.retry_initial_s = retry_initial_s
+        self.retry_max_s = retry_max_s
+        self._buffer: list[dict[str, Any]] = []
+        self._dropped = 0
+        self._written = 0
+        self._failing_since: str | None = None
+        self._condition = threading.Condition()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def record(self, operation: str, outcome: str, **fields: Any) -> None:
+        """Queue one row (fields as Catalog.add_audit takes them); returns at once, never raises."""
+        try:
+            row = audit_values(operation, outcome, node=fields.pop("node", self.node), **fields)
+        except Exception:
+            log.exception("audit_record_invalid", operation=operation, outcome=outcome)
+            return
+        with self._condition:
+            if len(self._buffer) >= self.capacity:
+                if not self._dropped:
+                    log.error("audit_buffer_full", capacity=self.capacity, reason="rows dropped until it drains")
+                self._dropped += 1
+                return
+            self._buffer.append(row)
+            self._condition.notify_all()
+
+    @property
+    def written(self) -> int:
+        """Rows written so far (for health output and tests)."""
+        return self._written
+
+    @property
+    def backlog(self) -> int:
+        """Rows waiting to be written."""
+        with self._condition:
+            return len(self._buffer)
+
+    def start(self) -> AuditTrail:
+        if self._thread is None:
+            self._stopping.clear()
+            self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
+            self._thread.start()
+        return self
+
+    def flush(self, timeout_s: float) -> bool:
+        """Wait until every row recorded so far is written; False if that took over `timeout_s`."""
+        with self._condition:
+            return self._condition.wait_for(lambda: not self._buffer and not self._dropped, timeout_s)
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Write what is buffered (up to `timeout_s`), then stop the writer."""
+        if self._thread is None:
+            return
+        self.flush(timeout_s)
+        self._stopping.set()
+        with self._condition:
+            self._condition.notify_all()
+        self._thread.join(timeout=max(timeout_s, 1.0))
+        self._thread = None
+        lost = self.backlog
+        if lost:
+            log.error("audit_rows_lost", rows=lost, reason=self._failing_since or "writer stopped")
+
+    def _next_batch(self) -> tuple[list[dict[str, Any]], int] | None:
+        with self._condition:
+            while not self._buffer and not self._dropped and not self._stopping.is_set():
+                self._condition.wait()
+            if self._stopping.is_set():
+                return None
+            return self._buffer[: self.batch_size], self._dropped
+
+    def _run(self) -> None:
+        delay = self.retry_initial_s
+        while True:
+            taken = self._next_batch()
+            if taken is None:
+                return
+            batch, dropped = taken
+            rows = list(batch)
+            if dropped:
+                rows.append(
+                    audit_values(
+                        "audit", "dropped", node=self.node, counts={"rows": dropped},
+                        detail=f"audit buffer full ({self.capacity} rows): {dropped} rows were not recorded",
+                    )
+                )
+            try:
+                self.sink(rows)
+            except Exception as exc:
+                self._note_failure(exc)
+                if self._stopping.wait(delay):
+                    return
+                delay = min(delay * 2, self.retry_max_s)
+                continue
+            delay = self.retry_initial_s
+            if self._failing_since is not None:
+                log.info("audit_writer_recovered", rows=len(rows))
+                self._failing_since = None
+            with self._condition:
+                del self._buffer[: len(batch)]
+                self._dropped -= dropped
+                self._written += len(batch)
+                self._condition.notify_all()
+
+    def _note_failure(self, exc: Exception) -> None:
+        reason = f"{exc.__class__.__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+        if self._failing_since is None:
+            log.warning("audit_writer_waiting", reason=reason, backlog=self.backlog)
+        self._failing_since = reason
+
+
+class NoAudit:
+    """An audit trail that records nothing (tools and tests that run parts of the router)."""
+
+    def record(self, operation: str, outcome: str, **fields: Any) -> None:
+        pass
+
+
+@dataclass
+class _StoreTally:
+    instances: int = 0
+    servers: set[str] = field(default_factory=set)
+    reason: str | None = None
+
+
+class AssociationAudit:
+    """The audit rows of one accepted association; stores are summed per study and outcome.
+
+    A modality sends a study as hundreds of C-STOREs: one row per (study, outcome) with the
+    count is written when the association ends, not one row per instance.
+    """
+
+    def __init__(self, trail: AuditTrail | NoAudit, calling_ae: str, called_ae: str, address: str):
+        self.trail = trail
+        self.identity = {"calling_ae": calling_ae, "called_ae": called_ae, "address": address}
+        self._stores: dict[tuple[str | None, str], _StoreTally] = {}
+        self._lock = threading.Lock()
+
+    def record(self, operation: str, outcome: str, **fields: Any) -> None:
+        """One row naming this association's caller."""
+        self.trail.record(operation, outcome, **self.identity, **fields)
+
+    def count_store(self, study_uid: str | None, outcome: str, servers: Sequence[str], reason: str | None) -> None:
+        """Add one C-STORE to the tally of its study and outcome."""
+        with self._lock:
+            tally = self._stores.setdefault((study_uid, outcome), _StoreTally())
+            tally.instances += 1
+            tally.servers.update(servers)
+            if reason and tally.reason is None:
+                tally.reason = reason
+
+    def close(self) -> None:
+        """Write the store tallies (called once, when the association ends)."""
+        with self._lock:
+            stores, self._stores = self._stores, {}
+        for (study_uid, outcome), tally in stores.items():
+            self.record(
+                "store",
+                outcome,
+                servers=sorted(tally.servers),
+                study_uid=study_uid,
+                detail=tally.reason,
+                counts={"instances": tally.instances},
+            )
+
+
+def association_audit(assoc: Any) -> AssociationAudit:
+    """The audit of an association the gate accepted (a no-op one for any other)."""
+    audit = getattr(assoc, "router_audit", None)
+    return audit if audit is not None else AssociationAudit(NoAudit(), "", "", "")

@@ -1,0 +1,82 @@
+"""`audit`: the audit trail, filtered by time, calling AE, study or operation."""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import UTC, datetime, timedelta
+
+import click
+
+from dicomrouter.cli.common import CliState, open_catalog, pass_state, print_table
+
+_RELATIVE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+def parse_since(value: str, now: datetime | None = None) -> datetime:
+    """'30m', '2h', '7d' ago, or an ISO date/time (local time unless it names a zone) -> aware UTC."""
+    now = now or datetime.now(UTC)
+    match = _RELATIVE.match(value)
+    if match:
+        return now - timedelta(**{_UNITS[match.group(2)]: float(match.group(1))})
+    try:
+        moment = datetime.fromisoformat(value.strip())
+    except ValueError:
+        raise click.BadParameter(
+            f"{value!r}: use a duration ago (30m, 2h, 7d) or an ISO date/time (2025-01-31, 2025-01-31T08:00)",
+            param_hint="--since",
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.astimezone()  # the local time zone
+    return moment.astimezone(UTC)
+
+
+def _event_dict(event) -> dict:
+    return {
+        "id": event.id,
+        "at": event.at.isoformat(),
+        "operation": event.operation,
+        "outcome": event.outcome,
+        "calling_ae": event.calling_ae,
+        "called_ae": event.called_ae,
+        "address": event.address,
+        "servers": event.servers.split(",") if event.servers else [],
+        "study_uid": event.study_uid,
+        "counts": event.counts,
+        "detail": event.detail,
+        "node": event.node,
+    }
+
+
+@click.command("audit")
+@click.option("--since", help="Only events since then: 30m, 2h, 7d, or an ISO date/time (local time).")
+@click.option("--ae", "calling_ae", help="Only events of this calling AE title.")
+@click.option("--study", "study_uid", help="Only events about this Study Instance UID.")
+@click.option("--operation", help="association, echo, store, find, worklist, move, get, forward, config.")
+@click.option("--limit", type=click.IntRange(1), default=200, show_default=True, help="The newest N events.")
+@click.option("--json", "as_json", is_flag=True)
+@pass_state
+def audit_command(
+    state: CliState, since: str | None, calling_ae: str | None, study_uid: str | None,
+    operation: str | None, limit: int, as_json: bool,
+) -> None:
+    """The audit trail: associations, DICOM operations, CLI config changes, dead letters."""
+    since_at = parse_since(since) if since else None
+    catalog = open_catalog(state.config(), must_exist=True)
+    events = catalog.audit_events(
+        since=since_at, calling_ae=calling_ae, study_uid=study_uid, operation=operation, limit=limit
+    )
+    if as_json:
+        click.echo(json.dumps([_event_dict(e) for e in events], indent=2))
+        return
+    rows = [
+        (
+            e.at.astimezone().strftime("%Y-%m-%d %H:%M:%S"), e.operation, e.outcome, e.calling_ae,
+            e.address, e.servers, e.study_uid,
+            " ".join(f"{k}={v}" for k, v in (e.counts or {}).items()) or None,
+            (e.detail or "")[:100] or None,
+        )
+        for e in events
+    ]
+    print_table(("time", "operation", "outcome", "calling_ae", "address", "servers", "study_uid", "counts", "detail"), rows)

@@ -1,0 +1,126 @@
+"""Association limits under load: a flood is refused, idle connections are dropped, echo keeps working."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.flood import connect_cycles, flood, wait_for_figures
+from tests.raw_peer import A_ASSOCIATE_RJ, RawPeer, associate_rq, process_figures
+from tests.router_process import RouterProcess
+from tests.test_echo_scp import log_events, write_router_config
+from tests.test_front_pdus import crashes_in_log, echo_succeeds
+
+MAX_ASSOCIATIONS = 8
+ACSE_TIMEOUT = 4.0  # the flood client itself is slow to send its requests on 2 cores
+
+
+@pytest.fixture
+def router(tmp_path):
+    path, port = write_router_config(
+        tmp_path, router={"max_associations": MAX_ASSOCIATIONS, "acse_timeout": ACSE_TIMEOUT, "network_timeout": 20}
+    )
+    process = RouterProcess(path, port)
+    process.start()
+    try:
+        assert echo_succeeds(port)
+        yield process
+    finally:
+        process.stop()
+
+
+def wait_for_rejections(router: RouterProcess, expected: int, timeout: float = 10.0) -> int:
+    deadline = time.monotonic() + timeout
+    while True:
+        count = sum(
+            1 for record in log_events(router, "association_rejected") if "local limit exceeded" in record["reason"]
+        )
+        if count >= expected or time.monotonic() > deadline:
+            return count
+        time.sleep(0.1)
+
+
+def test_flood_is_refused_while_echo_keeps_answering(router):
+    pid = router.process.pid
+    before = process_figures(pid)
+    idle = [RawPeer(router.port) for _ in range(MAX_ASSOCIATIONS)]  # connected, never a byte
+    try:
+        result = flood(router.port, attempts=10 * MAX_ASSOCIATIONS)
+        # The keeper holds one slot; the flood gets at most the rest.
+        assert 1 <= result.established <= MAX_ASSOCIATIONS - 1
+        # Every other attempt got A-ASSOCIATE-RJ "local limit exceeded" from the router. Now and
+        # then pynetdicom's requestor reports such a rejection as an abort (its state machine sees
+        # the close right after the RJ), so count the router's rejections too.
+        assert all(other.startswith("aborted=True") for other in result.other), result.other
+        assert len(result.other) <= result.attempts // 10, result.other
+        rejected = wait_for_rejections(router, result.attempts - result.established)
+        assert rejected == result.attempts - result.established
+        assert result.echo_failures == 0
+        assert result.echo_count >= 3
+        assert result.echo_max_s < 1.0, f"a C-ECHO took {result.echo_max_s:.2f} s during the flood"
+        # The idle connections were dropped after the ACSE timeout, not held.
+        for peer in idle:
+            assert peer.wait_closed(timeout=ACSE_TIMEOUT + 5).closed
+    finally:
+        for peer in idle:
+            peer.close()
+    cycles = connect_cycles(router.port, 400)
+    assert cycles == 400
+    # A few files open lazily (catalog connections); a leak would show one per connection.
+    fds_bound = before["open_fds"] + 8
+    after = wait_for_figures(pid, before["threads"], fds_bound, timeout=ACSE_TIMEOUT + 10)
+    assert after["threads"] <= before["threads"], (before, after)
+    assert after["open_fds"] <= fds_bound, (before, after)
+    # Generous: a leak of a few KiB per connection would show over 480 connections and 400 cycles.
+    assert after["rss_kib"] < before["rss_kib"] + 64 * 1024, (before, after)
+    assert echo_succeeds(router.port)
+    assert not crashes_in_log(router)
+    print(f"\nflood {result}; 400 cycles; router before {before}, after {after}")
+
+
+def test_idle_connections_do_not_take_association_slots(router):
+    """As many connections as max_associations sit idle; an association still gets in."""
+    idle = [RawPeer(router.port) for _ in range(MAX_ASSOCIATIONS)]
+    try:
+        time.sleep(0.2)
+        assert echo_succeeds(router.port)
+    finally:
+        for peer in idle:
+            peer.close()
+
+
+def test_connections_over_the_bound_get_local_limit_exceeded_then_room_again(router):
+    idle = [RawPeer(router.port) for _ in range(2 * MAX_ASSOCIATIONS)]  # the connection bound
+    try:
+        time.sleep(0.2)
+        with RawPeer(router.port) as peer:
+            peer.send(associate_rq("WORKSTATION", "DICOMROUTER"))
+            # A-ASSOCIATE-RJ: rejected-transient, service provider (presentation), local limit exceeded
+            assert peer.read_pdu(timeout=ACSE_TIMEOUT + 5) == (A_ASSOCIATE_RJ, b"\x00\x02\x03\x02")
+        # After the ACSE timeout the idle ones are gone and there is room again.
+        for peer in idle:
+            assert peer.wait_closed(timeout=ACSE_TIMEOUT + 5).closed
+        assert echo_succeeds(router.port)
+    finally:
+        for peer in idle:
+            peer.close()
+
+
+def test_port_probes_free_their_slot_at_once(router):
+    """Connect-and-close probes do not wait out the ACSE timeout holding a slot."""
+    for _ in range(5 * MAX_ASSOCIATIONS):
+        RawPeer(router.port).close()
+    started = time.monotonic()
+    assert echo_succeeds(router.port)
+    assert time.monotonic() - started < ACSE_TIMEOUT
+
+
+def test_idle_association_is_dropped_after_the_network_timeout(tmp_path):
+    path, port = write_router_config(tmp_path, router={"network_timeout": 1.5})
+    with RouterProcess(path, port):
+        with RawPeer(port) as peer:
+            peer.associate()
+            closed = peer.wait_closed(timeout=10)
+        assert closed.closed
+        assert 1.0 < closed.seconds < 6.0
