@@ -22,7 +22,8 @@ from dicomrouter.config import load_config
 from dicomrouter.net.sockets import OUTGOING_SOCKET_HANDLERS
 from dicomrouter.pacsfarm import ORTHANC_BINARY, OrthancServer, OrthancSpec, free_ports
 from tests.configs import base_document, write_document
-from tests.orthanc_fixtures import make_test_instance, write_instance
+from tests.move_support import edit_config, received_sop_uids, workstation
+from tests.orthanc_fixtures import instance_bytes, make_test_instance, write_instance
 from tests.router_process import RouterProcess, run_dcmtk
 from tests.store_helpers import storescu
 from tests.test_echo_scp import dead_port_servers, log_events, wait_for_event
@@ -393,3 +394,18 @@ def test_federated_find_reports_tls_failures(tmp_path, pki, tls_orthanc, tls, wo
     found = dicomrouter(path, "find", "-k", "PatientID=NOBODY")
     output = found.stdout + found.stderr
     assert "TLS" in output and words in output, output
+
+
+@pytest.mark.slow
+def test_relay_move_retrieves_from_a_tls_pacs(tmp_path, pki, tls_orthanc):
+    """The relay route's C-GET (the lean upper layer) goes over TLS; the workstation gets it in plain."""
+    tls_orthanc.delete_all()
+    instance = make_test_instance(patient_id="TLS0002", patient_name="Tls^Relay")
+    tls_orthanc.upload(instance_bytes(instance))
+    path, _port = tls_pacs_config(tmp_path, tls_orthanc, our_identity(pki))
+    workstation_port = free_ports(1)[0]
+    edit_config(path, lambda document: document["clients"][0].update(port=workstation_port))
+    with workstation(workstation_port, tmp_path / "ws") as folder:
+        result = dicomrouter(path, "move", str(instance.StudyInstanceUID), "--to", "WORKSTATION", "--from", "TLS PACS")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert received_sop_uids(folder) == {str(instance.SOPInstanceUID)}

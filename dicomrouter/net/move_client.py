@@ -19,6 +19,7 @@ from pynetdicom.sop_class import (
 )
 
 from dicomrouter.config import RouterSettings, ServerConfig, calling_ae_for
+from dicomrouter.net.peer import PeerUnavailable, peer_tls_context
 from dicomrouter.net.upper_layer import (
     EXPLICIT_VR_LE,
     IMPLICIT_VR_LE,
@@ -79,7 +80,12 @@ def open_retrieve_link(
     contexts: list[tuple[str, list[str]]],
     scp_roles: list[str] | tuple[str, ...] = (),
 ) -> Link:
-    """An association for C-MOVE or C-GET to `server`, or PeerMoveError saying why not."""
+    """An association for C-MOVE or C-GET to `server` (over TLS when it has a `tls:` block), or
+    PeerMoveError saying why not."""
+    try:
+        tls_context = peer_tls_context(server)
+    except PeerUnavailable as exc:
+        raise PeerMoveError(exc.status, exc.reason) from None
     try:
         return open_link(
             server.host,
@@ -91,6 +97,7 @@ def open_retrieve_link(
             router.connect_timeout_s,
             router.acse_timeout_s,
             scp_roles,
+            tls_context,
         )
     except UpperLayerError as exc:
         raise PeerMoveError(exc.kind, exc.reason) from None

@@ -14,7 +14,7 @@ from pynetdicom import _config as pynetdicom_config
 from pynetdicom.association import Association
 
 from dicomrouter.config import RouterSettings, ServerConfig, calling_ae_for
-from dicomrouter.net.peer import PeerUnavailable, make_ae, open_association
+from dicomrouter.net.peer import PeerUnavailable, make_ae, open_association, peer_tls_context
 from dicomrouter.net.upper_layer import (
     Link,
     UpperLayerError,
@@ -159,6 +159,7 @@ class EncodedStoreClient:
         if link is not None and not link.closed and not newly_wanted:
             raise rejected
         self.close()
+        tls_context = peer_tls_context(self.peer)  # PeerUnavailable when its files fail to load
         try:
             self._link = open_link(
                 self.peer.host,
@@ -169,6 +170,7 @@ class EncodedStoreClient:
                 self.router.max_pdu_size,
                 self.router.connect_timeout_s,
                 self.router.acse_timeout_s,
+                tls_context=tls_context,
             )
         except UpperLayerError as exc:
             raise PeerUnavailable("rejected" if exc.kind == "rejected" else "unreachable", exc.reason) from None

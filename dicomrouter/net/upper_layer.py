@@ -399,11 +399,16 @@ def open_link(
     connect_timeout_s: float,
     acse_timeout_s: float,
     scp_roles: Sequence[str] = (),
+    tls_context: ssl.SSLContext | None = None,
 ) -> Link:
-    """Connect and associate; UpperLayerError (unreachable | rejected | aborted) says why not."""
-    layer = UpperLayer(host, port, connect_timeout_s)
+    """Connect (over TLS with `tls_context`) and associate; UpperLayerError (unreachable |
+    rejected | aborted) says why not."""
+    layer = UpperLayer(host, port, connect_timeout_s, tls_context)
     try:
-        layer.send(associate_request(calling_ae, called_ae, contexts, max_pdu, scp_roles))
+        try:
+            layer.send(associate_request(calling_ae, called_ae, contexts, max_pdu, scp_roles))
+        except OSError as exc:
+            raise layer.send_failure(exc) from None
         try:
             pdu_type, body = layer.receive(acse_timeout_s)
         except TimeoutError:
