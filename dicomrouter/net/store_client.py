@@ -1,7 +1,7 @@
-"""C-STORE SCU to one PACS over a reused association, sending spool files as encoded bytes.
+"""C-STORE SCU to one PACS over a reused association, sending data sets as the encoded bytes.
 
-`StoreClient` (pynetdicom) sends spool files for the forwarder; `EncodedStoreClient` (the lean
-upper layer) sends data sets already encoded in memory for the relay, without decoding them.
+`EncodedStoreClient` speaks the lean upper layer (net/upper_layer.py): the forwarder sends spool
+files with it, the relay data sets it holds in memory; neither is ever decoded on the way.
 """
 
 from __future__ import annotations
@@ -10,11 +10,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
-from pynetdicom import _config as pynetdicom_config
-from pynetdicom.association import Association
-
 from dicomrouter.config import RouterSettings, ServerConfig, calling_ae_for
-from dicomrouter.net.peer import PeerUnavailable, make_ae, open_association, peer_tls_context
+from dicomrouter.net.peer import PeerUnavailable, peer_tls_context
 from dicomrouter.net.upper_layer import (
     Link,
     UpperLayerError,
@@ -22,9 +19,6 @@ from dicomrouter.net.upper_layer import (
     open_link,
     us,
 )
-
-# Send files from disk in chunks without decoding them (pynetdicom's own switch).
-pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True
 
 MAX_CONTEXTS = 128  # presentation contexts one association may propose (PS3.8)
 
@@ -50,85 +44,6 @@ class StoreOutcome:
     def permanent_failure(self) -> bool:
         """Refusals that will not change by retrying (PS3.4 B.2.3; 0xA7xx is transient)."""
         return not self.success and (self.status >> 8) in (0xA9, 0xC0, 0xC1, 0xC2, 0xC3, 0x01)
-
-
-class StoreClient:
-    """One reusable association to `server`; renegotiates when a new (SOP class, syntax) appears."""
-
-    def __init__(self, server: ServerConfig, router: RouterSettings, move_originator: str | None = None):
-        self.server = server
-        self.router = router
-        self.calling_ae = calling_ae_for(server, "store", router)
-        self._wanted: OrderedDict[tuple[str, str], None] = OrderedDict()
-        self._assoc: Association | None = None
-        self._message_id = 0
-
-    def _accepted(self, sop_class: str, transfer_syntax: str) -> bool:
-        if self._assoc is None or not self._assoc.is_established:
-            return False
-        return any(
-            cx.abstract_syntax == sop_class and cx.transfer_syntax[0] == transfer_syntax
-            for cx in self._assoc.accepted_contexts
-        )
-
-    def _associate(self) -> None:
-        self.close()
-        contexts = [(sop, [ts]) for sop, ts in self._wanted]
-        ae = make_ae(self.calling_ae, self.router, contexts)
-        self._assoc = open_association(ae, self.server)
-
-    def _ensure_context(self, sop_class: str, transfer_syntax: str) -> None:
-        if self._accepted(sop_class, transfer_syntax):
-            return
-        pair = (sop_class, transfer_syntax)
-        newly_wanted = pair not in self._wanted
-        self._wanted[pair] = None
-        self._wanted.move_to_end(pair)
-        while len(self._wanted) > MAX_CONTEXTS:
-            self._wanted.popitem(last=False)
-        if self._assoc is not None and self._assoc.is_established and not newly_wanted:
-            raise ContextRejected(f"{self.server.name} does not accept SOP class {sop_class} in {transfer_syntax}")
-        self._associate()
-        if not self._accepted(sop_class, transfer_syntax):
-            raise ContextRejected(f"{self.server.name} does not accept SOP class {sop_class} in {transfer_syntax}")
-
-    def send_file(
-        self,
-        path: Path,
-        sop_class: str,
-        transfer_syntax: str,
-        move_originator_ae: str | None = None,
-        move_originator_id: int | None = None,
-    ) -> StoreOutcome:
-        """C-STORE the spool file; raise PeerUnavailable, ContextRejected or StoreFailed."""
-        self._ensure_context(sop_class, transfer_syntax)
-        assert self._assoc is not None
-        self._message_id = self._message_id % 65535 + 1
-        try:
-            status = self._assoc.send_c_store(
-                path,
-                msg_id=self._message_id,
-                originator_aet=move_originator_ae,
-                originator_id=move_originator_id,
-            )
-        except (OSError, RuntimeError, ValueError) as exc:
-            self.close(abort=True)
-            raise StoreFailed(f"C-STORE to {self.server.name} failed: {exc}") from exc
-        if not status or "Status" not in status:
-            self.close(abort=True)
-            raise StoreFailed(f"no C-STORE response from {self.server.name} (timeout or abort)")
-        comment = str(status.get("ErrorComment", "") or "")
-        return StoreOutcome(int(status.Status), comment)
-
-    def close(self, abort: bool = False) -> None:
-        assoc, self._assoc = self._assoc, None
-        if assoc is None:
-            return
-        if assoc.is_established:
-            if abort:
-                assoc.abort()
-            else:
-                assoc.release()
 
 
 class EncodedStoreClient:
@@ -205,6 +120,18 @@ class EncodedStoreClient:
             self.close(abort=True)
             raise StoreFailed(f"no C-STORE response from {self.peer.name} ({exc})") from exc
 
+    def send_file(self, path: Path, sop_class: str, sop_instance: str, transfer_syntax: str) -> StoreOutcome:
+        """C-STORE a spool file (a DICOM file as received): its data set, after the file meta."""
+        try:
+            content = path.read_bytes()
+            start = dataset_offset(content)
+        except OSError as exc:
+            raise StoreFailed(f"cannot read spool file {path}: {exc}") from exc
+        except ValueError as exc:
+            # Never sent: a spool file that is not a whole DICOM file will not become one.
+            raise ContextRejected(f"spool file {path} is unusable: {exc}") from exc
+        return self.send_encoded(sop_class, sop_instance, transfer_syntax, memoryview(content)[start:])
+
     def close(self, abort: bool = False) -> None:
         link, self._link = self._link, None
         if link is None:
@@ -215,4 +142,27 @@ class EncodedStoreClient:
             link.release()
 
 
-__all__ = ["EncodedStoreClient", "StoreClient", "StoreOutcome", "ContextRejected", "StoreFailed", "PeerUnavailable"]
+_LONG_LENGTH_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+
+
+def dataset_offset(content: bytes) -> int:
+    """Where the data set starts in a DICOM file: after the preamble, 'DICM' and the group 0002
+    elements (always explicit VR little endian, PS3.10 7.1)."""
+    if content[128:132] != b"DICM":
+        raise ValueError("not a DICOM file (no DICM prefix at byte 128)")
+    offset = 132
+    while offset + 8 <= len(content):
+        group = int.from_bytes(content[offset : offset + 2], "little")
+        if group != 0x0002:
+            return offset
+        vr = content[offset + 4 : offset + 6]
+        if vr in _LONG_LENGTH_VRS:
+            length = int.from_bytes(content[offset + 8 : offset + 12], "little")
+            offset += 12 + length
+        else:
+            length = int.from_bytes(content[offset + 6 : offset + 8], "little")
+            offset += 8 + length
+    return offset
+
+
+__all__ = ["EncodedStoreClient", "StoreOutcome", "ContextRejected", "StoreFailed", "PeerUnavailable"]

@@ -11,7 +11,12 @@ from pathlib import Path
 from dicomrouter.audit import AuditTrail, NoAudit
 from dicomrouter.config import Config, ServerConfig
 from dicomrouter.logging import get_logger
-from dicomrouter.net.store_client import ContextRejected, PeerUnavailable, StoreClient, StoreFailed
+from dicomrouter.net.store_client import (
+    ContextRejected,
+    EncodedStoreClient,
+    PeerUnavailable,
+    StoreFailed,
+)
 from dicomrouter.reload import ConfigHolder
 from dicomrouter.store.queue import ClaimedJob, ForwardQueue, backoff_s
 from dicomrouter.store.spool import Spool
@@ -107,15 +112,24 @@ class DestinationLane:
         self.paused_until = 0.0
         self.consecutive_failures = 0
         self.backlog = False  # the last claim came back full: let every worker send
+        self.signalled = False
         self.threads: list[threading.Thread] = []
 
     def notify(self) -> None:
         with self.wakeup:
+            self.signalled = True
             self.wakeup.notify_all()
 
     def wait(self, seconds: float) -> None:
+        """Sleep up to `seconds`, or not at all when work was signalled since the last wait.
+
+        Without the flag, a job committed between a worker's empty claim and its wait would
+        sit until the next poll.
+        """
         with self.wakeup:
-            self.wakeup.wait(timeout=seconds)
+            if not self.signalled:
+                self.wakeup.wait(timeout=seconds)
+            self.signalled = False
 
     def start(self, workers: int) -> None:
         for index in range(workers):
@@ -137,17 +151,17 @@ class DestinationLane:
         the interpreter; after an outage, or under a burst, every worker drains the queue.
         """
         forwarder = self.forwarder
-        client: StoreClient | None = None
+        client: EncodedStoreClient | None = None
         idle_since = time.monotonic()
         while not forwarder.stopping.is_set():
             server = forwarder.holder.current.server(self.name)
             if server is None or server.deleted:
                 self.wait(forwarder.settings.poll_interval_s)
                 continue
-            if client is None or client.server != server:
+            if client is None or client.peer != server:
                 if client:
                     client.close()
-                client = StoreClient(server, forwarder.holder.current.router)
+                client = EncodedStoreClient(server, forwarder.holder.current.router)
             pause = self.paused_until - time.monotonic()
             if pause > 0:
                 self.wait(min(pause, forwarder.settings.poll_interval_s))
@@ -176,7 +190,7 @@ class DestinationLane:
         if client:
             client.close()
 
-    def send_batch(self, client: StoreClient, server: ServerConfig, jobs: list[ClaimedJob]) -> None:
+    def send_batch(self, client: EncodedStoreClient, server: ServerConfig, jobs: list[ClaimedJob]) -> None:
         forwarder = self.forwarder
         delivered: list[ClaimedJob] = []
         for position, job in enumerate(jobs):
@@ -187,7 +201,7 @@ class DestinationLane:
                 forwarder.audit_dead_letter(job, f"spool file {path} is missing")
                 continue
             try:
-                outcome = client.send_file(path, job.sop_class_uid, job.transfer_syntax_uid)
+                outcome = client.send_file(path, job.sop_class_uid, job.sop_instance_uid, job.transfer_syntax_uid)
             except PeerUnavailable as exc:
                 delay = self.pause(f"{exc.status}: {exc.reason}")
                 forwarder.queue.postpone(jobs[position:], delay, f"{exc.status}: {exc.reason}")
