@@ -20,18 +20,7 @@ from dicomrouter.net.tls import (
     connecting_context,
     describe_peer_tls_error,
 )
-
-# A-ASSOCIATE-RJ (result source, diagnostic) -> words an admin understands (PS3.8 9.3.4).
-_REJECT_REASONS = {
-    (1, 1): "no reason given",
-    (1, 2): "application context name not supported",
-    (1, 3): "calling AE title not recognised",
-    (1, 7): "called AE title not recognised",
-    (2, 1): "no reason given (ACSE)",
-    (2, 2): "protocol version not supported",
-    (3, 1): "temporary congestion",
-    (3, 2): "local limit exceeded",
-}
+from dicomrouter.net.upper_layer import describe_reject
 
 
 class PeerUnavailable(Exception):
@@ -48,10 +37,7 @@ def reject_reason(assoc: Association) -> str:
     primitive = assoc.acceptor.primitive
     if primitive is None:
         return "association rejected"
-    source, diagnostic = primitive.result_source, primitive.diagnostic
-    permanence = "permanent" if primitive.result == 1 else "transient"
-    text = _REJECT_REASONS.get((source, diagnostic), f"source {source}, diagnostic {diagnostic}")
-    return f"{text} ({permanence})"
+    return describe_reject(primitive.result, primitive.result_source, primitive.diagnostic)
 
 
 def make_ae(

@@ -267,10 +267,14 @@ def pdvs(body: bytes) -> list[tuple[int, int, bytes]]:
     return items
 
 
-def reject_text(body: bytes) -> str:
-    result, source, reason = body[1], body[2], body[3]
+def describe_reject(result: int, source: int, reason: int) -> str:
+    """An A-ASSOCIATE-RJ's result, source and reason/diagnostic in words an admin understands."""
     permanence = "permanent" if result == 1 else "transient"
     return f"{REJECT_REASONS.get((source, reason), f'source {source}, reason {reason}')} ({permanence})"
+
+
+def reject_text(body: bytes) -> str:
+    return describe_reject(body[1], body[2], body[3])
 
 
 # --------------------------------------------------------------------------- DIMSE messages

@@ -27,6 +27,7 @@ from dicomrouter.query.merge import InvalidIdentifier, check_identifier
 from dicomrouter.reload import ConfigHolder
 from dicomrouter.routing.find_targets import find_targets
 from dicomrouter.scp.server import SupportedContext
+from dicomrouter.scp.status import status_dataset
 
 log = get_logger(__name__)
 
@@ -47,13 +48,6 @@ NOT_PERMITTED = 0xC001  # the caller may read no server (a C000-range "unable to
 
 FindResponse = tuple[int | Dataset, Dataset | None]
 
-
-def status_dataset(status: int, comment: str = "") -> Dataset:
-    result = Dataset()
-    result.Status = status
-    if comment:
-        result.ErrorComment = comment[:64]  # LO
-    return result
 
 
 def describe_query(identifier: Dataset, level: str) -> str:

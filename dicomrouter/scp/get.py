@@ -26,6 +26,7 @@ from dicomrouter.scp.retrieve_request import (
     retrieve_sources,
 )
 from dicomrouter.scp.server import SupportedContext
+from dicomrouter.scp.status import status_dataset
 
 log = get_logger(__name__)
 
@@ -34,13 +35,6 @@ CANCELLED = 0xFE00
 WARNING = 0xB000
 
 GetResponse = int | tuple[int | Dataset, Dataset | None]
-
-
-def _status(status: int, comment: str) -> Dataset:
-    result = Dataset()
-    result.Status = status
-    result.ErrorComment = comment[:64]
-    return result
 
 
 def caller_storage(assoc) -> dict[str, list[str]]:
@@ -78,7 +72,7 @@ def _answer_get(
         log.warning("get_refused", calling_ae=caller.ae_title, reason=exc.comment)
         audit_row.update(outcome="refused", detail=exc.comment)
         yield 1
-        yield _status(exc.status, exc.comment), None
+        yield status_dataset(exc.status, exc.comment), None
         return
     except Exception as exc:
         log.warning(
@@ -86,7 +80,7 @@ def _answer_get(
         )
         audit_row.update(outcome="refused", detail="cannot decode the identifier")
         yield 1
-        yield _status(IDENTIFIER_MISMATCH, "cannot decode the identifier"), None
+        yield status_dataset(IDENTIFIER_MISMATCH, "cannot decode the identifier"), None
         return
     sources, unreachable = retrieve_sources(config, catalog, caller, study_uid)
     audit_row.update(study_uid=study_uid, servers=[s.name for s in sources] or list(unreachable), detail=level)
@@ -143,7 +137,7 @@ def _answer_get(
     audit_row["outcome"] = ("partial" if instances else "failed") if errors else "success"
     if errors:
         status = WARNING if instances else UNABLE_TO_PERFORM
-        yield _status(status, "; ".join(errors)), None
+        yield status_dataset(status, "; ".join(errors)), None
 
 
 def get_bindings(

@@ -7,6 +7,7 @@ from pynetdicom.events import Event
 
 from dicomrouter.audit import association_audit
 from dicomrouter.logging import get_logger
+from dicomrouter.scp.status import status_dataset
 from dicomrouter.store.receive import (
     DUPLICATE_REFUSED,
     NO_DESTINATION,
@@ -19,13 +20,6 @@ from dicomrouter.store.receive import (
 
 log = get_logger(__name__)
 
-
-def status_dataset(status: int, comment: str = "") -> Dataset:
-    result = Dataset()
-    result.Status = status
-    if comment:
-        result.ErrorComment = comment[:64]  # LO
-    return result
 
 
 def audit_outcome(status: int) -> str:
