@@ -58,15 +58,22 @@ def running_move_front(config_path: Path, port: int) -> Iterator[MoveFront]:
 
 
 @contextmanager
-def workstation(port: int, folder: Path) -> Iterator[Path]:
-    """DCMTK storescp as WORKSTATION on `port`, writing what it receives to `folder`."""
+def workstation(port: int, folder: Path, log_path: Path | None = None) -> Iterator[Path]:
+    """DCMTK storescp as WORKSTATION on `port`, writing what it receives to `folder`.
+
+    With `log_path`, storescp runs with -d and its dump of every request goes there.
+    """
     folder.mkdir(parents=True, exist_ok=True)
+    log = open(log_path, "wb") if log_path else subprocess.DEVNULL
+    debug = ["-d"] if log_path else []
     process = subprocess.Popen(
-        [dcmtk("storescp"), "-aet", WORKSTATION_AE, "-od", str(folder), str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        [dcmtk("storescp"), *debug, "-aet", WORKSTATION_AE, "-od", str(folder), str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT if log_path else subprocess.DEVNULL,
         env=dcmtk_env(),
     )
+    if log_path:
+        log.close()
     try:
         wait_for_port(port, timeout=10)
         yield folder

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from io import BytesIO
 
@@ -19,7 +20,7 @@ from tests.move_support import (
     upload_study,
     workstation,
 )
-from tests.orthanc_fixtures import instance_bytes, make_test_instance
+from tests.orthanc_fixtures import WORKSTATION_AE, instance_bytes, make_test_instance
 
 pytestmark = pytest.mark.slow
 
@@ -214,14 +215,20 @@ def test_relay_to_workstation_at_each_level(
 ):
     study = upload_study(clean_orthanc_farm[0], series=2, images=2)
     _drop_routes(farm_config, 0, "WORKSTATION")
+    requests_log = tmp_path / "storescp.log"
     with running_move_front(farm_config, router_port) as front:
-        with workstation(workstation_port, tmp_path / "ws") as folder:
+        with workstation(workstation_port, tmp_path / "ws", log_path=requests_log) as folder:
             whole = movescu(
                 front.port, "QueryRetrieveLevel=STUDY", f"StudyInstanceUID={study['study']}"
             )
             assert whole.status == 0x0000, whole.output
             assert whole.count("Completed") == 4
             assert received_sop_uids(folder) == set(study["sops"])
+            # Relayed sub-operations name the caller's C-MOVE (PS3.7 9.1.1.1).
+            dump = requests_log.read_text(errors="replace")
+            originators = re.findall(r"Move Originator AE Title\s*:\s*(\S+)", dump)
+            assert originators == [WORKSTATION_AE] * 4, dump[-2000:]
+            assert len(re.findall(r"Move Originator ID\s*:\s*\d+", dump)) == 4
             image = movescu(
                 front.port,
                 "QueryRetrieveLevel=IMAGE",

@@ -94,8 +94,18 @@ class EncodedStoreClient:
             raise rejected
         return context_id
 
-    def send_encoded(self, sop_class: str, sop_instance: str, transfer_syntax: str, dataset: bytes) -> StoreOutcome:
-        """C-STORE one encoded data set; raise PeerUnavailable, ContextRejected or StoreFailed."""
+    def send_encoded(
+        self,
+        sop_class: str,
+        sop_instance: str,
+        transfer_syntax: str,
+        dataset: bytes,
+        move_originator: tuple[str, int] | None = None,
+    ) -> StoreOutcome:
+        """C-STORE one encoded data set; raise PeerUnavailable, ContextRejected or StoreFailed.
+
+        `move_originator` (AE title, Message ID) marks a C-MOVE sub-operation (PS3.7 9.1.1.1).
+        """
         context_id = self._context(sop_class, transfer_syntax)
         link = self._link
         assert link is not None
@@ -108,6 +118,7 @@ class EncodedStoreClient:
                 (0x0700, us(0x0000)),  # medium priority
                 (0x0800, us(0x0000)),  # a data set follows
                 (0x1000, sop_instance.encode("ascii")),
+                *_originator_elements(move_originator),
             ]
         )
         try:
@@ -140,6 +151,16 @@ class EncodedStoreClient:
             link.abort()
         else:
             link.release()
+
+
+def _originator_elements(move_originator: tuple[str, int] | None) -> list[tuple[int, bytes]]:
+    if move_originator is None:
+        return []
+    ae_title, message_id = move_originator
+    ae = ae_title.encode("ascii")
+    if len(ae) % 2:
+        ae += b" "  # AE values pad with a space
+    return [(0x1030, ae), (0x1031, us(message_id))]
 
 
 _LONG_LENGTH_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}

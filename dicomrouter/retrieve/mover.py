@@ -78,7 +78,9 @@ class MoveRun:
         query_model: str,
         identifier: Dataset,
         study_uid: str | None,
+        move_originator: tuple[str, int] | None = None,
     ):
+        self.move_originator = move_originator  # relayed sub-operations name the caller's C-MOVE
         self.config = config
         self.catalog = catalog
         self.sources = sources
@@ -178,7 +180,12 @@ class MoveRun:
         self, source: ServerConfig, outcome: _SourceOutcome, outcomes: list[_SourceOutcome]
     ) -> Iterator[MoveTotals]:
         relay = Relay(
-            source, self.destination, self.config.router, self.query_model, self.identifier
+            source,
+            self.destination,
+            self.config.router,
+            self.query_model,
+            self.identifier,
+            move_originator=self.move_originator,
         )
         log.info(
             "move_relay_started",

@@ -110,7 +110,9 @@ class Relay:
         router: RouterSettings,
         move_model: str,
         identifier: Dataset,
+        move_originator: tuple[str, int] | None = None,
     ):
+        self.move_originator = move_originator  # the caller's (AE title, C-MOVE Message ID)
         self.source = source
         self.destination = destination
         self.router = router
@@ -137,7 +139,11 @@ class Relay:
         sop_uid = instance.sop_instance_uid
         try:
             outcome = client.send_encoded(
-                instance.sop_class_uid, sop_uid, instance.transfer_syntax, instance.dataset
+                instance.sop_class_uid,
+                sop_uid,
+                instance.transfer_syntax,
+                instance.dataset,
+                move_originator=self.move_originator,
             )
             if outcome.success and outcome.status == 0x0000:
                 self.counts.completed += 1

@@ -134,7 +134,8 @@ def serve_move(exchange: MoveExchange, holder: ConfigHolder, catalog: Catalog | 
             audit.record("move", "success", study_uid=study_uid, detail=detail, counts={"completed": 0})
             exchange.send(SUCCESS, MoveTotals())
         return
-    run = MoveRun(config, catalog, sources, destination, query_model, identifier, study_uid)
+    originator = (caller.ae_title, int(exchange.request.MessageID))
+    run = MoveRun(config, catalog, sources, destination, query_model, identifier, study_uid, originator)
     log.info(
         "move_requested",
         calling_ae=caller.ae_title,
