@@ -141,6 +141,7 @@ class RouterSettings:
     duplicate_policy: str = "overwrite"
     max_associations: int = 64
     max_pdu_size: int = 262144
+    max_dataset_size: int = 2 * 1024**3  # one received data set; beyond it the association is aborted
     acse_timeout_s: float = 10.0
     dimse_timeout_s: float = 60.0
     network_timeout_s: float = 60.0
@@ -284,6 +285,7 @@ _ROUTER_KEYS = (
     "duplicate_policy",
     "max_associations",
     "max_pdu_size",
+    "max_dataset_size",
     "acse_timeout",
     "dimse_timeout",
     "network_timeout",
@@ -535,6 +537,9 @@ class _Parser:
             duplicate_policy=policy,
             max_associations=self.get_int(data, "max_associations", "router.max_associations", d.max_associations, 1, 10000),
             max_pdu_size=self.get_int(data, "max_pdu_size", "router.max_pdu_size", d.max_pdu_size, 4096, 64 * 1024 * 1024),
+            max_dataset_size=self.get_int(
+                data, "max_dataset_size", "router.max_dataset_size", d.max_dataset_size, 1024, 1024**4
+            ),
             acse_timeout_s=self.get_seconds(data, "acse_timeout", "router.acse_timeout", d.acse_timeout_s),
             dimse_timeout_s=self.get_seconds(data, "dimse_timeout", "router.dimse_timeout", d.dimse_timeout_s),
             network_timeout_s=self.get_seconds(data, "network_timeout", "router.network_timeout", d.network_timeout_s),

@@ -332,3 +332,43 @@ def test_after_the_malformed_input(router):
         f"\nmalformed datasets: {router.counts}; spooled files {len(files)}, all readable; "
         f"router before {router.figures_before}, after {process_figures(router.process.pid)}"
     )
+
+
+# --------------------------------------------------------------------------- data set size cap
+
+
+def _instance_file(folder: Path, pixel_bytes: int) -> tuple[Path, str]:
+    ds = base_dataset(generate_uid())
+    ds.Rows, ds.Columns = pixel_bytes // 1000, 500
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.PixelData = bytes(ds.Rows * ds.Columns * 2)
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = EXPLICIT_VR_LE
+    path = folder / f"{ds.SOPInstanceUID}.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path, str(ds.SOPInstanceUID)
+
+
+def test_a_data_set_over_max_dataset_size_aborts_the_association(tmp_path):
+    """pynetdicom holds a whole data set in memory: one over the cap is cut off while it streams in."""
+    from tests.router_process import run_dcmtk
+
+    path, port = write_router_config(tmp_path, router={"max_dataset_size": 200_000, "max_pdu_size": 16384})
+    spool = tmp_path / "var" / "spool"
+    big, big_uid = _instance_file(tmp_path, 1_000_000)
+    small, small_uid = _instance_file(tmp_path, 50_000)
+    with RouterProcess(path, port) as router:
+        refused = run_dcmtk("storescu", "-aet", "WORKSTATION", "-aec", "DICOMROUTER", "127.0.0.1", str(port), str(big))
+        assert refused.returncode != 0
+        dropped = [line for line in router.log_text().splitlines() if "association_dropped" in line]
+        assert any("max_dataset_size" in line for line in dropped), router.log_tail()
+        assert not any(big_uid in p.name for p in spooled_files(spool))
+        assert echo_succeeds(port), "the router must keep serving"
+        accepted = run_dcmtk("storescu", "-aet", "WORKSTATION", "-aec", "DICOMROUTER", "127.0.0.1", str(port), str(small))
+        assert accepted.returncode == 0, accepted.stdout + accepted.stderr
+        stored = [p for p in spooled_files(spool) if p.suffix == ".dcm"]
+        assert [dcmread(p).SOPInstanceUID for p in stored] == [small_uid]
+        assert not crashes_in_log(router)

@@ -132,7 +132,7 @@ def make_request_handler(
 
         def _create_association(self) -> Association:
             assoc = super()._create_association()
-            GuardedAssociationSocket.guard(assoc.dul.socket, self.ae.maximum_pdu_size)
+            GuardedAssociationSocket.guard(assoc.dul.socket, self.ae.maximum_pdu_size, admission.max_dataset_size)
             guard_state_machine(assoc)
             assoc.acse = GatedACSE(assoc, gate, admission, audit)
             run = assoc.run

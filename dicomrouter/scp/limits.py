@@ -58,17 +58,25 @@ def max_pdu_length(pdu_type: int, max_pdu_size: int) -> int:
     return MAX_ASSOCIATION_PDU_LENGTH
 
 
+P_DATA_TF_TYPE = 0x04
+
+
 class Admission:
     """Counts the front's live connections under locks, so a burst cannot overshoot the limits."""
 
-    def __init__(self, max_associations: Callable[[], int]):
+    def __init__(self, max_associations: Callable[[], int], max_dataset_size: Callable[[], int] = lambda: 2 * 1024**3):
         self._max_associations = max_associations
+        self._max_dataset_size = max_dataset_size
         self._connect_lock = threading.Lock()
         self._admit_lock = threading.Lock()
 
     @property
     def limit(self) -> int:
         return self._max_associations()
+
+    @property
+    def max_dataset_size(self) -> int:
+        return self._max_dataset_size()
 
     @property
     def max_connections(self) -> int:
@@ -158,16 +166,24 @@ class GuardedAssociationSocket(AssociationSocket):
     """
 
     max_pdu_size: int
+    max_dataset_size: int
     _expect_header: bool
     _dropped: bool
+    _reading_pdata: bool
+    _dataset_bytes: dict[int, int]  # presentation context -> bytes of the data set in progress
 
     @classmethod
-    def guard(cls, sock: AssociationSocket, max_pdu_size: int) -> GuardedAssociationSocket:
+    def guard(
+        cls, sock: AssociationSocket, max_pdu_size: int, max_dataset_size: int = 2 * 1024**3
+    ) -> GuardedAssociationSocket:
         sock.__class__ = cls
         assert isinstance(sock, GuardedAssociationSocket)
         sock.max_pdu_size = max_pdu_size
+        sock.max_dataset_size = max_dataset_size
         sock._expect_header = True
         sock._dropped = False
+        sock._reading_pdata = False
+        sock._dataset_bytes = {}
         return sock
 
     def _read_timeout(self) -> float:
@@ -208,7 +224,27 @@ class GuardedAssociationSocket(AssociationSocket):
                 sock.settimeout(previous_timeout)
         if expect_header and nr_bytes == PDU_HEADER_LENGTH:
             self._check_header(bytes(data))
+        elif self._reading_pdata:
+            self._reading_pdata = False
+            self._count_dataset(data)
         return data
+
+    def _count_dataset(self, body: bytearray) -> None:
+        """Add up each data set's fragments: pynetdicom keeps a whole data set in memory."""
+        offset = 0
+        while offset + 6 <= len(body):
+            (length,) = struct.unpack_from(">I", body, offset)
+            context_id, control = body[offset + 4], body[offset + 5]
+            if not control & 0x01:  # a data set fragment, not a command
+                size = self._dataset_bytes.get(context_id, 0) + max(length - 2, 0)
+                if size > self.max_dataset_size:
+                    self._dataset_bytes.clear()
+                    self._drop(
+                        f"data set over router.max_dataset_size ({self.max_dataset_size} bytes)", abort=True
+                    )
+                    return
+                self._dataset_bytes[context_id] = 0 if control & 0x02 else size
+            offset += 4 + length
 
     def _check_header(self, header: bytes) -> None:
         pdu_type, length = struct.unpack(">BxI", header)
@@ -219,6 +255,7 @@ class GuardedAssociationSocket(AssociationSocket):
             self._drop(f"PDU type 0x{pdu_type:02X} announces {length} bytes, more than {cap}", abort=True)
             return
         self._expect_header = False  # pynetdicom reads the body next
+        self._reading_pdata = pdu_type == P_DATA_TF_TYPE
 
     def _drop(self, reason: str, abort: bool = False) -> None:
         """Stop reading from this peer: optionally A-ABORT, then shut the connection down."""

@@ -66,7 +66,10 @@ class DicomFront:
     admission: Admission = field(init=False)
 
     def __post_init__(self) -> None:
-        self.admission = Admission(lambda: self.holder.current.router.max_associations)
+        self.admission = Admission(
+            lambda: self.holder.current.router.max_associations,
+            lambda: self.holder.current.router.max_dataset_size,
+        )
 
     def _gate(self, calling_ae: str, called_ae: str, address: str):
         return decide_association(self.holder.current, calling_ae, called_ae, address)
