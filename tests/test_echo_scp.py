@@ -83,12 +83,8 @@ def wait_for_event(router: RouterProcess, event: str, timeout: float = 5.0, **fi
 @pytest.fixture(scope="module")
 def router(tmp_path_factory):
     path, port = write_router_config(tmp_path_factory.mktemp("echo-scp"))
-    process = RouterProcess(path, port)
-    process.start()
-    try:
+    with RouterProcess(path, port) as process:
         yield process
-    finally:
-        process.stop()
 
 
 @pytest.mark.slow

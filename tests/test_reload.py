@@ -39,12 +39,8 @@ def echo_accepted(port: int, calling_ae: str) -> bool:
 @pytest.fixture
 def router(tmp_path):
     path, port = write_router_config(tmp_path)
-    process = RouterProcess(path, port)
-    process.start()
-    try:
+    with RouterProcess(path, port) as process:
         yield process
-    finally:
-        process.stop()
 
 
 def test_sighup_applies_a_valid_edit_without_dropping_open_associations(router):
