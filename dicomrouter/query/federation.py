@@ -30,7 +30,7 @@ from dicomrouter.query.merge import answer_key, merge_copies, prepare_query
 
 log = get_logger(__name__)
 
-DEFAULT_MERGE_WINDOW_S = 0.015
+DEFAULT_MERGE_WINDOW_S = 0.010
 CANCEL_POLL_S = 0.01  # how often a waiting query looks for the caller's C-CANCEL
 # Catalog learning writes when no query has been in flight for LEARN_QUIET_S, or after
 # LEARN_MAX_WAIT_S per batch: its writes hold the GIL for a good part of a second per few
