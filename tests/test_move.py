@@ -304,3 +304,20 @@ def test_destination_the_caller_may_not_send_to_is_refused(
     assert run.status == 0xC001, run.output
     assert "may not send to PROD_PACS_1" in run.error_comment
     assert study["sops"][0] not in clean_orthanc_farm[2].instance_sop_uids()
+
+
+@pytest.mark.slow
+def test_get_returns_a_large_instance_intact(front, clean_orthanc_farm, tmp_path):
+    """The C-GET SCP holds instances on disk and sends them without re-encoding their values."""
+    ds = make_test_instance(rows=512, cols=512)  # 512 KiB of pixel data, read from the held file
+    ds.PixelData = bytes(range(256)) * (512 * 512 * 2 // 256)
+    clean_orthanc_farm[0].upload(instance_bytes(ds))
+    run = getscu(front.port, tmp_path / "got", "QueryRetrieveLevel=STUDY", f"StudyInstanceUID={ds.StudyInstanceUID}")
+    assert run.status == 0x0000, run.output
+    received = list((tmp_path / "got").iterdir())
+    assert len(received) == 1
+    got = dcmread(received[0])
+    assert got.SOPInstanceUID == ds.SOPInstanceUID
+    assert got.PixelData == ds.PixelData
+    spool_tmp = front.config.router.spool / "tmp"
+    assert not any(path.name.startswith("get-") for path in spool_tmp.iterdir()), "held files are removed"

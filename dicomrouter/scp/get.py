@@ -3,10 +3,16 @@ own association (workstations behind NAT, no fixed port)."""
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
-from pydicom import Dataset
+from pydicom import Dataset, dcmread
+from pydicom.dataset import FileMetaDataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_file_meta_info
 from pynetdicom import ALL_TRANSFER_SYNTAXES, evt
 from pynetdicom.events import Event
 from pynetdicom.presentation import AllStoragePresentationContexts
@@ -14,7 +20,12 @@ from pynetdicom.presentation import AllStoragePresentationContexts
 from dicomrouter.audit import association_audit
 from dicomrouter.catalog.queries import Catalog
 from dicomrouter.logging import get_logger
-from dicomrouter.net.get_client import PATIENT_ROOT_GET, STUDY_ROOT_GET, get_instances
+from dicomrouter.net.get_client import (
+    PATIENT_ROOT_GET,
+    STUDY_ROOT_GET,
+    ReceivedInstance,
+    get_instances,
+)
 from dicomrouter.net.move_client import PeerMoveError
 from dicomrouter.reload import ConfigHolder
 from dicomrouter.retrieve.mover import UNABLE_TO_PERFORM
@@ -29,6 +40,8 @@ from dicomrouter.scp.server import SupportedContext
 from dicomrouter.scp.status import status_dataset
 
 log = get_logger(__name__)
+
+DEFER_VALUES_OVER = 64 * 1024  # bytes: pixel data is read from the held file only while sent
 
 GET_MODELS = (PATIENT_ROOT_GET, STUDY_ROOT_GET)
 CANCELLED = 0xFE00
@@ -46,6 +59,29 @@ def caller_storage(assoc) -> dict[str, list[str]]:
                 str(context.transfer_syntax[0])
             )
     return storage
+
+
+def hold_instance(folder: Path, instance: ReceivedInstance, index: int) -> Path:
+    """Write the received bytes as a DICOM file (file meta + data set as received) under `folder`."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = instance.sop_class_uid
+    meta.MediaStorageSOPInstanceUID = instance.sop_instance_uid
+    meta.TransferSyntaxUID = instance.transfer_syntax
+    encoded_meta = DicomBytesIO()
+    encoded_meta.is_little_endian, encoded_meta.is_implicit_VR = True, False
+    write_file_meta_info(encoded_meta, meta, enforce_standard=True)
+    path = folder / f"{index:06d}.dcm"
+    with open(path, "wb") as handle:
+        handle.write(bytes(128) + b"DICM")
+        handle.write(encoded_meta.getvalue())
+        handle.write(instance.dataset)
+    return path
+
+
+def held_dataset(path: Path) -> Dataset:
+    """A held instance for pynetdicom to send: large values stay in the file until it encodes them,
+    and raw elements are written back as they were read (nothing is decoded)."""
+    return dcmread(path, defer_size=DEFER_VALUES_OVER)
 
 
 def handle_get(
@@ -85,7 +121,30 @@ def _answer_get(
     sources, unreachable = retrieve_sources(config, catalog, caller, study_uid)
     audit_row.update(study_uid=study_uid, servers=[s.name for s in sources] or list(unreachable), detail=level)
     storage = caller_storage(event.assoc)
-    instances: list[Dataset] = []
+    # Held on disk beside the spool, not in memory: a study can be larger than the router's RAM.
+    spool_tmp = Path(config.router.spool) / "tmp"
+    spool_tmp.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix="get-", dir=spool_tmp))
+    try:
+        yield from _collect_and_send(event, config, caller, query_model, identifier, level, study_uid,
+                                     sources, unreachable, storage, folder, audit_row)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _collect_and_send(event, config, caller, query_model, identifier, level, study_uid,
+                      sources, unreachable, storage, folder: Path, audit_row: dict[str, Any]) -> Iterator[GetResponse]:
+    instances: list[Path] = []
+
+    def hold(instance: ReceivedInstance) -> int:
+        """The C-STORE status the source gets for this sub-operation."""
+        try:
+            instances.append(hold_instance(folder, instance, len(instances)))
+        except OSError as exc:
+            log.error("get_hold_failed", sop_instance_uid=instance.sop_instance_uid, reason=str(exc))
+            return 0xA700  # out of resources: the source counts it as failed
+        return 0x0000
+
     errors = (
         [f"{name} unreachable: {reason}" for name, reason in unreachable.items()]
         if not sources
@@ -99,7 +158,7 @@ def _answer_get(
                 query_model,
                 identifier,
                 storage,
-                lambda instance: instances.append(instance.decoded()) or 0x0000,
+                hold,
             )
         except PeerMoveError as exc:
             log.warning("get_source_failed", source=source.name, kind=exc.kind, reason=exc.reason)
@@ -126,13 +185,13 @@ def _answer_get(
     detail = f"{level}: " + "; ".join(errors) if errors else level
     audit_row.update(counts={"instances": len(instances), "sent": 0}, detail=detail)
     yield len(instances) + (1 if errors else 0)
-    for sent, dataset in enumerate(instances):
+    for sent, held in enumerate(instances):
         if event.is_cancelled:
             audit_row["outcome"] = "cancelled"
             yield CANCELLED, None
             return
         audit_row["counts"]["sent"] = sent
-        yield PENDING, dataset
+        yield PENDING, held_dataset(held)
     audit_row["counts"]["sent"] = len(instances)
     audit_row["outcome"] = ("partial" if instances else "failed") if errors else "success"
     if errors:
