@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 import sys
 import threading
@@ -41,7 +42,8 @@ GIL_SWITCH_INTERVAL_S = 0.001
 
 def node_id() -> str:
     """Who claims forwarding jobs: unique per process, readable in `queue list`."""
-    return f"{socket.gethostname()}:{os.getpid()}"
+    # The random part keeps two containers that are both PID 1 on one hostname apart.
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
 
 
 def storage_contexts() -> list[SupportedContext]:

@@ -172,6 +172,9 @@ def dataset_offset(content: bytes) -> int:
     if content[128:132] != b"DICM":
         raise ValueError("not a DICOM file (no DICM prefix at byte 128)")
     offset = 132
+    if content[132:136] == b"\x02\x00\x00\x00" and content[136:138] == b"UL":
+        # (0002,0000) File Meta Information Group Length: the meta ends where it says.
+        return 144 + int.from_bytes(content[140:144], "little")
     while offset + 8 <= len(content):
         group = int.from_bytes(content[offset : offset + 2], "little")
         if group != 0x0002:

@@ -227,6 +227,8 @@ class GuardedAssociationSocket(AssociationSocket):
         elif self._reading_pdata:
             self._reading_pdata = False
             self._count_dataset(data)
+            if self._dropped:
+                return bytearray()  # not even the last fragment reaches pynetdicom
         return data
 
     def _count_dataset(self, body: bytearray) -> None:

@@ -33,3 +33,12 @@ class AckRecorder:
             return self.queue.unreferenced_paths(session, [job.spool_path for job in jobs])
 
         return self.catalog.write(work)
+
+    def complete_only(self, jobs: list[ClaimedJob]) -> list[str]:
+        """Complete delivered jobs without touching the catalog's hierarchy (it refused them)."""
+
+        def work(session) -> list[str]:
+            self.queue.complete(session, [job.id for job in jobs])
+            return self.queue.unreferenced_paths(session, [job.spool_path for job in jobs])
+
+        return self.catalog.write(work)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from dicomrouter.net.store_client import (
     StoreFailed,
 )
 from dicomrouter.reload import ConfigHolder
+from dicomrouter.store.acks import AckRecorder
 from dicomrouter.store.queue import ClaimedJob, ForwardQueue, backoff_s
 from dicomrouter.store.spool import Spool
 
@@ -33,8 +33,6 @@ class Delivery:
     server: ServerConfig
 
 
-# Called after a batch is acknowledged: records locations and completes the jobs in one transaction.
-AckRecorder = Callable[[ServerConfig, list[ClaimedJob]], list[str]]
 
 
 class AckWriter:
@@ -94,12 +92,30 @@ class AckWriter:
         try:
             removable = self.record_acks(server, jobs)
         except Exception:
-            # The jobs stay claimed; the lease expires and they are sent again (idempotent).
-            log.exception("ack_record_failed", destination=server.name, jobs=len(jobs))
-            return
+            if len(jobs) == 1:
+                removable = self._complete_without_catalog(server, jobs[0])
+            else:
+                # One bad instance must not hold back the batch: record them one by one.
+                log.warning("ack_batch_failed", destination=server.name, jobs=len(jobs), retry="one by one")
+                for job in jobs:
+                    self._write(server, [job])
+                return
         for path in removable:
-            self.spool.remove(Path(path))
+            try:
+                self.spool.remove(Path(path))
+            except OSError as exc:
+                log.error("spool_remove_failed", path=str(path), reason=str(exc))
         log.debug("delivered", destination=server.name, instances=len(jobs))
+
+    def _complete_without_catalog(self, server: ServerConfig, job: ClaimedJob) -> list[str]:
+        """The destination has it: finish the job even when the catalog cannot describe it."""
+        log.exception("catalog_record_failed", destination=server.name, job_id=job.id, sop_instance_uid=job.sop_instance_uid)
+        try:
+            return self.record_acks.complete_only([job])
+        except Exception:
+            # The job stays claimed; the lease expires and it is sent again (idempotent).
+            log.exception("ack_record_failed", destination=server.name, job_id=job.id)
+            return []
 
 
 class DestinationLane:
@@ -120,13 +136,17 @@ class DestinationLane:
             self.signalled = True
             self.wakeup.notify_all()
 
-    def wait(self, seconds: float) -> None:
+    def wait(self, seconds: float, use_signal: bool = True) -> None:
         """Sleep up to `seconds`, or not at all when work was signalled since the last wait.
 
-        Without the flag, a job committed between a worker's empty claim and its wait would
-        sit until the next poll.
+        Without the flag, a job committed between worker 0's empty claim and its wait would sit
+        until the next poll. Only worker 0 consumes it (`use_signal`): helper workers idle on
+        the condition alone, so they cannot take the signal meant for it.
         """
         with self.wakeup:
+            if not use_signal:
+                self.wakeup.wait(timeout=seconds)
+                return
             if not self.signalled:
                 self.wakeup.wait(timeout=seconds)
             self.signalled = False
@@ -156,7 +176,7 @@ class DestinationLane:
         while not forwarder.stopping.is_set():
             server = forwarder.holder.current.server(self.name)
             if server is None or server.deleted:
-                self.wait(forwarder.settings.poll_interval_s)
+                self.wait(forwarder.settings.poll_interval_s, use_signal=index == 0)
                 continue
             if client is None or client.peer != server:
                 if client:
@@ -164,18 +184,18 @@ class DestinationLane:
                 client = EncodedStoreClient(server, forwarder.holder.current.router)
             pause = self.paused_until - time.monotonic()
             if pause > 0:
-                self.wait(min(pause, forwarder.settings.poll_interval_s))
+                self.wait(min(pause, forwarder.settings.poll_interval_s), use_signal=index == 0)
                 continue
             if index > 0 and not self.backlog:
                 if time.monotonic() - idle_since > IDLE_RELEASE_S:
                     client.close()
-                self.wait(forwarder.settings.poll_interval_s)
+                self.wait(forwarder.settings.poll_interval_s, use_signal=index == 0)
                 continue
             try:
                 jobs = forwarder.queue.claim(self.name, CLAIM_BATCH)
             except Exception:
                 log.exception("claim_failed", destination=self.name)
-                self.wait(forwarder.settings.poll_interval_s)
+                self.wait(forwarder.settings.poll_interval_s, use_signal=index == 0)
                 continue
             self.backlog = len(jobs) == CLAIM_BATCH
             if self.backlog:
@@ -183,17 +203,33 @@ class DestinationLane:
             if not jobs:
                 if time.monotonic() - idle_since > IDLE_RELEASE_S:
                     client.close()
-                self.wait(forwarder.settings.poll_interval_s)
+                self.wait(forwarder.settings.poll_interval_s, use_signal=index == 0)
                 continue
             idle_since = time.monotonic()
-            self.send_batch(client, server, jobs)
+            try:
+                self.send_batch(client, server, jobs, claimed_at=time.monotonic())
+            except Exception:
+                # The worker must outlive any one batch (a database hiccup in fail/postpone, an
+                # unreadable spool folder): what it still holds is claimed and comes back after
+                # the lease.
+                log.exception("forward_batch_failed", destination=self.name, jobs=len(jobs))
+                client.close(abort=True)
+                self.wait(forwarder.settings.poll_interval_s, use_signal=False)
         if client:
             client.close()
 
-    def send_batch(self, client: EncodedStoreClient, server: ServerConfig, jobs: list[ClaimedJob]) -> None:
+    def send_batch(
+        self, client: EncodedStoreClient, server: ServerConfig, jobs: list[ClaimedJob], claimed_at: float | None = None
+    ) -> None:
         forwarder = self.forwarder
         delivered: list[ClaimedJob] = []
+        # Send only while the claim is surely ours: past half the lease (a slow PACS, large files)
+        # or when stopping, the rest goes back to the queue instead of racing another claimant.
+        send_until = (claimed_at or time.monotonic()) + forwarder.settings.lease_s / 2
         for position, job in enumerate(jobs):
+            if forwarder.stopping.is_set() or time.monotonic() > send_until:
+                forwarder.queue.postpone(jobs[position:], 0.0, "handed back: stopping or claim lease half spent")
+                break
             path = Path(job.spool_path)
             if not path.exists():
                 forwarder.queue.fail(job, f"spool file {path} is missing", None, permanent=True)

@@ -199,7 +199,14 @@ class ForwardQueue:
         if not dead:
             values["next_attempt_at"] = now + timedelta(seconds=backoff_s(attempts, self.settings))
         with self.sessions.begin() as session:
-            session.execute(update(ForwardJob).where(ForwardJob.id == job.id).values(**values))
+            # Only our own claim: after its lease ran out another worker may own (or have finished) it.
+            changed = session.execute(
+                update(ForwardJob)
+                .where(ForwardJob.id == job.id, ForwardJob.state == CLAIMED, ForwardJob.claimed_by == self.node_id)
+                .values(**values)
+            ).rowcount
+        if not changed:
+            return "lost-claim"
         return values["state"]
 
     def postpone(self, jobs: Sequence[ClaimedJob], delay_s: float, error: str) -> None:
@@ -210,7 +217,11 @@ class ForwardQueue:
         with self.sessions.begin() as session:
             session.execute(
                 update(ForwardJob)
-                .where(ForwardJob.id.in_([j.id for j in jobs]), ForwardJob.state == CLAIMED)
+                .where(
+                    ForwardJob.id.in_([j.id for j in jobs]),
+                    ForwardJob.state == CLAIMED,
+                    ForwardJob.claimed_by == self.node_id,
+                )
                 .values(
                     state=PENDING,
                     lease_until=None,

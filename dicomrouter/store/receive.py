@@ -204,6 +204,12 @@ class ReceiveService:
             return ReceiveResult(
                 DATASET_MISMATCH, "SOPInstanceUID in the dataset does not match the request", study_uid=study_uid
             )
+        for keyword in ("StudyInstanceUID", "SeriesInstanceUID"):
+            value = header.get(keyword)
+            if not isinstance(value, str) or not valid_uid(value):
+                reason = f"no valid (single) {keyword} in the dataset"
+                bound.warning("store_refused", reason=reason)
+                return ReceiveResult(DATASET_MISMATCH, reason, study_uid=None, servers=())
         if not valid_uid(header.get("SOPClassUID")):
             bound.warning("store_refused", reason="no valid SOP Class UID in the dataset")
             return ReceiveResult(DATASET_MISMATCH, "the dataset has no valid SOPClassUID", study_uid=study_uid)
