@@ -200,6 +200,7 @@ class InstanceLocation(Base):
         ID, ForeignKey("servers.id", ondelete="CASCADE"), index=True
     )
     acknowledged_at: Mapped[datetime] = mapped_column(default=utcnow)
+    sha256: Mapped[str | None]  # of the copy this server acknowledged (None: written before 0003)
 
     instance: Mapped[Instance] = relationship()
     server: Mapped[Server] = relationship()

@@ -211,15 +211,21 @@ def record_stored(session: Session, server_name: str, items: list[StoredInstance
                 "sha256": item.sha256,
             }
         session.execute(_instance_upsert(dialect), list(instances.values()))
-        ids = session.execute(_INSTANCE_IDS, {"uids": list(instances)}).scalars().all()
+        ids = dict(session.execute(_INSTANCE_IDS, {"uids": list(instances)}).all())  # SOP UID -> id
+        locations = sorted(
+            (ids[uid], values["sha256"]) for uid, values in instances.items() if uid in ids
+        )
         session.execute(
             _location_upsert(dialect),
-            [{"instance_id": i, "server_id": server_id, "acknowledged_at": now} for i in sorted(set(ids))],
+            [
+                {"instance_id": i, "server_id": server_id, "acknowledged_at": now, "sha256": sha}
+                for i, sha in locations
+            ],
         )
         touch_study_location(session, study_id, server_id, "stored", now)
 
 
-_INSTANCE_IDS = select(Instance.id).where(Instance.sop_instance_uid.in_(bindparam("uids", expanding=True)))
+_INSTANCE_IDS = select(Instance.sop_instance_uid, Instance.id).where(Instance.sop_instance_uid.in_(bindparam("uids", expanding=True)))
 _REFRESHED = ("series_id", "sop_class_uid", "transfer_syntax_uid", "size_bytes", "sha256")
 
 
@@ -247,7 +253,10 @@ def _location_upsert(dialect: str):
     insert = _insert_for(dialect, InstanceLocation)
     return insert.on_conflict_do_update(
         index_elements=["instance_id", "server_id"],
-        set_={"acknowledged_at": insert.excluded.acknowledged_at},
+        set_={
+            "acknowledged_at": insert.excluded.acknowledged_at,
+            "sha256": func.coalesce(insert.excluded.sha256, InstanceLocation.__table__.c.sha256),
+        },
     )
 
 

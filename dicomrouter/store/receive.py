@@ -12,7 +12,7 @@ from typing import Any
 from pydicom import dcmread
 from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.uid import DeflatedExplicitVRLittleEndian
-from sqlalchemy import bindparam, select
+from sqlalchemy import bindparam, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomrouter.catalog.models import Instance, InstanceLocation, Server
@@ -141,7 +141,7 @@ def read_header(encoded: bytes, keywords: Iterable[str]) -> dict[str, Any]:
 
 # Built once: SQLAlchemy then reuses their cache keys instead of recomputing them per C-STORE.
 _DELIVERED_COPIES = (
-    select(Server.name, Instance.sha256)
+    select(Server.name, func.coalesce(InstanceLocation.sha256, Instance.sha256))
     .join(InstanceLocation, InstanceLocation.server_id == Server.id)
     .join(Instance, Instance.id == InstanceLocation.instance_id)
     .where(Instance.sop_instance_uid == bindparam("sop_uid"))
@@ -149,7 +149,7 @@ _DELIVERED_COPIES = (
 
 
 def delivered_copies(session: Session, sop_instance_uid: str) -> dict[str, str | None]:
-    """server name -> sha256 of the copy that server acknowledged."""
+    """server name -> sha256 of the copy that server acknowledged (per location, not the last copy anywhere)."""
     rows = session.execute(_DELIVERED_COPIES, {"sop_uid": sop_instance_uid}).all()
     return {name: sha for name, sha in rows}
 
