@@ -8,8 +8,9 @@ import socket
 import sys
 import threading
 from dataclasses import dataclass, field
+from functools import partial
 
-from pynetdicom import ALL_TRANSFER_SYNTAXES, evt
+from pynetdicom import ALL_TRANSFER_SYNTAXES, DEFAULT_TRANSFER_SYNTAXES, evt
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification
 
@@ -25,7 +26,8 @@ from dicomrouter.scp.echo import handle_echo
 from dicomrouter.scp.find import find_bindings
 from dicomrouter.scp.move import move_bindings
 from dicomrouter.scp.server import DicomFront, SupportedContext
-from dicomrouter.scp.store import handle_store
+from dicomrouter.scp.store import handle_store, store_instance
+from dicomrouter.scp.store_session import LeanStorePath
 from dicomrouter.store.acks import AckRecorder
 from dicomrouter.store.forwarder import Forwarder
 from dicomrouter.store.queue import ForwardQueue
@@ -44,6 +46,17 @@ def node_id() -> str:
     """Who claims forwarding jobs: unique per process, readable in `queue list`."""
     # The random part keeps two containers that are both PID 1 on one hostname apart.
     return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+
+
+def lean_store_path(contexts: list[SupportedContext], receive: ReceiveService) -> LeanStorePath:
+    """The front's own C-STORE/C-ECHO path, for the storage and verification classes it supports."""
+    storage_classes = {cx.abstract_syntax for cx in AllStoragePresentationContexts}
+    supported = {
+        cx.abstract_syntax: frozenset(cx.transfer_syntaxes or DEFAULT_TRANSFER_SYNTAXES)
+        for cx in contexts
+        if cx.abstract_syntax == Verification or cx.abstract_syntax in storage_classes
+    }
+    return LeanStorePath(supported, partial(store_instance, receive))
 
 
 def storage_contexts() -> list[SupportedContext]:
@@ -139,7 +152,9 @@ def build_app(config: Config, host: str | None = None, port: int | None = None, 
         *find_handlers,
         *move_handlers,
     ]
-    front = DicomFront(holder, contexts, handlers, host=host, port=port, audit=audit)
+    front = DicomFront(
+        holder, contexts, handlers, host=host, port=port, audit=audit, lean_store=lean_store_path(contexts, receive)
+    )
     app = RouterApp(holder, catalog, spool, queue, forwarder, receive, front, audit, watch_file=watch_file)
     holder.on_change(app._on_config_change)
     return app

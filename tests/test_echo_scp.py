@@ -200,7 +200,10 @@ def test_accepted_socket_has_tcp_nodelay(tmp_path):
         try:
             accepted = app.front._server.active_associations
             assert len(accepted) == 1
-            server_socket = accepted[0].dul.socket.socket
+            # A verification-only association is served by the lean store path (its own socket);
+            # others by pynetdicom (the socket inside its DUL).
+            connection = accepted[0]
+            server_socket = connection.sock if hasattr(connection, "sock") else connection.dul.socket.socket
             assert server_socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
             for _ in range(3):
                 status = assoc.send_c_echo()

@@ -171,11 +171,13 @@ class GuardedAssociationSocket(AssociationSocket):
     _dropped: bool
     _reading_pdata: bool
     _dataset_bytes: dict[int, int]  # presentation context -> bytes of the data set in progress
+    _replay: bytearray
 
     @classmethod
     def guard(
-        cls, sock: AssociationSocket, max_pdu_size: int, max_dataset_size: int = 2 * 1024**3
+        cls, sock: AssociationSocket, max_pdu_size: int, max_dataset_size: int = 2 * 1024**3, replay: bytes = b""
     ) -> GuardedAssociationSocket:
+        """`replay`: bytes the front already read from this connection, served before the socket's."""
         sock.__class__ = cls
         assert isinstance(sock, GuardedAssociationSocket)
         sock.max_pdu_size = max_pdu_size
@@ -184,7 +186,12 @@ class GuardedAssociationSocket(AssociationSocket):
         sock._dropped = False
         sock._reading_pdata = False
         sock._dataset_bytes = {}
+        sock._replay = bytearray(replay)
         return sock
+
+    @property
+    def ready(self) -> bool:
+        return bool(self._replay) or super().ready
 
     def _read_timeout(self) -> float:
         assoc = self.assoc
@@ -201,6 +208,9 @@ class GuardedAssociationSocket(AssociationSocket):
         previous_timeout = sock.gettimeout()
         read_timeout = self._read_timeout()
         deadline = time.monotonic() + read_timeout
+        if self._replay:
+            data += self._replay[:nr_bytes]
+            del self._replay[:nr_bytes]
         try:
             while len(data) < nr_bytes:
                 remaining = deadline - time.monotonic()

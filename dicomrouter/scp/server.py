@@ -19,6 +19,7 @@ from dicomrouter.reload import ConfigHolder
 from dicomrouter.routing.access import decide_association
 from dicomrouter.scp.gate import make_request_handler
 from dicomrouter.scp.limits import Admission, QuickCopyContexts
+from dicomrouter.scp.store_session import LeanConnection, LeanStorePath
 
 log = get_logger(__name__)
 
@@ -34,6 +35,27 @@ class FrontServer(ThreadedAssociationServer):
     """
 
     request_queue_size = 512
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        self._lean_connections: set[LeanConnection] = set()
+        self._lean_lock = threading.Lock()
+        super().__init__(*args, **kwargs)
+
+    def track(self, connection: LeanConnection) -> None:
+        """Count a connection served by the lean store path (or still being read) like an association."""
+        with self._lean_lock:
+            self._lean_connections.add(connection)
+
+    def untrack(self, connection: LeanConnection) -> None:
+        with self._lean_lock:
+            self._lean_connections.discard(connection)
+
+    @property
+    def active_associations(self) -> list[Any]:
+        """pynetdicom's acceptor threads and the lean path's connections."""
+        with self._lean_lock:
+            lean = list(self._lean_connections)
+        return ThreadedAssociationServer.active_associations.fget(self) + lean
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         client_socket, address = self.socket.accept()
@@ -61,6 +83,7 @@ class DicomFront:
     host: str | None = None  # override config (tests bind 127.0.0.1:0)
     port: int | None = None
     audit: AuditTrail | NoAudit = field(default_factory=NoAudit)
+    lean_store: LeanStorePath | None = None  # serve plain storage associations without pynetdicom
     _server: FrontServer | None = field(default=None, init=False)
     _thread: threading.Thread | None = field(default=None, init=False)
     admission: Admission = field(init=False)
@@ -102,7 +125,7 @@ class DicomFront:
             evt_handlers=self.handlers,
             ssl_context=listening_context(tls) if tls else None,
             server_class=FrontServer,
-            request_handler=make_request_handler(self._gate, self.admission, self.audit),
+            request_handler=make_request_handler(self._gate, self.admission, self.audit, self.lean_store),
         )
         self._server.daemon_threads = True
         self._server.contexts = QuickCopyContexts(self._server.contexts)
@@ -161,6 +184,10 @@ class DicomFront:
     def _drop_unassociated(associations) -> None:
         """Connected but never associated: nothing in flight to finish, so no reason to wait."""
         for assoc in associations:
+            if isinstance(assoc, LeanConnection):
+                if not assoc.is_established:
+                    assoc.abort()
+                continue
             if assoc.is_established or getattr(assoc, "_router_dropped", False):
                 continue
             assoc._router_dropped = True

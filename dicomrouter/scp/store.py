@@ -31,25 +31,40 @@ def audit_outcome(status: int) -> str:
     return "failed"
 
 
+def store_instance(
+    receive: ReceiveService, caller, called_ae: str, sop_instance_uid: str, encoded: bytes, audit
+) -> ReceiveResult:
+    """Hand one received instance (file meta and data set bytes) to the receive service; tally it in `audit`."""
+    try:
+        result = receive.receive(caller, called_ae, sop_instance_uid, encoded)
+    except MemoryError:
+        result = ReceiveResult(OUT_OF_RESOURCES, "out of memory")
+    except Exception:
+        log.exception("store_failed", calling_ae=caller.ae_title, sop_instance_uid=sop_instance_uid[:80])
+        result = ReceiveResult(OUT_OF_RESOURCES, "internal error; not stored")
+    reason = result.comment if result.status != SUCCESS else None
+    audit.count_store(result.study_uid, audit_outcome(result.status), result.servers, reason)
+    return result
+
+
 def handle_store(event: Event, receive: ReceiveService, relay=None) -> Dataset:
     caller = event.assoc.router_caller
     request = event.request
     sop_instance_uid = str(request.AffectedSOPInstanceUID or "")
+    audit = association_audit(event.assoc)
     if caller.kind == "server":
         # A PACS calls in only to deliver C-MOVE sub-operations the router asked for.
         if relay is not None:
             return relay.receive_sub_operation(event)
         log.warning("store_refused", calling_ae=caller.ae_title, reason="server AE outside a relayed move")
         result = ReceiveResult(REFUSED_NOT_AUTHORIZED, "server AE may only deliver relayed moves")
+        audit.count_store(None, audit_outcome(result.status), (), result.comment)
     else:
         try:
             encoded = event.encoded_dataset(include_meta=True)
-            result = receive.receive(caller, event.assoc.router_called_ae, sop_instance_uid, encoded)
         except MemoryError:
             result = ReceiveResult(OUT_OF_RESOURCES, "out of memory")
-        except Exception:
-            log.exception("store_failed", calling_ae=caller.ae_title, sop_instance_uid=sop_instance_uid[:80])
-            result = ReceiveResult(OUT_OF_RESOURCES, "internal error; not stored")
-    reason = result.comment if result.status != SUCCESS else None
-    association_audit(event.assoc).count_store(result.study_uid, audit_outcome(result.status), result.servers, reason)
+            audit.count_store(None, audit_outcome(result.status), (), result.comment)
+        else:
+            result = store_instance(receive, caller, event.assoc.router_called_ae, sop_instance_uid, encoded, audit)
     return status_dataset(result.status, result.comment)
