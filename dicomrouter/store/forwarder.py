@@ -74,8 +74,13 @@ class AckWriter:
                 self._wakeup.wait()
             if not self._pending:
                 return None
-            if not self._stopping:
-                self._wakeup.wait(self.linger_s)
+            # Every submit notifies: wait out the whole linger, not just until the next delivery.
+            deadline = time.monotonic() + self.linger_s
+            while not self._stopping and sum(len(jobs) for _, jobs in self._pending) < self.max_batch:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._wakeup.wait(remaining)
             taken, self._pending = self._pending, []
             return taken
 
