@@ -265,10 +265,13 @@ class StoreSession:
                 else:
                     raise ProtocolViolation(f"unexpected PDU type 0x{pdu_type:02X} on an established association")
         except SessionEnded as ended:
-            if ended.warn:
+            if ended.warn:  # idle or stalled: tell the peer why the connection goes
                 self.log.warning("association_dropped", reason=ended.reason)
+                self._send_quietly(ABORT_NOT_SPECIFIED)
             else:
                 self.log.info("association_ended", reason=ended.reason)
+        except OSError as exc:  # a response could not be sent: the peer or stop() hung up
+            self.log.info("association_ended", reason=f"connection lost ({exc})")
         except ProtocolViolation as violation:
             self.log.warning("association_dropped", reason=violation.reason)
             self._send_quietly(violation.abort_pdu)

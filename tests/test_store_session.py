@@ -1,0 +1,216 @@
+"""The front's lean storage path (scp/store_session.py) next to pynetdicom's: same answers, same spool.
+
+The destinations are ports nobody listens on: a C-STORE is Success once the instance is in the
+spool and its job is queued, which is what these tests look at.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from pydicom import Dataset, dcmread
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import ImplicitVRLittleEndian, generate_uid
+from pynetdicom import AE
+from pynetdicom.dsutils import encode
+from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelFind
+
+from dicomrouter.app import build_app
+from dicomrouter.config import load_config
+from dicomrouter.net.sockets import OUTGOING_SOCKET_HANDLERS
+from dicomrouter.net.upper_layer import IMPLICIT_VR_LE, parse_command
+from tests.raw_peer import (
+    A_ABORT,
+    A_RELEASE_RP,
+    A_RELEASE_RQ,
+    P_DATA_TF,
+    RawPeer,
+    pdu,
+    store_command,
+)
+from tests.store_helpers import dataset_bytes
+from tests.test_echo_scp import ROUTER_AE, write_router_config
+
+
+def ct_dataset(pixels: int = 64) -> Dataset:
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.PatientID, ds.PatientName, ds.Modality = "LEAN", "Lean^Path", "CT"
+    ds.Rows = ds.Columns = pixels
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.PixelData = bytes(range(256)) * (pixels * pixels * 2 // 256)
+    return ds
+
+
+def implicit_bytes(ds: Dataset) -> bytes:
+    """The data set as pynetdicom sends it in Implicit VR Little Endian."""
+    return encode(ds, True, True)
+
+
+@pytest.fixture
+def app(tmp_path, monkeypatch):
+    path, _port = write_router_config(tmp_path, router={"network_timeout": 3, "max_pdu_size": 16384})
+    monkeypatch.chdir(tmp_path)  # the config's relative spool and catalog
+    router = build_app(load_config(path), host="127.0.0.1", port=0, watch_file=False)
+    router.start()
+    try:
+        yield router
+    finally:
+        router.stop(drain_timeout_s=5)
+
+
+def spooled_files(app) -> list[Path]:
+    return sorted(Path(app.spool.objects).rglob("*.dcm"))
+
+
+def lean_connections(app) -> list:
+    return [c for c in app.front._server.active_associations if hasattr(c, "sock")]
+
+
+def store_with_pynetdicom(app, datasets, extra_contexts=()) -> tuple[list[int], bool]:
+    """(C-STORE statuses, whether the front served the association on its lean path)."""
+    client = AE(ae_title="WORKSTATION")
+    client.add_requested_context(CTImageStorage, [ImplicitVRLittleEndian])
+    for context in extra_contexts:
+        client.add_requested_context(context)
+    assoc = client.associate("127.0.0.1", app.front.bound_port, ae_title=ROUTER_AE, evt_handlers=OUTGOING_SOCKET_HANDLERS)
+    assert assoc.is_established
+    try:
+        served_lean = bool(lean_connections(app))
+        return [assoc.send_c_store(ds).Status for ds in datasets], served_lean
+    finally:
+        assoc.release()
+
+
+@pytest.mark.parametrize("lean", [True, False], ids=["storage only: lean path", "storage and find: pynetdicom"])
+def test_both_paths_spool_the_same_bytes(app, lean):
+    datasets = [ct_dataset() for _ in range(3)]
+    extra = () if lean else (StudyRootQueryRetrieveInformationModelFind,)
+    statuses, served_lean = store_with_pynetdicom(app, datasets, extra)
+    assert statuses == [0x0000] * 3
+    assert served_lean is lean
+    files = spooled_files(app)
+    assert len(files) == 3
+    by_uid = {str(dcmread(f, stop_before_pixels=True).SOPInstanceUID): f for f in files}
+    for ds in datasets:
+        stored = by_uid[ds.SOPInstanceUID].read_bytes()
+        assert dataset_bytes(stored) == implicit_bytes(ds)
+        meta = dcmread(by_uid[ds.SOPInstanceUID]).file_meta
+        assert meta.TransferSyntaxUID == ImplicitVRLittleEndian
+        assert meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
+        assert meta.MediaStorageSOPClassUID == CTImageStorage
+
+
+def associate_for_store(peer: RawPeer) -> None:
+    peer.associate(abstract_syntax=CTImageStorage, transfer_syntaxes=(IMPLICIT_VR_LE,), max_pdu=16384)
+
+
+def read_response(peer: RawPeer) -> dict[int, bytes]:
+    answer = peer.read_pdu()
+    assert answer is not None and answer[0] == P_DATA_TF, answer
+    body = answer[1]
+    assert body[5] == 0x03  # one PDV: the last fragment of a command
+    return parse_command(body[6:])
+
+
+def test_command_and_data_set_in_one_pdu_in_many_fragments(app):
+    """PDVs may share a PDU and a data set may come in any number of fragments (PS3.8 9.3.5)."""
+    ds = ct_dataset(pixels=32)
+    data = implicit_bytes(ds)
+    pdvs = struct.pack(">IBB", len(store_command(CTImageStorage, ds.SOPInstanceUID)) + 2, 1, 0x03)
+    pdvs += store_command(CTImageStorage, ds.SOPInstanceUID, message_id=7)
+    pieces = [data[i : i + 1000] for i in range(0, len(data), 1000)]
+    for index, piece in enumerate(pieces[:3]):
+        pdvs += struct.pack(">IBB", len(piece) + 2, 1, 0x00) + piece
+    rest = b"".join(pieces[3:])
+    with RawPeer(app.front.bound_port) as peer:
+        associate_for_store(peer)
+        peer.send(pdu(P_DATA_TF, pdvs) + pdu(P_DATA_TF, struct.pack(">IBB", len(rest) + 2, 1, 0x02) + rest))
+        response = read_response(peer)
+        assert int.from_bytes(response[0x0100], "little") == 0x8001
+        assert int.from_bytes(response[0x0120], "little") == 7
+        assert int.from_bytes(response[0x0900], "little") == 0x0000
+        assert response[0x1000].rstrip(b"\0").decode() == ds.SOPInstanceUID
+        peer.send(pdu(A_RELEASE_RQ, bytes(4)))
+        assert peer.read_pdu()[0] == A_RELEASE_RP
+    (spooled,) = spooled_files(app)
+    assert dataset_bytes(spooled.read_bytes()) == data
+
+
+def test_a_refused_store_answers_with_status_and_comment(app):
+    """A data set whose SOP Instance UID differs from the request's: 0xA900 with a reason, nothing spooled."""
+    ds = ct_dataset(pixels=8)
+    with RawPeer(app.front.bound_port) as peer:
+        associate_for_store(peer)
+        peer.send(
+            pdu(P_DATA_TF, _pdv(1, 0x03, store_command(CTImageStorage, "1.2.3.4")))
+            + pdu(P_DATA_TF, _pdv(1, 0x02, implicit_bytes(ds)))
+        )
+        response = read_response(peer)
+    assert int.from_bytes(response[0x0900], "little") == 0xA900
+    assert b"does not match" in response[0x0902]
+    assert len(response[0x0902]) % 2 == 0
+    assert spooled_files(app) == []
+
+
+def _pdv(context_id: int, control: int, data: bytes) -> bytes:
+    return struct.pack(">IBB", len(data) + 2, context_id, control) + data
+
+
+@pytest.mark.parametrize(
+    "stream",
+    [
+        pytest.param(lambda: pdu(P_DATA_TF, _pdv(3, 0x03, store_command(CTImageStorage, "1.2.3"))), id="context not accepted"),
+        pytest.param(lambda: pdu(P_DATA_TF, _pdv(1, 0x02, b"\0" * 64)), id="data set without a command"),
+        pytest.param(lambda: pdu(P_DATA_TF, struct.pack(">IBB", 1, 1, 0x03)), id="PDV shorter than its header"),
+        pytest.param(lambda: pdu(P_DATA_TF, _pdv(1, 0x03, b"\x08\x00\x00\x00\x02\x00\x00\x00ab")), id="command without a command field"),
+        pytest.param(lambda: pdu(0x01, bytes(80)), id="a second association request"),
+    ],
+)
+def test_protocol_errors_abort_and_the_front_keeps_serving(app, stream):
+    with RawPeer(app.front.bound_port) as peer:
+        associate_for_store(peer)
+        peer.send(stream())
+        closed = peer.wait_closed(timeout=5)
+    assert closed.closed and A_ABORT in closed.pdu_types
+    assert store_with_pynetdicom(app, [ct_dataset(pixels=8)])[0] == [0x0000]
+
+
+def test_idle_lean_association_is_dropped_after_the_network_timeout(app):
+    with RawPeer(app.front.bound_port) as peer:
+        associate_for_store(peer)
+        assert lean_connections(app)
+        closed = peer.wait_closed(timeout=10)
+    assert closed.closed and 2.5 < closed.seconds < 6, closed
+    assert A_ABORT in closed.pdu_types
+    assert not lean_connections(app)
+
+
+def test_stop_aborts_an_open_lean_association(app):
+    port = app.front.bound_port
+    peer = RawPeer(port)
+    try:
+        associate_for_store(peer)
+        started = time.monotonic()
+        stopper = threading.Thread(target=app.stop, kwargs={"drain_timeout_s": 0.5})
+        stopper.start()
+        closed = peer.wait_closed(timeout=5)
+        stopper.join(timeout=10)
+        assert closed.closed and A_ABORT in closed.pdu_types
+        assert time.monotonic() - started < 3
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", port), timeout=1)
+    finally:
+        peer.close()
