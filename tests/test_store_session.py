@@ -129,15 +129,13 @@ def test_command_and_data_set_in_one_pdu_in_many_fragments(app):
     """PDVs may share a PDU and a data set may come in any number of fragments (PS3.8 9.3.5)."""
     ds = ct_dataset(pixels=32)
     data = implicit_bytes(ds)
-    pdvs = struct.pack(">IBB", len(store_command(CTImageStorage, ds.SOPInstanceUID)) + 2, 1, 0x03)
-    pdvs += store_command(CTImageStorage, ds.SOPInstanceUID, message_id=7)
     pieces = [data[i : i + 1000] for i in range(0, len(data), 1000)]
-    for index, piece in enumerate(pieces[:3]):
-        pdvs += struct.pack(">IBB", len(piece) + 2, 1, 0x00) + piece
+    pdvs = _pdv(1, 0x03, store_command(CTImageStorage, ds.SOPInstanceUID, message_id=7))
+    pdvs += b"".join(_pdv(1, 0x00, piece) for piece in pieces[:3])
     rest = b"".join(pieces[3:])
     with RawPeer(app.front.bound_port) as peer:
         associate_for_store(peer)
-        peer.send(pdu(P_DATA_TF, pdvs) + pdu(P_DATA_TF, struct.pack(">IBB", len(rest) + 2, 1, 0x02) + rest))
+        peer.send(pdu(P_DATA_TF, pdvs) + pdu(P_DATA_TF, _pdv(1, 0x02, rest)))
         response = read_response(peer)
         assert int.from_bytes(response[0x0100], "little") == 0x8001
         assert int.from_bytes(response[0x0120], "little") == 7

@@ -213,7 +213,9 @@ def test_tls_sockets_have_tcp_nodelay(tmp_path, pki):
         assert assoc.is_established
         try:
             (accepted,) = app.front._server.active_associations
-            for sock in (accepted.dul.socket.socket, assoc.dul.socket.socket):
+            # A verification-only association is served by the lean path (its own socket).
+            served = accepted.sock if hasattr(accepted, "sock") else accepted.dul.socket.socket
+            for sock in (served, assoc.dul.socket.socket):
                 assert isinstance(sock, ssl.SSLSocket)
                 assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
             for _ in range(3):
