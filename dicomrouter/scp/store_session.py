@@ -24,6 +24,7 @@ import socket
 import struct
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -43,6 +44,7 @@ from dicomrouter.net.upper_layer import (
 )
 from dicomrouter.routing.access import Caller
 from dicomrouter.scp.limits import MAX_ASSOCIATION_PDU_LENGTH, P_DATA_SLACK, PDU_HEADER_LENGTH
+from dicomrouter.scp.store import audit_outcome
 from dicomrouter.store.receive import ReceiveResult
 
 log = get_logger(__name__)
@@ -247,6 +249,7 @@ class StoreSession:
         self.reader = PduReader(connection, limits)
         self._command = bytearray()
         self._incoming: _Incoming | None = None
+        self.outcomes: Counter[str] = Counter()  # C-STORE outcomes (success, refused, failed), for the closing log line
         self.log = log.bind(calling_ae=request.calling_ae, called_ae=request.called_ae, address=connection.address)
 
     def serve(self) -> None:
@@ -280,6 +283,8 @@ class StoreSession:
             self._send_quietly(ABORT_NOT_SPECIFIED)
         finally:
             self.connection.close()
+            if self.outcomes:
+                self.log.info("stores_received", **dict(self.outcomes))
 
     def _send_quietly(self, data: bytes) -> None:
         try:
@@ -384,6 +389,7 @@ class StoreSession:
         incoming.fragments.clear()
         sop_instance_uid = incoming.sop_instance.decode("latin-1")
         result = self.store(self.caller, self.request.called_ae, sop_instance_uid, encoded, self.audit)
+        self.outcomes[audit_outcome(result.status)] += 1
         self._respond(
             incoming.context_id, C_STORE_RSP, incoming.message_id, incoming.sop_class, incoming.sop_instance,
             result.status, result.comment,

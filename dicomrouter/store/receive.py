@@ -12,7 +12,7 @@ from typing import Any
 from pydicom import dcmread
 from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.uid import DeflatedExplicitVRLittleEndian
-from sqlalchemy import bindparam, func, select
+from sqlalchemy import Connection, bindparam, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomrouter.catalog.models import Instance, InstanceLocation, Server
@@ -36,6 +36,8 @@ NO_DESTINATION = 0xC012
 
 # Deflate gives real DICOM a few times, text-heavy reports some tens; a bomb gives a thousand.
 MAX_INFLATION_RATIO = 100
+DEFLATED_UID = DeflatedExplicitVRLittleEndian.encode("ascii")
+GROUP_LENGTH_ELEMENT = b"DICM\x02\x00\x00\x00"  # the prefix, then (0002,0000) File Meta Information Group Length
 
 UID_PATTERN = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 
@@ -107,9 +109,13 @@ def check_inflation(encoded: bytes) -> None:
     pydicom inflates the whole dataset at once; a few hundred KiB of deflated zeros would cost
     gigabytes and minutes of parsing.
     """
+    if encoded[128:136] == GROUP_LENGTH_ELEMENT:  # the usual file meta: skip pydicom when it is not deflated
+        meta_end = 144 + int.from_bytes(encoded[140:144], "little")
+        if DEFLATED_UID not in encoded[132:meta_end]:
+            return
     fp = BytesIO(encoded)
     read_preamble(fp, False)
-    meta = _read_file_meta_info(fp)  # written by pynetdicom from the negotiated context
+    meta = _read_file_meta_info(fp)
     if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
         return
     deflated = encoded[fp.tell() :]
@@ -148,7 +154,7 @@ _DELIVERED_COPIES = (
 )
 
 
-def delivered_copies(session: Session, sop_instance_uid: str) -> dict[str, str | None]:
+def delivered_copies(session: Session | Connection, sop_instance_uid: str) -> dict[str, str | None]:
     """server name -> sha256 of the copy that server acknowledged (per location, not the last copy anywhere)."""
     rows = session.execute(_DELIVERED_COPIES, {"sop_uid": sop_instance_uid}).all()
     return {name: sha for name, sha in rows}
@@ -168,6 +174,7 @@ class ReceiveService:
         self.spool = spool
         self.queue = queue
         self.sessions = sessions
+        self.engine = sessions.kw["bind"]
         self.notify = notify
         self.audit = audit or (lambda **_: None)
 
@@ -250,7 +257,7 @@ class ReceiveService:
             self.spool.remove(spooled.path)  # every destination already has these exact bytes
         for name in queued:
             self.notify(name)
-        bound.info("stored", destinations=names, queued=queued, route=decision.reason, bytes=spooled.size)
+        bound.debug("stored", destinations=names, queued=queued, route=decision.reason, bytes=spooled.size)
         return ReceiveResult(
             SUCCESS, destinations=queued, sop_instance_uid=sop_instance_uid, study_uid=study_uid, servers=names
         )
@@ -258,7 +265,8 @@ class ReceiveService:
     def _queue_jobs(self, config, caller, called_ae, spooled, header, names) -> tuple[tuple[str, ...], str | None]:
         sop_uid = header["SOPInstanceUID"]
         queued: list[str] = []
-        with self.sessions.begin() as session:
+        # A Core connection, not an ORM session: this transaction runs for every C-STORE.
+        with self.engine.begin() as session:
             copies = delivered_copies(session, sop_uid)
             different = {n: sha for n, sha in copies.items() if n in names and sha != spooled.sha256}
             if different and config.router.duplicate_policy == "reject":
@@ -267,8 +275,9 @@ class ReceiveService:
                     "(router.duplicate_policy: reject)"
                 )
             jobs = []
+            already_queued = self.queue.destinations_with_open_jobs(session, spooled.sha256, names)
             for name in names:
-                if copies.get(name) == spooled.sha256 or self.queue.open_job_for(session, spooled.sha256, name):
+                if copies.get(name) == spooled.sha256 or name in already_queued:
                     continue
                 jobs.append(
                     NewJob(sop_uid, str(spooled.path), spooled.sha256, spooled.size, name, caller.ae_title, called_ae, header)
