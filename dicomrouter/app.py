@@ -56,7 +56,8 @@ def lean_store_path(contexts: list[SupportedContext], receive: ReceiveService) -
         for cx in contexts
         if cx.abstract_syntax == Verification or cx.abstract_syntax in storage_classes
     }
-    return LeanStorePath(supported, partial(store_instance, receive))
+    elsewhere = frozenset(cx.abstract_syntax for cx in contexts) - supported.keys()
+    return LeanStorePath(supported, partial(store_instance, receive), elsewhere)
 
 
 def storage_contexts() -> list[SupportedContext]:

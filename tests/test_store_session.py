@@ -215,3 +215,22 @@ def test_stop_aborts_an_open_lean_association(app):
             socket.create_connection(("127.0.0.1", port), timeout=1)
     finally:
         peer.close()
+
+
+def test_a_class_nobody_serves_is_refused_and_the_rest_stays_on_the_lean_path(app):
+    """A modality proposing a private storage class too: that context is refused (abstract syntax not
+    supported), as pynetdicom would, and the CT images go through."""
+    private_class = "1.2.826.0.1.3680043.9.7433.99.1"
+    client = AE(ae_title="WORKSTATION")
+    client.add_requested_context(private_class, [ImplicitVRLittleEndian])
+    client.add_requested_context(CTImageStorage, [ImplicitVRLittleEndian])
+    assoc = client.associate("127.0.0.1", app.front.bound_port, ae_title=ROUTER_AE, evt_handlers=OUTGOING_SOCKET_HANDLERS)
+    assert assoc.is_established
+    try:
+        assert lean_connections(app)
+        (refused,) = assoc.rejected_contexts
+        assert refused.abstract_syntax == private_class and refused.result == 0x03
+        assert [cx.abstract_syntax for cx in assoc.accepted_contexts] == [CTImageStorage]
+        assert assoc.send_c_store(ct_dataset(pixels=8)).Status == 0x0000
+    finally:
+        assoc.release()

@@ -471,7 +471,8 @@ class LeanStorePath:
 
     supported: Mapping[str, frozenset[str]]  # abstract syntax -> transfer syntaxes (storage and verification)
     store: StoreInstance
+    elsewhere: frozenset[str] = frozenset()  # abstract syntaxes the front serves through pynetdicom (C-FIND...)
 
     def takes(self, request: AssociateRequest) -> bool:
-        """Every proposed abstract syntax is one this path serves."""
-        return all(context.abstract_syntax in self.supported for context in request.contexts)
+        """Nothing proposed is served elsewhere; classes nobody supports are refused here as there."""
+        return not any(context.abstract_syntax in self.elsewhere for context in request.contexts)
