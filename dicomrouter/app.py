@@ -48,7 +48,7 @@ def node_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
 
 
-def lean_store_path(contexts: list[SupportedContext], receive: ReceiveService) -> LeanStorePath:
+def lean_store_path(contexts: list[SupportedContext], receive: ReceiveService, holder: ConfigHolder) -> LeanStorePath:
     """The front's own C-STORE/C-ECHO path, for the storage and verification classes it supports."""
     storage_classes = {cx.abstract_syntax for cx in AllStoragePresentationContexts}
     supported = {
@@ -57,7 +57,13 @@ def lean_store_path(contexts: list[SupportedContext], receive: ReceiveService) -
         if cx.abstract_syntax == Verification or cx.abstract_syntax in storage_classes
     }
     elsewhere = frozenset(cx.abstract_syntax for cx in contexts) - supported.keys()
-    return LeanStorePath(supported, partial(store_instance, receive), elsewhere)
+    return LeanStorePath(
+        supported,
+        partial(store_instance, receive),
+        receive.spool,
+        lambda: holder.current.router.max_in_memory_dataset,
+        elsewhere,
+    )
 
 
 def storage_contexts() -> list[SupportedContext]:
@@ -154,7 +160,7 @@ def build_app(config: Config, host: str | None = None, port: int | None = None, 
         *move_handlers,
     ]
     front = DicomFront(
-        holder, contexts, handlers, host=host, port=port, audit=audit, lean_store=lean_store_path(contexts, receive)
+        holder, contexts, handlers, host=host, port=port, audit=audit, lean_store=lean_store_path(contexts, receive, holder)
     )
     app = RouterApp(holder, catalog, spool, queue, forwarder, receive, front, audit, watch_file=watch_file)
     holder.on_change(app._on_config_change)

@@ -142,6 +142,7 @@ class RouterSettings:
     max_associations: int = 64
     max_pdu_size: int = 262144
     max_dataset_size: int = 2 * 1024**3  # one received data set; beyond it the association is aborted
+    max_in_memory_dataset: int = 16 * 1024**2  # larger data sets go to the spool while they arrive
     acse_timeout_s: float = 10.0
     dimse_timeout_s: float = 60.0
     network_timeout_s: float = 60.0
@@ -286,6 +287,7 @@ _ROUTER_KEYS = (
     "max_associations",
     "max_pdu_size",
     "max_dataset_size",
+    "max_in_memory_dataset",
     "acse_timeout",
     "dimse_timeout",
     "network_timeout",
@@ -539,6 +541,9 @@ class _Parser:
             max_pdu_size=self.get_int(data, "max_pdu_size", "router.max_pdu_size", d.max_pdu_size, 4096, 64 * 1024 * 1024),
             max_dataset_size=self.get_int(
                 data, "max_dataset_size", "router.max_dataset_size", d.max_dataset_size, 1024, 1024**4
+            ),
+            max_in_memory_dataset=self.get_int(
+                data, "max_in_memory_dataset", "router.max_in_memory_dataset", d.max_in_memory_dataset, 1024, 1024**4
             ),
             acse_timeout_s=self.get_seconds(data, "acse_timeout", "router.acse_timeout", d.acse_timeout_s),
             dimse_timeout_s=self.get_seconds(data, "dimse_timeout", "router.dimse_timeout", d.dimse_timeout_s),

@@ -251,7 +251,19 @@ def test_config_for_other_port_is_separate(tmp_path, orthanc_farm, workstation_p
     assert (tmp_path / "var").exists()
 
 
-def test_mixed_transfer_syntaxes_arrive_byte_identical(farm_router, clean_orthanc_farm, tmp_path, router_port):
+@pytest.mark.parametrize("streamed", [False, True], ids=["held in memory", "streamed to the spool"])
+def test_mixed_transfer_syntaxes_arrive_byte_identical(farm_config, clean_orthanc_farm, tmp_path, router_port, streamed):
+    """With router.max_in_memory_dataset at its minimum (1 KiB) every data set but the deflated one is
+    written to the spool while it arrives, checked from the file, and forwarded from it."""
+    if streamed:
+        edit_config(farm_config, lambda d: d["router"].update(max_in_memory_dataset=1024))
+    with RouterProcess(farm_config, router_port) as router:
+        sent = _mixed_transfer_syntaxes_arrive_byte_identical(clean_orthanc_farm, tmp_path, router_port)
+    streamed_count = router.log_text().count('"store_streaming_to_spool"')
+    assert streamed_count == (sent - 1 if streamed else 0), router.log_tail()  # the deflated one stays in memory
+
+
+def _mixed_transfer_syntaxes_arrive_byte_identical(clean_orthanc_farm, tmp_path, router_port):
     from pydicom.data import get_testdata_file
 
     from tests.store_helpers import MIXED_FILES, storescu_profile, with_new_uids
@@ -281,3 +293,4 @@ def test_mixed_transfer_syntaxes_arrive_byte_identical(farm_router, clean_orthan
         through_router = clean_orthanc_farm[0].download_instance(sop_uid)
         straight = clean_orthanc_farm[1].download_instance(sop_uid)
         assert dataset_bytes(through_router) == dataset_bytes(straight), path.name
+    return len(files)

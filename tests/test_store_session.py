@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -234,3 +235,114 @@ def test_a_class_nobody_serves_is_refused_and_the_rest_stays_on_the_lean_path(ap
         assert assoc.send_c_store(ct_dataset(pixels=8)).Status == 0x0000
     finally:
         assoc.release()
+
+
+# ---------------------------------------------------------------- large data sets go to the spool as they arrive
+
+IN_MEMORY_LIMIT = 32768
+
+
+@pytest.fixture
+def streaming_app(tmp_path, monkeypatch):
+    """A front that keeps at most 32 KiB of a data set in memory."""
+    path, _port = write_router_config(
+        tmp_path, router={"network_timeout": 3, "max_pdu_size": 16384, "max_in_memory_dataset": IN_MEMORY_LIMIT}
+    )
+    monkeypatch.chdir(tmp_path)
+    spool = tmp_path / "var" / "spool"
+    spool.mkdir(parents=True, exist_ok=True)
+    yield lambda: build_app(load_config(path), host="127.0.0.1", port=0, watch_file=False), spool
+
+
+def started(factory):
+    router = factory()
+    router.start()
+    return router
+
+
+def spool_tmp_files(spool: Path) -> list[Path]:
+    return sorted((spool / "tmp").glob("*"))
+
+
+def test_a_large_data_set_is_spooled_while_it_arrives(streaming_app):
+    factory, spool = streaming_app
+    app = started(factory)
+    try:
+        big, small = ct_dataset(pixels=256), ct_dataset(pixels=16)  # 128 KiB of pixels, and one kept in memory
+        opened = []
+        original = app.spool.open_partial
+        app.spool.open_partial = lambda: opened.append(1) or original()
+        statuses, served_lean = store_with_pynetdicom(app, [big, small])
+        assert statuses == [0x0000, 0x0000] and served_lean
+        assert opened == [1]  # only the large one was streamed
+        by_uid = {str(dcmread(f, stop_before_pixels=True).SOPInstanceUID): f for f in spooled_files(app)}
+        for ds in (big, small):
+            assert dataset_bytes(by_uid[ds.SOPInstanceUID].read_bytes()) == implicit_bytes(ds)
+            assert dcmread(by_uid[ds.SOPInstanceUID]).file_meta.TransferSyntaxUID == ImplicitVRLittleEndian
+        assert spool_tmp_files(spool) == []
+    finally:
+        app.stop(drain_timeout_s=5)
+
+
+def test_a_refused_large_data_set_leaves_nothing_behind(streaming_app):
+    factory, spool = streaming_app
+    app = started(factory)
+    try:
+        ds = ct_dataset(pixels=256)
+        with RawPeer(app.front.bound_port) as peer:
+            associate_for_store(peer)
+            data = implicit_bytes(ds)
+            peer.send(pdu(P_DATA_TF, _pdv(1, 0x03, store_command(CTImageStorage, "1.2.3.4"))))
+            for start in range(0, len(data), 16000):
+                last = start + 16000 >= len(data)
+                peer.send(pdu(P_DATA_TF, _pdv(1, 0x02 if last else 0x00, data[start : start + 16000])))
+            response = read_response(peer)
+        assert int.from_bytes(response[0x0900], "little") == 0xA900
+        assert spooled_files(app) == [] and spool_tmp_files(spool) == []
+    finally:
+        app.stop(drain_timeout_s=5)
+
+
+def test_an_association_aborted_mid_data_set_leaves_nothing_behind(streaming_app):
+    factory, spool = streaming_app
+    app = started(factory)
+    try:
+        ds = ct_dataset(pixels=256)
+        data = implicit_bytes(ds)
+        with RawPeer(app.front.bound_port) as peer:
+            associate_for_store(peer)
+            peer.send(pdu(P_DATA_TF, _pdv(1, 0x03, store_command(CTImageStorage, ds.SOPInstanceUID))))
+            for start in range(0, 96000, 16000):  # well past the in-memory limit, not the end
+                peer.send(pdu(P_DATA_TF, _pdv(1, 0x00, data[start : start + 16000])))
+            deadline = time.monotonic() + 5
+            while not spool_tmp_files(spool) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert spool_tmp_files(spool), "the data set should be streaming into tmp/"
+            peer.send(pdu(A_ABORT, bytes(4)))
+        deadline = time.monotonic() + 5
+        while (spool_tmp_files(spool) or lean_connections(app)) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert spool_tmp_files(spool) == [] and spooled_files(app) == []
+    finally:
+        app.stop(drain_timeout_s=5)
+
+
+def test_spool_full_while_streaming_answers_out_of_resources(streaming_app):
+    factory, spool = streaming_app
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(spool)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        app = started(factory)
+        try:
+            too_big, fits = ct_dataset(pixels=512), ct_dataset(pixels=16)  # 512 KiB of pixels > 256 KiB of spool
+            statuses, served_lean = store_with_pynetdicom(app, [too_big, fits])
+            assert served_lean
+            assert statuses == [0xA700, 0x0000]  # no false Success; the association and the spool go on
+            assert spool_tmp_files(spool) == []
+            (kept,) = spooled_files(app)
+            assert dcmread(kept, stop_before_pixels=True).SOPInstanceUID == fits.SOPInstanceUID
+        finally:
+            app.stop(drain_timeout_s=5)
+    finally:
+        subprocess.run(["umount", "-l", str(spool)], capture_output=True)

@@ -208,6 +208,7 @@ def make_request_handler(
             limits = SessionLimits(
                 max_pdu_size=router.maximum_pdu_size,
                 max_dataset_size=admission.max_dataset_size,
+                max_in_memory_dataset=lean_store.max_in_memory_dataset(),
                 network_timeout_s=float(router.network_timeout or 60.0),
                 implementation_class_uid=router.implementation_class_uid,
                 implementation_version=router.implementation_version_name or "",
@@ -231,7 +232,9 @@ def make_request_handler(
                     address=connection.address, caller_kind=caller.kind, path="lean",
                 )
                 association.record("association", "accepted", detail=f"{decision.reason} ({caller.kind})")
-                StoreSession(connection, request, results, caller, association, lean_store.store, limits).serve()
+                StoreSession(
+                    connection, request, results, caller, association, lean_store.store, limits, lean_store.spool
+                ).serve()
             finally:
                 association.close()
             return True

@@ -17,6 +17,7 @@ from dicomrouter.store.receive import (
     ReceiveResult,
     ReceiveService,
 )
+from dicomrouter.store.spool import PartialFile
 
 log = get_logger(__name__)
 
@@ -32,11 +33,15 @@ def audit_outcome(status: int) -> str:
 
 
 def store_instance(
-    receive: ReceiveService, caller, called_ae: str, sop_instance_uid: str, encoded: bytes, audit
+    receive: ReceiveService, caller, called_ae: str, sop_instance_uid: str, received: bytes | PartialFile, audit
 ) -> ReceiveResult:
-    """Hand one received instance (file meta and data set bytes) to the receive service; tally it in `audit`."""
+    """Hand one received instance (file meta and data set, as bytes or already in a spool file) to the
+    receive service; tally it in `audit`."""
     try:
-        result = receive.receive(caller, called_ae, sop_instance_uid, encoded)
+        if isinstance(received, PartialFile):
+            result = receive.receive_partial(caller, called_ae, sop_instance_uid, received)
+        else:
+            result = receive.receive(caller, called_ae, sop_instance_uid, received)
     except MemoryError:
         result = ReceiveResult(OUT_OF_RESOURCES, "out of memory")
     except Exception:

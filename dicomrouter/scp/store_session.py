@@ -45,7 +45,8 @@ from dicomrouter.net.upper_layer import (
 from dicomrouter.routing.access import Caller
 from dicomrouter.scp.limits import MAX_ASSOCIATION_PDU_LENGTH, P_DATA_SLACK, PDU_HEADER_LENGTH
 from dicomrouter.scp.store import audit_outcome
-from dicomrouter.store.receive import ReceiveResult
+from dicomrouter.store.receive import OUT_OF_RESOURCES, ReceiveResult
+from dicomrouter.store.spool import PartialFile, Spool, SpoolError
 
 log = get_logger(__name__)
 
@@ -62,8 +63,10 @@ RELEASE_RP = struct.pack(">BxIxxxx", A_RELEASE_RP, 4)
 
 FILE_PREAMBLE = b"\0" * 128 + b"DICM"
 
-# Receives one instance: (caller, called AE, Affected SOP Instance UID, file meta + data set bytes) -> result
-StoreInstance = Callable[[Caller, str, str, bytes, AssociationAudit], ReceiveResult]
+# Receives one instance: (caller, called AE, Affected SOP Instance UID, file meta + data set, in memory or
+# already in a spool file) -> result
+StoreInstance = Callable[[Caller, str, str, "bytes | PartialFile", AssociationAudit], ReceiveResult]
+DEFLATED_EXPLICIT_VR_LE = "1.2.840.10008.1.2.1.99"
 
 
 class SessionEnded(Exception):
@@ -109,6 +112,7 @@ def file_meta(sop_class: bytes, sop_instance: bytes, transfer_syntax: str, imple
 class SessionLimits:
     max_pdu_size: int  # what we announced: P-DATA-TF bodies may not exceed it (plus slack)
     max_dataset_size: int
+    max_in_memory_dataset: int  # beyond it a data set is written to the spool as it arrives
     network_timeout_s: float
     implementation_class_uid: str
     implementation_version: str
@@ -224,6 +228,13 @@ class _Incoming:
     sop_instance: bytes
     fragments: list[memoryview] = field(default_factory=list)
     size: int = 0
+    partial: PartialFile | None = None  # a large data set goes to the spool as it arrives
+    failure: ReceiveResult | None = None  # it could not be kept: the rest is read and dropped
+
+    def drop(self) -> None:
+        self.fragments.clear()
+        if self.partial is not None:
+            self.partial.discard()
 
 
 class StoreSession:
@@ -238,6 +249,7 @@ class StoreSession:
         audit: AssociationAudit,
         store: StoreInstance,
         limits: SessionLimits,
+        spool: Spool,
     ):
         self.connection = connection
         self.request = request
@@ -246,6 +258,7 @@ class StoreSession:
         self.audit = audit
         self.store = store
         self.limits = limits
+        self.spool = spool
         self.reader = PduReader(connection, limits)
         self._command = bytearray()
         self._incoming: _Incoming | None = None
@@ -283,6 +296,8 @@ class StoreSession:
             self._send_quietly(ABORT_NOT_SPECIFIED)
         finally:
             self.connection.close()
+            if self._incoming is not None:  # cut off mid data set: nothing of it is kept
+                self._incoming.drop()
             if self.outcomes:
                 self.log.info("stores_received", **dict(self.outcomes))
 
@@ -370,25 +385,60 @@ class StoreSession:
             raise ProtocolViolation(
                 f"data set over router.max_dataset_size ({self.limits.max_dataset_size} bytes)", ABORT_INVALID_PARAMETER
             )
-        incoming.fragments.append(fragment)
+        if incoming.failure is None:
+            try:
+                if incoming.partial is not None:
+                    incoming.partial.write(fragment)
+                else:
+                    incoming.fragments.append(fragment)
+                    if incoming.size > self.limits.max_in_memory_dataset and self._may_stream(incoming):
+                        self._start_streaming(incoming)
+            except SpoolError as exc:
+                incoming.drop()
+                incoming.failure = ReceiveResult(OUT_OF_RESOURCES, str(exc))
+                self.log.error("store_refused", reason=str(exc), sop_instance_uid=incoming.sop_instance[:80].decode("latin-1"))
         if last:
             self._incoming = None
             self._store(incoming)
 
-    def _store(self, incoming: _Incoming) -> None:
-        context = self.contexts[incoming.context_id]
-        meta = file_meta(
+    def _may_stream(self, incoming: _Incoming) -> bool:
+        # A deflated data set must be inflated to be checked: it stays in memory (max_dataset_size bounds it).
+        return self.contexts[incoming.context_id].transfer_syntax != DEFLATED_EXPLICIT_VR_LE
+
+    def _start_streaming(self, incoming: _Incoming) -> None:
+        """Move what arrived so far into a spool file; the rest is written there as it comes."""
+        partial = self.spool.open_partial()
+        incoming.partial = partial
+        self.log.info(
+            "store_streaming_to_spool", sop_instance_uid=incoming.sop_instance[:80].decode("latin-1"),
+            received_bytes=incoming.size, max_in_memory_dataset=self.limits.max_in_memory_dataset,
+        )
+        partial.write(self._file_meta(incoming))
+        for fragment in incoming.fragments:
+            partial.write(fragment)
+        incoming.fragments.clear()
+
+    def _file_meta(self, incoming: _Incoming) -> bytes:
+        return file_meta(
             incoming.sop_class,
             incoming.sop_instance,
-            context.transfer_syntax,
+            self.contexts[incoming.context_id].transfer_syntax,
             self.limits.implementation_class_uid,
             self.limits.implementation_version,
             self.request.calling_ae,
         )
-        encoded = b"".join([meta, *incoming.fragments])
-        incoming.fragments.clear()
+
+    def _store(self, incoming: _Incoming) -> None:
         sop_instance_uid = incoming.sop_instance.decode("latin-1")
-        result = self.store(self.caller, self.request.called_ae, sop_instance_uid, encoded, self.audit)
+        if incoming.failure is not None:
+            result = incoming.failure
+            self.audit.count_store(None, audit_outcome(result.status), (), result.comment)
+        elif incoming.partial is not None:
+            result = self.store(self.caller, self.request.called_ae, sop_instance_uid, incoming.partial, self.audit)
+        else:
+            encoded = b"".join([self._file_meta(incoming), *incoming.fragments])
+            incoming.fragments.clear()
+            result = self.store(self.caller, self.request.called_ae, sop_instance_uid, encoded, self.audit)
         self.outcomes[audit_outcome(result.status)] += 1
         self._respond(
             incoming.context_id, C_STORE_RSP, incoming.message_id, incoming.sop_class, incoming.sop_instance,
@@ -471,6 +521,8 @@ class LeanStorePath:
 
     supported: Mapping[str, frozenset[str]]  # abstract syntax -> transfer syntaxes (storage and verification)
     store: StoreInstance
+    spool: Spool
+    max_in_memory_dataset: Callable[[], int]
     elsewhere: frozenset[str] = frozenset()  # abstract syntaxes the front serves through pynetdicom (C-FIND...)
 
     def takes(self, request: AssociateRequest) -> bool:

@@ -7,9 +7,11 @@ import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from io import BytesIO
+from pathlib import Path
 from typing import Any
 
 from pydicom import dcmread
+from pydicom.dataelem import RawDataElement
 from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 from sqlalchemy import Connection, bindparam, func, select
@@ -21,7 +23,7 @@ from dicomrouter.logging import get_logger
 from dicomrouter.routing.access import Caller, may_write
 from dicomrouter.routing.store_rules import choose_destinations, rule_keywords
 from dicomrouter.store.queue import ForwardQueue, NewJob
-from dicomrouter.store.spool import Spool, SpoolError, SpoolFull
+from dicomrouter.store.spool import PartialFile, Spool, SpooledFile, SpoolError, SpoolFull
 
 log = get_logger(__name__)
 
@@ -36,7 +38,9 @@ NO_DESTINATION = 0xC012
 
 # Deflate gives real DICOM a few times, text-heavy reports some tens; a bomb gives a thousand.
 MAX_INFLATION_RATIO = 100
+UNDEFINED_LENGTH = 0xFFFFFFFF
 DEFLATED_UID = DeflatedExplicitVRLittleEndian.encode("ascii")
+META_PEEK_BYTES = 65536
 GROUP_LENGTH_ELEMENT = b"DICM\x02\x00\x00\x00"  # the prefix, then (0002,0000) File Meta Information Group Length
 
 UID_PATTERN = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
@@ -136,6 +140,11 @@ def read_header(encoded: bytes, keywords: Iterable[str]) -> dict[str, Any]:
     dataset = dcmread(BytesIO(encoded), force=False)
     check_complete(dataset)
     check_readable(dataset)
+    return header_values(dataset, keywords)
+
+
+def header_values(dataset, keywords: Iterable[str]) -> dict[str, Any]:
+    """What the catalog records and the rules look at, as plain values."""
     header: dict[str, Any] = {}
     for keyword in {*CATALOG_KEYWORDS, *keywords}:
         value = dataset.get(keyword)
@@ -143,6 +152,45 @@ def read_header(encoded: bytes, keywords: Iterable[str]) -> dict[str, Any]:
             header[keyword] = _plain(value)
     header["TransferSyntaxUID"] = str(dataset.file_meta.TransferSyntaxUID)
     return header
+
+
+# Values this large stay in the file while a streamed instance is checked (pixel data is not read at all).
+DEFERRED_VALUE_BYTES = 1024 * 1024
+
+
+def check_file_elements(dataset, file_size: int) -> None:
+    """check_complete and check_readable for a data set read from a file with deferred values.
+
+    Deferred (large) values are not loaded: they must lie within the file. Every other value is
+    converted, nested ones included.
+    """
+    for tag in list(dataset.keys()):
+        raw = dataset.get_item(tag)
+        if isinstance(raw, RawDataElement) and raw.value is None and raw.length not in (0, UNDEFINED_LENGTH):
+            if raw.value_tell + raw.length > file_size:
+                raise ValueError(f"element {tag} is truncated: {raw.length} bytes declared past the end")
+            continue
+        length = getattr(raw, "length", None)
+        value = getattr(raw, "value", None)
+        if isinstance(value, bytes | bytearray) and length not in (None, UNDEFINED_LENGTH) and len(value) != length:
+            raise ValueError(f"element {tag} is truncated: {len(value)} of {length} bytes")
+        element = dataset[tag]
+        if element.VR == "SQ":
+            for item in element.value:
+                check_file_elements(item, file_size)
+
+
+def read_header_from_file(path: Path, file_size: int, keywords: Iterable[str]) -> dict[str, Any]:
+    """read_header for a large instance on disk: everything up to Pixel Data is parsed and checked,
+    large values stay in the file, the pixels are passed on as received."""
+    with open(path, "rb") as fp:
+        prefix = fp.read(META_PEEK_BYTES)
+        if DEFLATED_UID in prefix[: 144 + int.from_bytes(prefix[140:144], "little")]:
+            raise ValueError("a deflated data set this large is refused")  # the front keeps deflated ones in memory
+        fp.seek(0)
+        dataset = dcmread(fp, force=False, stop_before_pixels=True, defer_size=DEFERRED_VALUE_BYTES)
+        check_file_elements(dataset, file_size)
+        return header_values(dataset, keywords)
 
 
 # Built once: SQLAlchemy then reuses their cache keys instead of recomputing them per C-STORE.
@@ -158,6 +206,34 @@ def delivered_copies(session: Session | Connection, sop_instance_uid: str) -> di
     """server name -> sha256 of the copy that server acknowledged (per location, not the last copy anywhere)."""
     rows = session.execute(_DELIVERED_COPIES, {"sop_uid": sop_instance_uid}).all()
     return {name: sha for name, sha in rows}
+
+
+@dataclass(frozen=True)
+class InMemory:
+    """A received instance held in memory."""
+
+    encoded: bytes
+    spool_: Spool
+
+    def header(self, keywords: Iterable[str]) -> dict[str, Any]:
+        return read_header(self.encoded, keywords)
+
+    def spool(self) -> SpooledFile:
+        return self.spool_.write(self.encoded)
+
+
+@dataclass(frozen=True)
+class Streamed:
+    """A received instance written to the spool's tmp/ while it arrived."""
+
+    partial: PartialFile
+    spool_: Spool
+
+    def header(self, keywords: Iterable[str]) -> dict[str, Any]:
+        return read_header_from_file(self.partial.path, self.partial.size, keywords)
+
+    def spool(self) -> SpooledFile:
+        return self.spool_.adopt(self.partial)
 
 
 class ReceiveService:
@@ -181,14 +257,31 @@ class ReceiveService:
     def receive(
         self, caller: Caller, called_ae: str, sop_instance_uid: str | None, encoded: bytes
     ) -> ReceiveResult:
-        """`sop_instance_uid` is the request's Affected SOP Instance UID (None: take the dataset's)."""
+        """`sop_instance_uid` is the request's Affected SOP Instance UID (None: take the dataset's).
+
+        `encoded`: preamble, file meta and data set, in memory.
+        """
+        return self._receive(caller, called_ae, sop_instance_uid, InMemory(encoded, self.spool))
+
+    def receive_partial(
+        self, caller: Caller, called_ae: str, sop_instance_uid: str | None, partial: PartialFile
+    ) -> ReceiveResult:
+        """The same for an instance already written to the spool's tmp/ as it arrived (a large one)."""
+        try:
+            return self._receive(caller, called_ae, sop_instance_uid, Streamed(partial, self.spool))
+        finally:
+            partial.discard()  # refused or failed: the bytes go; adopted: nothing to do
+
+    def _receive(
+        self, caller: Caller, called_ae: str, sop_instance_uid: str | None, received: InMemory | Streamed
+    ) -> ReceiveResult:
         config = self.config()
         bound = log.bind(calling_ae=caller.ae_title, address=caller.address, sop_instance_uid=(sop_instance_uid or "")[:80])
         if sop_instance_uid is not None and not valid_uid(sop_instance_uid):
             bound.warning("store_refused", reason="invalid SOP Instance UID")
             return ReceiveResult(DATASET_MISMATCH, "Affected SOP Instance UID is not a valid UID")
         try:
-            header = read_header(encoded, rule_keywords(config))
+            header = received.header(rule_keywords(config))
         except MemoryError:
             bound.error("store_refused", reason="out of memory while parsing")
             return ReceiveResult(OUT_OF_RESOURCES, "out of memory while parsing the dataset")
@@ -235,7 +328,7 @@ class ReceiveService:
             bound.warning("store_refused", reason=reason, status="0x0124")
             return ReceiveResult(REFUSED_NOT_AUTHORIZED, reason, study_uid=study_uid, servers=names)
         try:
-            spooled = self.spool.write(encoded)
+            spooled = received.spool()
         except SpoolFull as exc:
             bound.error("store_refused", reason=str(exc))
             return ReceiveResult(OUT_OF_RESOURCES, str(exc), study_uid=study_uid, servers=names)

@@ -11,12 +11,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-class SpoolFull(Exception):
-    """No space (or quota) left: answer 0xA700, never Success."""
-
-
 class SpoolError(Exception):
     """The spool could not keep the instance safe."""
+
+
+class SpoolFull(SpoolError):
+    """No space (or quota) left: answer 0xA700, never Success."""
 
 
 @dataclass(frozen=True)
@@ -68,19 +68,45 @@ class Spool:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            folder = final.parent
-            if folder not in self._known_dirs:
-                folder.mkdir(parents=True, exist_ok=True)
-                _fsync_dir(self.objects)
-                self._known_dirs.add(folder)
+            self._ensure_folder(final.parent)
             os.replace(tmp, final)
-            _fsync_dir(folder)
+            _fsync_dir(final.parent)
         except OSError as exc:
             _unlink_quietly(tmp)
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-                raise SpoolFull(f"spool {self.root} is full: {exc.strerror}") from exc
-            raise SpoolError(f"cannot write to spool {self.root}: {exc}") from exc
+            raise _spool_error(self.root, exc) from exc
         return SpooledFile(final, sha256, len(content))
+
+    def open_partial(self) -> PartialFile:
+        """A file in tmp/ to write a large instance into while it arrives; `adopt` makes it safe."""
+        token = secrets.token_hex(8)
+        path = self.tmp / f"stream-{token}.part"
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        except OSError as exc:
+            raise _spool_error(self.root, exc) from exc
+        return PartialFile(self.root, path, fd)
+
+    def adopt(self, partial: PartialFile) -> SpooledFile:
+        """fsync a completely written partial file, move it to objects/ under its hash, fsync the folder."""
+        sha256 = partial.hasher.hexdigest()
+        final = self.objects / sha256[:2] / f"{sha256}-{secrets.token_hex(6)}.dcm"
+        try:
+            os.fsync(partial.fd)
+            partial.close()
+            self._ensure_folder(final.parent)
+            os.replace(partial.path, final)
+            _fsync_dir(final.parent)
+        except OSError as exc:
+            partial.discard()
+            raise _spool_error(self.root, exc) from exc
+        partial.adopted = True
+        return SpooledFile(final, sha256, partial.size)
+
+    def _ensure_folder(self, folder: Path) -> None:
+        if folder not in self._known_dirs:
+            folder.mkdir(parents=True, exist_ok=True)
+            _fsync_dir(self.objects)
+            self._known_dirs.add(folder)
 
     def remove(self, path: Path) -> None:
         """Delete a spool file once every destination acknowledged it."""
@@ -108,6 +134,48 @@ class Spool:
         except ValueError:
             return False
         return True
+
+
+class PartialFile:
+    """An instance being written to the spool's tmp/ as it arrives, hashed on the way."""
+
+    def __init__(self, root: Path, path: Path, fd: int):
+        self.root = root
+        self.path = path
+        self.fd: int | None = fd
+        self.hasher = hashlib.sha256()
+        self.size = 0
+        self.adopted = False
+
+    def write(self, data: bytes | memoryview) -> None:
+        """SpoolFull or SpoolError when the bytes cannot be written (the file is then discarded)."""
+        assert self.fd is not None
+        view = memoryview(data)
+        self.hasher.update(view)
+        self.size += len(view)
+        try:
+            while view:
+                view = view[os.write(self.fd, view) :]
+        except OSError as exc:
+            self.discard()
+            raise _spool_error(self.root, exc) from exc
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def discard(self) -> None:
+        """Drop the file unless it was adopted; safe to call more than once."""
+        self.close()
+        if not self.adopted:
+            _unlink_quietly(self.path)
+
+
+def _spool_error(root: Path, exc: OSError) -> SpoolError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return SpoolFull(f"spool {root} is full: {exc.strerror}")
+    return SpoolError(f"cannot write to spool {root}: {exc}")
 
 
 def _unlink_quietly(path: Path) -> None:
