@@ -346,3 +346,16 @@ def test_spool_full_while_streaming_answers_out_of_resources(streaming_app):
             app.stop(drain_timeout_s=5)
     finally:
         subprocess.run(["umount", "-l", str(spool)], capture_output=True)
+
+
+def test_a_multi_valued_sop_class_uid_is_refused_as_a_mismatch(app):
+    """Found by the generated malformed stores: a list where one UID belongs is 0xA900, not an internal error."""
+    ds = ct_dataset(pixels=8)
+    ds.SOPClassUID = [CTImageStorage, "1.2.3.4"]
+    with RawPeer(app.front.bound_port) as peer:
+        associate_for_store(peer)
+        peer.send(pdu(P_DATA_TF, _pdv(1, 0x03, store_command(CTImageStorage, ds.SOPInstanceUID))))
+        peer.send(pdu(P_DATA_TF, _pdv(1, 0x02, implicit_bytes(ds))))
+        response = read_response(peer)
+    assert int.from_bytes(response[0x0900], "little") == 0xA900
+    assert spooled_files(app) == []

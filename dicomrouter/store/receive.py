@@ -73,8 +73,9 @@ class ReceiveResult:
     servers: tuple[str, ...] = ()  # the destinations routing chose (refused or not)
 
 
-def valid_uid(value: str | None) -> bool:
-    return bool(value) and len(value) <= 64 and UID_PATTERN.match(value) is not None
+def valid_uid(value: Any) -> bool:
+    """One UID (a multi-valued element arrives as a list: not valid here)."""
+    return isinstance(value, str) and 0 < len(value) <= 64 and UID_PATTERN.match(value) is not None
 
 
 def _plain(value: Any) -> Any:
