@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 from dicomrouter.pacsfarm import OrthancFarm, free_ports  # noqa: E402
 from tests.router_process import RouterProcess, dcmtk, dcmtk_env  # noqa: E402
 
-SIZES = {"large": 512, "small": 64}
+SIZES = {"large": 512, "small": 64, "huge": 4096}  # huge: 32 MiB, spooled while it arrives
 
 
 def make_instances(folder: Path, count: int, side: int) -> list[str]:
