@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import struct
 
+import pytest
+
 from dicomrouter.net.upper_layer import (
     EXPLICIT_VR_LE,
     IMPLICIT_VR_LE,
@@ -70,3 +72,19 @@ def test_message_reader_returns_commands_without_dataset_at_once():
     messages = MessageReader().feed(pdata_body((1, 3, status), (1, 3, final)))
     assert [m.status for m in messages] == [0xFF00, 0x0000]
     assert messages[0].us(0x1021) == 4 and messages[0].dataset is None
+
+
+def test_a_data_set_in_a_file_goes_out_in_pdus_read_as_they_go(tmp_path):
+    from dicomrouter.net.upper_layer import FileSlice, iter_file_pdus, pdata_pdus, pdvs
+
+    data = bytes(range(256)) * 300  # 76,800 bytes after a 1,000-byte head
+    path = tmp_path / "instance.dcm"
+    path.write_bytes(b"h" * 1000 + data)
+    pdus = list(iter_file_pdus(5, FileSlice(path, 1000, len(data)), max_pdu=16384))  # the PDU body, as negotiated
+    assert all(len(pdu) - 6 <= 16384 for pdu in pdus) and len(pdus) == -(-len(data) // (16384 - 6))
+    assert b"".join(pdus) == pdata_pdus(5, data, False, 16384)  # the same bytes as from memory
+    fragments = [pdvs(pdu[6:])[0] for pdu in pdus]
+    assert [header for _, header, _ in fragments] == [0] * (len(pdus) - 1) + [2]
+    assert b"".join(fragment for _, _, fragment in fragments) == data
+    with pytest.raises(OSError):
+        list(iter_file_pdus(5, FileSlice(path, 1000, len(data) + 10), max_pdu=16384))  # the file is shorter

@@ -13,6 +13,7 @@ from pathlib import Path
 from dicomrouter.config import RouterSettings, ServerConfig, calling_ae_for
 from dicomrouter.net.peer import PeerUnavailable, peer_tls_context
 from dicomrouter.net.upper_layer import (
+    FileSlice,
     Link,
     UpperLayerError,
     command_set,
@@ -99,7 +100,7 @@ class EncodedStoreClient:
         sop_class: str,
         sop_instance: str,
         transfer_syntax: str,
-        dataset: bytes,
+        dataset: bytes | memoryview | FileSlice,
         move_originator: tuple[str, int] | None = None,
     ) -> StoreOutcome:
         """C-STORE one encoded data set; raise PeerUnavailable, ContextRejected or StoreFailed.
@@ -134,14 +135,21 @@ class EncodedStoreClient:
     def send_file(self, path: Path, sop_class: str, sop_instance: str, transfer_syntax: str) -> StoreOutcome:
         """C-STORE a spool file (a DICOM file as received): its data set, after the file meta."""
         try:
-            content = path.read_bytes()
-            start = dataset_offset(content)
+            size = path.stat().st_size
+            with open(path, "rb") as fp:
+                head = fp.read(META_READ_BYTES)
+            start = dataset_offset(head)
+            if len(head) < size and start + 8 > len(head):
+                start = dataset_offset(path.read_bytes())  # a file meta longer than META_READ_BYTES
+            if start > size:
+                raise ValueError(f"the file meta claims {start} bytes, the file has {size}")
         except OSError as exc:
             raise StoreFailed(f"cannot read spool file {path}: {exc}") from exc
         except ValueError as exc:
             # Never sent: a spool file that is not a whole DICOM file will not become one.
             raise ContextRejected(f"spool file {path} is unusable: {exc}") from exc
-        return self.send_encoded(sop_class, sop_instance, transfer_syntax, memoryview(content)[start:])
+        # Read piece by piece as it goes out: a 2 GB instance costs one PDU of memory, not 4 GB.
+        return self.send_encoded(sop_class, sop_instance, transfer_syntax, FileSlice(path, start, size - start))
 
     def close(self, abort: bool = False) -> None:
         link, self._link = self._link, None
@@ -162,6 +170,8 @@ def _originator_elements(move_originator: tuple[str, int] | None) -> list[tuple[
         ae += b" "  # AE values pad with a space
     return [(0x1030, ae), (0x1031, us(message_id))]
 
+
+META_READ_BYTES = 65536  # the file meta the router writes is a few hundred bytes
 
 _LONG_LENGTH_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
 

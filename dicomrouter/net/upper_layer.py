@@ -13,8 +13,9 @@ import ssl
 import struct
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from dicomrouter.net.sockets import set_nodelay
 from dicomrouter.net.tls import describe_peer_tls_error, pending_alert
@@ -166,16 +167,52 @@ def parse_command(data: bytes) -> dict[int, bytes]:
     return elements
 
 
-def pdata_pdus(context_id: int, data: bytes, command: bool, max_pdu: int) -> bytes:
+def _pdu(context_id: int, fragment: bytes | memoryview, command: bool, last: bool) -> bytes:
+    header = (1 if command else 0) | (2 if last else 0)
+    return struct.pack(">BxIIBB", P_DATA_TF, len(fragment) + 6, len(fragment) + 2, context_id, header) + fragment
+
+
+def iter_pdata_pdus(context_id: int, data: bytes | memoryview, command: bool, max_pdu: int) -> Iterator[bytes]:
     """One message part (command or data set) as P-DATA-TF PDUs of at most `max_pdu` bytes (0: any)."""
     chunk = (max_pdu - 6) if max_pdu else len(data) or 1
-    pdus = []
     for start in range(0, max(len(data), 1), chunk):
-        fragment = data[start : start + chunk]
-        header = (1 if command else 0) | (2 if start + chunk >= len(data) else 0)
-        pdv = struct.pack(">IBB", len(fragment) + 2, context_id, header) + fragment
-        pdus.append(struct.pack(">BxI", P_DATA_TF, len(pdv)) + pdv)
-    return b"".join(pdus)
+        yield _pdu(context_id, data[start : start + chunk], command, start + chunk >= len(data))
+
+
+def pdata_pdus(context_id: int, data: bytes | memoryview, command: bool, max_pdu: int) -> bytes:
+    return b"".join(iter_pdata_pdus(context_id, data, command, max_pdu))
+
+
+@dataclass(frozen=True)
+class FileSlice:
+    """A data set still in a file: `length` bytes from `offset`, read piece by piece as it is sent."""
+
+    path: Path
+    offset: int
+    length: int
+
+
+FILE_CHUNK_WITHOUT_LIMIT = 1024 * 1024  # a peer announcing no maximum PDU length still gets PDUs of 1 MiB
+
+
+def iter_file_pdus(context_id: int, data: FileSlice, max_pdu: int) -> Iterator[bytes]:
+    """A data set's P-DATA-TF PDUs read from its file as they go out (OSError if the file is shorter)."""
+    chunk = (max_pdu - 6) if max_pdu else FILE_CHUNK_WITHOUT_LIMIT
+    with open(data.path, "rb") as fp:
+        fp.seek(data.offset)
+        remaining = data.length
+        while True:
+            fragment = fp.read(min(chunk, remaining))
+            if len(fragment) != min(chunk, remaining):
+                raise OSError(f"{data.path} ended {remaining - len(fragment)} bytes early")
+            remaining -= len(fragment)
+            yield _pdu(context_id, fragment, False, remaining == 0)
+            if remaining == 0:
+                return
+
+
+# Message parts up to this size go out in one send; larger ones PDU by PDU (no second copy of them).
+ONE_SEND_BYTES = 1024 * 1024
 
 
 # --------------------------------------------------------------------------- the connection
@@ -211,9 +248,26 @@ class UpperLayer:
             return UpperLayerError("unreachable", f"TLS failed: {describe_peer_tls_error(pending_alert(self.sock, exc))}")
         return UpperLayerError("aborted", f"connection lost ({exc})")
 
-    def send_pdata(self, context_id: int, data: bytes, command: bool, max_pdu: int) -> None:
+    def send_pdata(self, context_id: int, data: bytes | memoryview | FileSlice, command: bool, max_pdu: int) -> None:
         """One message part as P-DATA-TF PDUs, fragmented to the peer's maximum length."""
-        self.send(pdata_pdus(context_id, data, command, max_pdu))
+        with self._send_lock:
+            self.write_pdata(context_id, data, command, max_pdu)
+
+    @property
+    def send_lock(self) -> threading.Lock:
+        """Held across the parts of one message: another thread's PDUs (a C-CANCEL) never land inside it."""
+        return self._send_lock
+
+    def write_pdata(self, context_id: int, data: bytes | memoryview | FileSlice, command: bool, max_pdu: int) -> None:
+        """send_pdata for a caller holding `send_lock`."""
+        if isinstance(data, FileSlice):
+            pdus: Iterable[bytes] = iter_file_pdus(context_id, data, max_pdu)
+        elif len(data) <= ONE_SEND_BYTES:
+            pdus = (pdata_pdus(context_id, data, command, max_pdu),)
+        else:
+            pdus = iter_pdata_pdus(context_id, data, command, max_pdu)
+        for pdu in pdus:
+            self.sock.sendall(pdu)
 
     def _recv_exact(self, count: int) -> bytes:
         data = self._reader.read(count)
@@ -352,10 +406,13 @@ class Link:
                 return context_id
         return None
 
-    def send_message(self, context_id: int, command: bytes, dataset: bytes | None = None) -> None:
-        self.layer.send_pdata(context_id, command, True, self.peer_max_pdu)
-        if dataset is not None:
-            self.layer.send_pdata(context_id, dataset, False, self.peer_max_pdu)
+    def send_message(
+        self, context_id: int, command: bytes, dataset: bytes | memoryview | FileSlice | None = None
+    ) -> None:
+        with self.layer.send_lock:
+            self.layer.write_pdata(context_id, command, True, self.peer_max_pdu)
+            if dataset is not None:
+                self.layer.write_pdata(context_id, dataset, False, self.peer_max_pdu)
 
     def receive_messages(self, timeout_s: float) -> list[Message]:
         """The messages completed by the next PDU (often none); TimeoutError, UpperLayerError."""
