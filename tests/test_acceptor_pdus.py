@@ -154,3 +154,9 @@ def test_malformed_requests_go_to_pynetdicom(body):
     parse_associate_rq(GOOD)  # the unbroken request parses
     with pytest.raises(NotForLeanPath):
         parse_associate_rq(body)
+
+
+def test_a_peer_taking_tiny_pdus_goes_to_pynetdicom():
+    with pytest.raises(NotForLeanPath):
+        parse_associate_rq(body_of(associate_request("A", "B", [(CT, [EXPLICIT_VR_LE])], 6)))
+    assert parse_associate_rq(body_of(associate_request("A", "B", [(CT, [EXPLICIT_VR_LE])], 4096))).max_pdu == 4096

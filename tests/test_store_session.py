@@ -359,3 +359,62 @@ def test_a_multi_valued_sop_class_uid_is_refused_as_a_mismatch(app):
         response = read_response(peer)
     assert int.from_bytes(response[0x0900], "little") == 0xA900
     assert spooled_files(app) == []
+
+
+# ---------------------------------------------------------------- found in review: what a hostile peer could do
+
+
+def test_empty_fragments_count_against_max_dataset_size(tmp_path, monkeypatch):
+    """Data set PDVs with no payload are not free: without counting their headers a peer could pile up
+    memory forever under a data set size of 0."""
+    # An idle association would be dropped only after 30 s: a close within 5 s is the size limit's.
+    path, _port = write_router_config(tmp_path, router={"network_timeout": 30, "max_dataset_size": 4096})
+    monkeypatch.chdir(tmp_path)
+    app = build_app(load_config(path), host="127.0.0.1", port=0, watch_file=False)
+    app.start()
+    try:
+        with RawPeer(app.front.bound_port) as peer:
+            associate_for_store(peer)
+            peer.send(pdu(P_DATA_TF, _pdv(1, 0x03, store_command(CTImageStorage, "1.2.3.4"))))
+            peer.send(pdu(P_DATA_TF, _pdv(1, 0x00, b"") * 1000))  # 6,000 bytes of PDV headers, nothing else
+            closed = peer.wait_closed(timeout=5)
+        assert closed.closed and A_ABORT in closed.pdu_types
+        assert spooled_files(app) == []
+    finally:
+        app.stop(drain_timeout_s=5)
+
+
+def test_file_meta_elements_inside_the_data_set_are_refused(app):
+    """A data set starting with (0002,0010) Transfer Syntax UID could make pydicom read the rest as
+    deflated, past the deflate-bomb check: refused as unreadable, nothing spooled."""
+    ds = ct_dataset(pixels=8)
+    smuggled = b"\x02\x00\x10\x00" + struct.pack("<I", 22) + b"1.2.840.10008.1.2.1.99"
+    with RawPeer(app.front.bound_port) as peer:
+        associate_for_store(peer)
+        peer.send(pdu(P_DATA_TF, _pdv(1, 0x03, store_command(CTImageStorage, ds.SOPInstanceUID))))
+        peer.send(pdu(P_DATA_TF, _pdv(1, 0x02, smuggled + implicit_bytes(ds))))
+        response = read_response(peer)
+    assert int.from_bytes(response[0x0900], "little") == 0xC000
+    assert b"(group 0002)" in response[0x0902] or b"File Meta" in response[0x0902]
+    assert spooled_files(app) == []
+
+
+def test_truncated_pixel_data_in_a_streamed_data_set_is_refused(streaming_app):
+    """The streamed check reads every element, pixel data included (by its bounds, without loading it)."""
+    factory, spool = streaming_app
+    app = started(factory)
+    try:
+        ds = ct_dataset(pixels=256)
+        data = implicit_bytes(ds)[:-20000]  # Pixel Data declares 128 KiB; 20,000 bytes of it never come
+        with RawPeer(app.front.bound_port) as peer:
+            associate_for_store(peer)
+            peer.send(pdu(P_DATA_TF, _pdv(1, 0x03, store_command(CTImageStorage, ds.SOPInstanceUID))))
+            for start in range(0, len(data), 16000):
+                last = start + 16000 >= len(data)
+                peer.send(pdu(P_DATA_TF, _pdv(1, 0x02 if last else 0x00, data[start : start + 16000])))
+            response = read_response(peer)
+        assert int.from_bytes(response[0x0900], "little") == 0xC000
+        assert b"(7FE0,0010) is truncated" in response[0x0902]
+        assert spooled_files(app) == [] and spool_tmp_files(spool) == []
+    finally:
+        app.stop(drain_timeout_s=5)

@@ -21,6 +21,8 @@ TRANSFER_SYNTAXES_NOT_SUPPORTED = 4
 # User information sub-items the lean path understands; any other goes to pynetdicom
 # (role selection 0x54, asynchronous operations 0x53, extended negotiation 0x56/0x57, user identity 0x58).
 MAX_LENGTH_ITEM, IMPLEMENTATION_UID_ITEM, IMPLEMENTATION_VERSION_ITEM = 0x51, 0x52, 0x55
+# A peer that can take less than this per PDU is left to pynetdicom (real ones take 4 KiB and more).
+MIN_PEER_MAX_PDU = 1024
 
 
 class NotForLeanPath(ValueError):
@@ -119,6 +121,8 @@ def _parse(body: bytes) -> AssociateRequest:
         raise NotForLeanPath("application context name not supported")
     if not contexts or implementation_uid is None:
         raise NotForLeanPath("no presentation context or no implementation class UID")
+    if 0 < max_pdu < MIN_PEER_MAX_PDU:
+        raise NotForLeanPath(f"maximum PDU length {max_pdu} is too small to answer in")
     return AssociateRequest(
         called_ae=called_raw.decode("ascii").strip(),
         calling_ae=calling_raw.decode("ascii").strip(),
@@ -175,6 +179,7 @@ def associate_ac(
         body += _item(0x21, bytes([result.context_id, 0, result.result, 0]) + _item(0x40, syntax))
     user = _item(MAX_LENGTH_ITEM, struct.pack(">I", max_pdu))
     user += _item(IMPLEMENTATION_UID_ITEM, implementation_class_uid.encode("ascii"))
-    user += _item(IMPLEMENTATION_VERSION_ITEM, implementation_version.encode("ascii")[:16])
+    if implementation_version:  # 1 to 16 characters when present (PS3.7 D.3.3.2.3)
+        user += _item(IMPLEMENTATION_VERSION_ITEM, implementation_version.encode("ascii")[:16])
     body += _item(0x50, user)
     return struct.pack(">BxI", A_ASSOCIATE_AC, len(body)) + body

@@ -174,7 +174,7 @@ def _pdu(context_id: int, fragment: bytes | memoryview, command: bool, last: boo
 
 def iter_pdata_pdus(context_id: int, data: bytes | memoryview, command: bool, max_pdu: int) -> Iterator[bytes]:
     """One message part (command or data set) as P-DATA-TF PDUs of at most `max_pdu` bytes (0: any)."""
-    chunk = (max_pdu - 6) if max_pdu else len(data) or 1
+    chunk = max(max_pdu - 6, 1) if max_pdu else len(data) or 1  # a peer announcing under 7 bytes is broken; never loop
     for start in range(0, max(len(data), 1), chunk):
         yield _pdu(context_id, data[start : start + chunk], command, start + chunk >= len(data))
 
@@ -197,7 +197,7 @@ FILE_CHUNK_WITHOUT_LIMIT = 1024 * 1024  # a peer announcing no maximum PDU lengt
 
 def iter_file_pdus(context_id: int, data: FileSlice, max_pdu: int) -> Iterator[bytes]:
     """A data set's P-DATA-TF PDUs read from its file as they go out (OSError if the file is shorter)."""
-    chunk = (max_pdu - 6) if max_pdu else FILE_CHUNK_WITHOUT_LIMIT
+    chunk = max(max_pdu - 6, 1) if max_pdu else FILE_CHUNK_WITHOUT_LIMIT
     with open(data.path, "rb") as fp:
         fp.seek(data.offset)
         remaining = data.length

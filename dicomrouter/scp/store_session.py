@@ -53,12 +53,14 @@ log = get_logger(__name__)
 C_STORE_RQ, C_STORE_RSP = 0x0001, 0x8001
 C_ECHO_RQ, C_ECHO_RSP = 0x0030, 0x8030
 NO_DATASET = 0x0101
+PDV_HEADER_LENGTH = 6  # item length (4), presentation context ID, message control header
 MAX_ERROR_COMMENT = 64  # (0000,0902) is LO
 
 # A-ABORT, source 2 (service provider): reason 2 unexpected PDU, 6 invalid PDU parameter value (PS3.8 9.3.8)
 ABORT_UNEXPECTED_PDU = struct.pack(">BxIxxBB", A_ABORT, 4, 2, 2)
 ABORT_INVALID_PARAMETER = struct.pack(">BxIxxBB", A_ABORT, 4, 2, 6)
 ABORT_NOT_SPECIFIED = struct.pack(">BxIxxBB", A_ABORT, 4, 2, 0)
+ABORT_DRAIN_S = 1.0
 RELEASE_RP = struct.pack(">BxIxxxx", A_RELEASE_RP, 4)
 
 FILE_PREAMBLE = b"\0" * 128 + b"DICM"
@@ -226,13 +228,14 @@ class _Incoming:
     message_id: int
     sop_class: bytes
     sop_instance: bytes
-    fragments: list[memoryview] = field(default_factory=list)
-    size: int = 0
+    received: bytearray = field(default_factory=bytearray)  # file meta, then the data set so far (a copy:
+    # views into the PDUs would keep each PDU alive, and a peer sending tiny fragments could pile them up)
+    size: int = 0  # data set bytes, plus the PDV header of each fragment (empty fragments are not free)
     partial: PartialFile | None = None  # a large data set goes to the spool as it arrives
     failure: ReceiveResult | None = None  # it could not be kept: the rest is read and dropped
 
     def drop(self) -> None:
-        self.fragments.clear()
+        self.received = bytearray()
         if self.partial is not None:
             self.partial.discard()
 
@@ -290,16 +293,31 @@ class StoreSession:
             self.log.info("association_ended", reason=f"connection lost ({exc})")
         except ProtocolViolation as violation:
             self.log.warning("association_dropped", reason=violation.reason)
-            self._send_quietly(violation.abort_pdu)
+            self._abort(violation.abort_pdu)
         except Exception:
             self.log.exception("association_failed")
-            self._send_quietly(ABORT_NOT_SPECIFIED)
+            self._abort(ABORT_NOT_SPECIFIED)
         finally:
             self.connection.close()
             if self._incoming is not None:  # cut off mid data set: nothing of it is kept
                 self._incoming.drop()
             if self.outcomes:
                 self.log.info("stores_received", **dict(self.outcomes))
+
+    def _abort(self, abort_pdu: bytes) -> None:
+        """A-ABORT, then read what the peer still sends for a moment before closing: closing with
+        unread data would reset the connection, and the peer might never see the A-ABORT."""
+        self._send_quietly(abort_pdu)
+        sock = self.connection.sock
+        deadline = time.monotonic() + ABORT_DRAIN_S
+        try:
+            sock.shutdown(socket.SHUT_WR)
+            while time.monotonic() < deadline:
+                sock.settimeout(max(deadline - time.monotonic(), 0.01))
+                if not sock.recv(65536):
+                    break
+        except OSError:
+            pass
 
     def _send_quietly(self, data: bytes) -> None:
         try:
@@ -310,6 +328,7 @@ class StoreSession:
 
     def _release(self) -> None:
         """A-RELEASE-RP, then let the requestor close first (Sta13), for at most a moment."""
+        self.connection.sock.settimeout(self.limits.network_timeout_s)
         self.connection.send(RELEASE_RP)
         sock = self.connection.sock
         deadline = time.monotonic() + 2.0
@@ -372,7 +391,9 @@ class StoreSession:
         elif command_field == C_STORE_RQ:
             if dataset_type == NO_DATASET:
                 raise ProtocolViolation("C-STORE-RQ without a data set")
-            self._incoming = _Incoming(context_id, message_id, sop_class, _text(command.get(0x1000, b"")))
+            incoming = _Incoming(context_id, message_id, sop_class, _text(command.get(0x1000, b"")))
+            incoming.received += self._file_meta(incoming)
+            self._incoming = incoming
         else:
             raise ProtocolViolation(f"command 0x{command_field:04X} on a storage association")
 
@@ -380,7 +401,7 @@ class StoreSession:
         incoming = self._incoming
         if incoming is None or incoming.context_id != context_id:
             raise ProtocolViolation("a data set fragment without its C-STORE command")
-        incoming.size += len(fragment)
+        incoming.size += len(fragment) + PDV_HEADER_LENGTH
         if incoming.size > self.limits.max_dataset_size:
             raise ProtocolViolation(
                 f"data set over router.max_dataset_size ({self.limits.max_dataset_size} bytes)", ABORT_INVALID_PARAMETER
@@ -390,7 +411,7 @@ class StoreSession:
                 if incoming.partial is not None:
                     incoming.partial.write(fragment)
                 else:
-                    incoming.fragments.append(fragment)
+                    incoming.received += fragment
                     if incoming.size > self.limits.max_in_memory_dataset and self._may_stream(incoming):
                         self._start_streaming(incoming)
             except SpoolError as exc:
@@ -413,10 +434,8 @@ class StoreSession:
             "store_streaming_to_spool", sop_instance_uid=incoming.sop_instance[:80].decode("latin-1"),
             received_bytes=incoming.size, max_in_memory_dataset=self.limits.max_in_memory_dataset,
         )
-        partial.write(self._file_meta(incoming))
-        for fragment in incoming.fragments:
-            partial.write(fragment)
-        incoming.fragments.clear()
+        partial.write(incoming.received)
+        incoming.received = bytearray()
 
     def _file_meta(self, incoming: _Incoming) -> bytes:
         return file_meta(
@@ -436,8 +455,7 @@ class StoreSession:
         elif incoming.partial is not None:
             result = self.store(self.caller, self.request.called_ae, sop_instance_uid, incoming.partial, self.audit)
         else:
-            encoded = b"".join([self._file_meta(incoming), *incoming.fragments])
-            incoming.fragments.clear()
+            encoded, incoming.received = incoming.received, bytearray()
             result = self.store(self.caller, self.request.called_ae, sop_instance_uid, encoded, self.audit)
         self.outcomes[audit_outcome(result.status)] += 1
         self._respond(
@@ -456,6 +474,7 @@ class StoreSession:
             elements.append((0x0902, text + b" " * (len(text) % 2)))
         if sop_instance is not None:
             elements.append((0x1000, sop_instance))
+        self.connection.sock.settimeout(self.limits.network_timeout_s)  # not what was left of the last read's deadline
         self.connection.send(pdata_pdus(context_id, command_set(elements), True, self.request.max_pdu))
 
 

@@ -108,6 +108,13 @@ def check_readable(dataset) -> None:
         _ = element.value
 
 
+def check_no_meta_in_dataset(first_group_bytes: bytes) -> None:
+    """A data set never carries group 0002 (PS3.7 6.3.1): a peer appending file meta elements after
+    the meta the router wrote could change the transfer syntax pydicom reads (a deflate bomb past the check)."""
+    if first_group_bytes in (b"\x02\x00", b"\x00\x02"):
+        raise ValueError("the data set carries File Meta Information (group 0002) elements")
+
+
 def check_inflation(encoded: bytes) -> None:
     """Refuse a deflated dataset that would inflate far beyond what deflate gives real data.
 
@@ -116,6 +123,7 @@ def check_inflation(encoded: bytes) -> None:
     """
     if encoded[128:136] == GROUP_LENGTH_ELEMENT:  # the usual file meta: skip pydicom when it is not deflated
         meta_end = 144 + int.from_bytes(encoded[140:144], "little")
+        check_no_meta_in_dataset(encoded[meta_end : meta_end + 2])
         if DEFLATED_UID not in encoded[132:meta_end]:
             return
     fp = BytesIO(encoded)
@@ -167,8 +175,10 @@ def check_file_elements(dataset, file_size: int) -> None:
     """
     for tag in list(dataset.keys()):
         raw = dataset.get_item(tag)
-        if isinstance(raw, RawDataElement) and raw.value is None and raw.length not in (0, UNDEFINED_LENGTH):
-            if raw.value_tell + raw.length > file_size:
+        if isinstance(raw, RawDataElement) and raw.value is None and raw.length != 0:
+            # Deferred. A defined length must end within the file; an undefined one (encapsulated
+            # pixel data) was walked item by item up to its delimiter by pydicom (EOFError if cut).
+            if raw.length != UNDEFINED_LENGTH and raw.value_tell + raw.length > file_size:
                 raise ValueError(f"element {tag} is truncated: {raw.length} bytes declared past the end")
             continue
         length = getattr(raw, "length", None)
@@ -182,14 +192,18 @@ def check_file_elements(dataset, file_size: int) -> None:
 
 
 def read_header_from_file(path: Path, file_size: int, keywords: Iterable[str]) -> dict[str, Any]:
-    """read_header for a large instance on disk: everything up to Pixel Data is parsed and checked,
-    large values stay in the file, the pixels are passed on as received."""
+    """read_header for a large instance on disk: every element parsed and checked, pixel data included,
+    but values over DEFERRED_VALUE_BYTES stay in the file (only their bounds are checked)."""
     with open(path, "rb") as fp:
         prefix = fp.read(META_PEEK_BYTES)
-        if DEFLATED_UID in prefix[: 144 + int.from_bytes(prefix[140:144], "little")]:
+        if prefix[128:136] != GROUP_LENGTH_ELEMENT:
+            raise ValueError("no File Meta Information Group Length")  # the front always writes one
+        meta_end = 144 + int.from_bytes(prefix[140:144], "little")
+        check_no_meta_in_dataset(prefix[meta_end : meta_end + 2])
+        if DEFLATED_UID in prefix[132:meta_end]:
             raise ValueError("a deflated data set this large is refused")  # the front keeps deflated ones in memory
         fp.seek(0)
-        dataset = dcmread(fp, force=False, stop_before_pixels=True, defer_size=DEFERRED_VALUE_BYTES)
+        dataset = dcmread(fp, force=False, defer_size=DEFERRED_VALUE_BYTES)
         check_file_elements(dataset, file_size)
         return header_values(dataset, keywords)
 
@@ -291,7 +305,8 @@ class ReceiveService:
             # zlib.error (deflate), UnicodeDecodeError... all mean the same thing to the sender.
             reason = f"{exc.__class__.__name__}: {exc}"[:200]
             bound.warning("store_refused", reason=f"unreadable dataset: {reason}")
-            return ReceiveResult(CANNOT_UNDERSTAND, f"cannot parse the dataset: {reason}")
+            # The Error Comment holds 64 characters: the reason itself, the exception's class in the log.
+            return ReceiveResult(CANNOT_UNDERSTAND, f"unreadable data set: {exc}"[:200])
         study = header.get("StudyInstanceUID")
         study_uid = study if isinstance(study, str) else None
         if sop_instance_uid is None:

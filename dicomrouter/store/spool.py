@@ -73,6 +73,7 @@ class Spool:
             _fsync_dir(final.parent)
         except OSError as exc:
             _unlink_quietly(tmp)
+            _unlink_quietly(final)  # renamed but not durable: no job will point at it
             raise _spool_error(self.root, exc) from exc
         return SpooledFile(final, sha256, len(content))
 
@@ -98,6 +99,7 @@ class Spool:
             _fsync_dir(final.parent)
         except OSError as exc:
             partial.discard()
+            _unlink_quietly(final)  # renamed but not durable: no job will point at it
             raise _spool_error(self.root, exc) from exc
         partial.adopted = True
         return SpooledFile(final, sha256, partial.size)
