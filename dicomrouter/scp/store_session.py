@@ -54,6 +54,7 @@ C_STORE_RQ, C_STORE_RSP = 0x0001, 0x8001
 C_ECHO_RQ, C_ECHO_RSP = 0x0030, 0x8030
 NO_DATASET = 0x0101
 PDV_HEADER_LENGTH = 6  # item length (4), presentation context ID, message control header
+VIEW_MIN_BYTES = 4096  # smaller data set fragments are copied, not held as views into their PDU
 MAX_ERROR_COMMENT = 64  # (0000,0902) is LO
 
 # A-ABORT, source 2 (service provider): reason 2 unexpected PDU, 6 invalid PDU parameter value (PS3.8 9.3.8)
@@ -228,14 +229,23 @@ class _Incoming:
     message_id: int
     sop_class: bytes
     sop_instance: bytes
-    received: bytearray = field(default_factory=bytearray)  # file meta, then the data set so far (a copy:
-    # views into the PDUs would keep each PDU alive, and a peer sending tiny fragments could pile them up)
+    # File meta, then the data set so far: large fragments as views into their PDU (no copy), small ones
+    # copied together, so a peer sending tiny fragments cannot keep one PDU alive per byte.
+    chunks: list[memoryview | bytearray] = field(default_factory=list)
     size: int = 0  # data set bytes, plus the PDV header of each fragment (empty fragments are not free)
     partial: PartialFile | None = None  # a large data set goes to the spool as it arrives
     failure: ReceiveResult | None = None  # it could not be kept: the rest is read and dropped
 
+    def keep(self, fragment: memoryview, pdu_length: int) -> None:
+        if len(fragment) >= VIEW_MIN_BYTES and 2 * len(fragment) >= pdu_length:
+            self.chunks.append(fragment)  # most of its PDU: holding the PDU costs at most as much again
+        elif self.chunks and isinstance(self.chunks[-1], bytearray):
+            self.chunks[-1] += fragment
+        else:
+            self.chunks.append(bytearray(fragment))
+
     def drop(self) -> None:
-        self.received = bytearray()
+        self.chunks.clear()
         if self.partial is not None:
             self.partial.discard()
 
@@ -360,7 +370,7 @@ class StoreSession:
             if control & 1:
                 self._on_command_fragment(context_id, fragment, bool(control & 2))
             else:
-                self._on_dataset_fragment(context_id, fragment, bool(control & 2))
+                self._on_dataset_fragment(context_id, fragment, bool(control & 2), len(body))
             offset = end
 
     def _on_command_fragment(self, context_id: int, fragment: memoryview, last: bool) -> None:
@@ -392,12 +402,12 @@ class StoreSession:
             if dataset_type == NO_DATASET:
                 raise ProtocolViolation("C-STORE-RQ without a data set")
             incoming = _Incoming(context_id, message_id, sop_class, _text(command.get(0x1000, b"")))
-            incoming.received += self._file_meta(incoming)
+            incoming.chunks.append(bytearray(self._file_meta(incoming)))
             self._incoming = incoming
         else:
             raise ProtocolViolation(f"command 0x{command_field:04X} on a storage association")
 
-    def _on_dataset_fragment(self, context_id: int, fragment: memoryview, last: bool) -> None:
+    def _on_dataset_fragment(self, context_id: int, fragment: memoryview, last: bool, pdu_length: int) -> None:
         incoming = self._incoming
         if incoming is None or incoming.context_id != context_id:
             raise ProtocolViolation("a data set fragment without its C-STORE command")
@@ -411,7 +421,7 @@ class StoreSession:
                 if incoming.partial is not None:
                     incoming.partial.write(fragment)
                 else:
-                    incoming.received += fragment
+                    incoming.keep(fragment, pdu_length)
                     if incoming.size > self.limits.max_in_memory_dataset and self._may_stream(incoming):
                         self._start_streaming(incoming)
             except SpoolError as exc:
@@ -434,8 +444,9 @@ class StoreSession:
             "store_streaming_to_spool", sop_instance_uid=incoming.sop_instance[:80].decode("latin-1"),
             received_bytes=incoming.size, max_in_memory_dataset=self.limits.max_in_memory_dataset,
         )
-        partial.write(incoming.received)
-        incoming.received = bytearray()
+        for chunk in incoming.chunks:
+            partial.write(chunk)
+        incoming.chunks.clear()
 
     def _file_meta(self, incoming: _Incoming) -> bytes:
         return file_meta(
@@ -455,7 +466,8 @@ class StoreSession:
         elif incoming.partial is not None:
             result = self.store(self.caller, self.request.called_ae, sop_instance_uid, incoming.partial, self.audit)
         else:
-            encoded, incoming.received = incoming.received, bytearray()
+            encoded = b"".join(incoming.chunks)
+            incoming.chunks.clear()
             result = self.store(self.caller, self.request.called_ae, sop_instance_uid, encoded, self.audit)
         self.outcomes[audit_outcome(result.status)] += 1
         self._respond(
