@@ -67,7 +67,7 @@ class GatedACSE(ACSE):
         except Exception:
             log.exception("association_gate_failed", calling_ae=calling_ae, address=address)
             decision = AssociationDecision(False, "internal error in admission", reject=(0x02, 0x01, 0x01))
-        if decision.accepted and not self._admission.admit(self.assoc, self.assoc._server.active_associations):
+        if decision.accepted and not self._admission.admit(self.assoc, lambda: self.assoc._server.active_associations):
             decision = AssociationDecision(
                 False, f"local limit exceeded ({self._admission.limit} associations)", reject=REJECT_LOCAL_LIMIT
             )
@@ -202,7 +202,7 @@ def make_request_handler(
             results = negotiate(request, lean_store.supported)
             if not any(result.result == ACCEPTED for result in results):
                 return False
-            if not admission.admit(connection, self.server.active_associations):
+            if not admission.admit(connection, lambda: self.server.active_associations):
                 return False  # pynetdicom's path rejects with "local limit exceeded"
             router = self.ae
             limits = SessionLimits(

@@ -89,10 +89,14 @@ class Admission:
     def room_for_connection(self, live: list[Association]) -> bool:
         return len(live) < self.max_connections
 
-    def admit(self, assoc: Association, live: list[Association]) -> bool:
-        """Take an association slot for `assoc` (its A-ASSOCIATE-RQ passed the gate)."""
+    def admit(self, assoc: Association, live: Callable[[], list[Association]]) -> bool:
+        """Take an association slot for `assoc` (its A-ASSOCIATE-RQ passed the gate).
+
+        `live` is read under the lock: one admitted a moment ago is counted.
+        """
         with self._admit_lock:
-            admitted = sum(1 for other in live if other is not assoc and getattr(other, "router_admitted", False))
+            others = live()
+            admitted = sum(1 for other in others if other is not assoc and getattr(other, "router_admitted", False))
             if admitted >= self.limit:
                 return False
             assoc.router_admitted = True
