@@ -284,6 +284,14 @@ def test_a_large_data_set_is_spooled_while_it_arrives(streaming_app):
         app.stop(drain_timeout_s=5)
 
 
+def send_store(peer: RawPeer, sop_instance_uid: str, data: bytes, fragment: int = 16000) -> None:
+    """A CT C-STORE request, its data set in PDUs of `fragment` bytes."""
+    peer.send(pdu(P_DATA_TF, _pdv(1, 0x03, store_command(CTImageStorage, sop_instance_uid))))
+    for start in range(0, len(data), fragment):
+        last = start + fragment >= len(data)
+        peer.send(pdu(P_DATA_TF, _pdv(1, 0x02 if last else 0x00, data[start : start + fragment])))
+
+
 def test_a_refused_large_data_set_leaves_nothing_behind(streaming_app):
     factory, spool = streaming_app
     app = started(factory)
@@ -291,11 +299,7 @@ def test_a_refused_large_data_set_leaves_nothing_behind(streaming_app):
         ds = ct_dataset(pixels=256)
         with RawPeer(app.front.bound_port) as peer:
             associate_for_store(peer)
-            data = implicit_bytes(ds)
-            peer.send(pdu(P_DATA_TF, _pdv(1, 0x03, store_command(CTImageStorage, "1.2.3.4"))))
-            for start in range(0, len(data), 16000):
-                last = start + 16000 >= len(data)
-                peer.send(pdu(P_DATA_TF, _pdv(1, 0x02 if last else 0x00, data[start : start + 16000])))
+            send_store(peer, "1.2.3.4", implicit_bytes(ds))
             response = read_response(peer)
         assert int.from_bytes(response[0x0900], "little") == 0xA900
         assert spooled_files(app) == [] and spool_tmp_files(spool) == []
@@ -408,10 +412,7 @@ def test_truncated_pixel_data_in_a_streamed_data_set_is_refused(streaming_app):
         data = implicit_bytes(ds)[:-20000]  # Pixel Data declares 128 KiB; 20,000 bytes of it never come
         with RawPeer(app.front.bound_port) as peer:
             associate_for_store(peer)
-            peer.send(pdu(P_DATA_TF, _pdv(1, 0x03, store_command(CTImageStorage, ds.SOPInstanceUID))))
-            for start in range(0, len(data), 16000):
-                last = start + 16000 >= len(data)
-                peer.send(pdu(P_DATA_TF, _pdv(1, 0x02 if last else 0x00, data[start : start + 16000])))
+            send_store(peer, ds.SOPInstanceUID, data)
             response = read_response(peer)
         assert int.from_bytes(response[0x0900], "little") == 0xC000
         assert b"(7FE0,0010) is truncated" in response[0x0902]

@@ -62,6 +62,7 @@ ABORT_UNEXPECTED_PDU = struct.pack(">BxIxxBB", A_ABORT, 4, 2, 2)
 ABORT_INVALID_PARAMETER = struct.pack(">BxIxxBB", A_ABORT, 4, 2, 6)
 ABORT_NOT_SPECIFIED = struct.pack(">BxIxxBB", A_ABORT, 4, 2, 0)
 ABORT_DRAIN_S = 1.0
+RELEASE_WAIT_S = 2.0  # after A-RELEASE-RP the requestor closes the connection (Sta13)
 RELEASE_RP = struct.pack(">BxIxxxx", A_RELEASE_RP, 4)
 
 FILE_PREAMBLE = b"\0" * 128 + b"DICM"
@@ -318,10 +319,17 @@ class StoreSession:
         """A-ABORT, then read what the peer still sends for a moment before closing: closing with
         unread data would reset the connection, and the peer might never see the A-ABORT."""
         self._send_quietly(abort_pdu)
-        sock = self.connection.sock
-        deadline = time.monotonic() + ABORT_DRAIN_S
         try:
-            sock.shutdown(socket.SHUT_WR)
+            self.connection.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            return
+        self._read_until_closed(ABORT_DRAIN_S)
+
+    def _read_until_closed(self, seconds: float) -> None:
+        """Read and drop what the peer sends until it closes, for at most `seconds`."""
+        sock = self.connection.sock
+        deadline = time.monotonic() + seconds
+        try:
             while time.monotonic() < deadline:
                 sock.settimeout(max(deadline - time.monotonic(), 0.01))
                 if not sock.recv(65536):
@@ -340,15 +348,7 @@ class StoreSession:
         """A-RELEASE-RP, then let the requestor close first (Sta13), for at most a moment."""
         self.connection.sock.settimeout(self.limits.network_timeout_s)
         self.connection.send(RELEASE_RP)
-        sock = self.connection.sock
-        deadline = time.monotonic() + 2.0
-        try:
-            while time.monotonic() < deadline:
-                sock.settimeout(max(deadline - time.monotonic(), 0.01))
-                if not sock.recv(4096):
-                    break
-        except OSError:
-            pass
+        self._read_until_closed(RELEASE_WAIT_S)
         self.log.debug("association_released")
 
     # ------------------------------------------------------------------ DIMSE
