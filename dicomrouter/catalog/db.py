@@ -43,6 +43,11 @@ def session_factory(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(bind=engine, expire_on_commit=False)
 
 
+def engine_of(sessions: sessionmaker[Session]) -> Engine:
+    """The engine a session factory is bound to (for Core transactions on hot paths)."""
+    return sessions.kw["bind"]
+
+
 def is_sqlite(bind: Engine | Connection) -> bool:
     """True for a SQLite engine or connection."""
     return bind.dialect.name == "sqlite"

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import click
 
+from dicomrouter.catalog.db import engine_of
 from dicomrouter.config import Config, ConfigError, load_config
 
 EXIT_CONFIG = 2
@@ -94,7 +95,7 @@ def audit_config_change(config: Config, message: str, servers: Sequence[str] = (
     except Exception as exc:
         click.echo(f"note: audit row not written ({exc.__class__.__name__}); the change was made", err=True)
     finally:
-        catalog.sessions.kw["bind"].dispose()
+        engine_of(catalog.sessions).dispose()
 
 
 def apply_edit(state: CliState, change, servers: Sequence[str] = (), invalid_exit_code: int = 1) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 from sqlalchemy import Connection, and_, bindparam, delete, func, insert, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicomrouter.catalog.db import engine_of
 from dicomrouter.catalog.models import ForwardJob
 from dicomrouter.config import ForwardingConfig
 
@@ -150,7 +151,7 @@ class ForwardQueue:
     def claim(self, destination: str, limit: int) -> list[ClaimedJob]:
         """Take up to `limit` due jobs (or expired claims) for one destination; no job twice."""
         now = utcnow()
-        with self.sessions.kw["bind"].begin() as session:  # Core: a claim runs for every few instances
+        with engine_of(self.sessions).begin() as session:  # Core: a claim runs for every few instances
             ids = list(session.scalars(_CLAIM_CANDIDATES, {"destination": destination, "now": now, "limit": limit}))
             if not ids:
                 return []

@@ -17,8 +17,10 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian
 from sqlalchemy import Connection, bindparam, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicomrouter.catalog.db import engine_of
 from dicomrouter.catalog.models import Instance, InstanceLocation, Server
 from dicomrouter.config import Config
+from dicomrouter.dicom_file import dataset_offset
 from dicomrouter.logging import get_logger
 from dicomrouter.routing.access import Caller, may_write
 from dicomrouter.routing.store_rules import choose_destinations, rule_keywords
@@ -41,7 +43,6 @@ MAX_INFLATION_RATIO = 100
 UNDEFINED_LENGTH = 0xFFFFFFFF
 DEFLATED_UID = DeflatedExplicitVRLittleEndian.encode("ascii")
 META_PEEK_BYTES = 65536
-GROUP_LENGTH_ELEMENT = b"DICM\x02\x00\x00\x00"  # the prefix, then (0002,0000) File Meta Information Group Length
 
 UID_PATTERN = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 
@@ -121,11 +122,10 @@ def check_inflation(encoded: bytes) -> None:
     pydicom inflates the whole dataset at once; a few hundred KiB of deflated zeros would cost
     gigabytes and minutes of parsing.
     """
-    if encoded[128:136] == GROUP_LENGTH_ELEMENT:  # the usual file meta: skip pydicom when it is not deflated
-        meta_end = 144 + int.from_bytes(encoded[140:144], "little")
-        check_no_meta_in_dataset(encoded[meta_end : meta_end + 2])
-        if DEFLATED_UID not in encoded[132:meta_end]:
-            return
+    meta_end = dataset_offset(encoded)
+    check_no_meta_in_dataset(encoded[meta_end : meta_end + 2])
+    if DEFLATED_UID not in encoded[132:meta_end]:
+        return  # the file meta names another transfer syntax: no need for pydicom to read it
     fp = BytesIO(encoded)
     read_preamble(fp, False)
     meta = _read_file_meta_info(fp)
@@ -195,10 +195,8 @@ def read_header_from_file(path: Path, file_size: int, keywords: Iterable[str]) -
     """read_header for a large instance on disk: every element parsed and checked, pixel data included,
     but values over DEFERRED_VALUE_BYTES stay in the file (only their bounds are checked)."""
     with open(path, "rb") as fp:
-        prefix = fp.read(META_PEEK_BYTES)
-        if prefix[128:136] != GROUP_LENGTH_ELEMENT:
-            raise ValueError("no File Meta Information Group Length")  # the front always writes one
-        meta_end = 144 + int.from_bytes(prefix[140:144], "little")
+        prefix = fp.read(META_PEEK_BYTES)  # the file meta the front wrote is a few hundred bytes
+        meta_end = dataset_offset(prefix)
         check_no_meta_in_dataset(prefix[meta_end : meta_end + 2])
         if DEFLATED_UID in prefix[132:meta_end]:
             raise ValueError("a deflated data set this large is refused")  # the front keeps deflated ones in memory
@@ -265,7 +263,7 @@ class ReceiveService:
         self.spool = spool
         self.queue = queue
         self.sessions = sessions
-        self.engine = sessions.kw["bind"]
+        self.engine = engine_of(sessions)
         self.notify = notify
         self.audit = audit or (lambda **_: None)
 
