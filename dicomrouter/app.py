@@ -19,6 +19,9 @@ from dicomrouter.catalog.db import make_engine, session_factory
 from dicomrouter.catalog.queries import Catalog
 from dicomrouter.catalog.schema import require_current_schema
 from dicomrouter.config import Config
+from dicomrouter.http import health as http_health
+from dicomrouter.http.deps import HttpDeps
+from dicomrouter.http.server import HttpFront, make_http_app
 from dicomrouter.logging import get_logger
 from dicomrouter.reload import ConfigFileWatcher, ConfigHolder
 from dicomrouter.routing.store_rules import unusable_rules
@@ -73,6 +76,10 @@ def storage_contexts() -> list[SupportedContext]:
     ]
 
 
+# Each registers its routes on the HTTP app given HttpDeps (see dicomrouter/http/__init__.py).
+HTTP_ROUTE_MODULES = [http_health.add_routes]
+
+
 @dataclass
 class RouterApp:
     holder: ConfigHolder
@@ -83,6 +90,7 @@ class RouterApp:
     receive: ReceiveService
     front: DicomFront
     audit: AuditTrail
+    http: HttpFront | None = None
     watch_file: bool = True
     _watcher: ConfigFileWatcher | None = field(default=None, init=False)
     _stopped: threading.Event = field(default_factory=threading.Event, init=False)
@@ -105,6 +113,14 @@ class RouterApp:
         sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         self.start_forwarding()
         address = self.front.start()
+        if self.http is not None:
+            try:
+                self.http.start()
+            except BaseException:
+                self.front.stop(0)
+                self.forwarder.stop()
+                self.audit.stop()
+                raise
         if self.watch_file:
             self._watcher = ConfigFileWatcher(self.holder)
             self._watcher.start()
@@ -132,6 +148,8 @@ class RouterApp:
             self._watcher.stop()
         if self.front.running:
             self.front.stop(drain_timeout_s)
+        if self.http is not None:
+            self.http.stop()
         self.forwarder.stop()
         self.audit.stop()
         log.info("router_stopped")
@@ -162,6 +180,10 @@ def build_app(config: Config, host: str | None = None, port: int | None = None, 
     front = DicomFront(
         holder, contexts, handlers, host=host, port=port, audit=audit, lean_store=lean_store_path(contexts, receive, holder)
     )
-    app = RouterApp(holder, catalog, spool, queue, forwarder, receive, front, audit, watch_file=watch_file)
+    http = None
+    if config.router.http is not None:
+        deps = HttpDeps(holder, audit, catalog=catalog, spool=spool, queue=queue, forwarder=forwarder, front=front)
+        http = HttpFront(make_http_app(deps, HTTP_ROUTE_MODULES), config.router.http)
+    app = RouterApp(holder, catalog, spool, queue, forwarder, receive, front, audit, http=http, watch_file=watch_file)
     holder.on_change(app._on_config_change)
     return app

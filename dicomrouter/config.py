@@ -72,6 +72,23 @@ class TLSConfig:
 
 
 @dataclass(frozen=True)
+class HttpSettings:
+    """The HTTP port (metrics, health, admin API, status page, DICOMweb); absent: no HTTP listener."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    tls: TLSConfig | None = None
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    """`serve`'s log; the command line's --log-level/--log-format win over these."""
+
+    level: str = "info"
+    format: str | None = None  # console | json; None: console on a terminal, json otherwise
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     name: str
     ae_title: str
@@ -106,6 +123,7 @@ class ClientConfig:
     roles: frozenset[str]
     query_servers: tuple[str, ...] | None = None
     move_destinations: tuple[str, ...] | None = None
+    http_token_sha256: str | None = None  # sha256 (hex) of its HTTP token; the token is never stored
 
 
 @dataclass(frozen=True)
@@ -152,6 +170,8 @@ class RouterSettings:
     max_find_results: int = 10000
     forwarding: ForwardingConfig = field(default_factory=ForwardingConfig)
     tls: TLSConfig | None = None
+    http: HttpSettings | None = None
+    log: LogSettings = field(default_factory=LogSettings)
 
 
 @dataclass(frozen=True)
@@ -297,7 +317,13 @@ _ROUTER_KEYS = (
     "max_find_results",
     "forwarding",
     "tls",
+    "http",
+    "log",
 )
+_HTTP_KEYS = ("host", "port", "tls")
+_LOG_KEYS = ("level", "format")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("console", "json")
 _FORWARDING_KEYS = (
     "workers_per_destination",
     "retry_initial",
@@ -324,7 +350,9 @@ _SERVER_KEYS = (
     "worklist",
     "tls",
 )
-_CLIENT_KEYS = ("ae_title", "host", "port", "roles", "query_servers", "move_destinations", "comments")
+_CLIENT_KEYS = (
+    "ae_title", "host", "port", "roles", "query_servers", "move_destinations", "http_token_sha256", "comments"
+)
 _ROUTE_KEYS = ("name", "match", "destinations")
 _TLS_KEYS = ("certificate", "private_key", "ca_certificates", "require_client_certificate")
 
@@ -554,7 +582,43 @@ class _Parser:
             max_find_results=self.get_int(data, "max_find_results", "router.max_find_results", d.max_find_results, 1, 10**7),
             forwarding=forwarding,
             tls=self.parse_tls(data.get("tls"), "router.tls", listening=True),
+            http=self.parse_http(data.get("http")),
+            log=self.parse_log(self.mapping(data.get("log"), "router.log")),
         )
+
+    def parse_http(self, value: Any) -> HttpSettings | None:
+        if value is None:
+            return None
+        data = self.mapping(value, "router.http")
+        self.check_keys(data, _HTTP_KEYS, "router.http")
+        d = HttpSettings()
+        return HttpSettings(
+            host=self.get_str(data, "host", "router.http.host", d.host),
+            port=self.get_port(data, "port", "router.http.port", required=False) or d.port,
+            tls=self.parse_tls(data.get("tls"), "router.http.tls", listening=True),
+        )
+
+    def parse_log(self, data: Mapping[str, Any]) -> LogSettings:
+        self.check_keys(data, _LOG_KEYS, "router.log")
+        level = data.get("level", "info")
+        if level not in LOG_LEVELS:
+            self.error("router.log.level", f"{level!r} is not a log level", "use " + ", ".join(LOG_LEVELS))
+            level = "info"
+        log_format = data.get("format")
+        if log_format is not None and log_format not in LOG_FORMATS:
+            self.error("router.log.format", f"{log_format!r} is not a log format", "use console or json")
+            log_format = None
+        return LogSettings(level=level, format=log_format)
+
+    def get_token_hash(self, data: Mapping[str, Any], key: str) -> str | None:
+        value = data.get("http_token_sha256")
+        if value is None:
+            return None
+        text = str(value).strip().lower()
+        if len(text) != 64 or any(ch not in "0123456789abcdef" for ch in text):
+            self.error(key, "is not a sha256 in hex (64 characters 0-9a-f)", "set it with `dicomrouter clients token AE`")
+            return None
+        return text
 
     def parse_servers(self, value: Any) -> list[ServerConfig]:
         if value is None:
@@ -629,6 +693,7 @@ class _Parser:
                     roles=roles,
                     query_servers=self.get_str_list(data, "query_servers", f"{key}.query_servers"),
                     move_destinations=self.get_str_list(data, "move_destinations", f"{key}.move_destinations"),
+                    http_token_sha256=self.get_token_hash(data, f"{key}.http_token_sha256"),
                 )
             )
         return clients

@@ -284,7 +284,7 @@ def restore_server(document: ConfigDocument, name: str) -> str:
 
 # ----------------------------------------------------------------------------- clients
 
-CLIENT_KEYS = ("ae_title", "host", "port", "roles", "query_servers", "move_destinations")
+CLIENT_KEYS = ("ae_title", "host", "port", "roles", "query_servers", "move_destinations", "http_token_sha256")
 LIST_KEYS = ("roles", "query_servers", "move_destinations")
 
 
@@ -334,3 +334,9 @@ def edit_client(document: ConfigDocument, ae_title: str, fields: dict[str, Any],
 def remove_client(document: ConfigDocument, ae_title: str) -> str:
     remove_item(document.section("clients"), document.find_client(ae_title))
     return f"removed client {ae_title!r}"
+
+
+def set_client_token(document: ConfigDocument, ae_title: str, token_sha256: str) -> str:
+    """Store the sha256 of a client's new HTTP token (the token itself never reaches the file)."""
+    set_value(document.find_client(ae_title), "http_token_sha256", token_sha256)
+    return f"new HTTP token for client {ae_title!r} (sha256 stored)"

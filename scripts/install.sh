@@ -6,6 +6,9 @@ cd "$(dirname "$0")/.."
 need_apt=()
 [ -x /usr/sbin/Orthanc ] || need_apt+=(orthanc)
 [ -x /usr/bin/storescu ] || need_apt+=(dcmtk)
+# The status page is tested in a real headless browser; promtool checks the alert rules.
+[ -x /usr/bin/chromium ] || need_apt+=(chromium)
+[ -x /usr/bin/promtool ] || need_apt+=(prometheus)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "installing ${need_apt[*]} from Debian" >&2
   export DEBIAN_FRONTEND=noninteractive

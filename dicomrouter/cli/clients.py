@@ -19,6 +19,7 @@ def _client_dict(client: ClientConfig) -> dict:
         "roles": sorted(client.roles),
         "query_servers": list(client.query_servers) if client.query_servers is not None else None,
         "move_destinations": list(client.move_destinations) if client.move_destinations is not None else None,
+        "http_token": client.http_token_sha256 is not None,
     }
 
 
@@ -122,3 +123,18 @@ def edit_client(state: CliState, ae_title: str, rename: str | None, clear: tuple
 def remove_client(state: CliState, ae_title: str) -> None:
     """Remove a client; refused while a server's move_routing or a client's move_destinations names it."""
     _edit(state, lambda doc: registry.remove_client(doc, ae_title))
+
+
+@clients_group.command("token")
+@click.argument("ae_title")
+@pass_state
+def token_client(state: CliState, ae_title: str) -> None:
+    """Make a new HTTP token for a client: printed once, only its sha256 is stored (replaces any old one)."""
+    from dicomrouter.http.auth import new_token
+
+    if state.config().client(ae_title) is None:
+        raise click.ClickException(f"no client with AE title {ae_title!r} (dicomrouter clients add {ae_title} ...)")
+    token, digest = new_token()
+    _edit(state, lambda doc: registry.set_client_token(doc, ae_title, digest))
+    click.echo(f"token for {ae_title} (shown once; store it now): {token}")
+    click.echo(f"use it as HTTP Basic (user {ae_title}, password the token) or 'Authorization: Bearer TOKEN'")

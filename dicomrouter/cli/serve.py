@@ -13,21 +13,27 @@ from dicomrouter.logging import configure_logging, get_logger
 
 @click.command("serve")
 @click.option("--log-format", type=click.Choice(["console", "json"]), default=None,
-              help="console for a terminal, json lines otherwise (default: by terminal).")
-@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info")
+              help="console for a terminal, json lines otherwise (default: router.log.format, else by terminal).")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default=None,
+              help="Default: router.log.level (info).")
 @click.option("--host", default=None, help="Override router.host.")
 @click.option("--port", type=int, default=None, help="Override router.port.")
 @pass_state
-def serve_command(state: CliState, log_format: str | None, log_level: str, host: str | None, port: int | None) -> None:
+def serve_command(
+    state: CliState, log_format: str | None, log_level: str | None, host: str | None, port: int | None
+) -> None:
     """Run the router: DICOM SCP in front, forwarding behind. SIGHUP reloads the config."""
     import sys
 
     from dicomrouter.app import build_app
     from dicomrouter.catalog.schema import SchemaNeedsUpgrade
+    from dicomrouter.http.server import HttpListenError
 
-    configure_logging(log_format or ("console" if sys.stderr.isatty() else "json"), log_level)
-    log = get_logger("dicomrouter.serve")
     config = state.config()
+    settings = config.router.log
+    log_format = log_format or settings.format or ("console" if sys.stderr.isatty() else "json")
+    configure_logging(log_format, log_level or settings.level)
+    log = get_logger("dicomrouter.serve")
     try:
         app = build_app(config, host=host, port=port)
     except SchemaNeedsUpgrade as exc:
@@ -47,6 +53,8 @@ def serve_command(state: CliState, log_format: str | None, log_level: str, host:
     signal.signal(signal.SIGHUP, request_reload)
     try:
         app.start()
+    except HttpListenError as exc:
+        raise click.ClickException(str(exc)) from None
     except OSError as exc:
         raise click.ClickException(f"cannot listen on {host or config.router.host}:{port or config.router.port}: {exc}") from None
     while not stop_requested.wait(1.0):
