@@ -4,7 +4,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_apt=()
-[ -x /usr/sbin/Orthanc ] || need_apt+=(orthanc)
+# The worklist tests load Orthanc's Modality Worklist plugin: Debian ships it in the orthanc package itself.
+[ -x /usr/sbin/Orthanc ] && [ -f /usr/share/orthanc/plugins/libModalityWorklists.so ] || need_apt+=(orthanc)
 [ -x /usr/bin/storescu ] || need_apt+=(dcmtk)
 # The status page is tested in a real headless browser; promtool checks the alert rules.
 [ -x /usr/bin/chromium ] || need_apt+=(chromium)

@@ -26,7 +26,7 @@ from dicomrouter.config import RouterSettings, ServerConfig
 from dicomrouter.logging import get_logger
 from dicomrouter.net.find_client import PeerFind, PeerFindError
 from dicomrouter.query.learn import RecentlyLearned, learn_from_answers
-from dicomrouter.query.merge import answer_key, merge_copies, prepare_query
+from dicomrouter.query.merge import answer_key, distinct_within_server, merge_copies, prepare_query
 
 log = get_logger(__name__)
 
@@ -155,7 +155,9 @@ class Federation:
     def learn(self, level: str, answers: list[tuple[str, Dataset]]) -> None:
         """Record where the answered studies are, off the caller's path."""
         if self._learner is not None and answers and level not in ("PATIENT", "WORKLIST"):
-            self._learner.submit(learn_from_answers, self.catalog, answers, self._recent, self._wait_quiet)
+            self._learner.submit(
+                learn_from_answers, self.catalog, answers, self._recent, self._wait_quiet
+            )
 
     def _query_started(self) -> None:
         with self._quiet:
@@ -211,6 +213,10 @@ class FederatedFind:
         self.max_results = max_results
         self.calling_ae = calling_ae
         query, self._strip = prepare_query(identifier, level)
+        # Per server, how many of its answers had each key so far (when they are all distinct).
+        self._occurrences: list[Counter[object]] | None = (
+            [Counter() for _ in servers] if distinct_within_server(level) else None
+        )
         self.peers = [PeerFind(s, router, query_model, query, timeout_s) for s in servers]
         self.reports = [ServerReport(s.name) for s in servers]
         self.summary: FindSummary | None = None
@@ -222,7 +228,10 @@ class FederatedFind:
         self._started = time.monotonic()
         for rank in range(len(self.peers)):
             threading.Thread(
-                target=self._run_peer, args=(rank,), name=f"find-{self.peers[rank].server.name}", daemon=True
+                target=self._run_peer,
+                args=(rank,),
+                name=f"find-{self.peers[rank].server.name}",
+                daemon=True,
             ).start()
 
     def _ms(self) -> float:
@@ -247,6 +256,7 @@ class FederatedFind:
             self._finish_peer(rank, state, reason)
             self._queue.put((rank, None))  # after the report: the consumer may summarize next
             peer.close()  # the release is off the caller's path
+
     def _finish_peer(self, rank: int, state: str, reason: str) -> None:
         with self._reports_lock:
             report = self.reports[rank]
@@ -303,7 +313,9 @@ class FederatedFind:
                     self._take(item, running, pending, complete, sent, seen)
                     # Stop reading as soon as an answer is due: fast peers must not hold it up.
                     if complete or (
-                        window is not None and pending and time.monotonic() >= self._oldest(pending) + window
+                        window is not None
+                        and pending
+                        and time.monotonic() >= self._oldest(pending) + window
                     ):
                         break
                     try:
@@ -330,7 +342,10 @@ class FederatedFind:
 
     @staticmethod
     def _ready_keys(
-        pending: OrderedDict[object, _Entry], complete: set[object], now: float, window: float | None
+        pending: OrderedDict[object, _Entry],
+        complete: set[object],
+        now: float,
+        window: float | None,
     ) -> list[object]:
         """Keys to release now: every copy is in, or the first copy waited the merge window."""
         ready = dict.fromkeys(key for key in complete if key in pending)
@@ -348,7 +363,9 @@ class FederatedFind:
             return  # late: the server was given up on
         if answer is None:
             running.discard(rank)
-            complete.update(key for key, entry in pending.items() if not running - entry.copies.keys())
+            complete.update(
+                key for key, entry in pending.items() if not running - entry.copies.keys()
+            )
             return
         name = self.peers[rank].server.name
         self.reports[rank].answers += 1
@@ -356,6 +373,12 @@ class FederatedFind:
         key = answer_key(self.level, answer)
         if key is None:
             key = (None, len(seen))  # no unique key: cannot be matched, its own entity
+        elif self._occurrences is not None:
+            # The n-th answer of a server with this key is a copy of the n-th of another server,
+            # never of its own earlier ones: two alike items of one worklist are two steps.
+            earlier = self._occurrences[rank][key]
+            self._occurrences[rank][key] += 1
+            key = (key, earlier)
         if key in sent:
             if name not in sent[key].servers:
                 sent[key].servers.append(name)
@@ -369,7 +392,9 @@ class FederatedFind:
 
     def _release(self, entry: _Entry) -> FederatedAnswer:
         ranks = sorted(entry.copies)
-        identifier = merge_copies([entry.copies[rank] for rank in ranks], self._strip, self.retrieve_ae)
+        identifier = merge_copies(
+            [entry.copies[rank] for rank in ranks], self._strip, self.retrieve_ae
+        )
         # In server order (the primary first), whichever answered first; later holders follow.
         return FederatedAnswer(identifier, [self.peers[rank].server.name for rank in ranks])
 
@@ -381,7 +406,9 @@ class FederatedFind:
 
     def _summarize(self, outcome: str | None, released: int) -> None:
         for rank in range(len(self.reports)):
-            self._finish_peer(rank, "cancelled", "")  # still running: stopped by a cancel or the cap
+            self._finish_peer(
+                rank, "cancelled", ""
+            )  # still running: stopped by a cancel or the cap
         for report in self.reports:
             if report.failed:
                 self.federation.count_failure(report.name)
@@ -391,16 +418,18 @@ class FederatedFind:
                     state=report.state,
                     reason=report.reason,
                     calling_ae=self.calling_ae,
-                    level=self.level,
+                    query_level=self.level,
                 )
         if outcome is None:
             failed = sum(r.failed for r in self.reports)
-            outcome = "failed" if failed == len(self.reports) else "partial" if failed else "complete"
+            outcome = (
+                "failed" if failed == len(self.reports) else "partial" if failed else "complete"
+            )
         self.summary = FindSummary(outcome, self.reports, released, self._ms())
         log.info(
             "find_done",
             calling_ae=self.calling_ae,
-            level=self.level,
+            query_level=self.level,
             outcome=outcome,
             answers=released,
             elapsed_ms=self.summary.elapsed_ms,

@@ -18,8 +18,12 @@ LEVEL_KEYS: dict[str, tuple[str, ...]] = {
     "SERIES": ("SeriesInstanceUID",),
     "IMAGE": ("SOPInstanceUID",),
 }
-# A worklist item: no UID of its own; these together name one requested procedure step.
+# A worklist item has no UID of its own: it is one Scheduled Procedure Step (PS3.4 K.6.1), named by
+# its step ID within the requested procedure these keys name. Steps of one procedure (PT and CT on
+# one PET/CT) share all three, so they alone never make two items copies.
 WORKLIST_KEYS = ("AccessionNumber", "RequestedProcedureID", "StudyInstanceUID")
+STEP_SEQUENCE = "ScheduledProcedureStepSequence"
+STEP_ID = "ScheduledProcedureStepID"
 LEVELS_BY_MODEL = {
     "patient": ("PATIENT", "STUDY", "SERIES", "IMAGE"),
     "study": ("STUDY", "SERIES", "IMAGE"),
@@ -69,7 +73,8 @@ def prepare_query(identifier: Dataset, level: str) -> tuple[Dataset, frozenset[s
     """The identifier for the peers: the caller's, plus the level's keys as return keys.
 
     Returns the keywords added, to strip from answers unless the caller asked for them
-    (the level's unique key itself stays: an SCP returns it anyway).
+    (the level's unique key itself stays: an SCP returns it anyway); a key added inside the
+    worklist step item is written `ScheduledProcedureStepSequence.ScheduledProcedureStepID`.
     """
     query = Dataset()
     query.update(identifier)
@@ -80,15 +85,73 @@ def prepare_query(identifier: Dataset, level: str) -> tuple[Dataset, frozenset[s
             added.add(keyword)
     if level in LEVEL_KEYS:
         added.discard(LEVEL_KEYS[level][0])
+    if level == "WORKLIST" and _ask_for_step_id(query):
+        added.add(f"{STEP_SEQUENCE}.{STEP_ID}")
     return query, frozenset(added)
 
 
-def answer_key(level: str, answer: Dataset) -> tuple[str, ...] | None:
+def _ask_for_step_id(query: Dataset) -> bool:
+    """Add the step ID as a return key in the caller's step item; True if it was added.
+
+    Only inside a step sequence the caller sent: a sequence key of our own would be a matching
+    key the caller did not give (items without steps could stop matching on some servers).
+    """
+    steps = query.get(STEP_SEQUENCE)
+    if not steps or STEP_ID in steps[0]:
+        return False
+    item = Dataset()
+    item.update(steps[0])  # the caller's identifier stays as it was
+    setattr(item, STEP_ID, "")
+    # A new element: `query` shares the caller's elements, assigning the value would change theirs.
+    query.add_new(STEP_SEQUENCE, "SQ", [item, *list(steps)[1:]])
+    return True
+
+
+def answer_key(level: str, answer: Dataset) -> tuple[object, ...] | None:
     """The entity an answer is about, or None when it lacks its unique key (never merged)."""
-    values = tuple(_raw_text(answer, tag) for tag in _KEY_TAGS[level])
     if level == "WORKLIST":
-        return values if any(values) else None
+        return worklist_item_key(answer)
+    values = tuple(_raw_text(answer, tag) for tag in _KEY_TAGS[level])
     return values if values[0] else None
+
+
+def worklist_item_key(item: Dataset) -> tuple[object, ...]:
+    """The scheduled step a worklist item is: its step ID within its requested procedure, or,
+    without a step ID (or a procedure to put it in), every attribute the server returned."""
+    procedure = tuple(_raw_text(item, tag) for tag in _KEY_TAGS["WORKLIST"])
+    steps = item.get(STEP_SEQUENCE) or ()
+    step_ids = tuple(_text(step.get(STEP_ID)) for step in steps)
+    if any(procedure) and step_ids and all(step_ids):
+        return ("step", procedure, step_ids)
+    return ("item", _content(item))
+
+
+def _content(dataset: Dataset) -> tuple[tuple[int, object], ...]:
+    """Every non-empty attribute as comparable values (decoded text, so any character set)."""
+    values = []
+    for elem in dataset:
+        if elem.tag == SPECIFIC_CHARACTER_SET or elem.tag.element == 0 or elem.is_empty:
+            continue
+        if elem.VR == "SQ":
+            value: object = tuple(_content(item) for item in elem.value)
+        elif isinstance(elem.value, bytes):
+            value = elem.value.rstrip(b" \x00")
+        elif elem.VM > 1:
+            value = tuple(_text(part) for part in elem.value)
+        else:
+            value = _text(elem.value)
+        values.append((int(elem.tag), value))
+    return tuple(values)
+
+
+def distinct_within_server(level: str) -> bool:
+    """True when two answers of one server are never copies of each other, whatever their keys.
+
+    A worklist server lists each scheduled step once: two items it returns alike are two steps
+    (described by the keys the caller asked for), not one step twice. Q/R answers name their
+    entity by UID, so one server's second answer with the same UID is a copy.
+    """
+    return level == "WORKLIST"
 
 
 def _raw_text(answer: Dataset, tag: int) -> str:
@@ -107,6 +170,7 @@ _KEY_TAGS = {
     for level in (*LEVEL_KEYS, "WORKLIST")
 }
 RETRIEVE_AE_TITLE = 0x00080054
+SPECIFIC_CHARACTER_SET = 0x00080005
 
 
 def _text(value: object) -> str:
@@ -148,11 +212,21 @@ def merge_copies(
                 continue
             merged.add(elem)
     for keyword in strip:
-        if keyword in merged:
-            delattr(merged, keyword)
+        _strip_key(merged, keyword)
     if retrieve_ae:
-        merged[RETRIEVE_AE_TITLE] = DataElement(RETRIEVE_AE_TITLE, "AE", retrieve_ae, validation_mode=IGNORE)
+        merged[RETRIEVE_AE_TITLE] = DataElement(
+            RETRIEVE_AE_TITLE, "AE", retrieve_ae, validation_mode=IGNORE
+        )
     return merged
+
+
+def _strip_key(answer: Dataset, path: str) -> None:
+    """Remove `Keyword`, or `Sequence.Keyword` from each of the sequence's items."""
+    sequence, _, keyword = path.rpartition(".")
+    datasets = (answer.get(sequence) or ()) if sequence else (answer,)
+    for dataset in datasets:
+        if keyword in dataset:
+            delattr(dataset, keyword)
 
 
 def is_patient_root(query_model: str) -> bool:

@@ -116,7 +116,7 @@ def _answer_find(
             audit_row["counts"] = {"answers": answers}
             yield PENDING, answer.identifier
     except Exception:
-        log.exception("find_failed", calling_ae=caller.ae_title, level=level)
+        log.exception("find_failed", calling_ae=caller.ae_title, query_level=level)
         audit_row.update(outcome="failed", detail=f"internal error in the router; {query}")
         yield status_dataset(UNABLE_TO_PROCESS, "internal error in the router"), None
         return

@@ -175,7 +175,7 @@ def _collect_and_send(event, config, caller, query_model, identifier, level, stu
     log.info(
         "get_collected",
         calling_ae=caller.ae_title,
-        level=level,
+        query_level=level,
         study_uid=study_uid,
         sources=[s.name for s in sources],
         instances=len(instances),

@@ -139,7 +139,7 @@ def serve_move(exchange: MoveExchange, holder: ConfigHolder, catalog: Catalog | 
     log.info(
         "move_requested",
         calling_ae=caller.ae_title,
-        level=level,
+        query_level=level,
         study_uid=study_uid,
         destination=destination.name,
         sources=[s.name for s in sources],
