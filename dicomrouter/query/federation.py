@@ -8,6 +8,9 @@ attributes it lacks are filled from the others, counts are never summed. A copy 
 its entity was sent only adds its server to the holders (the catalog and the CLI see it). PACS
 that answer within the window of each other are merged fully; a slow PACS delays no answer by
 more than the window. The CLI waits for every server (`merge_window_s=None`).
+
+A worklist item is one scheduled procedure step (see `worklist_item_key`): items alike are copies
+only across servers, the n-th of one server with the n-th of another; one server's are all sent.
 """
 
 from __future__ import annotations
