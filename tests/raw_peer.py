@@ -45,6 +45,18 @@ def associate_rq(
     return pdu(A_ASSOCIATE_RQ, body)
 
 
+def associate_ac_body(accepted: dict[int, str], rejected: tuple[int, ...] = (), max_pdu: int = 16384) -> bytes:
+    """The body of an A-ASSOCIATE-AC (no PDU header): context ID -> accepted transfer syntax,
+    the IDs of contexts rejected (result 3: abstract syntax not supported), our maximum length."""
+    body = struct.pack(">HH", 1, 0) + b" " * 32 + bytes(32)
+    body += _item(0x10, APPLICATION_CONTEXT.encode())
+    for context_id, syntax in accepted.items():
+        body += _item(0x21, bytes([context_id, 0, 0, 0]) + _item(0x40, syntax.encode()))
+    for context_id in rejected:
+        body += _item(0x21, bytes([context_id, 0, 3, 0]) + _item(0x40, IMPLICIT_VR_LE.encode()))
+    return body + _item(0x50, _item(0x51, struct.pack(">I", max_pdu)))
+
+
 def p_data(context_id: int, data: bytes, command: bool, last: bool = True) -> bytes:
     header = (1 if command else 0) | (2 if last else 0)
     return pdu(P_DATA_TF, struct.pack(">IBB", len(data) + 2, context_id, header) + data)

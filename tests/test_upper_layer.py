@@ -15,6 +15,7 @@ from dicomrouter.net.upper_layer import (
     parse_accepted,
     us,
 )
+from tests.raw_peer import associate_ac_body
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 STUDY_GET = "1.2.840.10008.5.1.4.1.2.2.3"
@@ -22,20 +23,6 @@ STUDY_GET = "1.2.840.10008.5.1.4.1.2.2.3"
 
 def pdata_body(*pdvs: tuple[int, int, bytes]) -> bytes:
     return b"".join(struct.pack(">IBB", len(data) + 2, context, header) + data for context, header, data in pdvs)
-
-
-def associate_ac_body(accepted: dict[int, str], rejected: tuple[int, ...] = (), max_pdu: int = 16384) -> bytes:
-    """The body of an A-ASSOCIATE-AC (no PDU header), as a peer would answer."""
-    body = struct.pack(">HH", 1, 0) + b" " * 32 + bytes(32)
-    body += struct.pack(">BxH", 0x10, 21) + b"1.2.840.10008.3.1.1.1"
-    for context_id, syntax in accepted.items():
-        sub = struct.pack(">BxH", 0x40, len(syntax)) + syntax.encode()
-        body += struct.pack(">BxH", 0x21, 4 + len(sub)) + bytes([context_id, 0, 0, 0]) + sub
-    for context_id in rejected:
-        sub = struct.pack(">BxH", 0x40, len(IMPLICIT_VR_LE)) + IMPLICIT_VR_LE.encode()
-        body += struct.pack(">BxH", 0x21, 4 + len(sub)) + bytes([context_id, 0, 3, 0]) + sub
-    user = struct.pack(">BxHI", 0x51, 4, max_pdu)
-    return body + struct.pack(">BxH", 0x50, len(user)) + user
 
 
 def test_associate_request_numbers_contexts_and_offers_scp_roles():

@@ -6,14 +6,13 @@ so the relay can pass it on as it is.
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from io import BytesIO
+from pathlib import Path
+from typing import BinaryIO
 
 from pydicom import Dataset
-from pydicom.dataset import FileMetaDataset
-from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian
-from pynetdicom.dsutils import decode
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelGet,
@@ -32,7 +31,9 @@ from dicomrouter.net.upper_layer import (
     EXPLICIT_VR_LE,
     IMPLICIT_VR_LE,
     NO_DATASET,
+    FileSlice,
     Message,
+    MessageLimits,
     UpperLayerError,
     command_set,
     us,
@@ -48,27 +49,29 @@ CANNOT_UNDERSTAND = 0xC211  # what pynetdicom answers when a C-STORE handler rai
 
 @dataclass(frozen=True)
 class ReceivedInstance:
-    """One instance of a C-GET, as encoded by the source (data set only, no file meta)."""
+    """One instance of a C-GET, as encoded by the source (data set only, no file meta): in memory,
+    or a large one in a file of the spill folder, which whoever takes the instance now owns."""
 
     sop_class_uid: str
     sop_instance_uid: str
     transfer_syntax: str
-    dataset: bytes
+    dataset: bytes | FileSlice
 
-    def decoded(self) -> Dataset:
-        """The instance as a pydicom Dataset with its file meta."""
-        syntax = self.transfer_syntax
-        dataset = decode(
-            BytesIO(self.dataset),
-            syntax == IMPLICIT_VR_LE,
-            syntax != ExplicitVRBigEndian,
-            syntax == DeflatedExplicitVRLittleEndian,
-        )
-        dataset.file_meta = FileMetaDataset()
-        dataset.file_meta.MediaStorageSOPClassUID = self.sop_class_uid
-        dataset.file_meta.MediaStorageSOPInstanceUID = self.sop_instance_uid
-        dataset.file_meta.TransferSyntaxUID = syntax
-        return dataset
+    def write_to(self, handle: BinaryIO) -> None:
+        """Copy the data set's bytes into an open file."""
+        if isinstance(self.dataset, FileSlice):
+            with open(self.dataset.path, "rb") as source:
+                shutil.copyfileobj(source, handle, COPY_CHUNK)
+        else:
+            handle.write(self.dataset)
+
+    def discard(self) -> None:
+        """Remove the data set's spill file, if it has one."""
+        if isinstance(self.dataset, FileSlice):
+            self.dataset.path.unlink(missing_ok=True)
+
+
+COPY_CHUNK = 1024 * 1024
 
 
 def _store_response(request: Message, status: int) -> bytes:
@@ -91,18 +94,25 @@ def get_instances(
     identifier: Dataset,
     storage: Mapping[str, Sequence[str]],
     on_instance: Callable[[ReceivedInstance], int],
+    spill_folder: Path | None = None,
 ) -> MoveProgress:
     """C-GET from `server`, offering `storage` (SOP class -> transfer syntaxes) for the sub-operations.
 
-    `on_instance` receives each instance and returns the C-STORE status to answer.
+    `on_instance` receives each instance and returns the C-STORE status to answer. A data set is
+    capped at `router.max_dataset_size` (the association is aborted beyond it); with a
+    `spill_folder`, one over `router.max_in_memory_dataset` is written there as it arrives.
     Raises PeerMoveError when the server cannot be reached or the exchange breaks.
     """
-    storage_classes = [(sop, list(syntaxes)) for sop, syntaxes in storage.items()][:MAX_STORAGE_CONTEXTS]
+    storage_classes = [(sop, list(syntaxes)) for sop, syntaxes in storage.items()][
+        :MAX_STORAGE_CONTEXTS
+    ]
+    limits = MessageLimits(router.max_dataset_size, router.max_in_memory_dataset, spill_folder)
     link = open_retrieve_link(
         server,
         router,
         [(query_model, [EXPLICIT_VR_LE, IMPLICIT_VR_LE]), *storage_classes],
         scp_roles=[sop for sop, _ in storage_classes],
+        limits=limits,
     )
     clean = False
     try:
@@ -111,12 +121,19 @@ def get_instances(
             try:
                 messages = link.receive_messages(router.dimse_timeout_s)
             except TimeoutError:
-                raise PeerMoveError("aborted", f"{server.name} sent no answer (timeout or abort)") from None
+                raise PeerMoveError(
+                    "aborted", f"{server.name} sent no answer (timeout or abort)"
+                ) from None
             except UpperLayerError as exc:
-                raise PeerMoveError("aborted", f"{server.name} sent no answer ({exc.reason})") from None
+                raise PeerMoveError(
+                    "aborted", f"{server.name} sent no answer ({exc.reason})"
+                ) from None
             for message in messages:
                 if message.command_field == 0x0001:  # C-STORE-RQ: a sub-operation
-                    link.send_message(message.context_id, _store_response(message, _take(message, link, on_instance)))
+                    link.send_message(
+                        message.context_id,
+                        _store_response(message, _take(message, link, on_instance)),
+                    )
                 elif message.command_field == 0x8010:  # C-GET-RSP
                     progress = retrieve_response(message, link)
                     if not progress.pending:
@@ -143,4 +160,5 @@ def _take(message: Message, link, on_instance: Callable[[ReceivedInstance], int]
         return on_instance(instance)
     except Exception:
         log.exception("get_instance_handler_failed", sop_uid=instance.sop_instance_uid)
+        instance.discard()
         return CANNOT_UNDERSTAND

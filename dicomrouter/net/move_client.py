@@ -26,6 +26,7 @@ from dicomrouter.net.upper_layer import (
     NO_DATASET,
     Link,
     Message,
+    MessageLimits,
     UpperLayerError,
     command_set,
     open_link,
@@ -79,9 +80,10 @@ def open_retrieve_link(
     router: RouterSettings,
     contexts: list[tuple[str, list[str]]],
     scp_roles: list[str] | tuple[str, ...] = (),
+    limits: MessageLimits | None = None,
 ) -> Link:
     """An association for C-MOVE or C-GET to `server` (over TLS when it has a `tls:` block), or
-    PeerMoveError saying why not."""
+    PeerMoveError saying why not. `limits`: what its messages may carry (default: identifiers)."""
     try:
         tls_context = peer_tls_context(server)
     except PeerUnavailable as exc:
@@ -98,16 +100,22 @@ def open_retrieve_link(
             router.acse_timeout_s,
             scp_roles,
             tls_context,
+            limits,
+            router.network_timeout_s,
         )
     except UpperLayerError as exc:
         raise PeerMoveError(exc.kind, exc.reason) from None
 
 
-def retrieve_request(link: Link, command_field: int, query_model: str, identifier: Dataset, *extra) -> int:
+def retrieve_request(
+    link: Link, command_field: int, query_model: str, identifier: Dataset, *extra
+) -> int:
     """Send a C-MOVE or C-GET request on `link`; returns its context ID."""
     context_id = link.context_for(query_model)
     if context_id is None:
-        raise PeerMoveError("rejected", f"the peer accepted no presentation context for {query_model}")
+        raise PeerMoveError(
+            "rejected", f"the peer accepted no presentation context for {query_model}"
+        )
     implicit = link.contexts[context_id][1] == IMPLICIT_VR_LE
     encoded = encode(identifier, implicit, True)
     if encoded is None:
@@ -129,7 +137,7 @@ def retrieve_request(link: Link, command_field: int, query_model: str, identifie
 def retrieve_response(message: Message, link: Link) -> MoveProgress:
     """A C-MOVE-RSP or C-GET-RSP as MoveProgress."""
     failed: list[str] = []
-    if message.dataset is not None and message.status not in PENDING:
+    if isinstance(message.dataset, bytes) and message.status not in PENDING:
         implicit = link.contexts.get(message.context_id, ("", IMPLICIT_VR_LE))[1] == IMPLICIT_VR_LE
         try:
             failed = failed_uids(decode(BytesIO(message.dataset), implicit, True))
@@ -182,7 +190,9 @@ class PeerMove:
                 self._link = link
                 if self._cancelled:
                     clean = True
-                    cancelled = MoveProgress(CANCELLED, comment="cancelled before the request was sent")
+                    cancelled = MoveProgress(
+                        CANCELLED, comment="cancelled before the request was sent"
+                    )
                 else:
                     cancelled = None
                     destination = move_destination_ae.encode("ascii")[:16].ljust(16, b" ")

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dicomrouter.config import RouterSettings, ServerConfig, calling_ae_for
-from dicomrouter.dicom_file import dataset_offset
+from dicomrouter.dicom_file import META_HEAD_BYTES, dataset_offset
 from dicomrouter.net.peer import PeerUnavailable, peer_tls_context
 from dicomrouter.net.upper_layer import (
     FileSlice,
@@ -138,10 +138,8 @@ class EncodedStoreClient:
         try:
             size = path.stat().st_size
             with open(path, "rb") as fp:
-                head = fp.read(META_READ_BYTES)
+                head = fp.read(META_HEAD_BYTES)  # the group length says where the meta ends: nothing more is read
             start = dataset_offset(head)
-            if len(head) < size and start + 8 > len(head):
-                start = dataset_offset(path.read_bytes())  # a file meta longer than META_READ_BYTES
             if start > size:
                 raise ValueError(f"the file meta claims {start} bytes, the file has {size}")
         except OSError as exc:
@@ -171,7 +169,5 @@ def _originator_elements(move_originator: tuple[str, int] | None) -> list[tuple[
         ae += b" "  # AE values pad with a space
     return [(0x1030, ae), (0x1031, us(message_id))]
 
-
-META_READ_BYTES = 65536  # the file meta the router writes is a few hundred bytes
 
 __all__ = ["EncodedStoreClient", "StoreOutcome", "ContextRejected", "StoreFailed", "PeerUnavailable"]

@@ -8,17 +8,24 @@ speaks the protocol itself: one thread, struct-packed PDUs, identifiers decoded 
 
 from __future__ import annotations
 
+import os
+import select
 import socket
 import ssl
 import struct
+import tempfile
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
+from dicomrouter.logging import get_logger
 from dicomrouter.net.sockets import set_nodelay
 from dicomrouter.net.tls import describe_peer_tls_error, pending_alert
+
+log = get_logger(__name__)
 
 APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
 IMPLICIT_VR_LE = "1.2.840.10008.1.2"
@@ -28,6 +35,21 @@ IMPLEMENTATION_VERSION = "DICOMROUTER"
 
 A_ASSOCIATE_RQ, A_ASSOCIATE_AC, A_ASSOCIATE_RJ = 0x01, 0x02, 0x03
 P_DATA_TF, A_RELEASE_RQ, A_RELEASE_RP, A_ABORT = 0x04, 0x05, 0x06, 0x07
+
+PDU_TYPES = frozenset(
+    {A_ASSOCIATE_RQ, A_ASSOCIATE_AC, A_ASSOCIATE_RJ, P_DATA_TF, A_RELEASE_RQ, A_RELEASE_RP, A_ABORT}
+)
+
+# What a peer may send us, checked as soon as the lengths arrive (a PACS is a peer like any other).
+ASSOCIATION_PDU_LIMIT = (
+    1024 * 1024
+)  # A-ASSOCIATE-AC/RJ, release, abort: a few hundred bytes in practice
+PDATA_SLACK = 4096  # over the maximum length we announce: tolerated, a peer miscounting its headers is harmless
+COMMAND_LIMIT = 64 * 1024  # a command set is a few hundred bytes
+IDENTIFIER_LIMIT = 1024 * 1024  # a C-FIND answer or a C-MOVE/C-GET response identifier
+PEER_ABORT_REASON_INVALID_VALUE = (
+    6  # A-ABORT source 2 (service provider), "invalid PDU parameter value"
+)
 
 # A-ASSOCIATE-RJ (source, reason) in words (PS3.8 9.3.4)
 REJECT_REASONS = {
@@ -49,6 +71,15 @@ class UpperLayerError(Exception):
         self.kind = kind
         self.reason = reason
         super().__init__(f"{kind}: {reason}")
+
+
+class ProtocolViolation(UpperLayerError):
+    """The peer sent what PS3.8 or our limits forbid (a length over its cap, a malformed PDV):
+    the association is aborted at once, nothing more is read from it."""
+
+    def __init__(self, detail: str):
+        self.detail = detail
+        super().__init__("aborted", f"protocol violation: {detail}")
 
 
 def _item(item_type: int, payload: bytes) -> bytes:
@@ -169,12 +200,19 @@ def parse_command(data: bytes) -> dict[int, bytes]:
 
 def _pdu(context_id: int, fragment: bytes | memoryview, command: bool, last: bool) -> bytes:
     header = (1 if command else 0) | (2 if last else 0)
-    return struct.pack(">BxIIBB", P_DATA_TF, len(fragment) + 6, len(fragment) + 2, context_id, header) + fragment
+    return (
+        struct.pack(">BxIIBB", P_DATA_TF, len(fragment) + 6, len(fragment) + 2, context_id, header)
+        + fragment
+    )
 
 
-def iter_pdata_pdus(context_id: int, data: bytes | memoryview, command: bool, max_pdu: int) -> Iterator[bytes]:
+def iter_pdata_pdus(
+    context_id: int, data: bytes | memoryview, command: bool, max_pdu: int
+) -> Iterator[bytes]:
     """One message part (command or data set) as P-DATA-TF PDUs of at most `max_pdu` bytes (0: any)."""
-    chunk = max(max_pdu - 6, 1) if max_pdu else len(data) or 1  # a peer announcing under 7 bytes is broken; never loop
+    chunk = (
+        max(max_pdu - 6, 1) if max_pdu else len(data) or 1
+    )  # a peer announcing under 7 bytes is broken; never loop
     for start in range(0, max(len(data), 1), chunk):
         yield _pdu(context_id, data[start : start + chunk], command, start + chunk >= len(data))
 
@@ -192,7 +230,9 @@ class FileSlice:
     length: int
 
 
-FILE_CHUNK_WITHOUT_LIMIT = 1024 * 1024  # a peer announcing no maximum PDU length still gets PDUs of 1 MiB
+FILE_CHUNK_WITHOUT_LIMIT = (
+    1024 * 1024
+)  # a peer announcing no maximum PDU length still gets PDUs of 1 MiB
 
 
 def iter_file_pdus(context_id: int, data: FileSlice, max_pdu: int) -> Iterator[bytes]:
@@ -219,23 +259,47 @@ ONE_SEND_BYTES = 1024 * 1024
 
 
 class UpperLayer:
-    """One association's socket: send PDUs from any thread, receive them in one."""
+    """One association's socket: send PDUs from any thread, receive them in one.
 
-    def __init__(self, host: str, port: int, connect_timeout_s: float, tls_context: ssl.SSLContext | None = None):
+    Every PDU is read whole under one deadline, its length checked against its cap as soon as
+    the header arrives: `pdata_limit` (the maximum length we announced, plus slack) for P-DATA-TF,
+    ASSOCIATION_PDU_LIMIT for the others. A peer over a cap is aborted before its body is read.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        connect_timeout_s: float,
+        tls_context: ssl.SSLContext | None = None,
+        send_timeout_s: float = 60.0,
+    ):
+        self.address = f"{host}:{port}"
         try:
             self.sock = socket.create_connection((host, port), timeout=connect_timeout_s)
         except OSError as exc:
-            raise UpperLayerError("unreachable", f"cannot connect to {host}:{port} ({exc.strerror or exc})") from None
+            raise UpperLayerError(
+                "unreachable", f"cannot connect to {host}:{port} ({exc.strerror or exc})"
+            ) from None
         set_nodelay(self.sock)
         if tls_context is not None:
             try:  # the handshake runs within the connect timeout
                 self.sock = tls_context.wrap_socket(self.sock, server_hostname=host)
             except OSError as exc:
                 self.sock.close()
-                raise UpperLayerError("unreachable", f"TLS with {host}:{port} failed: {describe_peer_tls_error(exc)}") from None
-        self._reader = self.sock.makefile("rb", buffering=65536)  # few recv calls per answer
+                raise UpperLayerError("unreachable", self.tls_failure(exc)) from None
+        # Sends are bounded by this; receives by their own deadlines (poll), so a thread sending a
+        # C-CANCEL never changes how long the reading thread waits.
+        self.sock.settimeout(send_timeout_s)
+        self._poll = select.poll()
+        self._poll.register(self.sock.fileno(), select.POLLIN)
+        self._buffer = bytearray()
         self._send_lock = threading.Lock()
+        self.pdata_limit = ASSOCIATION_PDU_LIMIT  # until we announce our maximum length
         self.closed = False
+
+    def tls_failure(self, exc: BaseException) -> str:
+        return f"TLS with {self.address} failed: {describe_peer_tls_error(exc)}"
 
     def send(self, pdu: bytes) -> None:
         with self._send_lock:
@@ -245,10 +309,12 @@ class UpperLayer:
         """Why a send failed. Over TLS the peer's alert (our certificate refused...) is still
         waiting to be read, and says more than the broken pipe."""
         if isinstance(self.sock, ssl.SSLSocket):
-            return UpperLayerError("unreachable", f"TLS failed: {describe_peer_tls_error(pending_alert(self.sock, exc))}")
+            return UpperLayerError("unreachable", self.tls_failure(pending_alert(self.sock, exc)))
         return UpperLayerError("aborted", f"connection lost ({exc})")
 
-    def send_pdata(self, context_id: int, data: bytes | memoryview | FileSlice, command: bool, max_pdu: int) -> None:
+    def send_pdata(
+        self, context_id: int, data: bytes | memoryview | FileSlice, command: bool, max_pdu: int
+    ) -> None:
         """One message part as P-DATA-TF PDUs, fragmented to the peer's maximum length."""
         with self._send_lock:
             self.write_pdata(context_id, data, command, max_pdu)
@@ -258,7 +324,9 @@ class UpperLayer:
         """Held across the parts of one message: another thread's PDUs (a C-CANCEL) never land inside it."""
         return self._send_lock
 
-    def write_pdata(self, context_id: int, data: bytes | memoryview | FileSlice, command: bool, max_pdu: int) -> None:
+    def write_pdata(
+        self, context_id: int, data: bytes | memoryview | FileSlice, command: bool, max_pdu: int
+    ) -> None:
         """send_pdata for a caller holding `send_lock`."""
         if isinstance(data, FileSlice):
             pdus: Iterable[bytes] = iter_file_pdus(context_id, data, max_pdu)
@@ -269,31 +337,58 @@ class UpperLayer:
         for pdu in pdus:
             self.sock.sendall(pdu)
 
-    def _recv_exact(self, count: int) -> bytes:
-        data = self._reader.read(count)
-        if len(data) < count:
-            raise UpperLayerError("aborted", "the peer closed the connection")
-        return data
+    def _fill(self, count: int, deadline: float) -> None:
+        """Read until the buffer holds `count` bytes; TimeoutError at the deadline (what came stays
+        buffered, so a later call goes on with the same PDU)."""
+        while len(self._buffer) < count:
+            pending = isinstance(self.sock, ssl.SSLSocket) and self.sock.pending()
+            if not pending:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not self._poll.poll(remaining * 1000):
+                    raise TimeoutError("no complete PDU in time")
+            chunk = self.sock.recv(max(count - len(self._buffer), 65536))
+            if not chunk:
+                raise UpperLayerError("aborted", "the peer closed the connection")
+            self._buffer += chunk
 
     def receive(self, timeout_s: float) -> tuple[int, bytes]:
-        """(PDU type, body); socket.timeout when nothing came in time."""
-        self.sock.settimeout(max(timeout_s, 0.001))
+        """(PDU type, body), the whole PDU within `timeout_s`; TimeoutError when it did not come in
+        time; UpperLayerError when the connection broke, ProtocolViolation (after an A-ABORT)
+        when the peer announced a length over its cap."""
+        deadline = time.monotonic() + max(timeout_s, 0.001)
         try:
-            pdu_type, length = struct.unpack(">BxI", self._recv_exact(6))
-            return pdu_type, self._recv_exact(length)
+            self._fill(6, deadline)
+            pdu_type, length = struct.unpack_from(">BxI", self._buffer)
+            self._check_header(pdu_type, length)
+            self._fill(6 + length, deadline)
+        except TimeoutError:
+            raise
+        except ssl.SSLError as exc:  # TLS 1.3: a refused client certificate shows up here
+            raise UpperLayerError("unreachable", self.tls_failure(exc)) from None
         except OSError as exc:
-            if isinstance(exc, TimeoutError):
-                raise
-            if isinstance(exc, ssl.SSLError):
-                # TLS 1.3: a refused client certificate shows up here
-                raise UpperLayerError("unreachable", f"TLS failed: {describe_peer_tls_error(exc)}") from None
             raise UpperLayerError("aborted", f"connection lost ({exc})") from None
+        body = bytes(self._buffer[6 : 6 + length])
+        del self._buffer[: 6 + length]
+        return pdu_type, body
 
-    def abort(self) -> None:
+    def _check_header(self, pdu_type: int, length: int) -> None:
+        if pdu_type not in PDU_TYPES:
+            self.violation(f"unknown PDU type 0x{pdu_type:02X}")
+        limit = self.pdata_limit if pdu_type == P_DATA_TF else ASSOCIATION_PDU_LIMIT
+        if length > limit:
+            self.violation(f"PDU type {pdu_type} announces {length} bytes, the limit is {limit}")
+
+    def violation(self, detail: str) -> NoReturn:
+        """Abort the association for what the peer sent, log it, raise ProtocolViolation."""
+        log.warning("peer_protocol_violation", peer=self.address, reason=detail)
+        self.abort(source=2, reason=PEER_ABORT_REASON_INVALID_VALUE)
+        raise ProtocolViolation(f"{self.address}: {detail}; association aborted")
+
+    def abort(self, source: int = 0, reason: int = 0) -> None:
         if self.closed:
             return
         try:
-            self.send(struct.pack(">BxIxxBB", A_ABORT, 4, 0, 0))
+            self.send(struct.pack(">BxIxxBB", A_ABORT, 4, source, reason))
         except OSError:
             pass
         self.close()
@@ -306,17 +401,26 @@ class UpperLayer:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
-        self._reader.close()
         self.sock.close()
 
 
-def pdvs(body: bytes) -> list[tuple[int, int, bytes]]:
-    """(context ID, control header, fragment) of each PDV in a P-DATA-TF body."""
+def pdvs(body: bytes) -> list[tuple[int, int, memoryview]]:
+    """(context ID, control header, fragment) of each PDV in a P-DATA-TF body; ProtocolViolation
+    when an item's length does not fit the body (PS3.8 9.3.5.1)."""
     items = []
+    view = memoryview(body)
     offset = 0
-    while offset + 6 <= len(body):
+    while offset < len(body):
+        if offset + 6 > len(body):
+            raise ProtocolViolation(
+                f"P-DATA-TF ends inside a PDV header ({len(body) - offset} bytes left)"
+            )
         (length,) = struct.unpack_from(">I", body, offset)
-        items.append((body[offset + 4], body[offset + 5], body[offset + 6 : offset + 4 + length]))
+        if length < 2 or offset + 4 + length > len(body):
+            raise ProtocolViolation(
+                f"PDV item length {length} does not fit its P-DATA-TF ({len(body)} bytes)"
+            )
+        items.append((body[offset + 4], body[offset + 5], view[offset + 6 : offset + 4 + length]))
         offset += 4 + length
     return items
 
@@ -328,6 +432,8 @@ def describe_reject(result: int, source: int, reason: int) -> str:
 
 
 def reject_text(body: bytes) -> str:
+    if len(body) < 4:
+        return "association rejected (malformed A-ASSOCIATE-RJ)"
     return describe_reject(body[1], body[2], body[3])
 
 
@@ -338,11 +444,12 @@ NO_DATASET = 0x0101
 
 @dataclass
 class Message:
-    """One DIMSE message: its command elements (element number -> raw value) and data set bytes."""
+    """One DIMSE message: its command elements (element number -> raw value) and data set, in
+    memory or (a large one, see MessageLimits) in a file the receiver now owns."""
 
     context_id: int
     command: dict[int, bytes]
-    dataset: bytes | None = None
+    dataset: bytes | FileSlice | None = None
 
     def us(self, element: int, default: int = 0) -> int:
         value = self.command.get(element)
@@ -360,12 +467,57 @@ class Message:
         return self.us(0x0900, 0xFFFF)
 
 
-class MessageReader:
-    """Reassembles DIMSE messages from the PDVs of P-DATA-TF PDUs."""
+@dataclass(frozen=True)
+class MessageLimits:
+    """How much of one DIMSE message a peer may send us.
 
-    def __init__(self) -> None:
+    `max_dataset`: a larger data set aborts the association while it arrives. `spill_over` and
+    `spill_folder`: a data set over `spill_over` bytes goes to a file in `spill_folder` as it
+    arrives (Message.dataset is then a FileSlice) instead of being held in memory.
+    """
+
+    max_dataset: int = IDENTIFIER_LIMIT
+    spill_over: int | None = None
+    spill_folder: Path | None = None
+
+
+class _Spill:
+    """A data set being written to a file as its fragments arrive."""
+
+    def __init__(self, folder: Path, held: bytearray):
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix="dataset-", suffix=".part", dir=folder)
+        self.path = Path(name)
+        self.file = os.fdopen(fd, "wb")
+        self.size = 0
+        self.write(held)
+
+    def write(self, fragment: bytes | bytearray | memoryview) -> None:
+        self.file.write(fragment)
+        self.size += len(fragment)
+
+    def finish(self) -> FileSlice:
+        self.file.close()
+        return FileSlice(self.path, 0, self.size)
+
+    def discard(self) -> None:
+        self.file.close()
+        self.path.unlink(missing_ok=True)
+
+
+class MessageReader:
+    """Reassembles DIMSE messages from the PDVs of P-DATA-TF PDUs, within MessageLimits.
+
+    Raises ProtocolViolation for a command set over COMMAND_LIMIT, a data set over
+    `max_dataset`, or a data set fragment that belongs to no command.
+    """
+
+    def __init__(self, limits: MessageLimits | None = None) -> None:
+        self.limits = limits or MessageLimits()
         self._command = bytearray()
         self._dataset = bytearray()
+        self._spill: _Spill | None = None
+        self._size = 0
         self._pending: Message | None = None  # the command is complete, its data set is coming
 
     def feed(self, body: bytes) -> list[Message]:
@@ -373,6 +525,12 @@ class MessageReader:
         for context_id, header, fragment in pdvs(body):
             last = bool(header & 2)
             if header & 1:
+                if self._pending is not None:
+                    raise ProtocolViolation(
+                        "a command began before the previous message's data set was complete"
+                    )
+                if len(self._command) + len(fragment) > COMMAND_LIMIT:
+                    raise ProtocolViolation(f"command set over {COMMAND_LIMIT} bytes")
                 self._command += fragment
                 if not last:
                     continue
@@ -383,12 +541,49 @@ class MessageReader:
                 else:
                     self._pending = message
             else:
-                self._dataset += fragment
-                if last and self._pending is not None:
-                    self._pending.dataset = bytes(self._dataset)
+                if self._pending is None or context_id != self._pending.context_id:
+                    raise ProtocolViolation("a data set fragment without its command")
+                self._add_dataset_fragment(fragment)
+                if last:
+                    self._pending.dataset = (
+                        self._spill.finish() if self._spill else bytes(self._dataset)
+                    )
                     messages.append(self._pending)
-                    self._pending, self._dataset = None, bytearray()
+                    self._pending, self._dataset, self._spill, self._size = (
+                        None,
+                        bytearray(),
+                        None,
+                        0,
+                    )
         return messages
+
+    def _add_dataset_fragment(self, fragment: memoryview) -> None:
+        limits = self.limits
+        self._size += len(fragment)
+        if self._size > limits.max_dataset:
+            raise ProtocolViolation(f"data set over {limits.max_dataset} bytes")
+        if self._spill is not None:
+            self._spill.write(fragment)
+            return
+        self._dataset += fragment
+        if (
+            limits.spill_over is not None
+            and limits.spill_folder is not None
+            and self._size > limits.spill_over
+        ):
+            self._spill = _Spill(limits.spill_folder, self._dataset)
+            self._dataset = bytearray()
+
+    def discard(self) -> None:
+        """Drop a message still arriving (its spill file included): the association ended."""
+        if self._spill is not None:
+            self._spill.discard()
+        self._pending, self._dataset, self._spill, self._command = (
+            None,
+            bytearray(),
+            None,
+            bytearray(),
+        )
 
 
 @dataclass
@@ -396,9 +591,16 @@ class Link:
     """An established association on a lean upper layer: send and receive whole DIMSE messages."""
 
     layer: UpperLayer
-    contexts: dict[int, tuple[str, str]]  # accepted context ID -> (abstract syntax, transfer syntax)
+    contexts: dict[
+        int, tuple[str, str]
+    ]  # accepted context ID -> (abstract syntax, transfer syntax)
     peer_max_pdu: int
-    _reader: MessageReader = field(default_factory=MessageReader)
+    limits: MessageLimits = field(default_factory=MessageLimits)
+    # (abstract syntax, transfer syntax) pairs proposed and not accepted, as far as the answer says
+    refused: list[tuple[str, str]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._reader = MessageReader(self.limits)
 
     def context_for(self, abstract_syntax: str, transfer_syntax: str | None = None) -> int | None:
         for context_id, (abstract, syntax) in self.contexts.items():
@@ -416,19 +618,29 @@ class Link:
 
     def receive_messages(self, timeout_s: float) -> list[Message]:
         """The messages completed by the next PDU (often none); TimeoutError, UpperLayerError."""
-        pdu_type, body = self.layer.receive(timeout_s)
+        try:
+            pdu_type, body = self.layer.receive(timeout_s)
+        except UpperLayerError:
+            self._reader.discard()
+            raise
         if pdu_type == P_DATA_TF:
-            return self._reader.feed(body)
+            try:
+                return self._reader.feed(body)
+            except ProtocolViolation as exc:
+                self._reader.discard()
+                self.layer.violation(exc.detail)
+        self._reader.discard()
         if pdu_type == A_ABORT:
             self.layer.close()
             raise UpperLayerError("aborted", "the peer aborted the association")
         if pdu_type == A_RELEASE_RQ:
             self.layer.close()
             raise UpperLayerError("aborted", "the peer released the association mid-exchange")
-        raise UpperLayerError("aborted", f"unexpected PDU type {pdu_type}")
+        self.layer.violation(f"unexpected PDU type {pdu_type} on an established association")
 
     def release(self, wait_s: float = 1.0) -> None:
         """A-RELEASE, waiting up to `wait_s` for the answer, then close."""
+        self._reader.discard()
         if self.layer.closed:
             return
         try:
@@ -443,6 +655,7 @@ class Link:
         self.layer.close()
 
     def abort(self) -> None:
+        self._reader.discard()
         self.layer.abort()
 
     @property
@@ -461,10 +674,16 @@ def open_link(
     acse_timeout_s: float,
     scp_roles: Sequence[str] = (),
     tls_context: ssl.SSLContext | None = None,
+    limits: MessageLimits | None = None,
+    send_timeout_s: float = 60.0,
 ) -> Link:
     """Connect (over TLS with `tls_context`) and associate; UpperLayerError (unreachable |
-    rejected | aborted) says why not."""
-    layer = UpperLayer(host, port, connect_timeout_s, tls_context)
+    rejected | aborted) says why not.
+
+    `max_pdu` is the maximum P-DATA-TF length we announce, and what the peer's PDUs are held to.
+    """
+    layer = UpperLayer(host, port, connect_timeout_s, tls_context, send_timeout_s)
+    layer.pdata_limit = (max_pdu or ASSOCIATION_PDU_LIMIT) + PDATA_SLACK
     try:
         try:
             layer.send(associate_request(calling_ae, called_ae, contexts, max_pdu, scp_roles))
@@ -474,7 +693,8 @@ def open_link(
             pdu_type, body = layer.receive(acse_timeout_s)
         except TimeoutError:
             raise UpperLayerError(
-                "unreachable", f"no answer to the association request from {host}:{port} in {acse_timeout_s:g} s"
+                "unreachable",
+                f"no answer to the association request from {host}:{port} in {acse_timeout_s:g} s",
             ) from None
         if pdu_type == A_ASSOCIATE_RJ:
             raise UpperLayerError("rejected", reject_text(body))
@@ -484,9 +704,24 @@ def open_link(
     except BaseException:
         layer.close()
         raise
-    proposed = {2 * index + 1: abstract for index, (abstract, _) in enumerate(contexts)}
+    proposed = {
+        2 * index + 1: (abstract, list(syntaxes))
+        for index, (abstract, syntaxes) in enumerate(contexts)
+    }
+    refused = [  # every syntax of a context not accepted (one accepted syntax says nothing of the others)
+        (abstract, syntax)
+        for context_id, (abstract, syntaxes) in proposed.items()
+        if accepted.get(context_id) not in syntaxes
+        for syntax in syntaxes
+    ]
     return Link(
         layer,
-        {cid: (proposed[cid], syntax) for cid, syntax in accepted.items() if cid in proposed},
+        {
+            cid: (proposed[cid][0], syntax)
+            for cid, syntax in accepted.items()
+            if syntax in proposed.get(cid, ("", []))[1]
+        },
         peer_max_pdu,
+        limits or MessageLimits(),
+        refused,
     )

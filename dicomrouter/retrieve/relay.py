@@ -16,6 +16,7 @@ import queue
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from pydicom import Dataset
 from pydicom.uid import (
@@ -68,7 +69,8 @@ RELAY_STORAGE = {
     for cx in StoragePresentationContexts
 }
 _DONE = object()
-# Instances received but not yet stored on: bounds memory (~16 MiB of 512 KiB instances).
+# Instances received but not yet stored on: bounds memory (~16 MiB of 512 KiB instances; larger
+# ones wait in spill files).
 RELAY_BUFFER = 32
 
 
@@ -126,6 +128,7 @@ class Relay:
     def _accept(self, instance: ReceivedInstance) -> int:
         """On the retrieving thread: queue the instance for the sender and answer the source."""
         if self.cancelled.is_set():
+            instance.discard()
             return 0xA700  # refuse further sub-operations so the source stops soon
         self._outbox.put(instance)  # blocks while the sender is RELAY_BUFFER behind
         return 0x0000  # the router has the instance; the destination's outcome is counted later
@@ -133,7 +136,10 @@ class Relay:
     def _send_all(self, client: EncodedStoreClient) -> None:
         """On the sending thread: store each queued instance at the destination, in order."""
         while (instance := self._outbox.get()) is not _DONE:
-            self._store(client, instance)
+            try:
+                self._store(client, instance)
+            finally:
+                instance.discard()
 
     def _store(self, client: EncodedStoreClient, instance: ReceivedInstance) -> None:
         sop_uid = instance.sop_instance_uid
@@ -178,6 +184,7 @@ class Relay:
                 self.identifier,
                 RELAY_STORAGE,
                 self._accept,
+                spill_folder=Path(self.router.spool) / "tmp",
             )
         except PeerMoveError as exc:
             result = exc

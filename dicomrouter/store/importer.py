@@ -12,6 +12,7 @@ from sqlalchemy import select
 
 from dicomrouter.app import RouterApp
 from dicomrouter.catalog.models import ForwardJob
+from dicomrouter.dicom_file import with_group_length
 from dicomrouter.routing.access import Caller
 from dicomrouter.store.receive import CANNOT_UNDERSTAND, SUCCESS
 
@@ -63,6 +64,10 @@ def run_import(
             progress(path, 0)
             continue
         report.bytes_read += len(content)
+        try:
+            content = with_group_length(content)  # the spool keeps files whose meta says where it ends
+        except ValueError:
+            pass  # receive refuses it and says why
         result = receive.receive(IMPORT_CALLER, called_ae, None, content)
         if result.status == SUCCESS and result.destinations:
             queued[result.sop_instance_uid] = path

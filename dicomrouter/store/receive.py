@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicomrouter.catalog.db import engine_of
 from dicomrouter.catalog.models import Instance, InstanceLocation, Server
 from dicomrouter.config import Config
-from dicomrouter.dicom_file import dataset_offset
+from dicomrouter.dicom_file import MAX_FILE_META_BYTES, META_HEAD_BYTES, dataset_offset
 from dicomrouter.logging import get_logger
 from dicomrouter.routing.access import Caller, may_write
 from dicomrouter.routing.store_rules import choose_destinations, rule_keywords
@@ -42,7 +42,7 @@ NO_DESTINATION = 0xC012
 MAX_INFLATION_RATIO = 100
 UNDEFINED_LENGTH = 0xFFFFFFFF
 DEFLATED_UID = DeflatedExplicitVRLittleEndian.encode("ascii")
-META_PEEK_BYTES = 65536
+META_PEEK_BYTES = META_HEAD_BYTES + MAX_FILE_META_BYTES + 2  # the whole meta and the first bytes after it
 
 UID_PATTERN = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 
