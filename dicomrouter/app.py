@@ -19,10 +19,13 @@ from dicomrouter.catalog.db import make_engine, session_factory
 from dicomrouter.catalog.queries import Catalog
 from dicomrouter.catalog.schema import require_current_schema
 from dicomrouter.config import Config
+from dicomrouter.health import HealthWatch
 from dicomrouter.http import health as http_health
+from dicomrouter.http import metrics as http_metrics
 from dicomrouter.http.deps import HttpDeps
 from dicomrouter.http.server import HttpFront, make_http_app
 from dicomrouter.logging import get_logger
+from dicomrouter.metrics import Metrics
 from dicomrouter.reload import ConfigFileWatcher, ConfigHolder
 from dicomrouter.routing.store_rules import unusable_rules
 from dicomrouter.scp.echo import handle_echo
@@ -77,7 +80,7 @@ def storage_contexts() -> list[SupportedContext]:
 
 
 # Each registers its routes on the HTTP app given HttpDeps (see dicomrouter/http/__init__.py).
-HTTP_ROUTE_MODULES = [http_health.add_routes]
+HTTP_ROUTE_MODULES = [http_health.add_routes, http_metrics.add_routes]
 
 
 @dataclass
@@ -91,7 +94,9 @@ class RouterApp:
     front: DicomFront
     audit: AuditTrail
     http: HttpFront | None = None
+    metrics: Metrics | None = None
     watch_file: bool = True
+    _health_watch: HealthWatch | None = field(default=None, init=False)
     _watcher: ConfigFileWatcher | None = field(default=None, init=False)
     _stopped: threading.Event = field(default_factory=threading.Event, init=False)
 
@@ -116,6 +121,13 @@ class RouterApp:
         if self.http is not None:
             try:
                 self.http.start()
+                if self.metrics is not None:
+                    self._health_watch = HealthWatch(
+                        self.holder,
+                        self.metrics.destinations,
+                        lambda: self.config.router.http.health_interval_s if self.config.router.http else 30.0,
+                    )
+                    self._health_watch.start()
             except BaseException:
                 self.front.stop(0)
                 self.forwarder.stop()
@@ -150,6 +162,8 @@ class RouterApp:
             self.front.stop(drain_timeout_s)
         if self.http is not None:
             self.http.stop()
+        if self._health_watch is not None:
+            self._health_watch.stop()
         self.forwarder.stop()
         self.audit.stop()
         log.info("router_stopped")
@@ -164,8 +178,10 @@ def build_app(config: Config, host: str | None = None, port: int | None = None, 
     holder = ConfigHolder(config)
     spool = Spool(config.router.spool)
     queue = ForwardQueue(sessions, node_id(), config.router.forwarding)
-    audit = AuditTrail(catalog.add_audit_rows, node=node_id())
-    forwarder = Forwarder(holder, queue, spool, AckRecorder(catalog, queue), audit)
+    # Counted only when something serves them (the HTTP port); the CLI's import counts nothing.
+    metrics = Metrics() if config.router.http is not None else None
+    audit = AuditTrail(catalog.add_audit_rows, node=node_id(), metrics=metrics)
+    forwarder = Forwarder(holder, queue, spool, AckRecorder(catalog, queue), audit, metrics=metrics)
     receive = ReceiveService(lambda: holder.current, spool, queue, sessions, forwarder.notify, audit=audit.record)
     find_contexts, find_handlers = find_bindings(holder, catalog)
     move_contexts, move_handlers = move_bindings(holder, catalog)
@@ -182,8 +198,12 @@ def build_app(config: Config, host: str | None = None, port: int | None = None, 
     )
     http = None
     if config.router.http is not None:
-        deps = HttpDeps(holder, audit, catalog=catalog, spool=spool, queue=queue, forwarder=forwarder, front=front)
+        deps = HttpDeps(
+            holder, audit, catalog=catalog, spool=spool, queue=queue, forwarder=forwarder, front=front, metrics=metrics
+        )
         http = HttpFront(make_http_app(deps, HTTP_ROUTE_MODULES), config.router.http)
-    app = RouterApp(holder, catalog, spool, queue, forwarder, receive, front, audit, http=http, watch_file=watch_file)
+    app = RouterApp(
+        holder, catalog, spool, queue, forwarder, receive, front, audit, http=http, metrics=metrics, watch_file=watch_file
+    )
     holder.on_change(app._on_config_change)
     return app

@@ -16,6 +16,7 @@ from typing import Any
 
 from dicomrouter.catalog.queries import audit_values
 from dicomrouter.logging import get_logger
+from dicomrouter.metrics import Metrics
 
 log = get_logger(__name__)
 
@@ -34,8 +35,10 @@ class AuditTrail:
         batch_size: int = 500,
         retry_initial_s: float = 0.2,
         retry_max_s: float = 5.0,
+        metrics: Metrics | None = None,
     ):
         self.sink = sink
+        self.metrics = metrics  # every recorded operation is counted there too
         self.node = node
         self.capacity = capacity
         self.batch_size = batch_size
@@ -49,8 +52,13 @@ class AuditTrail:
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def record(self, operation: str, outcome: str, **fields: Any) -> None:
-        """Queue one row (fields as Catalog.add_audit takes them); returns at once, never raises."""
+    def record(self, operation: str, outcome: str, duration_s: float | None = None, **fields: Any) -> None:
+        """Queue one row (fields as Catalog.add_audit takes them); returns at once, never raises.
+
+        `duration_s` (a C-FIND, C-MOVE or C-GET from request to final response) goes to the metrics only.
+        """
+        if self.metrics is not None:
+            self.metrics.observe(operation, outcome, duration_s)
         try:
             row = audit_values(operation, outcome, node=fields.pop("node", self.node), **fields)
         except Exception:
@@ -64,6 +72,11 @@ class AuditTrail:
                 return
             self._buffer.append(row)
             self._condition.notify_all()
+
+    def count_store(self, outcome: str) -> None:
+        """One C-STORE answered (its row is a per-association tally, see AssociationAudit)."""
+        if self.metrics is not None:
+            self.metrics.store_received(outcome)
 
     @property
     def written(self) -> int:
@@ -156,6 +169,9 @@ class NoAudit:
     def record(self, operation: str, outcome: str, **fields: Any) -> None:
         pass
 
+    def count_store(self, outcome: str) -> None:
+        pass
+
 
 @dataclass
 class _StoreTally:
@@ -183,6 +199,7 @@ class AssociationAudit:
 
     def count_store(self, study_uid: str | None, outcome: str, servers: Sequence[str], reason: str | None) -> None:
         """Add one C-STORE to the tally of its study and outcome."""
+        self.trail.count_store(outcome)
         with self._lock:
             tally = self._stores.setdefault((study_uid, outcome), _StoreTally())
             tally.instances += 1

@@ -78,6 +78,7 @@ class HttpSettings:
     host: str = "127.0.0.1"
     port: int = 8080
     tls: TLSConfig | None = None
+    health_interval_s: float = 30.0  # C-ECHO each destination the forwarder has not talked to lately
 
 
 @dataclass(frozen=True)
@@ -320,7 +321,7 @@ _ROUTER_KEYS = (
     "http",
     "log",
 )
-_HTTP_KEYS = ("host", "port", "tls")
+_HTTP_KEYS = ("host", "port", "tls", "health_interval")
 _LOG_KEYS = ("level", "format")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("console", "json")
@@ -596,6 +597,7 @@ class _Parser:
             host=self.get_str(data, "host", "router.http.host", d.host),
             port=self.get_port(data, "port", "router.http.port", required=False) or d.port,
             tls=self.parse_tls(data.get("tls"), "router.http.tls", listening=True),
+            health_interval_s=self.get_seconds(data, "health_interval", "router.http.health_interval", d.health_interval_s),
         )
 
     def parse_log(self, data: Mapping[str, Any]) -> LogSettings:

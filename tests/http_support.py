@@ -47,3 +47,37 @@ def http_request(
             return Reply(response.status, dict(response.headers), response.read())
     except urllib.error.HTTPError as exc:
         return Reply(exc.code, dict(exc.headers), exc.read())
+
+
+def metric_samples(text: str) -> dict[tuple[str, frozenset], float]:
+    """Prometheus text -> {(sample name, labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return samples
+
+
+def metric(samples: dict, name: str, **labels: str) -> float | None:
+    return samples.get((name, frozenset(labels.items())))
+
+
+def destination_lines(text: str, destination: str) -> list[str]:
+    """The /metrics lines about one destination (for logs and reports)."""
+    return [line for line in text.splitlines() if f'destination="{destination}"' in line]
+
+
+def wait_until(predicate, timeout: float = 30.0, interval: float = 0.1):
+    """Poll `predicate` until it returns something true; return that (or raise after `timeout`)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        time.sleep(interval)

@@ -9,7 +9,7 @@ import uuid
 from aiohttp import web
 from sqlalchemy import text
 
-from dicomrouter.catalog.db import engine_of
+from dicomrouter.catalog.db import SQLITE_BEGIN, engine_of
 from dicomrouter.http.deps import HttpDeps
 
 
@@ -19,7 +19,8 @@ def readiness_problems(deps: HttpDeps) -> dict[str, str]:
     if deps.catalog is not None:
         try:
             with engine_of(deps.catalog.sessions).connect() as connection:
-                connection.execute(text("SELECT 1"))
+                # DEFERRED: a probe must never wait for (or hold) SQLite's write lock.
+                connection.execution_options(**{SQLITE_BEGIN: "DEFERRED"}).execute(text("SELECT 1"))
         except Exception as exc:
             problems["catalog"] = f"does not answer: {exc.__class__.__name__}: {str(exc)[:200]}"
     if deps.spool is not None:

@@ -7,6 +7,7 @@ one PDU per loop: a federated query of a few hundred answers spent most of its t
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -67,10 +68,11 @@ def handle_find(event: Event, holder: ConfigHolder, federation: Federation) -> I
     audit = association_audit(event.assoc)
     operation = "worklist" if str(event.request.AffectedSOPClassUID) == WORKLIST_FIND else "find"
     audit_row: dict[str, Any] = {"outcome": "cancelled", "detail": "the caller went away"}
+    started = time.monotonic()
     try:
         yield from _answer_find(event, holder, federation, audit_row)
     finally:
-        audit.record(operation, **audit_row)
+        audit.record(operation, duration_s=time.monotonic() - started, **audit_row)
 
 
 def _answer_find(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -89,10 +90,11 @@ def handle_get(
 ) -> Iterator[GetResponse]:
     """Obtain the instances from every holding server, then send them as C-STORE sub-operations."""
     audit_row: dict[str, Any] = {"outcome": "cancelled", "detail": "the caller went away"}
+    started = time.monotonic()
     try:
         yield from _answer_get(event, holder, catalog, audit_row)
     finally:
-        association_audit(event.assoc).record("get", **audit_row)
+        association_audit(event.assoc).record("get", duration_s=time.monotonic() - started, **audit_row)
 
 
 def _answer_get(

@@ -92,6 +92,7 @@ class MoveExchange:
 def serve_move(exchange: MoveExchange, holder: ConfigHolder, catalog: Catalog | None) -> None:
     """Answer one C-MOVE request from start to final response."""
     config = holder.current
+    started = time.monotonic()
     caller: Caller = exchange.assoc.router_caller
     audit = association_audit(exchange.assoc)
     move_destination = str(exchange.request.MoveDestination or "").strip()
@@ -174,7 +175,7 @@ def serve_move(exchange: MoveExchange, holder: ConfigHolder, catalog: Catalog | 
         detail = f"{level} to {destination.name} ({why})" + (f": {last.comment}" if last.comment else "")
         audit.record(
             "move", move_outcome(last.status) if last.final else "cancelled", study_uid=study_uid, servers=[s.name for s in sources],
-            detail=detail, counts=counts,
+            detail=detail, counts=counts, duration_s=time.monotonic() - started,
         )
 
 

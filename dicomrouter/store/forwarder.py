@@ -10,6 +10,7 @@ from pathlib import Path
 from dicomrouter.audit import AuditTrail, NoAudit
 from dicomrouter.config import Config, ServerConfig
 from dicomrouter.logging import get_logger
+from dicomrouter.metrics import Metrics
 from dicomrouter.net.store_client import (
     ContextRejected,
     EncodedStoreClient,
@@ -238,21 +239,25 @@ class DestinationLane:
             path = Path(job.spool_path)
             if not path.exists():
                 forwarder.queue.fail(job, f"spool file {path} is missing", None, permanent=True)
+                forwarder.count_failure(self.name, "spool_missing", "spool file missing", reachable=None)
                 log.error("dead_letter", job_id=job.id, destination=self.name, reason="spool file missing")
                 forwarder.audit_dead_letter(job, f"spool file {path} is missing")
                 continue
             try:
                 outcome = client.send_file(path, job.sop_class_uid, job.sop_instance_uid, job.transfer_syntax_uid)
             except PeerUnavailable as exc:
+                forwarder.count_failure(self.name, "unreachable", f"{exc.status}: {exc.reason}", reachable=False)
                 delay = self.pause(f"{exc.status}: {exc.reason}")
                 forwarder.queue.postpone(jobs[position:], delay, f"{exc.status}: {exc.reason}")
                 break
             except ContextRejected as exc:
+                forwarder.count_failure(self.name, "context_rejected", str(exc), reachable=True)
                 forwarder.queue.fail(job, str(exc), None, permanent=True)
                 log.error("dead_letter", job_id=job.id, destination=self.name, sop_instance_uid=job.sop_instance_uid, reason=str(exc))
                 forwarder.audit_dead_letter(job, str(exc))
                 continue
             except StoreFailed as exc:
+                forwarder.count_failure(self.name, "store_failed", str(exc), reachable=False)
                 state = forwarder.queue.fail(job, str(exc), None, permanent=False)
                 if state == "dead":
                     forwarder.audit_dead_letter(job, str(exc))
@@ -265,6 +270,7 @@ class DestinationLane:
                 self.consecutive_failures = 0
             else:
                 reason = f"status 0x{outcome.status:04X} {outcome.comment}".strip()
+                forwarder.count_failure(self.name, "refused", reason, reachable=True)
                 state = forwarder.queue.fail(job, reason, outcome.status, permanent=outcome.permanent_failure)
                 log_event = log.error if state == "dead" else log.warning
                 log_event("store_refused", job_id=job.id, destination=self.name, sop_instance_uid=job.sop_instance_uid, reason=reason, state=state)
@@ -284,8 +290,10 @@ class Forwarder:
         spool: Spool,
         record_acks: AckRecorder,
         audit: AuditTrail | NoAudit | None = None,
+        metrics: Metrics | None = None,
     ):
         self.holder = holder
+        self.metrics = metrics
         self.audit = audit or NoAudit()
         self.queue = queue
         self.spool = spool
@@ -328,7 +336,14 @@ class Forwarder:
 
     def acknowledge(self, server: ServerConfig, jobs: list[ClaimedJob]) -> None:
         """Hand the deliveries to the ack writer: catalog, jobs done, spool files freed."""
+        if self.metrics is not None:
+            self.metrics.forwarded(server.name, len(jobs))
         self.acks.submit(server, jobs)
+
+    def count_failure(self, destination: str, reason: str, error: str, reachable: bool | None) -> None:
+        """For /metrics: a failed send and whether the destination answered at all (None: not its fault)."""
+        if self.metrics is not None:
+            self.metrics.forward_failed(destination, reason, error, reachable)
 
     def stop(self, timeout_s: float = 10.0) -> None:
         self.stopping.set()

@@ -1,0 +1,157 @@
+"""`/metrics` of a real router in front of real Orthanc: a destination goes down and comes back."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydicom.uid import generate_uid
+
+from dicomrouter.pacsfarm import free_ports
+from tests.http_support import destination_lines, http_request, metric, metric_samples, wait_until
+from tests.orthanc_fixtures import make_test_instance, write_instance
+from tests.router_process import RouterProcess, run_dcmtk, wait_for_port
+from tests.store_helpers import edit_config, fast_retries, storescu
+
+pytestmark = pytest.mark.slow
+
+DEST = "Test PACS 1"
+
+
+def instances(folder: Path, count: int) -> list[str]:
+    study_uid, series_uid = generate_uid(), generate_uid()
+    return [
+        str(
+            write_instance(
+                folder / f"{i:03d}.dcm",
+                make_test_instance(study_uid, series_uid, instance_number=i + 1),
+            )
+        )
+        for i in range(count)
+    ]
+
+
+@pytest.fixture
+def metrics_router(farm_config, router_port):
+    (http_port,) = free_ports(1)
+
+    def change(data):
+        fast_retries(data)
+        data["router"]["http"] = {"host": "127.0.0.1", "port": http_port, "health_interval": 1}
+
+    edit_config(farm_config, change)
+    router = RouterProcess(farm_config, router_port).start()
+    try:
+        wait_for_port(http_port)
+        yield router, f"http://127.0.0.1:{http_port}"
+    finally:
+        router.stop()
+
+
+def scrape(url: str) -> tuple[str, dict]:
+    reply = http_request(url + "/metrics")
+    assert reply.status == 200 and reply.headers["Content-Type"].startswith("text/plain")
+    return reply.text, metric_samples(reply.text)
+
+
+def test_metrics_follow_a_destination_outage(
+    metrics_router, clean_orthanc_farm, tmp_path, router_port
+):
+    router, url = metrics_router
+    farm = clean_orthanc_farm
+
+    def state(**expected):
+        text, samples = scrape(url)
+        values = {
+            "up": metric(samples, "dicomrouter_destination_up", destination=DEST),
+            "pending": metric(samples, "dicomrouter_queue_jobs", destination=DEST, state="pending"),
+            "claimed": metric(samples, "dicomrouter_queue_jobs", destination=DEST, state="claimed"),
+            "forwarded": metric(samples, "dicomrouter_forwarded_instances_total", destination=DEST)
+            or 0,
+        }
+        return (text, samples) if all(values[k] == v for k, v in expected.items()) else None
+
+    first = instances(tmp_path / "first", 3)
+    assert storescu(router_port, first).returncode == 0
+    before, samples = wait_until(lambda: state(up=1, pending=0, claimed=0, forwarded=3))
+    assert metric(samples, "dicomrouter_queue_oldest_pending_seconds", destination=DEST) == 0
+    assert metric(samples, "dicomrouter_stores_received_total", outcome="success") == 3
+    assert metric(samples, "dicomrouter_associations_total", outcome="accepted") >= 1
+    assert metric(samples, "dicomrouter_ready") == 1
+    assert metric(samples, "dicomrouter_spool_free_bytes") > 0
+
+    farm[0].stop()
+    try:
+        second = instances(tmp_path / "second", 4)
+        assert storescu(router_port, second).returncode == 0
+        during, samples = wait_until(lambda: state(up=0, forwarded=3), timeout=30)
+        waiting = sum(
+            metric(samples, "dicomrouter_queue_jobs", destination=DEST, state=s)
+            for s in ("pending", "claimed")
+        )
+        assert waiting == 4
+        wait_until(
+            lambda: (
+                metric(scrape(url)[1], "dicomrouter_queue_oldest_pending_seconds", destination=DEST)
+                >= 1
+            )
+        )
+        during, samples = scrape(url)
+        assert (
+            metric(
+                samples,
+                "dicomrouter_forward_failures_total",
+                destination=DEST,
+                reason="unreachable",
+            )
+            >= 1
+        )
+        assert metric(samples, "dicomrouter_spool_bytes") > 0
+    finally:
+        farm[0].start()
+    after, samples = wait_until(lambda: state(up=1, pending=0, claimed=0, forwarded=7), timeout=60)
+    assert metric(samples, "dicomrouter_queue_oldest_pending_seconds", destination=DEST) == 0
+    assert farm[0].instance_count() == 7
+
+    # A federated C-FIND is counted with its duration.
+    result = run_dcmtk(
+        "findscu",
+        "-S",
+        "-aet",
+        "WORKSTATION",
+        "-aec",
+        "DICOMROUTER",
+        "-k",
+        "QueryRetrieveLevel=STUDY",
+        "-k",
+        "StudyInstanceUID",
+        "127.0.0.1",
+        str(router_port),
+    )
+    assert result.returncode == 0, result.stderr
+    samples = wait_until(
+        lambda: (
+            (s := scrape(url)[1])
+            and metric(s, "dicomrouter_requests_total", operation="find", outcome="success")
+            and s
+        )
+    )
+    assert metric(samples, "dicomrouter_request_duration_seconds_count", operation="find") == 1
+    # No label carries a UID or a patient's name.
+    assert "1.2." not in after.replace("0.0.4", "") and "Patient" not in after
+
+    report = tmp_path.parent / "metrics-outage.txt"
+    report.write_text(
+        "\n".join(
+            [
+                "# before",
+                *destination_lines(before, DEST),
+                "# during",
+                *destination_lines(during, DEST),
+                "# after",
+                *destination_lines(after, DEST),
+            ]
+        )
+        + "\n"
+    )
+    print(report.read_text())
