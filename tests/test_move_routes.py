@@ -6,7 +6,6 @@ from dicomrouter.config import load_config
 from dicomrouter.routing.access import Caller
 from dicomrouter.routing.move_routes import (
     may_move_to,
-    order_sources,
     plan_route,
     resolve_destination,
     route_table,
@@ -97,15 +96,6 @@ def test_direct_when_routed_else_relay(tmp_path):
     assert direct.direct and direct.move_destination_ae == "WS_AT_TEST"
     relay = plan_route(prod_pacs, resolve_destination(config, "WORKSTATION"), "DICOMROUTER")
     assert not relay.direct
-
-
-def test_sources_active_primary_first_inactive_only_alone(tmp_path):
-    config = make_config(tmp_path)
-    used, inactive = order_sources(config, ["Prod PACS 1", "Old PACS", "Test PACS 1", "Gone PACS"])
-    assert [s.name for s in used] == ["Test PACS 1", "Prod PACS 1"] and inactive == []
-    used, inactive = order_sources(config, ["Old PACS", "Gone PACS"])
-    assert used == [] and [s.name for s in inactive] == ["Old PACS"]
-    assert order_sources(config, ["Gone PACS"]) == ([], [])
 
 
 def test_route_table_grid(tmp_path):

@@ -9,9 +9,10 @@ from pydicom import Dataset
 
 from dicomrouter.cli.common import CliState, cli_identity, open_catalog, pass_state, print_table
 from dicomrouter.net.move_client import STUDY_ROOT_MOVE
-from dicomrouter.retrieve.locate import locate_study
 from dicomrouter.retrieve.mover import SUCCESS, WARNING, MoveRun, MoveTotals, move_outcome
-from dicomrouter.routing.move_routes import resolve_destination, route_table
+from dicomrouter.retrieve.plan import RetrievePlan, plan_retrieve
+from dicomrouter.routing.access import Caller
+from dicomrouter.routing.move_routes import destination_refusal, resolve_destination, route_table
 
 EXIT_FAILED = 1
 EXIT_PARTIAL = 3
@@ -37,6 +38,21 @@ def _bar(done: int, total: int, width: int = 30) -> str:
     return f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total}"
 
 
+def _describe(plan: RetrievePlan) -> str:
+    """Which server gives what, e.g. "2 series (40 instances) from Test PACS 1"."""
+    parts = []
+    for source in plan.sources:
+        series = sum(len(uids) for uids in source.series.values())
+        what = f"{series} series" if series else "the study"
+        if source.instances is not None:
+            what += f" ({source.instances} instances)"
+        parts.append(f"{what} from {source.name}")
+    text = ", ".join(parts)
+    if plan.copies_differ:
+        text += f"; copies differ for {len(plan.copies_differ)} series, the most complete is taken"
+    return text
+
+
 @click.command("move")
 @click.argument("study_uid")
 @click.option(
@@ -56,33 +72,39 @@ def move_command(
         raise click.ClickException(
             f"unknown destination {move_destination!r}: not a server, nor a client with host and port"
         )
+    refusal = destination_refusal(destination)
+    if refusal:
+        raise click.ClickException(f"refused: {refusal}; it takes no stores or moves")
     catalog = open_catalog(config)
     if catalog is not None:
         catalog.sync_servers(config)  # so it can learn where the study went
+    only = None
     if source_name:
         source = config.server(source_name)
         if source is None or source.deleted:
             raise click.ClickException(f"unknown server {source_name!r}")
-        sources = [source]
-    else:
-        location = locate_study(config, catalog, study_uid)
-        for name, reason in location.unreachable.items():
-            click.echo(f"warning: could not ask {name}: {reason}", err=True)
-        sources = location.sources
-        if location.inactive_only:
-            click.echo(
-                f"warning: only inactive servers hold it: {', '.join(s.name for s in sources)}",
-                err=True,
-            )
-    if not sources:
-        raise click.ClickException(f"no server holds study {study_uid}")
-    click.echo(
-        f"moving {study_uid} from {', '.join(s.name for s in sources)} to {destination.name}"
-    )
+        only = [source.name]
     identifier = Dataset()
     identifier.QueryRetrieveLevel = "STUDY"
     identifier.StudyInstanceUID = study_uid
-    run = MoveRun(config, catalog, sources, destination, STUDY_ROOT_MOVE, identifier, study_uid)
+    admin = Caller(config.router.ae_title, "cli", "client", frozenset({"admin"}))
+    # A destination server is not its own source: the move is to make it hold the study.
+    exclude = [destination.server.name] if destination.server is not None else []
+    plan = plan_retrieve(
+        config, catalog, admin, identifier, STUDY_ROOT_MOVE, only=only, exclude=exclude
+    )
+    for name, reason in plan.unreachable.items():
+        click.echo(f"warning: could not ask {name}: {reason}", err=True)
+    sources = plan.sources
+    if plan.inactive_only:
+        click.echo(
+            f"warning: only inactive servers hold it: {', '.join(s.name for s in sources)}",
+            err=True,
+        )
+    if not sources:
+        raise click.ClickException(f"no server holds study {study_uid}")
+    click.echo(f"moving {study_uid} to {destination.name}: {_describe(plan)}")
+    run = MoveRun(config, catalog, sources, destination, study_uid)
     final = MoveTotals()
     show_bar = sys.stderr.isatty()
     try:
@@ -116,8 +138,12 @@ def move_command(
 def _audit_move(catalog, final: MoveTotals, study_uid: str, sources, destination_name: str) -> None:
     try:
         catalog.add_audit(
-            "move", move_outcome(final.status), node=cli_identity(), study_uid=study_uid,
-            servers=[s.name for s in sources], detail=f"STUDY to {destination_name} (dicomrouter move)",
+            "move",
+            move_outcome(final.status),
+            node=cli_identity(),
+            study_uid=study_uid,
+            servers=[s.name for s in sources],
+            detail=f"STUDY to {destination_name} (dicomrouter move)",
             counts={"completed": final.completed, "failed": final.failed, "warning": final.warning},
         )
     except Exception as exc:

@@ -1,7 +1,8 @@
-"""Move a study (or series, or images) from every server holding it to one destination.
+"""Move a study (or series, or images) to one destination, following a retrieve plan.
 
-Used by the C-MOVE SCP and by `dicomrouter move`. Each source is asked in turn; its pending
-answers are passed on with the counts of the sources before it added in.
+Used by the C-MOVE SCP and by `dicomrouter move`. The plan (retrieve/plan.py) names each source
+and what to take from it, each series once; the requests are sent in turn and their pending
+answers passed on with the counts of the requests before added in.
 """
 
 from __future__ import annotations
@@ -10,12 +11,11 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from pydicom import Dataset
-
 from dicomrouter.catalog.queries import Catalog
 from dicomrouter.config import Config, ServerConfig
 from dicomrouter.logging import get_logger
 from dicomrouter.net.move_client import CANCELLED, PeerMove, PeerMoveError
+from dicomrouter.retrieve.plan import RetrieveRequest, SourcePlan
 from dicomrouter.retrieve.relay import Relay
 from dicomrouter.routing.move_routes import MoveDestination, plan_route
 
@@ -73,10 +73,8 @@ class MoveRun:
         self,
         config: Config,
         catalog: Catalog | None,
-        sources: list[ServerConfig],
+        sources: list[SourcePlan],
         destination: MoveDestination,
-        query_model: str,
-        identifier: Dataset,
         study_uid: str | None,
         move_originator: tuple[str, int] | None = None,
     ):
@@ -85,8 +83,6 @@ class MoveRun:
         self.catalog = catalog
         self.sources = sources
         self.destination = destination
-        self.query_model = query_model
-        self.identifier = identifier
         self.study_uid = study_uid
         self._lock = threading.Lock()
         self._current: PeerMove | None = None
@@ -107,12 +103,15 @@ class MoveRun:
     def progress(self) -> Iterator[MoveTotals]:
         """Pending totals as the sources report them, then the final totals with a status."""
         outcomes: list[_SourceOutcome] = []
-        for source in self.sources:
+        tasks = [(source.server, request) for source in self.sources for request in source.requests]
+        for index, (server, request) in enumerate(tasks):
             if self.cancelled:
                 break
-            outcome = _SourceOutcome(source)
+            outcome = _SourceOutcome(server)
             outcomes.append(outcome)
-            yield from self._move_from(source, outcome, outcomes)
+            # What the requests still to come will send, as the sources counted it when asked.
+            later = sum(r.instances or 0 for _s, r in tasks[index + 1 :])
+            yield from self._move_from(server, request, outcome, outcomes, later)
         final = self._final(outcomes)
         self._learn(final)
         log.info(
@@ -129,13 +128,18 @@ class MoveRun:
         yield final
 
     def _move_from(
-        self, source: ServerConfig, outcome: _SourceOutcome, outcomes: list[_SourceOutcome]
+        self,
+        source: ServerConfig,
+        request: RetrieveRequest,
+        outcome: _SourceOutcome,
+        outcomes: list[_SourceOutcome],
+        later: int,
     ) -> Iterator[MoveTotals]:
         route = plan_route(source, self.destination, self.config.router.ae_title)
         if not route.direct:
-            yield from self._relay_from(source, outcome, outcomes)
+            yield from self._relay_from(source, request, outcome, outcomes)
             return
-        peer = PeerMove(source, self.config.router, self.query_model, self.identifier)
+        peer = PeerMove(source, self.config.router, request.query_model, request.identifier)
         with self._lock:
             self._current = peer
         if self.cancelled:
@@ -156,7 +160,7 @@ class MoveRun:
                     answer.warning,
                 )
                 if answer.pending:
-                    yield self._totals(outcomes, remaining=answer.remaining)
+                    yield self._totals(outcomes, remaining=answer.remaining + later)
                     continue
                 outcome.failed_sop_uids = answer.failed_sop_uids
                 if answer.status == CANCELLED:
@@ -177,14 +181,18 @@ class MoveRun:
                 self._current = None
 
     def _relay_from(
-        self, source: ServerConfig, outcome: _SourceOutcome, outcomes: list[_SourceOutcome]
+        self,
+        source: ServerConfig,
+        request: RetrieveRequest,
+        outcome: _SourceOutcome,
+        outcomes: list[_SourceOutcome],
     ) -> Iterator[MoveTotals]:
         relay = Relay(
             source,
             self.destination,
             self.config.router,
-            self.query_model,
-            self.identifier,
+            request.query_model,
+            request.identifier,
             move_originator=self.move_originator,
         )
         log.info(

@@ -98,6 +98,21 @@ def decide_association(config: Config, calling_ae: str, called_ae: str, address:
     return AssociationDecision(False, f"calling AE title {calling_ae!r} is not a configured client", reject=REJECT_CALLING_AE)
 
 
+def inactive_reason(server: ServerConfig) -> str:
+    """The one wording of "this server takes nothing now", for every refusal comment and log line."""
+    return f"server {server.name!r} ({server.ae_title}) is inactive"
+
+
+def called_server_refusal(config: Config, called_ae: str) -> str | None:
+    """Why an echo or store to a server's own AE title is refused (it is inactive), or None."""
+    if called_ae == config.router.ae_title:
+        return None
+    server = config.server_by_ae(called_ae)
+    if server is not None and not server.usable:
+        return inactive_reason(server)
+    return None
+
+
 def may_write(caller: Caller, server: ServerConfig) -> bool:
     """C-STORE to a server in environment E needs E_write (or admin)."""
     return "admin" in caller.roles or f"{server.environment}_write" in caller.roles

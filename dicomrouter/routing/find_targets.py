@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dicomrouter.config import Config, ServerConfig
-from dicomrouter.routing.access import Caller, may_read
+from dicomrouter.routing.access import Caller, inactive_reason, may_read
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ def find_targets(
     if virtual is not None:
         candidates = [s for s in candidates if s.name == virtual.name]
         if not candidates:
-            return FindTargets((), f"called AE {called_ae} is server {virtual.name!r}, which is inactive")
+            return FindTargets((), inactive_reason(virtual))
     if caller.client is not None and caller.client.query_servers is not None:
         allowed = set(caller.client.query_servers)
         candidates = [s for s in candidates if s.name in allowed]

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dicomrouter.config import ClientConfig, Config, ServerConfig
-from dicomrouter.routing.access import Caller, may_write
+from dicomrouter.routing.access import Caller, inactive_reason, may_write
 
 DIRECT = "direct"
 RELAY = "relay"
@@ -73,6 +73,13 @@ def resolve_destination(config: Config, move_destination: str) -> MoveDestinatio
     return None
 
 
+def destination_refusal(destination: MoveDestination) -> str | None:
+    """Why no one may move to `destination` (an inactive server takes nothing, as for a store), or None."""
+    if destination.server is not None and not destination.server.usable:
+        return inactive_reason(destination.server)
+    return None
+
+
 def may_move_to(caller: Caller, destination: MoveDestination, config: Config) -> bool:
     """True when the caller may send studies to `destination` (see move_permission)."""
     return move_permission(caller, destination, config)[0]
@@ -108,21 +115,6 @@ def plan_route(source: ServerConfig, destination: MoveDestination, router_ae: st
         if ae_title:
             return MoveRoute(source, destination, DIRECT, ae_title)
     return MoveRoute(source, destination, RELAY, source.move_routing.get(router_ae))
-
-
-def order_sources(
-    config: Config, server_names: list[str]
-) -> tuple[list[ServerConfig], list[ServerConfig]]:
-    """(sources to use, inactive servers used only because no active one holds the study).
-
-    Active servers come first, the primary first; deleted servers are never used.
-    """
-    known = [config.server(name) for name in dict.fromkeys(server_names)]
-    live = [s for s in known if s is not None and not s.deleted]
-    active = sorted((s for s in live if s.active), key=lambda s: not s.primary)
-    if active:
-        return active, []
-    return [], [s for s in live if not s.active]
 
 
 def route_table(config: Config) -> tuple[list[str], list[tuple[str, list[str]]]]:

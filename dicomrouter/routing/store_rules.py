@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 
 from dicomrouter.config import Config, RouteConfig, ServerConfig
+from dicomrouter.routing.access import inactive_reason
 
 # Match keys that are not DICOM keywords but facts about the association.
 ASSOCIATION_KEYS = ("calling_ae", "called_ae")
@@ -57,7 +58,7 @@ def choose_destinations(
     virtual = config.server_by_ae(called_ae) if called_ae != config.router.ae_title else None
     if virtual is not None:
         if not virtual.usable:
-            return StoreDecision((), "called AE", refused=f"called AE {called_ae} is server {virtual.name!r}, which is inactive")
+            return StoreDecision((), "called AE", refused=inactive_reason(virtual))
         return StoreDecision((virtual,), f"called AE {called_ae} is server {virtual.name!r}")
     facts = {"calling_ae": calling_ae, "called_ae": called_ae, **header}
     verdicts: list[RuleVerdict] = []

@@ -21,14 +21,9 @@ from pynetdicom.presentation import AllStoragePresentationContexts
 from dicomrouter.audit import association_audit
 from dicomrouter.catalog.queries import Catalog
 from dicomrouter.logging import get_logger
-from dicomrouter.net.get_client import (
-    PATIENT_ROOT_GET,
-    STUDY_ROOT_GET,
-    ReceivedInstance,
-    get_instances,
-)
-from dicomrouter.net.move_client import PeerMoveError
+from dicomrouter.net.get_client import PATIENT_ROOT_GET, STUDY_ROOT_GET, ReceivedInstance
 from dicomrouter.reload import ConfigHolder
+from dicomrouter.retrieve.collect import collect_instances
 from dicomrouter.retrieve.mover import UNABLE_TO_PERFORM
 from dicomrouter.scp.retrieve_request import (
     IDENTIFIER_MISMATCH,
@@ -120,7 +115,7 @@ def _answer_get(
         yield 1
         yield status_dataset(IDENTIFIER_MISMATCH, "cannot decode the identifier"), None
         return
-    sources, unreachable = retrieve_sources(config, catalog, caller, study_uid)
+    sources, unreachable = retrieve_sources(config, catalog, caller, identifier, query_model)
     audit_row.update(study_uid=study_uid, servers=[s.name for s in sources] or list(unreachable), detail=level)
     storage = caller_storage(event.assoc)
     # Held on disk beside the spool, not in memory: a study can be larger than the router's RAM.
@@ -152,28 +147,12 @@ def _collect_and_send(event, config, caller, query_model, identifier, level, stu
         if not sources
         else []
     )
-    for source in sources:
-        try:
-            outcome = get_instances(
-                source,
-                config.router,
-                query_model,
-                identifier,
-                storage,
-                hold,
-            )
-        except PeerMoveError as exc:
-            log.warning("get_source_failed", source=source.name, kind=exc.kind, reason=exc.reason)
-            errors.append(f"{source.name} {exc.kind}: {exc.reason}")
-            continue
-        if outcome.status not in (0x0000, WARNING) and (outcome.status >> 12) != 0xB:
-            errors.append(
-                f"{source.name} answered 0x{outcome.status:04X} {outcome.comment}".strip()
-            )
-        if event.is_cancelled:
-            audit_row.update(outcome="cancelled", detail=f"{level}: cancelled while collecting")
-            yield 0
-            return
+    more_errors, cancelled = collect_instances(config, sources, storage, hold, lambda: event.is_cancelled)
+    errors += more_errors
+    if cancelled:
+        audit_row.update(outcome="cancelled", detail=f"{level}: cancelled while collecting")
+        yield 0
+        return
     log.info(
         "get_collected",
         calling_ae=caller.ae_title,

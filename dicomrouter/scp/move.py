@@ -26,7 +26,11 @@ from dicomrouter.net.move_client import CANCELLED, PATIENT_ROOT_MOVE, STUDY_ROOT
 from dicomrouter.reload import ConfigHolder
 from dicomrouter.retrieve.mover import SUCCESS, UNABLE_TO_PERFORM, MoveRun, MoveTotals, move_outcome
 from dicomrouter.routing.access import Caller
-from dicomrouter.routing.move_routes import move_permission, resolve_destination
+from dicomrouter.routing.move_routes import (
+    destination_refusal,
+    move_permission,
+    resolve_destination,
+)
 from dicomrouter.scp.get import get_bindings
 from dicomrouter.scp.retrieve_request import (
     IDENTIFIER_MISMATCH,
@@ -42,6 +46,7 @@ log = get_logger(__name__)
 MOVE_MODELS = (PATIENT_ROOT_MOVE, STUDY_ROOT_MOVE)
 DESTINATION_UNKNOWN = 0xA801
 NOT_PERMITTED = 0xC001
+REFUSED_NOT_AUTHORIZED = 0x0124  # the destination takes nothing now (inactive), as a C-STORE to it
 UNABLE_TO_PROCESS = 0xC000
 # Pending responses are optional (PS3.4 C.4.2.1.5): a few a second show progress; one per
 # instance costs the router an encode and a send each and slows the move it reports on.
@@ -109,6 +114,10 @@ def serve_move(exchange: MoveExchange, holder: ConfigHolder, catalog: Catalog | 
         reason = "unknown move destination (neither a server nor a client with host and port)"
         refuse(DESTINATION_UNKNOWN, f"unknown move destination {move_destination}", reason)
         return
+    inactive = destination_refusal(destination)
+    if inactive:  # refused as a store to it would be
+        refuse(REFUSED_NOT_AUTHORIZED, inactive, inactive)
+        return
     allowed, why = move_permission(caller, destination, config)
     if not allowed:
         refuse(NOT_PERMITTED, f"{caller.ae_title} may not send to {move_destination}", why)
@@ -122,7 +131,7 @@ def serve_move(exchange: MoveExchange, holder: ConfigHolder, catalog: Catalog | 
     except Exception as exc:
         refuse(IDENTIFIER_MISMATCH, "cannot decode the identifier", f"undecodable identifier: {exc}")
         return
-    sources, unreachable = retrieve_sources(config, catalog, caller, study_uid)
+    sources, unreachable = retrieve_sources(config, catalog, caller, identifier, query_model)
     if not sources:
         detail = f"{level} to {destination.name}: not found on any server {caller.ae_title} may read"
         if unreachable:
@@ -136,7 +145,7 @@ def serve_move(exchange: MoveExchange, holder: ConfigHolder, catalog: Catalog | 
             exchange.send(SUCCESS, MoveTotals())
         return
     originator = (caller.ae_title, int(exchange.request.MessageID))
-    run = MoveRun(config, catalog, sources, destination, query_model, identifier, study_uid, originator)
+    run = MoveRun(config, catalog, sources, destination, study_uid, originator)
     log.info(
         "move_requested",
         calling_ae=caller.ae_title,

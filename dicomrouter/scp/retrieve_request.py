@@ -5,9 +5,9 @@ from __future__ import annotations
 from pydicom import Dataset
 
 from dicomrouter.catalog.queries import Catalog
-from dicomrouter.config import Config, ServerConfig
-from dicomrouter.retrieve.locate import locate_study
-from dicomrouter.routing.access import Caller, may_read
+from dicomrouter.config import Config
+from dicomrouter.retrieve.plan import SourcePlan, plan_retrieve
+from dicomrouter.routing.access import Caller
 
 PENDING = 0xFF00
 IDENTIFIER_MISMATCH = 0xA900
@@ -35,11 +35,8 @@ def check_retrieve_identifier(identifier: Dataset, study_root: bool) -> tuple[st
 
 
 def retrieve_sources(
-    config: Config, catalog: Catalog | None, caller: Caller, study_uid: str | None
-) -> tuple[list[ServerConfig], dict[str, str]]:
-    """(servers to retrieve from, servers that could not be asked) for a C-MOVE or C-GET."""
-    readable = lambda server: may_read(caller, server)  # noqa: E731
-    if study_uid is None:  # PATIENT level: every server the caller may read
-        return [s for s in config.usable_servers() if readable(s)], {}
-    location = locate_study(config, catalog, study_uid, readable)
-    return location.sources, location.unreachable
+    config: Config, catalog: Catalog | None, caller: Caller, identifier: Dataset, query_model: str
+) -> tuple[list[SourcePlan], dict[str, str]]:
+    """(servers to retrieve from with what to take from each, servers that could not be asked)."""
+    plan = plan_retrieve(config, catalog, caller, identifier, query_model)
+    return plan.sources, plan.unreachable

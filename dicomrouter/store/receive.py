@@ -328,9 +328,9 @@ class ReceiveService:
             bound.warning("store_refused", reason="no valid SOP Class UID in the dataset")
             return ReceiveResult(DATASET_MISMATCH, "the dataset has no valid SOPClassUID", study_uid=study_uid)
         decision = choose_destinations(config, caller.ae_title, called_ae, header)
-        if decision.refused:
-            bound.warning("store_refused", reason=decision.refused)
-            return ReceiveResult(NO_DESTINATION, decision.refused, study_uid=study_uid)
+        if decision.refused:  # an inactive server called by its AE title: refused, as an echo or move to it
+            bound.warning("store_refused", reason=decision.refused, status="0x0124")
+            return ReceiveResult(REFUSED_NOT_AUTHORIZED, decision.refused, study_uid=study_uid)
         names = tuple(s.name for s in decision.destinations)
         forbidden = [s for s in decision.destinations if not may_write(caller, s)]
         if forbidden:

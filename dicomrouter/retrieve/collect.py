@@ -1,0 +1,66 @@
+"""C-GET side of a retrieve plan: take the instances from each source, each instance once."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+from dicomrouter.config import Config
+from dicomrouter.logging import get_logger
+from dicomrouter.net.get_client import (
+    PATIENT_ROOT_GET,
+    STUDY_ROOT_GET,
+    ReceivedInstance,
+    get_instances,
+)
+from dicomrouter.net.move_client import PATIENT_ROOT_MOVE, STUDY_ROOT_MOVE, PeerMoveError
+from dicomrouter.retrieve.plan import SourcePlan
+
+log = get_logger(__name__)
+
+WARNING = 0xB000
+# The plan writes its own identifiers with the C-MOVE models; C-GET asks the same with its own.
+GET_MODEL = {STUDY_ROOT_MOVE: STUDY_ROOT_GET, PATIENT_ROOT_MOVE: PATIENT_ROOT_GET}
+
+
+def collect_instances(
+    config: Config,
+    sources: Sequence[SourcePlan],
+    storage: Mapping[str, Sequence[str]],
+    on_instance: Callable[[ReceivedInstance], int],
+    is_cancelled: Callable[[], bool] = lambda: False,
+) -> tuple[list[str], bool]:
+    """C-GET every request of every source, handing each instance once to `on_instance`.
+
+    Returns (what went wrong, one line per source; whether the caller cancelled).
+    """
+    seen: set[str] = set()
+
+    def once(instance: ReceivedInstance) -> int:
+        if instance.sop_instance_uid in seen:  # a copy the plan could not rule out: not twice
+            return 0x0000
+        status = on_instance(instance)
+        if status == 0x0000:
+            seen.add(instance.sop_instance_uid)
+        return status
+
+    errors: list[str] = []
+    for source in sources:
+        for request in source.requests:
+            model = GET_MODEL.get(request.query_model, request.query_model)
+            try:
+                outcome = get_instances(
+                    source.server, config.router, model, request.identifier, storage, once
+                )
+            except PeerMoveError as exc:
+                log.warning(
+                    "get_source_failed", source=source.name, kind=exc.kind, reason=exc.reason
+                )
+                errors.append(f"{source.name} {exc.kind}: {exc.reason}")
+                continue
+            if outcome.status not in (0x0000, WARNING) and (outcome.status >> 12) != 0xB:
+                errors.append(
+                    f"{source.name} answered 0x{outcome.status:04X} {outcome.comment}".strip()
+                )
+            if is_cancelled():
+                return errors, True
+    return errors, False
