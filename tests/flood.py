@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
-from dicomrouter.net.sockets import OUTGOING_SOCKET_HANDLERS
 from tests.raw_peer import A_RELEASE_RP, A_RELEASE_RQ, RawPeer, pdu, process_figures
+from tests.scu_sockets import OUTGOING_SOCKET_HANDLERS
 
 LOCAL_LIMIT_EXCEEDED = (0x02, 0x03, 0x02)  # rejected-transient, service provider (presentation)
 

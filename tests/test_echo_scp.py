@@ -14,10 +14,10 @@ from pynetdicom.sop_class import Verification
 
 from dicomrouter.cli.main import cli
 from dicomrouter.config import load_config
-from dicomrouter.net.sockets import OUTGOING_SOCKET_HANDLERS
 from dicomrouter.pacsfarm import free_ports
 from tests.configs import base_document, write_document
 from tests.router_process import RouterProcess, run_dcmtk
+from tests.scu_sockets import OUTGOING_SOCKET_HANDLERS
 
 ROUTER_AE = "DICOMROUTER"
 

@@ -13,7 +13,6 @@ from hypothesis import strategies as st
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
-from dicomrouter.net.sockets import OUTGOING_SOCKET_HANDLERS
 from tests.raw_peer import (
     A_ABORT,
     A_ASSOCIATE_RJ,
@@ -27,6 +26,7 @@ from tests.raw_peer import (
     process_figures,
 )
 from tests.router_process import RouterProcess
+from tests.scu_sockets import OUTGOING_SOCKET_HANDLERS
 from tests.test_echo_scp import write_router_config
 
 ACSE_TIMEOUT = 3.0

@@ -9,8 +9,8 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 from ruamel.yaml import YAML
 
-from dicomrouter.net.sockets import OUTGOING_SOCKET_HANDLERS
 from tests.router_process import RouterProcess
+from tests.scu_sockets import OUTGOING_SOCKET_HANDLERS
 from tests.test_echo_scp import ROUTER_AE, echoscu, wait_for_event, write_router_config
 
 pytestmark = pytest.mark.slow

@@ -21,6 +21,7 @@ from dicomrouter.config import CallingAETitles, RouterSettings, ServerConfig
 from dicomrouter.net.find_client import STUDY_ROOT_FIND, PeerFind, PeerFindError
 from dicomrouter.net.get_client import STUDY_ROOT_GET, ReceivedInstance, get_instances
 from dicomrouter.net.move_client import PeerMoveError
+from dicomrouter.net.peer import echo_peer
 from dicomrouter.net.upper_layer import (
     COMMAND_LIMIT,
     EXPLICIT_VR_LE,
@@ -365,3 +366,14 @@ def test_a_small_get_sub_operation_stays_in_memory(tmp_path: Path):
         )
     assert received[0].dataset == b"\1" * 5000
     assert list(tmp_path.iterdir()) == []
+
+
+def test_echo_reports_a_peer_breaking_the_protocol_as_unreachable():
+    def script(conn: socket.socket) -> None:
+        read_pdu(conn)
+        conn.sendall(struct.pack(">BxI", A_ASSOCIATE_AC, 0x7FFFFFFF))
+
+    with fake_pacs(script) as pacs:
+        result = echo_peer(server(pacs.port), RouterSettings(), timeout_s=2)
+    assert result.status == "unreachable"
+    assert "protocol violation" in result.detail and "the limit is 1048576" in result.detail

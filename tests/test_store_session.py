@@ -23,7 +23,6 @@ from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformati
 
 from dicomrouter.app import build_app
 from dicomrouter.config import load_config
-from dicomrouter.net.sockets import OUTGOING_SOCKET_HANDLERS
 from dicomrouter.net.upper_layer import IMPLICIT_VR_LE, parse_command
 from tests.raw_peer import (
     A_ABORT,
@@ -34,6 +33,7 @@ from tests.raw_peer import (
     pdu,
     store_command,
 )
+from tests.scu_sockets import OUTGOING_SOCKET_HANDLERS
 from tests.store_helpers import dataset_bytes
 from tests.test_echo_scp import ROUTER_AE, write_router_config
 

@@ -19,12 +19,12 @@ from pynetdicom.sop_class import Verification
 from dicomrouter.app import RouterApp, build_app
 from dicomrouter.cli.main import cli
 from dicomrouter.config import load_config
-from dicomrouter.net.sockets import OUTGOING_SOCKET_HANDLERS
 from dicomrouter.pacsfarm import ORTHANC_BINARY, OrthancServer, OrthancSpec, free_ports
 from tests.configs import base_document, write_document
 from tests.move_support import edit_config, received_sop_uids, workstation
 from tests.orthanc_fixtures import instance_bytes, make_test_instance, write_instance
 from tests.router_process import RouterProcess, run_dcmtk
+from tests.scu_sockets import OUTGOING_SOCKET_HANDLERS
 from tests.store_helpers import storescu
 from tests.test_echo_scp import accepted_socket, dead_port_servers, log_events, wait_for_event
 from tests.tls_certs import Identity, Pki, make_pki

@@ -19,7 +19,7 @@ from pynetdicom.sop_class import (
 )
 
 from dicomrouter.config import RouterSettings, ServerConfig, calling_ae_for
-from dicomrouter.net.peer import PeerUnavailable, peer_tls_context
+from dicomrouter.net.peer import PeerUnavailable, associate_with
 from dicomrouter.net.upper_layer import (
     EXPLICIT_VR_LE,
     IMPLICIT_VR_LE,
@@ -29,7 +29,6 @@ from dicomrouter.net.upper_layer import (
     MessageLimits,
     UpperLayerError,
     command_set,
-    open_link,
     us,
 )
 
@@ -85,26 +84,16 @@ def open_retrieve_link(
     """An association for C-MOVE or C-GET to `server` (over TLS when it has a `tls:` block), or
     PeerMoveError saying why not. `limits`: what its messages may carry (default: identifiers)."""
     try:
-        tls_context = peer_tls_context(server)
+        return associate_with(
+            server,
+            router,
+            calling_ae_for(server, "move", router),
+            contexts,
+            limits=limits,
+            scp_roles=scp_roles,
+        )
     except PeerUnavailable as exc:
         raise PeerMoveError(exc.status, exc.reason) from None
-    try:
-        return open_link(
-            server.host,
-            server.port,
-            calling_ae_for(server, "move", router),
-            server.ae_title,
-            contexts,
-            router.max_pdu_size,
-            router.connect_timeout_s,
-            router.acse_timeout_s,
-            scp_roles,
-            tls_context,
-            limits,
-            router.network_timeout_s,
-        )
-    except UpperLayerError as exc:
-        raise PeerMoveError(exc.kind, exc.reason) from None
 
 
 def retrieve_request(

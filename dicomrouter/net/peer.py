@@ -1,26 +1,28 @@
-"""Outgoing associations to one PACS peer: connect, report why not, C-ECHO."""
+"""Outgoing associations to one PACS peer: connect (over TLS when configured), report why not, C-ECHO."""
 
 from __future__ import annotations
 
+import ssl
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-from pynetdicom import AE, evt
-from pynetdicom.association import Association
-from pynetdicom.pdu_primitives import A_ABORT, A_P_ABORT
-from pynetdicom.sop_class import Verification
-
 from dicomrouter.config import RouterSettings, ServerConfig, calling_ae_for
-from dicomrouter.net.sockets import OUTGOING_SOCKET_HANDLERS
-from dicomrouter.net.tls import (
-    PeerTLSContext,
-    TLSSetupError,
-    connecting_context,
-    describe_peer_tls_error,
+from dicomrouter.net.tls import TLSSetupError, connecting_context
+from dicomrouter.net.upper_layer import (
+    EXPLICIT_VR_LE,
+    IMPLICIT_VR_LE,
+    NO_DATASET,
+    Link,
+    MessageLimits,
+    UpperLayerError,
+    command_set,
+    open_link,
+    us,
 )
-from dicomrouter.net.upper_layer import describe_reject
+
+VERIFICATION = "1.2.840.10008.1.1"
+ECHO_MESSAGE_ID = 1
 
 
 class PeerUnavailable(Exception):
@@ -32,30 +34,7 @@ class PeerUnavailable(Exception):
         super().__init__(reason)
 
 
-def reject_reason(assoc: Association) -> str:
-    """Readable reason of an A-ASSOCIATE-RJ."""
-    primitive = assoc.acceptor.primitive
-    if primitive is None:
-        return "association rejected"
-    return describe_reject(primitive.result, primitive.result_source, primitive.diagnostic)
-
-
-def make_ae(
-    calling_ae: str, router: RouterSettings, contexts: Sequence[tuple[str, Sequence[str]]] = ()
-) -> AE:
-    """An SCU application entity with the router's timeouts."""
-    ae = AE(ae_title=calling_ae)
-    ae.acse_timeout = router.acse_timeout_s
-    ae.dimse_timeout = router.dimse_timeout_s
-    ae.network_timeout = router.network_timeout_s
-    ae.connection_timeout = router.connect_timeout_s
-    ae.maximum_pdu_size = router.max_pdu_size
-    for abstract_syntax, transfer_syntaxes in contexts:
-        ae.add_requested_context(abstract_syntax, list(transfer_syntaxes) or None)
-    return ae
-
-
-def peer_tls_context(server: ServerConfig) -> PeerTLSContext | None:
+def peer_tls_context(server: ServerConfig) -> ssl.SSLContext | None:
     """A fresh TLS context for one association with `server`, or None without a `tls:` block."""
     if server.tls is None:
         return None
@@ -65,56 +44,36 @@ def peer_tls_context(server: ServerConfig) -> PeerTLSContext | None:
         raise PeerUnavailable("unreachable", f"TLS setup for {server.name} failed: {exc}") from None
 
 
-def open_association(ae: AE, server: ServerConfig, **kwargs) -> Association:
-    """Associate with `server` (over TLS when it has a `tls:` block) or raise PeerUnavailable saying why."""
-    tls_context = peer_tls_context(server)
-    if tls_context is not None:
-        kwargs["tls_args"] = (tls_context, server.host)
-    connected = []
-    peer_aborted = []
-
-    def note_abort(event) -> None:
-        if isinstance(event.primitive, (A_ABORT, A_P_ABORT)):
-            peer_aborted.append(True)
-
-    handlers = [
-        *OUTGOING_SOCKET_HANDLERS,
-        (evt.EVT_CONN_OPEN, lambda _event: connected.append(True)),
-        (evt.EVT_ACSE_RECV, note_abort),
-    ]
-    handlers += kwargs.pop("evt_handlers", [])
-    assoc = ae.associate(server.host, server.port, ae_title=server.ae_title, evt_handlers=handlers, **kwargs)
-    if assoc.is_established:
-        return assoc
-    if assoc.is_rejected:
-        raise PeerUnavailable("rejected", reject_reason(assoc))
-    if tls_context is not None and tls_context.last_error is not None:
-        raise PeerUnavailable(
-            "unreachable", f"TLS with {server.address} failed: {describe_peer_tls_error(tls_context.last_error)}"
-        )
-    if not connected:
-        raise PeerUnavailable("unreachable", f"cannot connect to {server.address} (refused or timed out)")
-    if assoc.is_aborted and peer_aborted:
-        raise PeerUnavailable("unreachable", "association aborted by the peer")
-    if assoc.is_aborted:  # pynetdicom aborts itself when the ACSE timeout passes
-        raise PeerUnavailable(
-            "unreachable", f"no answer to the association request from {server.address} in {ae.acse_timeout:g} s"
-        )
-    raise PeerUnavailable("unreachable", f"no answer to the association request from {server.address}")
-
-
-@contextmanager
-def associated(ae: AE, server: ServerConfig, **kwargs) -> Iterator[Association]:
-    """An association released on exit (aborted if the body failed)."""
-    assoc = open_association(ae, server, **kwargs)
+def associate_with(
+    server: ServerConfig,
+    router: RouterSettings,
+    calling_ae: str,
+    contexts: Sequence[tuple[str, Sequence[str]]],
+    timeout_s: float | None = None,
+    limits: MessageLimits | None = None,
+    scp_roles: Sequence[str] = (),
+) -> Link:
+    """An association with `server` proposing `contexts` (over TLS when it has a `tls:` block), or
+    PeerUnavailable saying why not. `timeout_s` replaces the connect, ACSE and send timeouts."""
     try:
-        yield assoc
-    except BaseException:
-        assoc.abort()
-        raise
-    else:
-        if assoc.is_established:
-            assoc.release()
+        return open_link(
+            server.host,
+            server.port,
+            calling_ae,
+            server.ae_title,
+            contexts,
+            router.max_pdu_size,
+            timeout_s or router.connect_timeout_s,
+            timeout_s or router.acse_timeout_s,
+            scp_roles,
+            peer_tls_context(server),
+            limits=limits,
+            send_timeout_s=timeout_s or router.network_timeout_s,
+        )
+    except UpperLayerError as exc:
+        raise PeerUnavailable(
+            "rejected" if exc.kind == "rejected" else "unreachable", exc.reason
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -130,24 +89,58 @@ class EchoResult:
         return self.status == "healthy"
 
 
-def echo_peer(server: ServerConfig, router: RouterSettings, timeout_s: float | None = None) -> EchoResult:
+def echo_peer(
+    server: ServerConfig, router: RouterSettings, timeout_s: float | None = None
+) -> EchoResult:
     """C-ECHO `server` with its echo calling AE; never raises for network trouble."""
     calling_ae = calling_ae_for(server, "echo", router)
     timeout = timeout_s or router.echo_timeout_s
-    ae = make_ae(calling_ae, router, [(Verification, [])])
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout
     started = time.perf_counter()
     try:
-        with associated(ae, server) as assoc:
-            status = assoc.send_c_echo()
-            elapsed_ms = (time.perf_counter() - started) * 1000
-            if not status:
-                return EchoResult(server, calling_ae, "unreachable", None, "no C-ECHO response (timeout or abort)")
-            code = int(status.Status)
-            if code != 0x0000:
-                return EchoResult(server, calling_ae, "rejected", round(elapsed_ms, 1), f"C-ECHO status 0x{code:04X}")
-            return EchoResult(server, calling_ae, "healthy", round(elapsed_ms, 1))
+        link = associate_with(
+            server, router, calling_ae, [(VERIFICATION, [EXPLICIT_VR_LE, IMPLICIT_VR_LE])], timeout
+        )
     except PeerUnavailable as exc:
         return EchoResult(server, calling_ae, exc.status, None, exc.reason)
+    try:
+        status = _send_echo(link, timeout)
+    except PeerUnavailable as exc:
+        link.abort()
+        return EchoResult(server, calling_ae, exc.status, None, exc.reason)
+    elapsed_ms = round((time.perf_counter() - started) * 1000, 1)
+    link.release(timeout)
+    if status != 0x0000:
+        return EchoResult(
+            server, calling_ae, "rejected", elapsed_ms, f"C-ECHO status 0x{status:04X}"
+        )
+    return EchoResult(server, calling_ae, "healthy", elapsed_ms)
+
+
+def _send_echo(link: Link, timeout_s: float) -> int:
+    """The status of one C-ECHO on `link`; PeerUnavailable when none comes."""
+    context_id = link.context_for(VERIFICATION)
+    if context_id is None:
+        raise PeerUnavailable(
+            "rejected", "the peer accepted no presentation context for Verification"
+        )
+    request = command_set(
+        [
+            (0x0002, VERIFICATION.encode("ascii")),
+            (0x0100, us(0x0030)),
+            (0x0110, us(ECHO_MESSAGE_ID)),
+            (0x0800, us(NO_DATASET)),
+        ]
+    )
+    deadline = time.monotonic() + timeout_s
+    try:
+        link.send_message(context_id, request)
+        while True:
+            for message in link.receive_messages(deadline - time.monotonic()):
+                if message.command_field == 0x8030 and message.us(0x0120) == ECHO_MESSAGE_ID:
+                    return message.status
+    except TimeoutError:
+        raise PeerUnavailable("unreachable", "no C-ECHO response (timeout or abort)") from None
+    except UpperLayerError as exc:
+        raise PeerUnavailable("unreachable", f"no C-ECHO response ({exc.reason})") from None
     except OSError as exc:
-        return EchoResult(server, calling_ae, "unreachable", None, str(exc))
+        raise PeerUnavailable("unreachable", link.layer.send_failure(exc).reason) from None

@@ -12,13 +12,12 @@ from pathlib import Path
 
 from dicomrouter.config import RouterSettings, ServerConfig, calling_ae_for
 from dicomrouter.dicom_file import META_HEAD_BYTES, dataset_offset
-from dicomrouter.net.peer import PeerUnavailable, peer_tls_context
+from dicomrouter.net.peer import PeerUnavailable, associate_with
 from dicomrouter.net.upper_layer import (
     FileSlice,
     Link,
     UpperLayerError,
     command_set,
-    open_link,
     us,
 )
 
@@ -72,25 +71,19 @@ class EncodedStoreClient:
         self._wanted.move_to_end(pair)
         while len(self._wanted) > MAX_CONTEXTS:
             self._wanted.popitem(last=False)
-        rejected = ContextRejected(f"{self.peer.name} does not accept SOP class {sop_class} in {transfer_syntax}")
+        rejected = ContextRejected(
+            f"{self.peer.name} does not accept SOP class {sop_class} in {transfer_syntax}"
+        )
         if link is not None and not link.closed and not newly_wanted:
             raise rejected
         self.close()
-        tls_context = peer_tls_context(self.peer)  # PeerUnavailable when its files fail to load
-        try:
-            self._link = open_link(
-                self.peer.host,
-                self.peer.port,
-                self.calling_ae,
-                self.peer.ae_title,
-                [(sop, [syntax]) for sop, syntax in self._wanted],
-                self.router.max_pdu_size,
-                self.router.connect_timeout_s,
-                self.router.acse_timeout_s,
-                tls_context=tls_context,
-            )
-        except UpperLayerError as exc:
-            raise PeerUnavailable("rejected" if exc.kind == "rejected" else "unreachable", exc.reason) from None
+        # PeerUnavailable when it cannot be reached or refuses the association
+        self._link = associate_with(
+            self.peer,
+            self.router,
+            self.calling_ae,
+            [(sop, [syntax]) for sop, syntax in self._wanted],
+        )
         context_id = self._link.context_for(sop_class, transfer_syntax)
         if context_id is None:
             raise rejected
@@ -133,12 +126,16 @@ class EncodedStoreClient:
             self.close(abort=True)
             raise StoreFailed(f"no C-STORE response from {self.peer.name} ({exc})") from exc
 
-    def send_file(self, path: Path, sop_class: str, sop_instance: str, transfer_syntax: str) -> StoreOutcome:
+    def send_file(
+        self, path: Path, sop_class: str, sop_instance: str, transfer_syntax: str
+    ) -> StoreOutcome:
         """C-STORE a spool file (a DICOM file as received): its data set, after the file meta."""
         try:
             size = path.stat().st_size
             with open(path, "rb") as fp:
-                head = fp.read(META_HEAD_BYTES)  # the group length says where the meta ends: nothing more is read
+                head = fp.read(
+                    META_HEAD_BYTES
+                )  # the group length says where the meta ends: nothing more is read
             start = dataset_offset(head)
             if start > size:
                 raise ValueError(f"the file meta claims {start} bytes, the file has {size}")
@@ -148,7 +145,9 @@ class EncodedStoreClient:
             # Never sent: a spool file that is not a whole DICOM file will not become one.
             raise ContextRejected(f"spool file {path} is unusable: {exc}") from exc
         # Read piece by piece as it goes out: a 2 GB instance costs one PDU of memory, not 4 GB.
-        return self.send_encoded(sop_class, sop_instance, transfer_syntax, FileSlice(path, start, size - start))
+        return self.send_encoded(
+            sop_class, sop_instance, transfer_syntax, FileSlice(path, start, size - start)
+        )
 
     def close(self, abort: bool = False) -> None:
         link, self._link = self._link, None
@@ -170,4 +169,10 @@ def _originator_elements(move_originator: tuple[str, int] | None) -> list[tuple[
     return [(0x1030, ae), (0x1031, us(message_id))]
 
 
-__all__ = ["EncodedStoreClient", "StoreOutcome", "ContextRejected", "StoreFailed", "PeerUnavailable"]
+__all__ = [
+    "EncodedStoreClient",
+    "StoreOutcome",
+    "ContextRejected",
+    "StoreFailed",
+    "PeerUnavailable",
+]

@@ -25,49 +25,6 @@ class TLSSetupError(Exception):
         super().__init__(f"tls.{field}: {message}")
 
 
-class PeerTLSContext(ssl.SSLContext):
-    """A client context that keeps the last TLS error of its sockets.
-
-    pynetdicom only logs why a TLS connection failed; the router wants to tell the admin.
-    Build one per association (see `connecting_context`), so the error belongs to that one.
-    """
-
-    last_error: OSError | None = None
-
-
-class _RecordingSSLSocket(ssl.SSLSocket):
-    def _record(self, exc: OSError) -> None:
-        # The first error says why; what follows is the fallout (EOF, reset).
-        if isinstance(self.context, PeerTLSContext) and self.context.last_error is None:
-            self.context.last_error = exc
-
-    def connect(self, address) -> None:  # the handshake happens here (do_handshake_on_connect)
-        try:
-            super().connect(address)
-        except ssl.SSLError as exc:
-            self._record(exc)
-            raise
-
-    def send(self, data, flags: int = 0) -> int:
-        try:
-            return super().send(data, flags)
-        except (ssl.SSLError, ConnectionError) as exc:
-            self._record(pending_alert(self, exc))
-            raise
-
-    def recv(self, buflen: int = 1024, flags: int = 0) -> bytes:
-        # TLS 1.3: a server refusing our client certificate says so on the first read.
-        # (Not plain OSError: wrap_socket itself probes an unconnected socket with recv.)
-        try:
-            return super().recv(buflen, flags)
-        except (ssl.SSLError, ConnectionError) as exc:
-            self._record(exc)
-            raise
-
-
-PeerTLSContext.sslsocket_class = _RecordingSSLSocket
-
-
 def pending_alert(sock: ssl.SSLSocket, error: OSError) -> OSError:
     """After a failed send, the peer's TLS alert if one is still waiting: it says more than the
     broken pipe. (A reset from the peer may have taken it away.)"""
@@ -153,12 +110,12 @@ def listening_context(tls: TLSConfig) -> ssl.SSLContext:
     return context
 
 
-def connecting_context(tls: TLSConfig) -> PeerTLSContext:
+def connecting_context(tls: TLSConfig) -> ssl.SSLContext:
     """Towards one server: verify it (its CA, or the system's), show our certificate if configured."""
     if (tls.certificate is None) != (tls.private_key is None):
         missing = "certificate" if tls.certificate is None else "private_key"
         raise TLSSetupError(missing, "is required with the other one", "give both `certificate:` and `private_key:`, or neither")
-    context = PeerTLSContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies the certificate and the host name
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies the certificate and the host name
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     if tls.ca_certificates is not None:
         _load_ca(context, tls.ca_certificates)

@@ -297,6 +297,8 @@ class UpperLayer:
         self._send_lock = threading.Lock()
         self.pdata_limit = ASSOCIATION_PDU_LIMIT  # until we announce our maximum length
         self.closed = False
+        # Over TLS, until the peer's first PDU: a failure is TLS refusing us (TLS 1.3 says so late)
+        self.in_tls_setup = tls_context is not None
 
     def tls_failure(self, exc: BaseException) -> str:
         return f"TLS with {self.address} failed: {describe_peer_tls_error(exc)}"
@@ -359,6 +361,7 @@ class UpperLayer:
         try:
             self._fill(6, deadline)
             pdu_type, length = struct.unpack_from(">BxI", self._buffer)
+            self.in_tls_setup = False
             self._check_header(pdu_type, length)
             self._fill(6 + length, deadline)
         except TimeoutError:
@@ -366,7 +369,13 @@ class UpperLayer:
         except ssl.SSLError as exc:  # TLS 1.3: a refused client certificate shows up here
             raise UpperLayerError("unreachable", self.tls_failure(exc)) from None
         except OSError as exc:
+            if self.in_tls_setup:  # a reset before any answer: TLS said no without saying why
+                raise UpperLayerError("unreachable", self.tls_failure(exc)) from None
             raise UpperLayerError("aborted", f"connection lost ({exc})") from None
+        except UpperLayerError:
+            if self.in_tls_setup:
+                raise UpperLayerError("unreachable", self.tls_failure(ConnectionError())) from None
+            raise
         body = bytes(self._buffer[6 : 6 + length])
         del self._buffer[: 6 + length]
         return pdu_type, body
