@@ -10,8 +10,10 @@ written once the database answers again.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from dicomrouter.catalog.queries import audit_values
@@ -220,6 +222,79 @@ class AssociationAudit:
                 detail=tally.reason,
                 counts={"instances": tally.instances},
             )
+
+
+@dataclass
+class _DeliveryTally:
+    first_at: datetime
+    last_at: datetime
+    opened: float  # monotonic
+    touched: float  # monotonic
+    instances: int = 0
+
+
+class DeliveryAudit:
+    """Deliveries to the destinations, summed per (destination, study) over a burst.
+
+    A 2,000-image study forwarded after an outage is one row `deliver success instances=2000`
+    with the times of its first and last acknowledgement, not 2,000 rows. A burst ends when no
+    instance of that study reached that destination for `quiet_s`, or after `max_open_s` (a
+    long backlog writes a row every few minutes, so the trail never lags far behind).
+    """
+
+    def __init__(
+        self,
+        trail: AuditTrail | NoAudit,
+        quiet_s: float = 5.0,
+        max_open_s: float = 300.0,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.trail = trail
+        self.quiet_s = quiet_s
+        self.max_open_s = max_open_s
+        self.clock = clock
+        self._tallies: dict[tuple[str, str | None], _DeliveryTally] = {}
+        self._lock = threading.Lock()
+
+    def add(self, destination: str, study_uid: str | None, instances: int, at: datetime | None = None) -> None:
+        """Count `instances` of one study acknowledged by `destination` (at `at`, default now)."""
+        at = at or datetime.now(UTC)
+        now = self.clock()
+        with self._lock:
+            tally = self._tallies.get((destination, study_uid))
+            if tally is None:
+                tally = self._tallies[(destination, study_uid)] = _DeliveryTally(at, at, now, now)
+            tally.instances += instances
+            tally.last_at = max(tally.last_at, at)
+            tally.touched = now
+
+    def next_due_s(self) -> float | None:
+        """Seconds until a tally is due to be written (None: nothing is open)."""
+        now = self.clock()
+        with self._lock:
+            if not self._tallies:
+                return None
+            return max(0.0, min(min(t.touched + self.quiet_s, t.opened + self.max_open_s) - now for t in self._tallies.values()))
+
+    def flush(self, everything: bool = False) -> int:
+        """Write the rows of finished bursts (all open ones with `everything`); returns how many."""
+        now = self.clock()
+        with self._lock:
+            due = [
+                (key, tally)
+                for key, tally in self._tallies.items()
+                if everything or now - tally.touched >= self.quiet_s or now - tally.opened >= self.max_open_s
+            ]
+            for key, _ in due:
+                del self._tallies[key]
+        for (destination, study_uid), tally in due:
+            self.trail.record(
+                "deliver", "success", servers=[destination], study_uid=study_uid, at=tally.last_at,
+                counts={"instances": tally.instances},
+                detail=f"{tally.instances} instance(s) acknowledged by {destination} "
+                f"from {tally.first_at.isoformat(timespec='seconds')} to {tally.last_at.isoformat(timespec='seconds')}",
+            )
+        return len(due)
 
 
 def association_audit(assoc: Any) -> AssociationAudit:

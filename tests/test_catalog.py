@@ -46,6 +46,7 @@ TABLES = {
     "study_locations",
     "instance_locations",
     "forward_jobs",
+    "forward_destinations",
     "audit_events",
 }
 

@@ -236,6 +236,26 @@ class ForwardJob(Base):
     header: Mapped[dict[str, Any]] = mapped_column(default=dict)
 
 
+class ForwardDestination(Base):
+    """How forwarding to one destination goes: since when it cannot be reached, and why.
+
+    Written when a lane finds the destination down and when it answers again, so that the CLI
+    (another process) and a restarted router can tell how long an outage has lasted.
+    """
+
+    __tablename__ = "forward_destinations"
+
+    id: Mapped[int] = mapped_column(ID, primary_key=True)
+    destination: Mapped[str] = mapped_column(unique=True)  # server name, like forward_jobs.destination
+    unreachable_since: Mapped[datetime | None]
+    failed_connects: Mapped[int] = mapped_column(Integer, default=0)  # in the current outage
+    last_error: Mapped[str | None] = mapped_column(Text)
+    last_failure_at: Mapped[datetime | None]
+    next_attempt_at: Mapped[datetime | None]
+    recovered_at: Mapped[datetime | None]
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
 class AuditEvent(Base):
     """One association, DICOM operation, CLI config change or dead letter, for the audit trail."""
 

@@ -18,6 +18,7 @@ from dicomrouter.catalog.models import (
     AuditEvent,
     Instance,
     InstanceLocation,
+    Series,
     Server,
     Study,
     StudyLocation,
@@ -97,6 +98,23 @@ class Catalog:
                 .order_by(StudyLocation.first_seen, Server.name)
             )
             return [StudyLocationRow(*row) for row in session.execute(query)]
+
+        return self._read(work)
+
+    def instances_per_server(self, study_uid: str) -> dict[str, int]:
+        """How many instances of the study each server acknowledged (servers that hold none left out)."""
+
+        def work(session: Session) -> dict[str, int]:
+            query = (
+                select(Server.name, func.count(InstanceLocation.id))
+                .join(InstanceLocation.server)
+                .join(InstanceLocation.instance)
+                .join(Instance.series)
+                .join(Series.study)
+                .where(Study.study_uid == study_uid)
+                .group_by(Server.name)
+            )
+            return {name: count for name, count in session.execute(query)}
 
         return self._read(work)
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from datetime import UTC, datetime
+
 import click
 
 from dicomrouter.cli.common import CliState, open_catalog, pass_state, print_table
@@ -39,13 +42,49 @@ def catalog_group() -> None:
 
 @catalog_group.command("where")
 @click.argument("study_uid")
+@click.option("--json", "as_json", is_flag=True)
 @pass_state
-def where(state: CliState, study_uid: str) -> None:
-    """The servers holding a study."""
+def where(state: CliState, study_uid: str, as_json: bool) -> None:
+    """The servers holding a study, with instance counts, and its deliveries not yet done."""
+    from dicomrouter.cli.store import age
+    from dicomrouter.store.queue_report import study_backlogs
+
     config = state.config()
     catalog = open_catalog(config, must_exist=True)
     rows = catalog.where_study(study_uid)
-    if not rows:
+    instances = catalog.instances_per_server(study_uid)
+    unfinished = [b for b in study_backlogs(catalog.sessions, study_uid=study_uid) if b.waiting or b.dead]
+    if as_json:
+        click.echo(json.dumps({
+            "study_uid": study_uid,
+            "servers": [
+                {"server": r.server_name, "learned_by": r.learned_by, "first_seen": r.first_seen.isoformat(),
+                 "last_seen": r.last_seen.isoformat(), "instances": instances.get(r.server_name)}
+                for r in rows
+            ],
+            "deliveries": [b.as_dict() for b in unfinished],
+        }, indent=2))
+        raise SystemExit(0 if rows or unfinished else 1)
+    if not rows and not unfinished:
         click.echo(f"study {study_uid} is not in the catalog")
         raise SystemExit(1)
-    print_table(("server", "learned_by", "first_seen", "last_seen"), [tuple(r) for r in rows])
+    if rows:
+        print_table(
+            ("server", "instances", "learned_by", "first_seen", "last_seen"),
+            [(r.server_name, instances.get(r.server_name), r.learned_by, _local(r.first_seen), _local(r.last_seen))
+             for r in rows],
+        )
+    else:
+        click.echo(f"study {study_uid}: no server has acknowledged any of it yet")
+    if unfinished:
+        now = datetime.now(UTC)
+        click.echo("\ndeliveries not done:")
+        print_table(
+            ("destination", "pending", "sending", "dead", "delivered", "oldest", "last_error"),
+            [(b.destination, b.pending, b.sending, b.dead, b.done, age(b.oldest, now), (b.last_error or "")[:80] or None)
+             for b in unfinished],
+        )
+
+
+def _local(moment: datetime) -> str:
+    return moment.astimezone().strftime("%Y-%m-%d %H:%M:%S")

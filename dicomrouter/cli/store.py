@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import click
 
 from dicomrouter.cli.common import CliState, pass_state, print_table
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
 
 
 def _app(state: CliState):
@@ -28,27 +34,114 @@ def queue_group() -> None:
 
 
 @queue_group.command("list")
-@click.option("--dead", is_flag=True, help="Dead letters instead of waiting jobs.")
-@click.option("--limit", type=int, default=200, show_default=True)
+@click.option("--instances", is_flag=True, help="One row per instance and destination instead of the summaries.")
+@click.option("--dead", is_flag=True, help="The dead letters, one row per instance (implies --instances).")
+@click.option("--study", "study_uid", help="Only this study (every state, per destination).")
+@click.option("--limit", type=click.IntRange(1), default=200, show_default=True, help="At most N study or instance rows.")
+@click.option("--json", "as_json", is_flag=True)
 @pass_state
-def queue_list(state: CliState, dead: bool, limit: int) -> None:
-    """Jobs waiting (or dead), with attempts and the last error."""
+def queue_list(state: CliState, instances: bool, dead: bool, study_uid: str | None, limit: int, as_json: bool) -> None:
+    """What waits to be forwarded: per destination and per study (per instance with --instances)."""
+    from dicomrouter.store import queue_report
+
     app = _app(state)
-    jobs = app.queue.list_jobs(dead=dead, limit=limit)
+    sessions = app.queue.sessions
     counts = app.queue.counts()
-    print_table(
-        ("id", "destination", "state", "attempts", "next_attempt", "sop_instance_uid", "last_error"),
-        [
-            (
-                j.id, j.destination, j.state, j.attempts,
-                j.next_attempt_at.strftime("%Y-%m-%d %H:%M:%S") if j.next_attempt_at else None,
-                j.sop_instance_uid, (j.last_error or "")[:80],
+    now = utcnow()
+    if instances or dead:
+        jobs = queue_report.instance_jobs(sessions, dead=dead, study_uid=study_uid, limit=limit)
+        if as_json:
+            click.echo(json.dumps({"instances": [_job_dict(j) for j in jobs], "counts": counts}, indent=2))
+            return
+        print_table(
+            ("id", "destination", "state", "attempts", "queued", "next_attempt", "study_uid", "sop_instance_uid", "last_error"),
+            [
+                (
+                    j.id, j.destination, j.state, j.attempts, f"{age(j.created_at, now)} ago",
+                    _next_attempt(j.next_attempt_at, now) if j.state == "pending" else j.state,
+                    j.header.get("StudyInstanceUID"), j.sop_instance_uid, (j.last_error or "")[:80] or None,
+                )
+                for j in jobs
+            ],
+        )
+    else:
+        destinations = [] if study_uid else queue_report.destination_backlogs(sessions)
+        studies = queue_report.study_backlogs(sessions, study_uid=study_uid, limit=limit)
+        if as_json:
+            click.echo(json.dumps({
+                "destinations": [d.as_dict() for d in destinations],
+                "studies": [s.as_dict() for s in studies],
+                "counts": counts,
+            }, indent=2))
+            return
+        if destinations:
+            print_table(
+                ("destination", "pending", "sending", "dead", "oldest", "unreachable_since", "failed_connects",
+                 "next_attempt", "last_error"),
+                [
+                    (
+                        d.destination, d.pending, d.sending, d.dead, age(d.oldest, now),
+                        _moment(d.unreachable_since, now), d.failed_connects if d.unreachable_since else None,
+                        _next_attempt(d.next_attempt, now) if d.pending else None, (d.last_error or "")[:80] or None,
+                    )
+                    for d in destinations
+                ],
             )
-            for j in jobs
-        ],
-    )
+            click.echo("")
+        if studies:
+            print_table(
+                ("destination", "study_uid", "pending", "sending", "dead", *(("done",) if study_uid else ()), "oldest",
+                 "last_error"),
+                [
+                    (
+                        s.destination, s.study_uid, s.pending, s.sending, s.dead, *((s.done,) if study_uid else ()),
+                        age(s.oldest, now), (s.last_error or "")[:80] or None,
+                    )
+                    for s in studies
+                ],
+            )
+        elif study_uid:
+            click.echo(f"no forwarding jobs for study {study_uid}")
+        elif not destinations:
+            click.echo("nothing waits to be forwarded")
     summary = ", ".join(f"{state_name} {count}" for state_name, count in sorted(counts.items())) or "empty"
     click.echo(f"\nqueue: {summary}")
+
+
+def _job_dict(job) -> dict:
+    return {
+        "id": job.id, "destination": job.destination, "state": job.state, "attempts": job.attempts,
+        "queued_at": job.created_at.isoformat(), "next_attempt_at": job.next_attempt_at.isoformat(),
+        "study_uid": job.header.get("StudyInstanceUID"), "sop_instance_uid": job.sop_instance_uid,
+        "last_error": job.last_error, "claimed_by": job.claimed_by,
+    }
+
+
+def _moment(moment: datetime | None, now: datetime) -> str | None:
+    """A past time as local time and how long ago."""
+    if moment is None:
+        return None
+    return f"{moment.astimezone().strftime('%Y-%m-%d %H:%M:%S')} ({age(moment, now)} ago)"
+
+
+def _next_attempt(moment: datetime | None, now: datetime) -> str | None:
+    if moment is None:
+        return None
+    return "due" if moment <= now else f"in {age(now, moment)}"
+
+
+def age(since: datetime | None, now: datetime) -> str | None:
+    """A duration for people: 42s, 5m07s, 3h02m, 2d04h."""
+    if since is None:
+        return None
+    seconds = max(0, int((now - since).total_seconds()))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    if seconds < 86400:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
 
 
 @queue_group.command("retry")

@@ -5,9 +5,10 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 
-from dicomrouter.audit import AuditTrail, NoAudit
+from dicomrouter.audit import AuditTrail, DeliveryAudit, NoAudit
 from dicomrouter.config import Config, ServerConfig
 from dicomrouter.logging import get_logger
 from dicomrouter.metrics import Metrics
@@ -19,7 +20,8 @@ from dicomrouter.net.store_client import (
 )
 from dicomrouter.reload import ConfigHolder
 from dicomrouter.store.acks import AckRecorder
-from dicomrouter.store.queue import ClaimedJob, ForwardQueue, backoff_s
+from dicomrouter.store.outages import OutageBook
+from dicomrouter.store.queue import ClaimedJob, ForwardQueue, backoff_s, utcnow
 from dicomrouter.store.spool import Spool
 
 log = get_logger(__name__)
@@ -34,6 +36,17 @@ class Delivery:
     server: ServerConfig
 
 
+@dataclass
+class Recovery:
+    """A destination that answered again after an outage, while its backlog drains."""
+
+    unreachable_since: datetime
+    recovered_at: datetime
+    delivered: int = 0
+
+    @property
+    def outage_s(self) -> float:
+        return round((self.recovered_at - self.unreachable_since).total_seconds(), 1)
 
 
 class AckWriter:
@@ -43,9 +56,17 @@ class AckWriter:
     expires and the job is sent again, which the destination treats as the same instance.
     """
 
-    def __init__(self, record_acks: AckRecorder, spool: Spool, max_batch: int = 500, linger_s: float = 0.1):
+    def __init__(
+        self,
+        record_acks: AckRecorder,
+        spool: Spool,
+        max_batch: int = 500,
+        linger_s: float = 0.1,
+        deliveries: DeliveryAudit | None = None,
+    ):
         self.record_acks = record_acks
         self.spool = spool
+        self.deliveries = deliveries or DeliveryAudit(NoAudit())
         self.max_batch = max_batch
         self.linger_s = linger_s  # let deliveries gather: one transaction for many
         self._pending: list[tuple[ServerConfig, list[ClaimedJob]]] = []
@@ -72,7 +93,8 @@ class AckWriter:
     def _take(self) -> list[tuple[ServerConfig, list[ClaimedJob]]] | None:
         with self._wakeup:
             while not self._pending and not self._stopping:
-                self._wakeup.wait()
+                self._wakeup.wait(self.deliveries.next_due_s())
+                self.deliveries.flush()
             if not self._pending:
                 return None
             # Every submit notifies: wait out the whole linger, not just until the next delivery.
@@ -93,6 +115,8 @@ class AckWriter:
             for server, jobs in by_server.values():
                 for start in range(0, len(jobs), self.max_batch):
                     self._write(server, jobs[start : start + self.max_batch])
+            self.deliveries.flush()
+        self.deliveries.flush(everything=True)
 
     def _write(self, server: ServerConfig, jobs: list[ClaimedJob]) -> None:
         try:
@@ -106,14 +130,23 @@ class AckWriter:
                 for job in jobs:
                     self._write(server, [job])
                 return
-        for path in removable:
+        self._count_deliveries(server, jobs if removable is not None else [])
+        for path in removable or []:
             try:
                 self.spool.remove(Path(path))
             except OSError as exc:
                 log.error("spool_remove_failed", path=str(path), reason=str(exc))
         log.debug("delivered", destination=server.name, instances=len(jobs))
 
-    def _complete_without_catalog(self, server: ServerConfig, job: ClaimedJob) -> list[str]:
+    def _count_deliveries(self, server: ServerConfig, jobs: list[ClaimedJob]) -> None:
+        studies: dict[str | None, int] = {}
+        for job in jobs:
+            study_uid = job.header.get("StudyInstanceUID")
+            studies[study_uid] = studies.get(study_uid, 0) + 1
+        for study_uid, count in studies.items():
+            self.deliveries.add(server.name, study_uid, count)
+
+    def _complete_without_catalog(self, server: ServerConfig, job: ClaimedJob) -> list[str] | None:
         """The destination has it: finish the job even when the catalog cannot describe it."""
         log.exception("catalog_record_failed", destination=server.name, job_id=job.id, sop_instance_uid=job.sop_instance_uid)
         try:
@@ -121,7 +154,7 @@ class AckWriter:
         except Exception:
             # The job stays claimed; the lease expires and it is sent again (idempotent).
             log.exception("ack_record_failed", destination=server.name, job_id=job.id)
-            return []
+            return None
 
 
 class DestinationLane:
@@ -136,6 +169,11 @@ class DestinationLane:
         self.backlog = False  # the last claim came back full: let every worker send
         self.signalled = False
         self.threads: list[threading.Thread] = []
+        # Outage and recovery, for the log: since when unreachable (wall clock, shared with the
+        # catalog), then, once it answers again, what the backlog drain has delivered.
+        self._outage_lock = threading.Lock()
+        self.unreachable_since: datetime | None = None
+        self.draining: Recovery | None = None
 
     def notify(self) -> None:
         with self.wakeup:
@@ -158,6 +196,10 @@ class DestinationLane:
             self.signalled = False
 
     def start(self, workers: int) -> None:
+        try:  # an outage that began before a restart still counts from its start
+            self.unreachable_since = self.forwarder.outages.unreachable_since(self.name)
+        except Exception:
+            log.exception("outage_state_unreadable", destination=self.name)
         for index in range(workers):
             thread = threading.Thread(target=self.run, args=(index,), name=f"forward-{self.name}-{index}", daemon=True)
             thread.start()
@@ -168,7 +210,58 @@ class DestinationLane:
         delay = backoff_s(self.consecutive_failures, self.forwarder.settings)
         self.paused_until = time.monotonic() + delay
         log.warning("destination_unavailable", destination=self.name, reason=reason, retry_in_s=round(delay, 1))
+        try:
+            since = self.forwarder.outages.note_unreachable(self.name, reason, utcnow() + timedelta(seconds=delay))
+        except Exception:
+            log.exception("outage_not_recorded", destination=self.name)
+            since = utcnow()
+        with self._outage_lock:
+            self.draining = None  # down again before its backlog drained: one longer outage
+            if self.unreachable_since is None:
+                self.unreachable_since = since
         return delay
+
+    def answered(self) -> None:
+        """The destination answered a C-STORE: if it was unreachable, log its recovery."""
+        if self.unreachable_since is None:  # the common case, without a lock
+            return
+        with self._outage_lock:
+            since, self.unreachable_since = self.unreachable_since, None
+            if since is None:
+                return
+            recovery = self.draining = Recovery(since, utcnow())
+        try:
+            # The catalog's start counts: the outage may have begun before a restart, or on another node.
+            recovery.unreachable_since = min(since, self.forwarder.outages.note_reachable(self.name) or since)
+            pending = self.forwarder.queue.open_count(self.name)
+        except Exception:
+            log.exception("outage_not_recorded", destination=self.name)
+            pending = None
+        log.info(
+            "destination_recovered", destination=self.name, unreachable_since=recovery.unreachable_since.isoformat(),
+            outage_s=recovery.outage_s, pending=pending,
+        )
+
+    def delivered(self, count: int) -> None:
+        recovery = self.draining
+        if recovery is not None:
+            with self._outage_lock:
+                recovery.delivered += count
+
+    def check_drained(self) -> None:
+        """After a recovery, once nothing is left to send: log how much the outage had held back."""
+        recovery = self.draining
+        if recovery is None or self.forwarder.queue.open_count(self.name):
+            return
+        with self._outage_lock:
+            if self.draining is not recovery:
+                return
+            self.draining = None
+        now = utcnow()
+        log.info(
+            "destination_backlog_drained", destination=self.name, instances=recovery.delivered,
+            outage_s=recovery.outage_s, drain_s=round((now - recovery.recovered_at).total_seconds(), 1),
+        )
 
     def run(self, index: int = 0) -> None:
         """Worker 0 always sends; the others join only while there is a backlog.
@@ -207,6 +300,11 @@ class DestinationLane:
             if self.backlog:
                 self.notify()
             if not jobs:
+                if self.draining is not None:
+                    try:
+                        self.check_drained()
+                    except Exception:
+                        log.exception("drain_check_failed", destination=self.name)
                 if time.monotonic() - idle_since > IDLE_RELEASE_S:
                     client.close()
                 self.wait(forwarder.settings.poll_interval_s, use_signal=index == 0)
@@ -246,9 +344,11 @@ class DestinationLane:
             try:
                 outcome = client.send_file(path, job.sop_class_uid, job.sop_instance_uid, job.transfer_syntax_uid)
             except PeerUnavailable as exc:
-                forwarder.count_failure(self.name, "unreachable", f"{exc.status}: {exc.reason}", reachable=False)
-                delay = self.pause(f"{exc.status}: {exc.reason}")
-                forwarder.queue.postpone(jobs[position:], delay, f"{exc.status}: {exc.reason}")
+                reason = f"{exc.status}: {exc.reason}"
+                forwarder.count_failure(self.name, "unreachable", reason, reachable=False)
+                delay = self.pause(reason)
+                # Not an attempt of these instances (none was sent): the outage is the destination's.
+                forwarder.queue.postpone(jobs[position:], delay, f"not sent, destination {exc.status}: {exc.reason}")
                 break
             except ContextRejected as exc:
                 forwarder.count_failure(self.name, "context_rejected", str(exc), reachable=True)
@@ -265,6 +365,7 @@ class DestinationLane:
                 forwarder.queue.postpone(jobs[position + 1 :], delay, str(exc))
                 log.warning("store_retry", job_id=job.id, destination=self.name, state=state, reason=str(exc))
                 break
+            self.answered()
             if outcome.success:
                 delivered.append(job)
                 self.consecutive_failures = 0
@@ -277,6 +378,7 @@ class DestinationLane:
                 if state == "dead":
                     forwarder.audit_dead_letter(job, reason)
         if delivered:
+            self.delivered(len(delivered))
             forwarder.acknowledge(server, delivered)
 
 
@@ -296,8 +398,9 @@ class Forwarder:
         self.metrics = metrics
         self.audit = audit or NoAudit()
         self.queue = queue
+        self.outages = OutageBook(queue.sessions)
         self.spool = spool
-        self.acks = AckWriter(record_acks, spool)
+        self.acks = AckWriter(record_acks, spool, deliveries=DeliveryAudit(self.audit))
         self.stopping = threading.Event()
         self.lanes: dict[str, DestinationLane] = {}
         self._lock = threading.Lock()

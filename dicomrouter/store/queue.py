@@ -11,7 +11,7 @@ from typing import Any
 from sqlalchemy import Connection, and_, bindparam, delete, func, insert, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicomrouter.catalog.db import engine_of
+from dicomrouter.catalog.db import SQLITE_BEGIN, engine_of
 from dicomrouter.catalog.models import ForwardJob
 from dicomrouter.config import ForwardingConfig
 
@@ -249,6 +249,14 @@ class ForwardQueue:
                     select(ForwardJob.destination).where(ForwardJob.state.in_((PENDING, CLAIMED))).distinct()
                 )
             )
+
+    def open_count(self, destination: str) -> int:
+        """Jobs for `destination` not yet delivered nor dead (pending, or claimed and in flight)."""
+        with self.sessions() as session:
+            session.connection(execution_options={SQLITE_BEGIN: "DEFERRED"})
+            return session.scalar(
+                select(func.count()).where(ForwardJob.destination == destination, ForwardJob.state.in_((PENDING, CLAIMED)))
+            ) or 0
 
     def counts(self) -> dict[str, int]:
         with self.sessions() as session:
