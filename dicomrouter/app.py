@@ -20,8 +20,10 @@ from dicomrouter.catalog.queries import Catalog
 from dicomrouter.catalog.schema import require_current_schema
 from dicomrouter.config import Config
 from dicomrouter.health import HealthWatch
+from dicomrouter.http import api as http_api
 from dicomrouter.http import health as http_health
 from dicomrouter.http import metrics as http_metrics
+from dicomrouter.http import page as http_page
 from dicomrouter.http.deps import HttpDeps
 from dicomrouter.http.server import HttpFront, make_http_app
 from dicomrouter.logging import get_logger
@@ -80,7 +82,7 @@ def storage_contexts() -> list[SupportedContext]:
 
 
 # Each registers its routes on the HTTP app given HttpDeps (see dicomrouter/http/__init__.py).
-HTTP_ROUTE_MODULES = [http_health.add_routes, http_metrics.add_routes]
+HTTP_ROUTE_MODULES = [http_health.add_routes, http_metrics.add_routes, http_api.add_routes, http_page.add_routes]
 
 
 @dataclass

@@ -3,50 +3,19 @@
 from __future__ import annotations
 
 import json
-import re
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 
 import click
 
 from dicomrouter.cli.common import CliState, open_catalog, pass_state, print_table
-
-_RELATIVE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
-_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+from dicomrouter.status import event_dict, parse_since
 
 
-def parse_since(value: str, now: datetime | None = None) -> datetime:
-    """'30m', '2h', '7d' ago, or an ISO date/time (local time unless it names a zone) -> aware UTC."""
-    now = now or datetime.now(UTC)
-    match = _RELATIVE.match(value)
-    if match:
-        return now - timedelta(**{_UNITS[match.group(2)]: float(match.group(1))})
+def _since(value: str) -> datetime:
     try:
-        moment = datetime.fromisoformat(value.strip())
-    except ValueError:
-        raise click.BadParameter(
-            f"{value!r}: use a duration ago (30m, 2h, 7d) or an ISO date/time (2025-01-31, 2025-01-31T08:00)",
-            param_hint="--since",
-        ) from None
-    if moment.tzinfo is None:
-        moment = moment.astimezone()  # the local time zone
-    return moment.astimezone(UTC)
-
-
-def _event_dict(event) -> dict:
-    return {
-        "id": event.id,
-        "at": event.at.isoformat(),
-        "operation": event.operation,
-        "outcome": event.outcome,
-        "calling_ae": event.calling_ae,
-        "called_ae": event.called_ae,
-        "address": event.address,
-        "servers": event.servers.split(",") if event.servers else [],
-        "study_uid": event.study_uid,
-        "counts": event.counts,
-        "detail": event.detail,
-        "node": event.node,
-    }
+        return parse_since(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--since") from None
 
 
 @click.command("audit")
@@ -62,13 +31,13 @@ def audit_command(
     operation: str | None, limit: int, as_json: bool,
 ) -> None:
     """The audit trail: associations, DICOM operations, CLI config changes, dead letters."""
-    since_at = parse_since(since) if since else None
+    since_at = _since(since) if since else None
     catalog = open_catalog(state.config(), must_exist=True)
     events = catalog.audit_events(
         since=since_at, calling_ae=calling_ae, study_uid=study_uid, operation=operation, limit=limit
     )
     if as_json:
-        click.echo(json.dumps([_event_dict(e) for e in events], indent=2))
+        click.echo(json.dumps([event_dict(e) for e in events], indent=2))
         return
     rows = [
         (

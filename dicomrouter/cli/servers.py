@@ -15,31 +15,13 @@ from dicomrouter.cli.common import (
     print_table,
     yes_no,
 )
-from dicomrouter.config import ENVIRONMENTS, Config, ServerConfig
+from dicomrouter.config import ENVIRONMENTS, Config
+from dicomrouter.status import server_dict
 
 
 def _studies(config: Config) -> dict[str, int] | None:
     catalog = open_catalog(config)
     return catalog.studies_per_server() if catalog else None
-
-
-def _server_dict(server: ServerConfig, studies: int | None) -> dict:
-    return {
-        "name": server.name,
-        "ae_title": server.ae_title,
-        "host": server.host,
-        "port": server.port,
-        "environment": server.environment,
-        "active": server.active,
-        "primary": server.primary,
-        "deleted": server.deleted,
-        "studies": studies,
-        "comments": server.comments,
-        "web_url": server.web_url,
-        "calling_ae": {op: getattr(server.calling_ae, op) for op in ("echo", "find", "store", "move")},
-        "move_routing": dict(server.move_routing),
-        "worklist": server.worklist,
-    }
 
 
 def _run_edit(state: CliState, change, name: str) -> None:
@@ -65,7 +47,7 @@ def list_servers(state: CliState, show_all: bool, as_json: bool) -> None:
         return None if counts is None else counts.get(name, 0)
 
     if as_json:
-        click.echo(json.dumps([_server_dict(s, count(s.name)) for s in servers], indent=2))
+        click.echo(json.dumps([server_dict(s, count(s.name)) for s in servers], indent=2))
         return
     rows = [
         (
@@ -87,7 +69,7 @@ def show_server(state: CliState, name: str) -> None:
     if server is None:
         raise click.ClickException(f"no server named {name!r}")
     counts = _studies(config)
-    info = _server_dict(server, None if counts is None else counts.get(name, 0))
+    info = server_dict(server, None if counts is None else counts.get(name, 0))
     for key, value in info.items():
         if isinstance(value, dict):
             click.echo(f"{key}:")

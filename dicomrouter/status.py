@@ -1,0 +1,98 @@
+"""The facts an administrator is shown, as plain dicts: one source for the CLI, the JSON API and the page."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from dicomrouter.catalog.models import AuditEvent
+from dicomrouter.config import Config, ServerConfig
+from dicomrouter.metrics import DestinationState
+
+_RELATIVE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+def parse_since(value: str, now: datetime | None = None) -> datetime:
+    """'30m', '2h', '7d' ago, or an ISO date/time (local time unless it names a zone) -> aware UTC."""
+    now = now or datetime.now(UTC)
+    match = _RELATIVE.match(value)
+    if match:
+        return now - timedelta(**{_UNITS[match.group(2)]: float(match.group(1))})
+    try:
+        moment = datetime.fromisoformat(value.strip())
+    except ValueError:
+        raise ValueError(
+            f"{value!r}: use a duration ago (30m, 2h, 7d) or an ISO date/time (2025-01-31, 2025-01-31T08:00)"
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.astimezone()  # the local time zone
+    return moment.astimezone(UTC)
+
+
+def server_dict(server: ServerConfig, studies: int | None) -> dict[str, Any]:
+    """One server of the registry, with the studies the catalog says it holds."""
+    return {
+        "name": server.name,
+        "ae_title": server.ae_title,
+        "host": server.host,
+        "port": server.port,
+        "environment": server.environment,
+        "active": server.active,
+        "primary": server.primary,
+        "deleted": server.deleted,
+        "studies": studies,
+        "comments": server.comments,
+        "web_url": server.web_url,
+        "calling_ae": {
+            op: getattr(server.calling_ae, op) for op in ("echo", "find", "store", "move")
+        },
+        "move_routing": dict(server.move_routing),
+        "worklist": server.worklist,
+    }
+
+
+def health_dict(state: DestinationState | None) -> dict[str, Any] | None:
+    """The last answer of a server (a send by the forwarder or the router's own C-ECHO)."""
+    if state is None:
+        return None
+    return {
+        "status": "up" if state.up else "unreachable",
+        "since": state.since.isoformat(),
+        "checked_at": state.checked_at.isoformat(),
+        "by": state.how,
+        "last_error": state.last_error,
+        "response_ms": round(state.response_ms, 1) if state.response_ms is not None else None,
+    }
+
+
+def servers_facts(
+    config: Config, studies: dict[str, int] | None, health: dict[str, DestinationState]
+) -> list[dict[str, Any]]:
+    """Every live server: registry, last health, studies held."""
+    return [
+        {
+            **server_dict(s, None if studies is None else studies.get(s.name, 0)),
+            "health": health_dict(health.get(s.name)),
+        }
+        for s in config.live_servers()
+    ]
+
+
+def event_dict(event: AuditEvent) -> dict[str, Any]:
+    """One audit_events row."""
+    return {
+        "id": event.id,
+        "at": event.at.isoformat(),
+        "operation": event.operation,
+        "outcome": event.outcome,
+        "calling_ae": event.calling_ae,
+        "called_ae": event.called_ae,
+        "address": event.address,
+        "servers": event.servers.split(",") if event.servers else [],
+        "study_uid": event.study_uid,
+        "counts": event.counts,
+        "detail": event.detail,
+        "node": event.node,
+    }
