@@ -92,26 +92,26 @@ def get_instances(
     router: RouterSettings,
     query_model: str,
     identifier: Dataset,
-    storage: Mapping[str, Sequence[str]],
+    storage: Mapping[str, Sequence[str]] | Sequence[tuple[str, Sequence[str]]],
     on_instance: Callable[[ReceivedInstance], int],
     spill_folder: Path | None = None,
 ) -> MoveProgress:
-    """C-GET from `server`, offering `storage` (SOP class -> transfer syntaxes) for the sub-operations.
+    """C-GET from `server`, offering `storage` (SOP class -> transfer syntaxes, or (class, syntaxes)
+    pairs, several contexts per class allowed) for the sub-operations.
 
     `on_instance` receives each instance and returns the C-STORE status to answer. A data set is
     capped at `router.max_dataset_size` (the association is aborted beyond it); with a
     `spill_folder`, one over `router.max_in_memory_dataset` is written there as it arrives.
     Raises PeerMoveError when the server cannot be reached or the exchange breaks.
     """
-    storage_classes = [(sop, list(syntaxes)) for sop, syntaxes in storage.items()][
-        :MAX_STORAGE_CONTEXTS
-    ]
+    pairs = storage.items() if isinstance(storage, Mapping) else storage
+    storage_classes = [(sop, list(syntaxes)) for sop, syntaxes in pairs][:MAX_STORAGE_CONTEXTS]
     limits = MessageLimits(router.max_dataset_size, router.max_in_memory_dataset, spill_folder)
     link = open_retrieve_link(
         server,
         router,
         [(query_model, [EXPLICIT_VR_LE, IMPLICIT_VR_LE]), *storage_classes],
-        scp_roles=[sop for sop, _ in storage_classes],
+        scp_roles=list(dict.fromkeys(sop for sop, _ in storage_classes)),
         limits=limits,
     )
     clean = False

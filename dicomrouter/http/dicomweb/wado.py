@@ -1,0 +1,297 @@
+"""WADO-RS: which server gives which series, C-GET from there, instances handed on as they arrive."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from io import BytesIO
+from pathlib import Path
+
+from pydicom import Dataset, dcmread
+from pydicom.dataset import FileMetaDataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import (
+    JPEG2000,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+
+from dicomrouter.catalog.queries import Catalog
+from dicomrouter.config import Config, ServerConfig
+from dicomrouter.http.dicomweb.errors import DicomWebError
+from dicomrouter.logging import get_logger
+from dicomrouter.net.find_client import STUDY_ROOT_FIND, PeerFind, PeerFindError
+from dicomrouter.net.get_client import STUDY_ROOT_GET, ReceivedInstance, get_instances
+from dicomrouter.net.move_client import PeerMoveError
+from dicomrouter.net.upper_layer import FileSlice
+from dicomrouter.retrieve.plan import plan_retrieve
+from dicomrouter.routing.access import Caller
+
+log = get_logger(__name__)
+
+# Offered one per presentation context, so the source picks the one it holds (no transcoding).
+TRANSFER_SYNTAXES = tuple(
+    str(uid)
+    for uid in (
+        ExplicitVRLittleEndian,
+        ImplicitVRLittleEndian,
+        JPEGBaseline8Bit,
+        JPEGExtended12Bit,
+        JPEGLossless,
+        JPEGLosslessSV1,
+        JPEGLSLossless,
+        JPEGLSNearLossless,
+        JPEG2000Lossless,
+        JPEG2000,
+        RLELossless,
+        DeflatedExplicitVRLittleEndian,
+        ExplicitVRBigEndian,
+    )
+)
+MAX_STORAGE_CONTEXTS = 126
+# Offered when a server does not say which classes it holds.
+COMMON_SOP_CLASSES = (
+    "1.2.840.10008.5.1.4.1.1.1",  # CR
+    "1.2.840.10008.5.1.4.1.1.1.1",  # DX
+    "1.2.840.10008.5.1.4.1.1.1.2",  # MG
+    "1.2.840.10008.5.1.4.1.1.2",  # CT
+    "1.2.840.10008.5.1.4.1.1.2.1",  # Enhanced CT
+    "1.2.840.10008.5.1.4.1.1.4",  # MR
+    "1.2.840.10008.5.1.4.1.1.4.1",  # Enhanced MR
+    "1.2.840.10008.5.1.4.1.1.6.1",  # US
+    "1.2.840.10008.5.1.4.1.1.7",  # Secondary Capture
+    "1.2.840.10008.5.1.4.1.1.88.11",  # Basic Text SR
+    "1.2.840.10008.5.1.4.1.1.88.22",  # Enhanced SR
+    "1.2.840.10008.5.1.4.1.1.128",  # PET
+    "1.2.840.10008.5.1.4.1.1.20",  # NM
+    "1.2.840.10008.5.1.4.1.1.66.4",  # Segmentation
+    "1.2.840.10008.5.1.4.1.1.481.1",  # RT Image
+    "1.2.840.10008.5.1.4.1.1.104.1",  # Encapsulated PDF
+)
+DATASET_CHUNK = 1024 * 1024
+QUEUED_INSTANCES = 4  # instances held between the C-GET and a slow HTTP client
+SUCCESS, OUT_OF_RESOURCES = 0x0000, 0xA700
+
+
+@dataclass
+class WadoSource:
+    """What to C-GET from one server: the plan's requests and the SOP classes they hold."""
+
+    server: ServerConfig
+    identifiers: list[Dataset]
+    sop_classes: set[str] = field(default_factory=set)
+
+
+def part10_prefix(instance: ReceivedInstance) -> bytes:
+    """Preamble, 'DICM' and file meta for the data set exactly as the source sent it."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = instance.sop_class_uid
+    meta.MediaStorageSOPInstanceUID = instance.sop_instance_uid
+    meta.TransferSyntaxUID = instance.transfer_syntax
+    encoded = DicomBytesIO()
+    encoded.is_little_endian, encoded.is_implicit_VR = True, False
+    write_file_meta_info(encoded, meta, enforce_standard=True)
+    return bytes(128) + b"DICM" + encoded.getvalue()
+
+
+def dataset_chunks(instance: ReceivedInstance) -> Iterator[bytes]:
+    """The data set's bytes as received, piece by piece (a large one is read from its spill file)."""
+    data = instance.dataset
+    if not isinstance(data, FileSlice):
+        yield data
+        return
+    with open(data.path, "rb") as handle:
+        handle.seek(data.offset)
+        left = data.length
+        while left > 0:
+            chunk = handle.read(min(DATASET_CHUNK, left))
+            if not chunk:
+                raise OSError(f"{data.path} ends {left} bytes early")
+            left -= len(chunk)
+            yield chunk
+
+
+def decode_instance(instance: ReceivedInstance) -> Dataset:
+    """The instance as pydicom reads it, pixel data left out (for /metadata)."""
+    encoded = part10_prefix(instance) + b"".join(dataset_chunks(instance))
+    return dcmread(BytesIO(encoded), stop_before_pixels=True)
+
+
+def storage_contexts(sop_classes: set[str]) -> list[tuple[str, list[str]]]:
+    """One context per (class, transfer syntax) while they fit; else one per class with them all."""
+    classes = sorted(sop_classes)
+    if len(classes) * len(TRANSFER_SYNTAXES) <= MAX_STORAGE_CONTEXTS:
+        return [(sop, [syntax]) for sop in classes for syntax in TRANSFER_SYNTAXES]
+    return [(sop, list(TRANSFER_SYNTAXES)) for sop in classes[:MAX_STORAGE_CONTEXTS]]
+
+
+def _sop_classes(
+    config: Config, server: ServerConfig, study: str, series: list[str] | None
+) -> set[str]:
+    """The SOP classes `server` holds in the study (or those series), to offer one context each."""
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = "IMAGE"
+    identifier.StudyInstanceUID = study
+    identifier.SeriesInstanceUID = "\\".join(series) if series else ""
+    identifier.SOPInstanceUID = ""
+    identifier.SOPClassUID = ""
+    find = PeerFind(
+        server, config.router, STUDY_ROOT_FIND, identifier, config.router.find_timeout_s
+    )
+    try:
+        found = {str(answer.get("SOPClassUID", "") or "") for answer in find.answers()}
+    except PeerFindError as exc:
+        log.warning(
+            "wado_sop_classes_unknown", server=server.name, study_uid=study, reason=exc.reason
+        )
+        found = set()
+    finally:
+        find.close()
+    found.discard("")
+    return found or set(COMMON_SOP_CLASSES)
+
+
+def retrieve_identifier(study: str, series: str | None, instance: str | None) -> Dataset:
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = "IMAGE" if instance else "SERIES" if series else "STUDY"
+    identifier.StudyInstanceUID = study
+    if series:
+        identifier.SeriesInstanceUID = series
+    if instance:
+        identifier.SOPInstanceUID = instance
+    return identifier
+
+
+def plan_wado(
+    config: Config,
+    catalog: Catalog | None,
+    caller: Caller,
+    study: str,
+    series: str | None = None,
+    instance: str | None = None,
+) -> list[WadoSource]:
+    """Each series once, from the server the retrieve plan picks; DicomWebError 404 or 502."""
+    plan = plan_retrieve(
+        config, catalog, caller, retrieve_identifier(study, series, instance), STUDY_ROOT_GET
+    )
+    if not plan.sources:
+        if plan.unreachable:
+            failed = "; ".join(f"{name}: {reason}" for name, reason in plan.unreachable.items())
+            raise DicomWebError(
+                502, f"{study} not found on the servers that answered; failed: {failed}"
+            )
+        raise DicomWebError(404, f"{study} is on no server {caller.ae_title} may read")
+
+    def source(plan_source) -> WadoSource:
+        held = plan_source.series.get(study) or ([series] if series else None)
+        return WadoSource(
+            plan_source.server,
+            [request.identifier for request in plan_source.requests],
+            _sop_classes(config, plan_source.server, study, held),
+        )
+
+    with ThreadPoolExecutor(max_workers=len(plan.sources), thread_name_prefix="wado-plan") as pool:
+        return list(pool.map(source, plan.sources))
+
+
+class Retrieval:
+    """Instances of a planned retrieval, yielded as the sources send them; `close()` stops it."""
+
+    def __init__(self, config: Config, sources: list[WadoSource], spill_folder: Path):
+        self.config = config
+        self.sources = sources
+        self.spill_folder = spill_folder
+        self.errors: list[str] = []
+        self.count = 0
+        self._queue: queue.Queue[ReceivedInstance | None] = queue.Queue(QUEUED_INSTANCES)
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="wado-get", daemon=True)
+        self._thread.start()
+
+    def __iter__(self) -> Iterator[ReceivedInstance]:
+        try:
+            while (item := self._queue.get()) is not None:
+                self.count += 1
+                yield item
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self._stopped.set()
+        try:
+            while True:
+                item = self._queue.get_nowait()  # unblock the C-GET thread
+                if item is not None:
+                    item.discard()
+        except queue.Empty:
+            pass
+
+    def _hand_on(self, instance: ReceivedInstance) -> int:
+        while not self._stopped.is_set():
+            try:
+                self._queue.put(instance, timeout=0.2)
+                return SUCCESS
+            except queue.Full:
+                continue
+        instance.discard()
+        return OUT_OF_RESOURCES  # the client went away: the source counts it as failed
+
+    def _run(self) -> None:
+        try:
+            for source in self.sources:
+                contexts = storage_contexts(source.sop_classes)
+                for identifier in source.identifiers:
+                    if self._stopped.is_set():
+                        return
+                    self._get(source.server, contexts, identifier)
+        finally:
+            self._put_end()
+
+    def _get(self, server: ServerConfig, contexts, identifier: Dataset) -> None:
+        try:
+            progress = get_instances(
+                server,
+                self.config.router,
+                STUDY_ROOT_GET,
+                identifier,
+                contexts,
+                self._hand_on,
+                self.spill_folder,
+            )
+        except PeerMoveError as exc:
+            self.errors.append(f"{server.name} {exc.kind}: {exc.reason}")
+            log.warning("wado_get_failed", server=server.name, kind=exc.kind, reason=exc.reason)
+            return
+        if progress.status != SUCCESS and not self._stopped.is_set():
+            self.errors.append(
+                f"{server.name} answered 0x{progress.status:04X} {progress.comment}".strip()
+            )
+            log.warning(
+                "wado_get_incomplete",
+                server=server.name,
+                status=f"0x{progress.status:04X}",
+                failed=progress.failed,
+                comment=progress.comment,
+            )
+
+    def _put_end(self) -> None:
+        while not self._stopped.is_set():
+            try:
+                self._queue.put(None, timeout=0.2)
+                return
+            except queue.Full:
+                continue

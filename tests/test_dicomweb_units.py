@@ -1,0 +1,195 @@
+"""DICOMweb pieces that need no peer: QIDO parameters, DICOM JSON, multipart, STOW responses."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from pydicom import Dataset
+from pydicom.dataelem import RawDataElement
+from pydicom.tag import Tag
+
+from dicomrouter.http.dicomweb.dicomjson import answer_json, dataset_json
+from dicomrouter.http.dicomweb.multipart import (
+    MultipartError,
+    MultipartWriter,
+    content_type_parameters,
+    iter_parts,
+)
+from dicomrouter.http.dicomweb.qido import QidoError, parse_qido
+from dicomrouter.http.dicomweb.search import retrieve_url, warning_value
+from dicomrouter.http.dicomweb.stow import SpillingSink, StoredPart, StowResult
+from dicomrouter.store.spool import Spool
+
+
+def test_qido_study_parameters_become_a_study_root_identifier():
+    query = parse_qido(
+        "studies",
+        [
+            ("PatientName", "SMITH*"),
+            ("00080020", "20200101-20201231"),
+            ("StudyInstanceUID", "1.2.3,1.2.4"),
+            ("includefield", "StudyDescription,00081030,InstitutionName"),
+            ("limit", "10"),
+            ("offset", "5"),
+            ("fuzzymatching", "true"),
+        ],
+    )
+    identifier = query.identifier
+    assert query.level == "STUDY"
+    assert identifier.QueryRetrieveLevel == "STUDY"
+    assert identifier.PatientName == "SMITH*"
+    assert identifier.StudyDate == "20200101-20201231"
+    assert list(identifier.StudyInstanceUID) == [
+        "1.2.3",
+        "1.2.4",
+    ]  # a UID list, backslash-separated
+    assert "InstitutionName" in identifier and "ModalitiesInStudy" in identifier
+    assert (query.limit, query.offset, query.fuzzy) == (10, 5, True)
+    assert query.matching == ("PatientName", "StudyDate", "StudyInstanceUID")
+
+
+def test_qido_series_of_a_study_and_instances_of_a_series():
+    series = parse_qido("series", [("Modality", "CT")], study_uid="1.2.3")
+    assert series.level == "SERIES" and series.identifier.StudyInstanceUID == "1.2.3"
+    instances = parse_qido("instances", [], study_uid="1.2.3", series_uid="1.2.3.4")
+    assert instances.level == "IMAGE"
+    assert instances.identifier.SeriesInstanceUID == "1.2.3.4"
+    assert "SOPClassUID" in instances.identifier
+
+
+def test_qido_all_fields_below_study_level_ask_for_study_attributes():
+    query = parse_qido("instances", [("includefield", "all")])
+    assert query.include_all and "PatientName" in query.identifier
+
+
+def test_qido_non_ascii_value_goes_as_utf8():
+    query = parse_qido("studies", [("PatientName", "Müller*")])
+    assert query.identifier.SpecificCharacterSet == "ISO_IR 192"
+
+
+@pytest.mark.parametrize(
+    "parameters",
+    [
+        [("NotAKeyword", "x")],
+        [("limit", "many")],
+        [("offset", "-1")],
+        [("PatientName.PatientID", "x")],
+    ],
+)
+def test_qido_bad_parameters_are_refused(parameters):
+    with pytest.raises(QidoError):
+        parse_qido("studies", parameters)
+
+
+def test_answer_json_decodes_the_pacs_charset_and_drops_bookkeeping():
+    answer = Dataset()
+    answer.SpecificCharacterSet = "ISO_IR 100"
+    answer.QueryRetrieveLevel = "STUDY"
+    # As the federation hands it on: raw Latin-1 bytes, decoded only when converted.
+    answer[0x00100010] = RawDataElement(Tag(0x00100010), "PN", 8, b"M\xfcller^A", 0, False, True)
+    answer.StudyInstanceUID = "1.2.3"
+    result = answer_json(answer, "http://router/dicom-web/studies/1.2.3")
+    assert result["00100010"]["Value"] == [{"Alphabetic": "Müller^A"}]
+    assert "00080052" not in result and "00080005" not in result
+    assert result["00081190"]["Value"] == ["http://router/dicom-web/studies/1.2.3"]
+
+
+def test_metadata_json_leaves_bulk_data_out_or_references_it():
+    dataset = Dataset()
+    dataset.SOPInstanceUID = "1.2.3"
+    dataset.PixelData = b"\x00" * 4096
+    dataset["PixelData"].VR = "OW"
+    assert "7FE00010" not in dataset_json(dataset)
+    referenced = dataset_json(dataset, lambda element: f"http://x/bulk/{element.tag:08X}")
+    assert referenced["7FE00010"]["BulkDataURI"] == "http://x/bulk/7FE00010"
+
+
+def test_retrieve_url_per_level():
+    answer = Dataset()
+    answer.StudyInstanceUID, answer.SeriesInstanceUID, answer.SOPInstanceUID = "1", "2", "3"
+    assert retrieve_url("http://h/dicom-web", "STUDY", answer) == "http://h/dicom-web/studies/1"
+    assert (
+        retrieve_url("http://h/dicom-web", "IMAGE", answer)
+        == "http://h/dicom-web/studies/1/series/2/instances/3"
+    )
+
+
+def test_warning_header_quotes_the_text():
+    assert warning_value('PACS "A": timeout') == '299 dicomrouter "PACS \\"A\\": timeout"'
+
+
+class Collect:
+    def __init__(self, headers):
+        self.headers = headers
+        self.data = bytearray()
+
+    def write(self, data):
+        self.data += data
+
+
+def _body(parts: list[bytes], boundary: str = "b0undary") -> bytes:
+    writer = MultipartWriter(boundary)
+    out = b""
+    for content in parts:
+        out += writer.part("application/dicom") + content
+    return out + writer.close()
+
+
+def test_multipart_round_trip_with_delimiter_lookalikes_and_small_reads():
+    parts = [b"\r\n--b0undar" * 50_000, b"", b"x" * 1_000_001, b"--b0undary-not-at-line-start"]
+    body = _body(parts)
+    stream = io.BytesIO(body)
+
+    def read(size: int) -> bytes:
+        return stream.read(min(size, 7777))  # odd sizes: delimiters cross reads
+
+    got = [(headers, bytes(sink.data)) for headers, sink in iter_parts(read, "b0undary", Collect)]
+    assert [content for _, content in got] == parts
+    assert got[0][0]["content-type"] == "application/dicom"
+
+
+def test_multipart_truncated_or_without_boundary_is_refused():
+    body = _body([b"abc" * 1000])
+    with pytest.raises(MultipartError):
+        list(iter_parts(io.BytesIO(body[:-40]).read, "b0undary", Collect))
+    with pytest.raises(MultipartError):
+        list(iter_parts(io.BytesIO(b"no parts here").read, "b0undary", Collect))
+
+
+def test_content_type_parameters():
+    media, params = content_type_parameters(
+        'Multipart/Related; type="application/dicom"; boundary="a b"'
+    )
+    assert media == "multipart/related" and params == {
+        "type": "application/dicom",
+        "boundary": "a b",
+    }
+
+
+def test_spilling_sink_goes_to_the_spool_past_the_threshold(tmp_path):
+    spool = Spool(tmp_path)
+    small = SpillingSink(spool, 100)
+    small.write(b"x" * 100)
+    assert small.partial is None and small.size == 100
+    large = SpillingSink(spool, 100)
+    large.write(b"x" * 60)
+    large.write(b"y" * 60)
+    assert large.memory is None and large.size == 120
+    assert large.partial.path.stat().st_size == 120
+    large.discard()
+    assert not list(spool.tmp.iterdir())
+
+
+def test_stow_response_statuses_and_sequences():
+    ok = StoredPart("1.2.840.10008.5.1.4.1.1.7", "1.2.3.1", 0x0000, study_uid="1.2.3")
+    bad = StoredPart(
+        "1.2.840.10008.5.1.4.1.1.7", "1.2.3.2", 0x0124, "not authorized", study_uid="1.2.3"
+    )
+    assert StowResult([ok]).http_status == 200
+    assert StowResult([ok, bad]).http_status == 202
+    assert StowResult([bad]).http_status == 409
+    body = StowResult([ok, bad]).response("http://h/dicom-web")
+    assert body["00081190"]["Value"] == ["http://h/dicom-web/studies/1.2.3"]
+    assert body["00081198"]["Value"][0]["00081197"]["Value"] == [0x0124]
+    assert body["00081199"]["Value"][0]["00081155"]["Value"] == ["1.2.3.1"]
