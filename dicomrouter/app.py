@@ -25,9 +25,11 @@ from dicomrouter.http import health as http_health
 from dicomrouter.http import metrics as http_metrics
 from dicomrouter.http import page as http_page
 from dicomrouter.http.deps import HttpDeps
+from dicomrouter.http.dicomweb.routes import dicomweb_routes
 from dicomrouter.http.server import HttpFront, make_http_app
 from dicomrouter.logging import get_logger
 from dicomrouter.metrics import Metrics
+from dicomrouter.query.federation import Federation
 from dicomrouter.reload import ConfigFileWatcher, ConfigHolder
 from dicomrouter.routing.store_rules import unusable_rules
 from dicomrouter.scp.echo import handle_echo
@@ -203,7 +205,9 @@ def build_app(config: Config, host: str | None = None, port: int | None = None, 
         deps = HttpDeps(
             holder, audit, catalog=catalog, spool=spool, queue=queue, forwarder=forwarder, front=front, metrics=metrics
         )
-        http = HttpFront(make_http_app(deps, HTTP_ROUTE_MODULES), config.router.http)
+        # DICOMweb's QIDO-RS has its own federation (and catalog learner) beside the C-FIND SCP's.
+        dicomweb = dicomweb_routes(receive, Federation(catalog))
+        http = HttpFront(make_http_app(deps, [*HTTP_ROUTE_MODULES, dicomweb]), config.router.http)
     app = RouterApp(
         holder, catalog, spool, queue, forwarder, receive, front, audit, http=http, metrics=metrics, watch_file=watch_file
     )

@@ -95,14 +95,21 @@ def test_answer_json_decodes_the_pacs_charset_and_drops_bookkeeping():
     assert result["00081190"]["Value"] == ["http://router/dicom-web/studies/1.2.3"]
 
 
-def test_metadata_json_leaves_bulk_data_out_or_references_it():
+def _with_pixels(size: int) -> Dataset:
     dataset = Dataset()
     dataset.SOPInstanceUID = "1.2.3"
-    dataset.PixelData = b"\x00" * 4096
+    dataset.PixelData = b"\x00" * size
     dataset["PixelData"].VR = "OW"
-    assert "7FE00010" not in dataset_json(dataset)
-    referenced = dataset_json(dataset, lambda element: f"http://x/bulk/{element.tag:08X}")
+    dataset.add_new(0x00091010, "OB", b"\x01" * 4096)  # large private binary: bulk too
+    return dataset
+
+
+def test_metadata_json_leaves_bulk_data_out_or_references_it():
+    plain = dataset_json(_with_pixels(16))  # pixel data is bulk data however small
+    assert "7FE00010" not in plain and "00091010" not in plain and "00080018" in plain
+    referenced = dataset_json(_with_pixels(16), lambda element: f"http://x/bulk/{element.tag:08X}")
     assert referenced["7FE00010"]["BulkDataURI"] == "http://x/bulk/7FE00010"
+    assert referenced["00091010"]["BulkDataURI"] == "http://x/bulk/00091010"
 
 
 def test_retrieve_url_per_level():
@@ -193,3 +200,19 @@ def test_stow_response_statuses_and_sequences():
     assert body["00081190"]["Value"] == ["http://h/dicom-web/studies/1.2.3"]
     assert body["00081198"]["Value"][0]["00081197"]["Value"] == [0x0124]
     assert body["00081199"]["Value"][0]["00081155"]["Value"] == ["1.2.3.1"]
+
+
+def test_spilling_sink_adds_the_preamble_a_client_left_out(tmp_path):
+    import pydicom
+
+    from tests.orthanc_fixtures import make_test_instance
+
+    ds = make_test_instance(rows=8, cols=8)
+    buffer = io.BytesIO()
+    pydicom.dcmwrite(buffer, ds)  # pydicom 3 writes no preamble unless asked
+    assert buffer.getvalue()[:2] == b"\x02\x00"
+    sink = SpillingSink(Spool(tmp_path), 1 << 20)
+    for start in range(0, len(buffer.getvalue()), 50):
+        sink.write(buffer.getvalue()[start : start + 50])
+    assert sink.header()["SOPInstanceUID"] == ds.SOPInstanceUID
+    assert bytes(sink.memory[128:132]) == b"DICM"

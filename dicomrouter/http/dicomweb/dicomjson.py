@@ -14,7 +14,7 @@ SPECIFIC_CHARACTER_SET = 0x00080005
 RETRIEVE_URL = 0x00081190
 # Values this large are bulk data in /metadata: left out, or referenced by a BulkDataURI.
 BULK_DATA_THRESHOLD = 1024
-BULK_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
+PIXEL_DATA_TAGS = (0x7FE00008, 0x7FE00009, 0x7FE00010)  # float, double float and pixel data
 
 
 def answer_json(answer: Dataset, retrieve_url: str | None = None) -> dict:
@@ -33,7 +33,11 @@ def dataset_json(
     dataset: Dataset, bulk_data_uri: Callable[[DataElement], str] | None = None
 ) -> dict:
     """DICOM JSON of `dataset`; bulk data (large binary values) left out, or referenced by
-    `bulk_data_uri(element)`. The Specific Character Set is dropped: JSON text is UTF-8."""
+    `bulk_data_uri(element)`. Pixel data is bulk data whatever its size. The Specific Character
+    Set is dropped: JSON text is UTF-8. `dataset` loses its pixel data elements."""
+    pixels = [dataset[tag] for tag in PIXEL_DATA_TAGS if tag in dataset]
+    for element in pixels:
+        del dataset[element.tag]
 
     def bulk(element: DataElement) -> str:
         return bulk_data_uri(element) if bulk_data_uri is not None else ""
@@ -42,6 +46,9 @@ def dataset_json(
     result.pop("00080005", None)
     if bulk_data_uri is None:
         _drop_bulk(result)
+    else:
+        for element in pixels:
+            result[f"{element.tag:08X}"] = {"vr": element.VR, "BulkDataURI": bulk_data_uri(element)}
     return result
 
 

@@ -27,6 +27,7 @@ log = get_logger(__name__)
 
 DICOM_MEDIA_TYPE = "application/dicom"
 HEADER_TAGS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID")
+PART10_PREFIX_BYTES = 132  # preamble and 'DICM'
 
 
 def may_store_anywhere(config: Config, caller: Caller) -> bool:
@@ -43,6 +44,7 @@ class SpillingSink:
         self.content_type = content_type
         self.memory: bytearray | None = bytearray()
         self.partial: PartialFile | None = None
+        self._head_checked = False
 
     def write(self, data: bytes | memoryview) -> None:
         if self.partial is not None:
@@ -50,10 +52,25 @@ class SpillingSink:
             return
         assert self.memory is not None
         self.memory += data
+        if len(self.memory) >= PART10_PREFIX_BYTES:
+            self._complete_head()
         if len(self.memory) > self.threshold:
             self.partial = self.spool.open_partial()
             self.partial.write(self.memory)
             self.memory = None
+
+    def _complete_head(self) -> None:
+        """Clients that write a data set with file meta but no preamble (pydicom's dcmwrite does by
+        default) get the 128-byte preamble and 'DICM' added, as PS3.10 files have them."""
+        if self._head_checked or self.memory is None:
+            return
+        self._head_checked = True
+        if self.memory[128:132] == b"DICM":
+            return
+        if self.memory[:4] == b"DICM":
+            self.memory[:0] = bytes(128)
+        elif self.memory[:2] == b"\x02\x00":  # a (0002,xxxx) file meta element, little endian
+            self.memory[:0] = bytes(128) + b"DICM"
 
     @property
     def size(self) -> int:
@@ -61,6 +78,7 @@ class SpillingSink:
 
     def header(self) -> dict[str, str]:
         """The UIDs the response names (empty when the part cannot be read)."""
+        self._complete_head()
         try:
             if self.partial is not None:
                 with open(self.partial.path, "rb") as handle:

@@ -1,0 +1,317 @@
+"""DICOMweb (PS3.18) under /dicom-web: thin aiohttp handlers over the search, wado and stow services."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from dicomrouter.http.auth import require_client
+from dicomrouter.http.deps import HttpDeps
+from dicomrouter.http.dicomweb.dicomjson import MEDIA_TYPE, dataset_json, encode_json
+from dicomrouter.http.dicomweb.errors import DicomWebError
+from dicomrouter.http.dicomweb.multipart import (
+    MultipartError,
+    MultipartWriter,
+    content_type_parameters,
+    iter_parts,
+    related_content_type,
+)
+from dicomrouter.http.dicomweb.qido import QidoError, parse_qido
+from dicomrouter.http.dicomweb.search import qido_search
+from dicomrouter.http.dicomweb.stow import DICOM_MEDIA_TYPE, SpillingSink, stow_store
+from dicomrouter.http.dicomweb.wado import (
+    Retrieval,
+    dataset_chunks,
+    decode_instance,
+    part10_prefix,
+    plan_wado,
+)
+from dicomrouter.logging import get_logger
+from dicomrouter.query.federation import Federation
+from dicomrouter.routing.access import Caller
+from dicomrouter.store.receive import ReceiveService
+
+log = get_logger(__name__)
+
+PREFIX = "/dicom-web"
+STUDY = "{study}"
+SERIES = "{series}"
+INSTANCE = "{instance}"
+
+
+def base_url(request: web.Request) -> str:
+    """The DICOMweb root as the client reached it (RetrieveURL values point there)."""
+    host = request.host
+    has_port = "]:" in host if host.startswith("[") else ":" in host
+    if not has_port:
+        # Some clients (dicomweb-client) send a Host without the port: add the one they reached.
+        sockname = request.transport.get_extra_info("sockname") if request.transport else None
+        port = sockname[1] if sockname else None
+        if port and port != {"http": 80, "https": 443}.get(request.scheme):
+            host = f"{host}:{port}"
+    return f"{request.scheme}://{host}{PREFIX}"
+
+
+def _error_response(exc: DicomWebError) -> web.Response:
+    headers = [("Warning", value) for value in exc.warnings]
+    response = web.Response(status=exc.status, text=exc.message + "\n")
+    for name, value in headers:
+        response.headers.add(name, value)
+    return response
+
+
+class DicomWebRoutes:
+    """The handlers, given the services they call (one Federation for QIDO, the receive service)."""
+
+    def __init__(self, deps: HttpDeps, receive: ReceiveService, federation: Federation):
+        self.deps = deps
+        self.receive = receive
+        self.federation = federation
+
+    def add_to(self, app: web.Application) -> None:
+        get, post = app.router.add_get, app.router.add_post
+        for resource, prefix in (
+            ("studies", ""),
+            ("series", ""),
+            ("instances", ""),
+            ("series", f"/studies/{STUDY}"),
+            ("instances", f"/studies/{STUDY}"),
+            ("instances", f"/studies/{STUDY}/series/{SERIES}"),
+        ):
+            get(f"{PREFIX}{prefix}/{resource}", self._search_handler(resource), allow_head=False)
+        for path in (
+            f"/studies/{STUDY}",
+            f"/studies/{STUDY}/series/{SERIES}",
+            f"/studies/{STUDY}/series/{SERIES}/instances/{INSTANCE}",
+        ):
+            get(f"{PREFIX}{path}", self.retrieve, allow_head=False)
+            get(f"{PREFIX}{path}/metadata", self.metadata, allow_head=False)
+        post(f"{PREFIX}/studies", self.store)
+        post(f"{PREFIX}/studies/{STUDY}", self.store)
+
+    def _audit(self, caller: Caller, operation: str, outcome: str, **fields: Any) -> None:
+        self.deps.audit.record(
+            operation, outcome, calling_ae=caller.ae_title, address=caller.address, **fields
+        )
+
+    # QIDO-RS
+
+    def _search_handler(self, resource: str) -> Callable:
+        async def search(request: web.Request) -> web.StreamResponse:
+            return await self.search(request, resource)
+
+        return search
+
+    async def search(self, request: web.Request, resource: str) -> web.StreamResponse:
+        caller = require_client(request)
+        config = self.deps.holder.current
+        study, series = request.match_info.get("study"), request.match_info.get("series")
+        try:
+            query = parse_qido(resource, list(request.query.items()), study, series)
+        except QidoError as exc:
+            return web.Response(status=400, text=f"{exc}\n")
+        started = time.monotonic()
+        try:
+            result = await asyncio.to_thread(
+                qido_search, config, self.federation, caller, query, base_url(request)
+            )
+        except DicomWebError as exc:
+            self._audit(
+                caller,
+                "find",
+                "refused" if exc.status == 403 else "failed",
+                detail=f"DICOMweb {request.path_qs}: {exc.message}"[:500],
+            )
+            return _error_response(exc)
+        self._audit(
+            caller,
+            "find",
+            "success" if result.outcome == "complete" else result.outcome,
+            servers=result.servers,
+            detail=f"DICOMweb {request.path_qs}"[:500],
+            counts={
+                "answers": len(result.answers),
+                "ms": round((time.monotonic() - started) * 1000),
+            },
+        )
+        response = web.Response(body=encode_json(result.answers), content_type=MEDIA_TYPE)
+        for value in result.warnings:
+            response.headers.add("Warning", value)
+        return response
+
+    # WADO-RS
+
+    async def _plan(self, request: web.Request) -> tuple[Caller, Retrieval]:
+        caller = require_client(request)
+        config = self.deps.holder.current
+        study = request.match_info["study"]
+        series, instance = request.match_info.get("series"), request.match_info.get("instance")
+        sources = await asyncio.to_thread(
+            plan_wado, config, self.deps.catalog, caller, study, series, instance
+        )
+        spill_folder = (
+            Path(config.router.spool) / "tmp"
+        )  # large instances wait there, not in memory
+        return caller, Retrieval(config, sources, spill_folder)
+
+    async def retrieve(self, request: web.Request) -> web.StreamResponse:
+        accept = request.headers.get("Accept", "*/*")
+        if not _accepts_dicom_multipart(accept):
+            return web.Response(
+                status=406, text='only multipart/related; type="application/dicom" is served\n'
+            )
+        try:
+            caller, retrieval = await self._plan(request)
+        except DicomWebError as exc:
+            return _error_response(exc)
+        writer = MultipartWriter()
+        response = web.StreamResponse(
+            headers={"Content-Type": related_content_type(writer.boundary, DICOM_MEDIA_TYPE)}
+        )
+        instances = iter(retrieval)
+        outcome = "cancelled"
+        try:
+            await response.prepare(request)
+            while (instance := await asyncio.to_thread(next, instances, None)) is not None:
+                try:
+                    await response.write(writer.part(DICOM_MEDIA_TYPE) + part10_prefix(instance))
+                    chunks = dataset_chunks(instance)
+                    while (chunk := await asyncio.to_thread(next, chunks, None)) is not None:
+                        await response.write(chunk)
+                finally:
+                    instance.discard()
+            await response.write(writer.close())
+            await response.write_eof()
+            outcome = "partial" if retrieval.errors else "success"
+        finally:
+            retrieval.close()
+            self._audit(
+                caller,
+                "get",
+                outcome,
+                study_uid=request.match_info["study"],
+                servers=[source.server.name for source in retrieval.sources],
+                counts={"instances": retrieval.count},
+                detail=(f"DICOMweb {request.path}; " + "; ".join(retrieval.errors))[:500],
+            )
+        return response
+
+    async def metadata(self, request: web.Request) -> web.StreamResponse:
+        try:
+            caller, retrieval = await self._plan(request)
+        except DicomWebError as exc:
+            return _error_response(exc)
+        try:
+            datasets = await asyncio.to_thread(_metadata_of, retrieval)
+        finally:
+            retrieval.close()
+        self._audit(
+            caller,
+            "get",
+            "partial" if retrieval.errors else "success",
+            study_uid=request.match_info["study"],
+            counts={"instances": len(datasets)},
+            detail=f"DICOMweb {request.path}"[:500],
+        )
+        return web.Response(body=encode_json(datasets), content_type=MEDIA_TYPE)
+
+    # STOW-RS
+
+    async def store(self, request: web.Request) -> web.StreamResponse:
+        caller = require_client(request)
+        config = self.deps.holder.current
+        media_type, params = content_type_parameters(request.headers.get("Content-Type", ""))
+        part_type = params.get("type", DICOM_MEDIA_TYPE).lower()
+        if media_type != "multipart/related" or part_type != DICOM_MEDIA_TYPE:
+            return web.Response(
+                status=415, text='send multipart/related; type="application/dicom"\n'
+            )
+        study = request.match_info.get("study")
+        loop = asyncio.get_running_loop()
+
+        def read(size: int) -> bytes:
+            return asyncio.run_coroutine_threadsafe(request.content.read(size), loop).result()
+
+        threshold = config.router.max_in_memory_dataset
+        sinks: list[SpillingSink] = []
+
+        def new_sink(headers: dict[str, str]) -> SpillingSink:
+            sink = SpillingSink(
+                self.receive.spool, threshold, headers.get("content-type", DICOM_MEDIA_TYPE)
+            )
+            sinks.append(sink)
+            return sink
+
+        def store_all():
+            parts = iter_parts(read, params.get("boundary", ""), new_sink)
+            return stow_store(self.receive, config, caller, parts, study)
+
+        try:
+            result = await asyncio.to_thread(store_all)
+        except DicomWebError as exc:
+            self._audit(
+                caller,
+                "store",
+                "refused" if exc.status == 403 else "failed",
+                study_uid=study,
+                detail=f"DICOMweb STOW: {exc.message}"[:500],
+            )
+            return _error_response(exc)
+        except MultipartError as exc:
+            return web.Response(status=400, text=f"{exc}\n")
+        finally:
+            for sink in sinks:
+                sink.discard()  # a part cut short by a broken upload leaves nothing in tmp/
+        stored = sum(p.status == 0 for p in result.parts)
+        self._audit(
+            caller,
+            "store",
+            {200: "success", 202: "partial", 409: "failed"}[result.http_status],
+            study_uid=study or next((p.study_uid for p in result.parts if p.study_uid), None),
+            counts={"instances": len(result.parts), "stored": stored},
+            detail="DICOMweb STOW " + "; ".join(p.comment for p in result.parts if p.comment)[:400],
+        )
+        return web.Response(
+            status=result.http_status,
+            body=encode_json(result.response(base_url(request), study)),
+            content_type=MEDIA_TYPE,
+        )
+
+
+def _accepts_dicom_multipart(accept: str) -> bool:
+    for item in accept.split(","):
+        media_type, params = content_type_parameters(item.strip() or "*/*")
+        if media_type in ("*/*", "multipart/*"):
+            return True
+        if media_type == "multipart/related" and params.get("type", DICOM_MEDIA_TYPE).lower() in (
+            DICOM_MEDIA_TYPE,
+            "application/*",
+        ):
+            return True
+    return False
+
+
+def _metadata_of(retrieval: Retrieval) -> list[dict]:
+    result = []
+    for instance in retrieval:
+        try:
+            result.append(dataset_json(decode_instance(instance)))
+        finally:
+            instance.discard()
+    return result
+
+
+def dicomweb_routes(
+    receive: ReceiveService, federation: Federation
+) -> Callable[[web.Application, HttpDeps], None]:
+    """The route module app.py passes to make_http_app."""
+
+    def add_routes(app: web.Application, deps: HttpDeps) -> None:
+        DicomWebRoutes(deps, receive, federation).add_to(app)
+
+    return add_routes
