@@ -9,6 +9,7 @@ from pydicom import Dataset
 from pydicom.dataelem import RawDataElement
 from pydicom.tag import Tag
 
+from dicomrouter.dicom_file import dataset_offset
 from dicomrouter.http.dicomweb.dicomjson import answer_json, dataset_json
 from dicomrouter.http.dicomweb.multipart import (
     MultipartError,
@@ -216,3 +217,4 @@ def test_spilling_sink_adds_the_preamble_a_client_left_out(tmp_path):
         sink.write(buffer.getvalue()[start : start + 50])
     assert sink.header()["SOPInstanceUID"] == ds.SOPInstanceUID
     assert bytes(sink.memory[128:132]) == b"DICM"
+    assert dataset_offset(bytes(sink.memory)) > 144  # the file meta group length was added

@@ -10,6 +10,7 @@ from typing import Any
 from pydicom import dcmread
 
 from dicomrouter.config import Config
+from dicomrouter.dicom_file import MAX_FILE_META_BYTES, PREFIX_BYTES, with_group_length
 from dicomrouter.http.dicomweb.errors import DicomWebError
 from dicomrouter.logging import get_logger
 from dicomrouter.routing.access import Caller, may_write
@@ -27,7 +28,7 @@ log = get_logger(__name__)
 
 DICOM_MEDIA_TYPE = "application/dicom"
 HEADER_TAGS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID")
-PART10_PREFIX_BYTES = 132  # preamble and 'DICM'
+HEAD_BYTES = PREFIX_BYTES + MAX_FILE_META_BYTES  # enough to complete a part's file meta
 
 
 def may_store_anywhere(config: Config, caller: Caller) -> bool:
@@ -52,25 +53,32 @@ class SpillingSink:
             return
         assert self.memory is not None
         self.memory += data
-        if len(self.memory) >= PART10_PREFIX_BYTES:
+        if len(self.memory) >= HEAD_BYTES:
             self._complete_head()
         if len(self.memory) > self.threshold:
+            self._complete_head()
             self.partial = self.spool.open_partial()
             self.partial.write(self.memory)
             self.memory = None
 
     def _complete_head(self) -> None:
-        """Clients that write a data set with file meta but no preamble (pydicom's dcmwrite does by
-        default) get the 128-byte preamble and 'DICM' added, as PS3.10 files have them."""
+        """Clients that write a data set with file meta but no preamble, or a file meta without its
+        group length (pydicom's dcmwrite does both by default) get them added, as PS3.10 has them."""
         if self._head_checked or self.memory is None:
             return
         self._head_checked = True
         if self.memory[128:132] == b"DICM":
-            return
-        if self.memory[:4] == b"DICM":
+            pass
+        elif self.memory[:4] == b"DICM":
             self.memory[:0] = bytes(128)
         elif self.memory[:2] == b"\x02\x00":  # a (0002,xxxx) file meta element, little endian
             self.memory[:0] = bytes(128) + b"DICM"
+        try:
+            completed = with_group_length(bytes(self.memory))
+        except ValueError:
+            return  # the receive service refuses it with the reason
+        if len(completed) != len(self.memory):
+            self.memory = bytearray(completed)
 
     @property
     def size(self) -> int:
