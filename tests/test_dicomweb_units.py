@@ -218,3 +218,21 @@ def test_spilling_sink_adds_the_preamble_a_client_left_out(tmp_path):
     assert sink.header()["SOPInstanceUID"] == ds.SOPInstanceUID
     assert bytes(sink.memory[128:132]) == b"DICM"
     assert dataset_offset(bytes(sink.memory)) > 144  # the file meta group length was added
+
+
+def test_config_check_lists_the_dicomweb_url(tmp_path):
+    from click.testing import CliRunner
+
+    from dicomrouter.cli.main import cli
+    from tests.configs import base_document, write_document
+
+    document = base_document()
+    path = write_document(tmp_path / "plain.yaml", document)
+    result = CliRunner().invoke(cli, ["--config", str(path), "config", "check"])
+    assert result.exit_code == 0, result.output
+    assert "http    off" in result.output
+    document["router"]["http"] = {"host": "127.0.0.1", "port": 8099}
+    path = write_document(tmp_path / "web.yaml", document)
+    result = CliRunner().invoke(cli, ["--config", str(path), "config", "check"])
+    assert result.exit_code == 0, result.output
+    assert "dicomweb http://127.0.0.1:8099/dicom-web" in result.output

@@ -19,6 +19,7 @@ from dicomrouter.cli.serve import serve_command
 from dicomrouter.cli.servers import servers_group
 from dicomrouter.cli.store import import_command, queue_group, route_group
 from dicomrouter.config import CONFIG_ENV_VAR, DEFAULT_CONFIG_NAME
+from dicomrouter.http.dicomweb import dicomweb_url
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -58,15 +59,34 @@ def config_check(state: CliState) -> None:
         click.echo("tls     off (plain TCP)")
     else:
         required = "required" if router.tls.require_client_certificate else "optional"
-        click.echo(f"tls     on, certificate {router.tls.certificate}, client certificates {required}")
+        click.echo(
+            f"tls     on, certificate {router.tls.certificate}, client certificates {required}"
+        )
+    if router.http is None:
+        click.echo("http    off (no router.http: no DICOMweb, metrics or status page)")
+    else:
+        click.echo(
+            f"http    {router.http.host}:{router.http.port}{' (TLS)' if router.http.tls else ''}"
+        )
+        click.echo(f"dicomweb {dicomweb_url(router.http)}  (QIDO-RS, WADO-RS, STOW-RS)")
     click.echo("")
     rows = [
-        (s.name, s.ae_title, s.address, s.environment, yes_no(s.active), yes_no(s.primary), yes_no(s.deleted))
+        (
+            s.name,
+            s.ae_title,
+            s.address,
+            s.environment,
+            yes_no(s.active),
+            yes_no(s.primary),
+            yes_no(s.deleted),
+        )
         for s in config.servers
     ]
     print_table(("server", "ae_title", "address", "env", "active", "primary", "deleted"), rows)
     click.echo("")
-    click.echo(f"{len(config.clients)} clients, {len(config.routes)} routing rules, primary: {config.primary.name}")
+    click.echo(
+        f"{len(config.clients)} clients, {len(config.routes)} routing rules, primary: {config.primary.name}"
+    )
 
 
 cli.add_command(serve_command)

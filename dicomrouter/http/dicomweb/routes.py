@@ -12,6 +12,7 @@ from aiohttp import web
 
 from dicomrouter.http.auth import require_client
 from dicomrouter.http.deps import HttpDeps
+from dicomrouter.http.dicomweb import PREFIX
 from dicomrouter.http.dicomweb.dicomjson import MEDIA_TYPE, dataset_json, encode_json
 from dicomrouter.http.dicomweb.errors import DicomWebError
 from dicomrouter.http.dicomweb.multipart import (
@@ -38,7 +39,6 @@ from dicomrouter.store.receive import ReceiveService
 
 log = get_logger(__name__)
 
-PREFIX = "/dicom-web"
 STUDY = "{study}"
 SERIES = "{series}"
 INSTANCE = "{instance}"
