@@ -31,6 +31,7 @@ from dicomrouter.logging import get_logger
 from dicomrouter.metrics import Metrics
 from dicomrouter.query.federation import Federation
 from dicomrouter.reload import ConfigFileWatcher, ConfigHolder
+from dicomrouter.routing.access import called_server_refusal
 from dicomrouter.routing.store_rules import unusable_rules
 from dicomrouter.scp.echo import handle_echo
 from dicomrouter.scp.find import find_bindings
@@ -73,6 +74,7 @@ def lean_store_path(contexts: list[SupportedContext], receive: ReceiveService, h
         receive.spool,
         lambda: holder.current.router.max_in_memory_dataset,
         elsewhere,
+        echo_refusal=lambda called_ae: called_server_refusal(holder.current, called_ae),
     )
 
 
@@ -192,7 +194,7 @@ def build_app(config: Config, host: str | None = None, port: int | None = None, 
     # Storage contexts before C-GET's: pynetdicom keeps the SCP/SCU roles of the last one added.
     contexts = [SupportedContext(Verification), *storage_contexts(), *find_contexts, *move_contexts]
     handlers = [
-        (evt.EVT_C_ECHO, handle_echo),
+        (evt.EVT_C_ECHO, handle_echo, [holder]),
         (evt.EVT_C_STORE, handle_store, [receive]),
         *find_handlers,
         *move_handlers,

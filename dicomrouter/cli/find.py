@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 
 import click
 from pydicom import Dataset
 
 from dicomrouter.cli.common import CliState, open_catalog, pass_state, print_table
-from dicomrouter.config import Config
+from dicomrouter.config import Config, ServerConfig
 from dicomrouter.logging import configure_logging
 from dicomrouter.net.find_client import PATIENT_ROOT_FIND, STUDY_ROOT_FIND, WORKLIST_FIND
 from dicomrouter.query.federation import FederatedAnswer, Federation, FindSummary
@@ -75,23 +76,42 @@ def _in_config_order(config: Config, names: list[str]) -> list[str]:
     return sorted(names, key=lambda name: order.get(name, len(order)))
 
 
+def _holders(config: Config, answer: FederatedAnswer) -> str:
+    """The servers holding an answer; with each one's instance count when the copies differ."""
+    names = _in_config_order(config, answer.servers)
+    if not answer.copies_differ:
+        return ", ".join(names)
+    incomplete = set(answer.incomplete)
+    return ", ".join(
+        f"{name} ({answer.counts.get(name)}{', incomplete' if name in incomplete else ''})" for name in names
+    )
+
+
 def _print_table(config: Config, columns, answers: list[FederatedAnswer]) -> None:
     headers = [".".join(path) for path in columns] + ["servers"]
-    rows = [
-        [_value(a.identifier, path) for path in columns] + [", ".join(_in_config_order(config, a.servers))]
-        for a in answers
-    ]
+    rows = [[_value(a.identifier, path) for path in columns] + [_holders(config, a)] for a in answers]
     print_table(headers, rows)
+    differ = sum(a.copies_differ for a in answers)
+    if differ:
+        click.echo(
+            f"copies differ for {differ} of {len(answers)}: each server's instance count is shown, the incomplete"
+            " copies are flagged; the row (and a DICOM answer) shows the most complete copy"
+        )
 
 
-def _print_servers(summary: FindSummary) -> None:
+def _print_servers(summary: FindSummary, skipped: tuple[ServerConfig, ...]) -> None:
     click.echo("")
     outcome = {"complete": "", "partial": " (partial)", "failed": " (every server failed)"}.get(
         summary.outcome, f" ({summary.outcome})"
     )
-    click.echo(f"{summary.answers} answers from {len(summary.servers)} servers in {summary.elapsed_ms:.0f} ms{outcome}")
+    not_asked = f"; {len(skipped)} inactive not asked" if skipped else ""
+    click.echo(
+        f"{summary.answers} answers from {len(summary.servers)} servers in {summary.elapsed_ms:.0f} ms{outcome}{not_asked}"
+    )
     for report in summary.failed_servers:
         click.echo(f"failed: {report.name}: {report.state}: {report.reason}")
+    for server in skipped:
+        click.echo(f"skipped: {server.name}: inactive; ask it with --server {shlex.quote(server.name)}")
     click.echo("")
     print_table(
         ("server", "state", "answers", "first answer ms", "total ms"),
@@ -99,7 +119,9 @@ def _print_servers(summary: FindSummary) -> None:
     )
 
 
-def _as_json(config: Config, columns, answers: list[FederatedAnswer], summary: FindSummary) -> str:
+def _as_json(
+    config: Config, columns, answers: list[FederatedAnswer], summary: FindSummary, skipped: tuple[ServerConfig, ...]
+) -> str:
     document = {
         "outcome": summary.outcome,
         "elapsed_ms": summary.elapsed_ms,
@@ -107,10 +129,13 @@ def _as_json(config: Config, columns, answers: list[FederatedAnswer], summary: F
             {
                 "attributes": {".".join(path): _value(a.identifier, path) for path in columns},
                 "servers": _in_config_order(config, a.servers),
+                "instances": {name: a.counts.get(name) for name in _in_config_order(config, a.servers)},
+                "incomplete": _in_config_order(config, a.incomplete),
             }
             for a in answers
         ],
         "servers": [r.as_dict() for r in summary.servers],
+        "skipped_inactive": [server.name for server in skipped],
     }
     return json.dumps(document, indent=2, ensure_ascii=False)
 
@@ -146,7 +171,8 @@ def find_command(state: CliState, level: str, model: str | None, keys: tuple[str
     targets = find_targets(config, _caller(config, as_client), worklist=level == "WORKLIST",
                            names=servers or None)
     if not targets.servers:
-        raise click.ClickException(targets.refused or "no server to query")
+        skipped = "; inactive, not asked: " + ", ".join(s.name for s in targets.skipped) if targets.skipped else ""
+        raise click.ClickException((targets.refused or "no server to query") + skipped)
     try:
         catalog = open_catalog(config, must_exist=True)
     except click.ClickException:
@@ -161,10 +187,10 @@ def find_command(state: CliState, level: str, model: str | None, keys: tuple[str
     assert summary is not None
     columns = _columns(identifier)
     if as_json:
-        click.echo(_as_json(config, columns, answers, summary))
+        click.echo(_as_json(config, columns, answers, summary, targets.skipped))
     else:
         _print_table(config, columns, answers)
-        _print_servers(summary)
+        _print_servers(summary, targets.skipped)
         if summary.outcome == "limited":
             click.echo(f"stopped at router.max_find_results ({config.router.max_find_results}); narrow the query", err=True)
     sys.exit(1 if summary.outcome == "failed" else 0)

@@ -3,8 +3,10 @@
 Merge policy while streaming: an answer cannot be taken back once sent. So the first copy of an
 entity (a patient, study, series or image, by its unique key) is held until every other server
 still answering has finished, or for at most `merge_window_s` after it arrived, whichever comes
-first. The copies that arrived by then are merged: the primary's copy (then server order) wins,
-attributes it lacks are filled from the others, counts are never summed. A copy arriving after
+first. The copies that arrived by then are merged: the most complete copy (by its
+NumberOf...RelatedInstances) wins, then the primary's, then server order; attributes it lacks are
+filled from the others, counts are never summed, and each server's count is kept beside the
+answer (the CLI shows them when copies differ). A copy arriving after
 its entity was sent only adds its server to the holders (the catalog and the CLI see it). PACS
 that answer within the window of each other are merged fully; a slow PACS delays no answer by
 more than the window. The CLI waits for every server (`merge_window_s=None`).
@@ -29,7 +31,14 @@ from dicomrouter.config import RouterSettings, ServerConfig
 from dicomrouter.logging import get_logger
 from dicomrouter.net.find_client import PeerFind, PeerFindError
 from dicomrouter.query.learn import RecentlyLearned, learn_from_answers
-from dicomrouter.query.merge import answer_key, distinct_within_server, merge_copies, prepare_query
+from dicomrouter.query.merge import (
+    answer_key,
+    distinct_within_server,
+    instance_count,
+    merge_copies,
+    most_complete_first,
+    prepare_query,
+)
 
 log = get_logger(__name__)
 
@@ -73,6 +82,18 @@ class ServerReport:
 class FederatedAnswer:
     identifier: Dataset
     servers: list[str]  # every server found holding it; grows while the query runs
+    # Instances each server's copy holds (NumberOf...RelatedInstances), when the answers say.
+    counts: dict[str, int | None] = field(default_factory=dict)
+
+    @property
+    def copies_differ(self) -> bool:
+        return len(set(self.counts.values())) > 1
+
+    @property
+    def incomplete(self) -> list[str]:
+        """Servers whose copy holds fewer instances than the most complete one."""
+        most = max((count or 0 for count in self.counts.values()), default=0)
+        return [name for name, count in self.counts.items() if (count or 0) < most]
 
 
 @dataclass
@@ -385,6 +406,7 @@ class FederatedFind:
         if key in sent:
             if name not in sent[key].servers:
                 sent[key].servers.append(name)
+                sent[key].counts[name] = instance_count(self.level, answer)
             return
         entry = pending.get(key)
         if entry is None:
@@ -395,11 +417,22 @@ class FederatedFind:
 
     def _release(self, entry: _Entry) -> FederatedAnswer:
         ranks = sorted(entry.copies)
-        identifier = merge_copies(
-            [entry.copies[rank] for rank in ranks], self._strip, self.retrieve_ae
-        )
         # In server order (the primary first), whichever answered first; later holders follow.
-        return FederatedAnswer(identifier, [self.peers[rank].server.name for rank in ranks])
+        names = [self.peers[rank].server.name for rank in ranks]
+        counts = [instance_count(self.level, entry.copies[rank]) for rank in ranks]
+        # The most complete copy wins (a partial copy must not hide the whole one), then server order.
+        order = most_complete_first(counts) if len(ranks) > 1 else [0]
+        identifier = merge_copies(
+            [entry.copies[ranks[index]] for index in order], self._strip, self.retrieve_ae
+        )
+        if len(set(counts)) > 1:
+            log.info(
+                "find_copies_differ",
+                level=self.level,
+                key=answer_key(self.level, identifier),
+                counts=dict(zip(names, counts, strict=True)),
+            )
+        return FederatedAnswer(identifier, names, dict(zip(names, counts, strict=True)))
 
     def _give_up(self, running: set[int]) -> None:
         for rank in sorted(running):

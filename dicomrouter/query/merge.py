@@ -18,6 +18,12 @@ LEVEL_KEYS: dict[str, tuple[str, ...]] = {
     "SERIES": ("SeriesInstanceUID",),
     "IMAGE": ("SOPInstanceUID",),
 }
+# How many instances a copy holds, per level: copies of one entity on several PACS may differ.
+COUNT_KEYWORDS: dict[str, str] = {
+    "PATIENT": "NumberOfPatientRelatedInstances",
+    "STUDY": "NumberOfStudyRelatedInstances",
+    "SERIES": "NumberOfSeriesRelatedInstances",
+}
 # A worklist item has no UID of its own: it is one Scheduled Procedure Step (PS3.4 K.6.1), named by
 # its step ID within the requested procedure these keys name. Steps of one procedure (PT and CT on
 # one PET/CT) share all three, so they alone never make two items copies.
@@ -173,6 +179,25 @@ RETRIEVE_AE_TITLE = 0x00080054
 SPECIFIC_CHARACTER_SET = 0x00080005
 
 
+_COUNT_TAGS = {level: tag_for_keyword(keyword) for level, keyword in COUNT_KEYWORDS.items()}
+
+
+def instance_count(level: str, answer: Dataset) -> int | None:
+    """The answer's count of instances at its level (NumberOfStudyRelatedInstances, ...), if given."""
+    tag = _COUNT_TAGS.get(level)
+    if tag is None:
+        return None
+    try:
+        return int(_raw_text(answer, tag))
+    except ValueError:  # absent or not a number
+        return None
+
+
+def most_complete_first(counts: Sequence[int | None]) -> list[int]:
+    """Indexes of copies in merge order: the copy holding the most instances first, then as given."""
+    return sorted(range(len(counts)), key=lambda index: -(counts[index] or 0))
+
+
 def _text(value: object) -> str:
     return "" if value is None else str(value).strip(" \x00")
 
@@ -191,7 +216,8 @@ def merge_copies(
     A single copy is changed in place (it is the caller's own answer); several give a new one.
 
     Counts (NumberOfStudyRelatedInstances, ...) are the preferred copy's, never sums: copies
-    of one study are the same study, not more of it.
+    of one study are the same study, not more of it. The federation puts the most complete
+    copy first (most_complete_first), so the answer describes it.
     """
     preferred = copies[0]
     if len(copies) == 1:

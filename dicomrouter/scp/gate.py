@@ -233,7 +233,8 @@ def make_request_handler(
                 )
                 association.record("association", "accepted", detail=f"{decision.reason} ({caller.kind})")
                 StoreSession(
-                    connection, request, results, caller, association, lean_store.store, limits, lean_store.spool
+                    connection, request, results, caller, association, lean_store.store, limits, lean_store.spool,
+                    echo_refusal=lean_store.echo_refusal,
                 ).serve()
             finally:
                 association.close()

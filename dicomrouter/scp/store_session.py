@@ -52,6 +52,7 @@ log = get_logger(__name__)
 
 C_STORE_RQ, C_STORE_RSP = 0x0001, 0x8001
 C_ECHO_RQ, C_ECHO_RSP = 0x0030, 0x8030
+ECHO_REFUSED = 0x0124  # refused: not authorized (the called AE is an inactive server), as a store to it
 NO_DATASET = 0x0101
 PDV_HEADER_LENGTH = 6  # item length (4), presentation context ID, message control header
 VIEW_MIN_BYTES = 4096  # smaller data set fragments are copied, not held as views into their PDU
@@ -264,7 +265,9 @@ class StoreSession:
         store: StoreInstance,
         limits: SessionLimits,
         spool: Spool,
+        echo_refusal: Callable[[str], str | None] | None = None,
     ):
+        self.echo_refusal = echo_refusal  # called AE -> why an echo to it is refused (an inactive server)
         self.connection = connection
         self.request = request
         self.contexts: Mapping[int, ContextResult] = {r.context_id: r for r in results if r.result == ACCEPTED}
@@ -395,9 +398,15 @@ class StoreSession:
         if command_field == C_ECHO_RQ:
             if dataset_type != NO_DATASET:
                 raise ProtocolViolation("C-ECHO-RQ announcing a data set")
-            self._respond(context_id, C_ECHO_RSP, message_id, sop_class, None, 0x0000, "")
-            self.log.debug("echo")
-            self.audit.record("echo", "success")
+            refusal = self.echo_refusal(self.request.called_ae) if self.echo_refusal else None
+            if refusal:
+                self.log.warning("echo_refused", reason=refusal, status="0x0124")
+                self.audit.record("echo", "refused", detail=refusal)
+                self._respond(context_id, C_ECHO_RSP, message_id, sop_class, None, ECHO_REFUSED, refusal)
+            else:
+                self._respond(context_id, C_ECHO_RSP, message_id, sop_class, None, 0x0000, "")
+                self.log.debug("echo")
+                self.audit.record("echo", "success")
         elif command_field == C_STORE_RQ:
             if dataset_type == NO_DATASET:
                 raise ProtocolViolation("C-STORE-RQ without a data set")
@@ -555,6 +564,7 @@ class LeanStorePath:
     spool: Spool
     max_in_memory_dataset: Callable[[], int]
     elsewhere: frozenset[str] = frozenset()  # abstract syntaxes the front serves through pynetdicom (C-FIND...)
+    echo_refusal: Callable[[str], str | None] | None = None  # called AE -> why an echo to it is refused
 
     def takes(self, request: AssociateRequest) -> bool:
         """Nothing proposed is served elsewhere; classes nobody supports are refused here as there."""
