@@ -428,7 +428,7 @@ class FederatedFind:
         if len(set(counts)) > 1:
             log.info(
                 "find_copies_differ",
-                level=self.level,
+                query_level=self.level,
                 key=answer_key(self.level, identifier),
                 counts=dict(zip(names, counts, strict=True)),
             )

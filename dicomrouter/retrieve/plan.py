@@ -149,7 +149,7 @@ def plan_retrieve(
         )
     log.info(
         "retrieve_planned",
-        level=level,
+        query_level=level,
         study_uid=study_uid,
         found_by=plan.found_by,
         sources={s.name: s.instances for s in plan.sources},
