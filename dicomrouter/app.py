@@ -20,6 +20,7 @@ from dicomrouter.catalog.queries import Catalog
 from dicomrouter.catalog.schema import require_current_schema
 from dicomrouter.config import Config
 from dicomrouter.health import HealthWatch
+from dicomrouter.housekeeping import CatalogPruner
 from dicomrouter.http import api as http_api
 from dicomrouter.http import health as http_health
 from dicomrouter.http import metrics as http_metrics
@@ -103,6 +104,7 @@ class RouterApp:
     metrics: Metrics | None = None
     watch_file: bool = True
     _health_watch: HealthWatch | None = field(default=None, init=False)
+    _pruner: CatalogPruner | None = field(default=None, init=False)
     _watcher: ConfigFileWatcher | None = field(default=None, init=False)
     _stopped: threading.Event = field(default_factory=threading.Event, init=False)
 
@@ -124,6 +126,7 @@ class RouterApp:
         sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         self.start_forwarding()
         address = self.front.start()
+        self._pruner = CatalogPruner(self.holder, self.queue, self.catalog, self.audit).start()
         if self.http is not None:
             try:
                 self.http.start()
@@ -170,6 +173,8 @@ class RouterApp:
             self.http.stop()
         if self._health_watch is not None:
             self._health_watch.stop()
+        if self._pruner is not None:
+            self._pruner.stop()
         self.forwarder.stop()
         self.audit.stop()
         log.info("router_stopped")

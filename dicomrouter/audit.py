@@ -54,12 +54,15 @@ class AuditTrail:
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def record(self, operation: str, outcome: str, duration_s: float | None = None, **fields: Any) -> None:
+    def record(
+        self, operation: str, outcome: str, duration_s: float | None = None, observed: bool = False, **fields: Any
+    ) -> None:
         """Queue one row (fields as Catalog.add_audit takes them); returns at once, never raises.
 
         `duration_s` (a C-FIND, C-MOVE or C-GET from request to final response) goes to the metrics only.
+        `observed`: the operations this row sums were already counted one by one (see `observe`).
         """
-        if self.metrics is not None:
+        if self.metrics is not None and not observed:
             self.metrics.observe(operation, outcome, duration_s)
         try:
             row = audit_values(operation, outcome, node=fields.pop("node", self.node), **fields)
@@ -74,6 +77,11 @@ class AuditTrail:
                 return
             self._buffer.append(row)
             self._condition.notify_all()
+
+    def observe(self, operation: str, outcome: str) -> None:
+        """Count an operation for the metrics without a row (a repeat that a summary row will sum)."""
+        if self.metrics is not None:
+            self.metrics.observe(operation, outcome)
 
     def count_store(self, outcome: str) -> None:
         """One C-STORE answered (its row is a per-association tally, see AssociationAudit)."""
@@ -169,6 +177,9 @@ class NoAudit:
     """An audit trail that records nothing (tools and tests that run parts of the router)."""
 
     def record(self, operation: str, outcome: str, **fields: Any) -> None:
+        pass
+
+    def observe(self, operation: str, outcome: str) -> None:
         pass
 
     def count_store(self, outcome: str) -> None:
@@ -295,6 +306,128 @@ class DeliveryAudit:
                 f"from {tally.first_at.isoformat(timespec='seconds')} to {tally.last_at.isoformat(timespec='seconds')}",
             )
         return len(due)
+
+
+@dataclass
+class _RejectionTally:
+    window_start: float  # monotonic
+    repeats: int = 0  # rejections since window_start not logged one by one
+    calling_aes: set[str] = field(default_factory=set)
+    called_aes: set[str] = field(default_factory=set)
+
+
+class RejectionAggregator:
+    """Rejected associations per (address, reason): the first is logged and audited, repeats are summed.
+
+    A modality retrying in a loop, or a scan, rejected 1,500 times in 9 s, makes one warning line
+    and one audit row, then one summary (line and row, with the count) per address and reason every
+    `interval_s` while it goes on. After a quiet interval the next rejection is logged on its own
+    again. Metrics still count every rejection. `start()` runs the thread that writes summaries;
+    `stop()` writes what is left (call it before the audit trail stops).
+    """
+
+    MAX_AES_NAMED = 10
+
+    def __init__(
+        self,
+        trail: AuditTrail | NoAudit,
+        interval_s: float = 60.0,
+        max_tracked: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.trail = trail
+        self.interval_s = interval_s
+        self.max_tracked = max_tracked  # addresses beyond it are summed under address "*"
+        self.clock = clock
+        self._tallies: dict[tuple[str, str], _RejectionTally] = {}
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def record(self, address: str, reason: str, calling_ae: str, called_ae: str) -> bool:
+        """One rejected association; True when it was logged and audited on its own."""
+        now = self.clock()
+        with self._lock:
+            key = (address, reason)
+            if key not in self._tallies and len(self._tallies) >= self.max_tracked:
+                key = ("*", reason)
+            tally = self._tallies.get(key)
+            if tally is None:
+                self._tallies[key] = _RejectionTally(now)
+            else:
+                tally.repeats += 1
+                for names, name in ((tally.calling_aes, calling_ae), (tally.called_aes, called_ae)):
+                    if len(names) < self.MAX_AES_NAMED:
+                        names.add(name)
+        if tally is not None:
+            self.trail.observe("association", "rejected")
+            return False
+        log.warning("association_rejected", calling_ae=calling_ae, called_ae=called_ae, address=address, reason=reason)
+        self.trail.record(
+            "association", "rejected", calling_ae=calling_ae, called_ae=called_ae, address=address, detail=reason,
+            counts={"associations": 1},
+        )
+        return True
+
+    def flush(self, everything: bool = False) -> int:
+        """Write the summaries of windows that ended (all of them with `everything`); returns how many."""
+        now = self.clock()
+        summaries: list[tuple[tuple[str, str], _RejectionTally, float]] = []
+        with self._lock:
+            for key, tally in list(self._tallies.items()):
+                if not everything and now - tally.window_start < self.interval_s:
+                    continue
+                if tally.repeats:
+                    summaries.append((key, tally, now - tally.window_start))
+                    self._tallies[key] = _RejectionTally(now)  # still going: keep summing
+                else:
+                    del self._tallies[key]  # quiet for a whole interval: the next one is logged alone
+                if everything:
+                    self._tallies.pop(key, None)
+        for (address, reason), tally, seconds in summaries:
+            calling = sorted(tally.calling_aes)
+            called = sorted(tally.called_aes)
+            log.warning(
+                "association_rejections_repeated", address=address, reason=reason, associations=tally.repeats,
+                seconds=round(seconds, 1), calling_aes=calling, called_aes=called,
+            )
+            self.trail.record(
+                "association", "rejected", observed=True, address=address,
+                calling_ae=calling[0] if len(calling) == 1 else None,
+                called_ae=called[0] if len(called) == 1 else None,
+                counts={"associations": tally.repeats},
+                detail=f"{reason}: {tally.repeats} more rejection(s) in {seconds:.0f} s"
+                + (f" (calling AEs {', '.join(calling)})" if len(calling) > 1 else ""),
+            )
+        return len(summaries)
+
+    def next_due_s(self) -> float:
+        now = self.clock()
+        with self._lock:
+            starts = [t.window_start for t in self._tallies.values()]
+        return max(0.05, min(starts, default=now) + self.interval_s - now)
+
+    def start(self) -> RejectionAggregator:
+        if self._thread is None:
+            self._stopping.clear()
+            self._thread = threading.Thread(target=self._run, name="rejection-summaries", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop the thread and write every open summary."""
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5.0)
+            self._thread = None
+        self.flush(everything=True)
+
+    def _run(self) -> None:
+        while not self._stopping.wait(self.next_due_s()):
+            try:
+                self.flush()
+            except Exception:
+                log.exception("rejection_summary_failed")
 
 
 def association_audit(assoc: Any) -> AssociationAudit:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -146,6 +147,16 @@ class ForwardingConfig:
     max_attempts: int = 1000
     lease_s: float = 120.0
     poll_interval_s: float = 1.0
+    keep_done_s: float = 7 * 86400.0  # finished jobs are pruned from the catalog after this long
+
+
+@dataclass(frozen=True)
+class AuditSettings:
+    """How long the audit trail keeps its rows (serve prunes older ones in the background)."""
+
+    keep_days: float = 365.0
+    # Repeated rejections of one address for one reason: one summary line and row per interval.
+    rejection_summary_interval_s: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -170,6 +181,7 @@ class RouterSettings:
     find_timeout_s: float = 5.0
     max_find_results: int = 10000
     forwarding: ForwardingConfig = field(default_factory=ForwardingConfig)
+    audit: AuditSettings = field(default_factory=AuditSettings)
     tls: TLSConfig | None = None
     http: HttpSettings | None = None
     log: LogSettings = field(default_factory=LogSettings)
@@ -295,6 +307,8 @@ def ae_title_problem(value: Any) -> str | None:
     return None
 
 
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _TOP_KEYS = ("router", "servers", "clients", "routes")
 _ROUTER_KEYS = (
     "ae_title",
@@ -317,10 +331,12 @@ _ROUTER_KEYS = (
     "find_timeout",
     "max_find_results",
     "forwarding",
+    "audit",
     "tls",
     "http",
     "log",
 )
+_AUDIT_KEYS = ("keep_days", "rejection_summary_interval")
 _HTTP_KEYS = ("host", "port", "tls", "health_interval")
 _LOG_KEYS = ("level", "format")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -334,6 +350,7 @@ _FORWARDING_KEYS = (
     "max_attempts",
     "lease",
     "poll_interval",
+    "keep_done",
 )
 _SERVER_KEYS = (
     "name",
@@ -422,6 +439,18 @@ class _Parser:
         value = data.get(name, default)
         if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
             self.error(key, f"{value!r} is not a positive number of seconds", "use a number such as 5 or 0.5")
+            return default
+        return float(value)
+
+    def get_duration(self, data, name, key, default: float) -> float:
+        """Seconds, given as a number of seconds or with a unit: 90s, 30m, 12h, 7d, 2w."""
+        value = data.get(name, default)
+        if isinstance(value, str):
+            match = _DURATION.match(value)
+            if match:
+                value = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+            self.error(key, f"{value!r} is not a positive duration", "use seconds (3600) or a number with a unit: 30m, 12h, 7d")
             return default
         return float(value)
 
@@ -554,6 +583,7 @@ class _Parser:
             max_attempts=self.get_int(fwd_data, "max_attempts", k + "max_attempts", fd.max_attempts, 1, 10**9),
             lease_s=self.get_seconds(fwd_data, "lease", k + "lease", fd.lease_s),
             poll_interval_s=self.get_seconds(fwd_data, "poll_interval", k + "poll_interval", fd.poll_interval_s),
+            keep_done_s=self.get_duration(fwd_data, "keep_done", k + "keep_done", fd.keep_done_s),
         )
         if forwarding.retry_max_s < forwarding.retry_initial_s:
             self.error(k + "retry_max", "is smaller than retry_initial", "make retry_max at least retry_initial")
@@ -582,10 +612,23 @@ class _Parser:
             find_timeout_s=self.get_seconds(data, "find_timeout", "router.find_timeout", d.find_timeout_s),
             max_find_results=self.get_int(data, "max_find_results", "router.max_find_results", d.max_find_results, 1, 10**7),
             forwarding=forwarding,
+            audit=self.parse_audit(self.mapping(data.get("audit"), "router.audit")),
             tls=self.parse_tls(data.get("tls"), "router.tls", listening=True),
             http=self.parse_http(data.get("http")),
             log=self.parse_log(self.mapping(data.get("log"), "router.log")),
         )
+
+    def parse_audit(self, data: Mapping[str, Any]) -> AuditSettings:
+        self.check_keys(data, _AUDIT_KEYS, "router.audit")
+        value = data.get("keep_days", AuditSettings.keep_days)
+        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+            self.error("router.audit.keep_days", f"{value!r} is not a positive number of days", "use a number such as 365")
+            value = AuditSettings.keep_days
+        interval = self.get_seconds(
+            data, "rejection_summary_interval", "router.audit.rejection_summary_interval",
+            AuditSettings.rejection_summary_interval_s,
+        )
+        return AuditSettings(keep_days=float(value), rejection_summary_interval_s=interval)
 
     def parse_http(self, value: Any) -> HttpSettings | None:
         if value is None:

@@ -91,6 +91,10 @@ BROKEN = [
     ("missing host", lambda d: d["servers"][0].pop("host"), "servers[0].host", "is required"),
     ("bool as text", _set(["servers", 0, "active"], "yes"), "servers[0].active", "expected true or false"),
     ("duplicate policy", _set(["router", "duplicate_policy"], "keep"), "router.duplicate_policy", "overwrite or reject"),
+    ("keep_done", _set(["router", "forwarding"], {"keep_done": "soon"}), "router.forwarding.keep_done",
+     "not a positive duration"),
+    ("audit keep_days", _set(["router", "audit"], {"keep_days": 0}), "router.audit.keep_days",
+     "not a positive number of days"),
 ]
 
 
@@ -158,3 +162,17 @@ def test_config_env_var(tmp_path, monkeypatch):
     result = CliRunner().invoke(cli, ["config", "check"])
     assert result.exit_code == 0, result.output
     assert "primary: Test PACS 1" in result.output
+
+
+def test_retention_keys(tmp_path):
+    document = base_document()
+    document["router"]["forwarding"] = {"keep_done": "12h"}
+    document["router"]["audit"] = {"keep_days": 30}
+    config = load_config(write_document(tmp_path / "router.yaml", document))
+    assert config.warnings == ()
+    assert config.router.forwarding.keep_done_s == 12 * 3600
+    assert config.router.audit.keep_days == 30
+    document["router"]["forwarding"] = {"keep_done": 600}
+    assert load_config(write_document(tmp_path / "router.yaml", document)).router.forwarding.keep_done_s == 600
+    defaults = load_config(write_document(tmp_path / "defaults.yaml", base_document())).router
+    assert (defaults.forwarding.keep_done_s, defaults.audit.keep_days) == (7 * 86400, 365)

@@ -19,7 +19,11 @@ ACSE_TIMEOUT = 4.0  # the flood client itself is slow to send its requests on 2 
 @pytest.fixture
 def router(tmp_path):
     path, port = write_router_config(
-        tmp_path, router={"max_associations": MAX_ASSOCIATIONS, "acse_timeout": ACSE_TIMEOUT, "network_timeout": 20}
+        tmp_path,
+        router={
+            "max_associations": MAX_ASSOCIATIONS, "acse_timeout": ACSE_TIMEOUT, "network_timeout": 20,
+            "audit": {"rejection_summary_interval": 0.5},  # repeated rejections are summed: see them soon
+        },
     )
     process = RouterProcess(path, port)
     process.start()
@@ -33,8 +37,13 @@ def router(tmp_path):
 def wait_for_rejections(router: RouterProcess, expected: int, timeout: float = 10.0) -> int:
     deadline = time.monotonic() + timeout
     while True:
+        # Repeats from one address are summed: one line, then summaries with the count.
         count = sum(
             1 for record in log_events(router, "association_rejected") if "local limit exceeded" in record["reason"]
+        ) + sum(
+            record["associations"]
+            for record in log_events(router, "association_rejections_repeated")
+            if "local limit exceeded" in record["reason"]
         )
         if count >= expected or time.monotonic() > deadline:
             return count

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, NamedTuple, TypeVar
 
-from sqlalchemy import exists, func, insert, select
+from sqlalchemy import delete, exists, func, insert, select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -212,6 +212,22 @@ class Catalog:
         """Append many audit events (each as `audit_values` makes them) in one transaction."""
         if rows:
             self._write(lambda session: session.execute(insert(AuditEvent), [dict(r) for r in rows]))
+
+    def prune_audit(self, before: datetime, batch: int = 5000) -> int:
+        """Delete audit rows older than `before`, `batch` per transaction; returns how many."""
+
+        def work(session: Session) -> int:
+            ids = list(session.scalars(select(AuditEvent.id).where(AuditEvent.at < before).limit(batch)))
+            if ids:
+                session.execute(delete(AuditEvent).where(AuditEvent.id.in_(ids)))
+            return len(ids)
+
+        deleted = 0
+        while True:
+            count = self._write(work)
+            deleted += count
+            if count < batch:
+                return deleted
 
     def audit_events(
         self,

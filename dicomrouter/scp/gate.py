@@ -10,7 +10,13 @@ from pynetdicom.acse import ACSE
 from pynetdicom.association import Association
 from pynetdicom.transport import RequestHandler
 
-from dicomrouter.audit import AssociationAudit, AuditTrail, NoAudit, association_audit
+from dicomrouter.audit import (
+    AssociationAudit,
+    AuditTrail,
+    NoAudit,
+    RejectionAggregator,
+    association_audit,
+)
 from dicomrouter.logging import get_logger
 from dicomrouter.net.acceptor_pdus import (
     ACCEPTED,
@@ -51,11 +57,19 @@ class GatedACSE(ACSE):
     accept configured servers and answer under several called AE titles.
     """
 
-    def __init__(self, assoc: Association, gate: Gate, admission: Admission, audit: AuditTrail | NoAudit):
+    def __init__(
+        self,
+        assoc: Association,
+        gate: Gate,
+        admission: Admission,
+        audit: AuditTrail | NoAudit,
+        rejections: RejectionAggregator | None = None,
+    ):
         super().__init__(assoc)
         self._gate = gate
         self._admission = admission
         self._audit = audit
+        self._rejections = rejections or RejectionAggregator(audit)
 
     def _negotiate_as_acceptor(self) -> None:
         request = self.requestor.primitive
@@ -72,13 +86,8 @@ class GatedACSE(ACSE):
                 False, f"local limit exceeded ({self._admission.limit} associations)", reject=REJECT_LOCAL_LIMIT
             )
         if not decision.accepted:
-            log.warning(
-                "association_rejected", calling_ae=calling_ae, called_ae=called_ae, address=address, reason=decision.reason
-            )
-            self._audit.record(
-                "association", "rejected", calling_ae=calling_ae, called_ae=called_ae, address=address,
-                detail=decision.reason,
-            )
+            # A flood from one address is one line and row, then a summary per interval.
+            self._rejections.record(address, decision.reason, calling_ae, called_ae)
             self.requestor.ae_title = calling_ae
             self.send_reject(*decision.reject)
             evt.trigger(self.assoc, evt.EVT_REJECTED, {})
@@ -98,8 +107,7 @@ class GatedACSE(ACSE):
         else:
             # pynetdicom's own checks after ours: the association limit.
             reason = f"local limit exceeded (router.max_associations {self.assoc.ae.maximum_associations})"
-            log.warning("association_rejected", calling_ae=calling_ae, called_ae=called_ae, address=address, reason=reason)
-            audit.record("association", "rejected", detail=reason)
+            self._rejections.record(address, reason, calling_ae, called_ae)
 
 
 def tls_handshake_ok(sock: ssl.SSLSocket, timeout_s: float, address: str) -> bool:
@@ -122,6 +130,7 @@ def make_request_handler(
     admission: Admission,
     audit: AuditTrail | NoAudit | None = None,
     lean_store: LeanStorePath | None = None,
+    rejections: RejectionAggregator | None = None,
 ) -> type[RequestHandler]:
     """A pynetdicom request handler class bound to `gate`: TCP_NODELAY, TLS, connection limit, guarded reads.
 
@@ -133,6 +142,7 @@ def make_request_handler(
     stores) is written when it ends, however it ends (release, abort, timeout).
     """
     audit = audit or NoAudit()
+    rejections = rejections or RejectionAggregator(audit)
 
     class GatedRequestHandler(RequestHandler):
         _replay: bytes = b""
@@ -246,7 +256,7 @@ def make_request_handler(
                 assoc.dul.socket, self.ae.maximum_pdu_size, admission.max_dataset_size, replay=self._replay
             )
             guard_state_machine(assoc)
-            assoc.acse = GatedACSE(assoc, gate, admission, audit)
+            assoc.acse = GatedACSE(assoc, gate, admission, audit, rejections)
             run = assoc.run
 
             def run_then_close_audit() -> None:

@@ -12,7 +12,7 @@ from typing import Any
 from pynetdicom import AE
 from pynetdicom.transport import ThreadedAssociationServer
 
-from dicomrouter.audit import AuditTrail, NoAudit
+from dicomrouter.audit import AuditTrail, NoAudit, RejectionAggregator
 from dicomrouter.logging import get_logger
 from dicomrouter.net.tls import TLSSetupError, listening_context
 from dicomrouter.reload import ConfigHolder
@@ -87,6 +87,7 @@ class DicomFront:
     _server: FrontServer | None = field(default=None, init=False)
     _thread: threading.Thread | None = field(default=None, init=False)
     admission: Admission = field(init=False)
+    rejections: RejectionAggregator | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         self.admission = Admission(
@@ -120,12 +121,15 @@ class DicomFront:
         port = self.port if self.port is not None else router.port
         self.ae = self.build_ae()
         tls = self.holder.current.router.tls
+        self.rejections = RejectionAggregator(self.audit, router.audit.rejection_summary_interval_s).start()
         self._server = self.ae.make_server(
             (host, port),
             evt_handlers=self.handlers,
             ssl_context=listening_context(tls) if tls else None,
             server_class=FrontServer,
-            request_handler=make_request_handler(self._gate, self.admission, self.audit, self.lean_store),
+            request_handler=make_request_handler(
+                self._gate, self.admission, self.audit, self.lean_store, rejections=self.rejections
+            ),
         )
         self._server.daemon_threads = True
         self._server.contexts = QuickCopyContexts(self._server.contexts)
@@ -179,6 +183,8 @@ class DicomFront:
             assoc.abort()
         log.info("stopped_listening", aborted_associations=len(leftover))
         self._server = None
+        if self.rejections is not None:
+            self.rejections.stop()  # the last summaries, before the audit trail stops
 
     @staticmethod
     def _drop_unassociated(associations) -> None:

@@ -289,9 +289,19 @@ class ForwardQueue:
             session.execute(delete(ForwardJob).where(ForwardJob.state == DEAD))
             return self.unreferenced_paths(session, paths)
 
-    def prune_done(self, older_than: timedelta) -> int:
-        with self.sessions.begin() as session:
-            result = session.execute(
-                delete(ForwardJob).where(ForwardJob.state == DONE, ForwardJob.updated_at < utcnow() - older_than)
-            )
-            return result.rowcount or 0
+    def prune_done(self, older_than: timedelta, batch: int = 5000) -> int:
+        """Delete jobs finished more than `older_than` ago, `batch` per transaction (short write locks)."""
+        cutoff = utcnow() - older_than
+        deleted = 0
+        while True:
+            with self.sessions.begin() as session:
+                ids = list(
+                    session.scalars(
+                        select(ForwardJob.id).where(ForwardJob.state == DONE, ForwardJob.updated_at < cutoff).limit(batch)
+                    )
+                )
+                if ids:
+                    session.execute(delete(ForwardJob).where(ForwardJob.id.in_(ids), ForwardJob.state == DONE))
+            deleted += len(ids)
+            if len(ids) < batch:
+                return deleted
