@@ -126,7 +126,6 @@ class RouterApp:
         sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         self.start_forwarding()
         address = self.front.start()
-        self._pruner = CatalogPruner(self.holder, self.queue, self.catalog, self.audit).start()
         if self.http is not None:
             try:
                 self.http.start()
@@ -142,6 +141,7 @@ class RouterApp:
                 self.forwarder.stop()
                 self.audit.stop()
                 raise
+        self._pruner = CatalogPruner(self.holder, self.queue, self.catalog, self.audit).start()
         if self.watch_file:
             self._watcher = ConfigFileWatcher(self.holder)
             self._watcher.start()
