@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from dicomrouter.catalog.models import AuditEvent
+from dicomrouter.catalog.queries import Catalog
 from dicomrouter.config import Config, ServerConfig
 from dicomrouter.metrics import DestinationState
+from dicomrouter.store.queue_report import StudyBacklog, study_backlogs
 
 _RELATIVE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
@@ -96,3 +99,43 @@ def event_dict(event: AuditEvent) -> dict[str, Any]:
         "detail": event.detail,
         "node": event.node,
     }
+
+
+@dataclass
+class StudyWhereabouts:
+    """Where a study is (servers holding it, instances each) and what of it is still to be delivered."""
+
+    study_uid: str
+    rows: list[Any]  # catalog StudyLocationRow
+    instances: dict[str, int]
+    unfinished: list[StudyBacklog]
+
+    @property
+    def found(self) -> bool:
+        return bool(self.rows or self.unfinished)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "study_uid": self.study_uid,
+            "servers": [
+                {
+                    "server": r.server_name,
+                    "learned_by": r.learned_by,
+                    "first_seen": r.first_seen.isoformat(),
+                    "last_seen": r.last_seen.isoformat(),
+                    "instances": self.instances.get(r.server_name),
+                }
+                for r in self.rows
+            ],
+            "deliveries": [b.as_dict() for b in self.unfinished],
+        }
+
+
+def study_whereabouts(catalog: Catalog, study_uid: str) -> StudyWhereabouts:
+    """Blocking: the catalog's locations of the study and its deliveries not yet done."""
+    rows = catalog.where_study(study_uid)
+    instances = catalog.instances_per_server(study_uid)
+    unfinished = [
+        b for b in study_backlogs(catalog.sessions, study_uid=study_uid) if b.waiting or b.dead
+    ]
+    return StudyWhereabouts(study_uid, rows, instances, unfinished)

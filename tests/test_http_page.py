@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from pydicom import dcmread
 from pydicom.uid import generate_uid
 
 from dicomrouter.http.auth import new_token
@@ -66,7 +67,8 @@ def test_admin_api_needs_the_admin_role(admin_router, clean_orthanc_farm, tmp_pa
         assert http_request(url + path).status == 401
         assert http_request(url + path, bearer(READER_TOKEN)).status == 403
         assert http_request(url + path, admin).status == 200, path
-    assert storescu(router_port, instances(tmp_path / "in", 2)).returncode == 0
+    files = instances(tmp_path / "in", 2)
+    assert storescu(router_port, files).returncode == 0
     servers = wait_until(
         lambda: (
             (s := http_request(url + "/api/servers", admin).json())
@@ -89,6 +91,15 @@ def test_admin_api_needs_the_admin_role(admin_router, clean_orthanc_farm, tmp_pa
     assert events and all(
         e["operation"] == "association" and e["calling_ae"] == "WORKSTATION" for e in events
     )
+    study_uid = str(dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    study = wait_until(
+        lambda: (
+            (r := http_request(url + f"/api/studies/{study_uid}", admin)).status == 200 and r.json()
+        )
+    )
+    assert study["servers"][0]["server"] == DEST and study["servers"][0]["instances"] == 2
+    assert study["deliveries"] == []
+    assert http_request(url + "/api/studies/1.2.3.4", admin).status == 404
     refusals = http_request(url + "/api/audit?operation=http&limit=50", admin).json()
     assert {e["outcome"] for e in refusals} == {"unauthorized", "forbidden"}
     assert http_request(url + "/api/audit?since=yesterday", admin).status == 400

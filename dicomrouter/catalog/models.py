@@ -254,6 +254,9 @@ class ForwardDestination(Base):
     next_attempt_at: Mapped[datetime | None]
     recovered_at: Mapped[datetime | None]
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    # In maintenance (`queue suspend`): its jobs wait, no attempt is spent; who suspended it.
+    suspended_at: Mapped[datetime | None]
+    suspended_by: Mapped[str | None] = mapped_column(Text)
 
 
 class AuditEvent(Base):

@@ -47,24 +47,15 @@ def catalog_group() -> None:
 def where(state: CliState, study_uid: str, as_json: bool) -> None:
     """The servers holding a study, with instance counts, and its deliveries not yet done."""
     from dicomrouter.cli.store import age
-    from dicomrouter.store.queue_report import study_backlogs
+    from dicomrouter.status import study_whereabouts
 
     config = state.config()
     catalog = open_catalog(config, must_exist=True)
-    rows = catalog.where_study(study_uid)
-    instances = catalog.instances_per_server(study_uid)
-    unfinished = [b for b in study_backlogs(catalog.sessions, study_uid=study_uid) if b.waiting or b.dead]
+    whereabouts = study_whereabouts(catalog, study_uid)
+    rows, instances, unfinished = whereabouts.rows, whereabouts.instances, whereabouts.unfinished
     if as_json:
-        click.echo(json.dumps({
-            "study_uid": study_uid,
-            "servers": [
-                {"server": r.server_name, "learned_by": r.learned_by, "first_seen": r.first_seen.isoformat(),
-                 "last_seen": r.last_seen.isoformat(), "instances": instances.get(r.server_name)}
-                for r in rows
-            ],
-            "deliveries": [b.as_dict() for b in unfinished],
-        }, indent=2))
-        raise SystemExit(0 if rows or unfinished else 1)
+        click.echo(json.dumps(whereabouts.as_dict(), indent=2))
+        raise SystemExit(0 if whereabouts.found else 1)
     if not rows and not unfinished:
         click.echo(f"study {study_uid} is not in the catalog")
         raise SystemExit(1)

@@ -77,12 +77,13 @@ def queue_list(state: CliState, instances: bool, dead: bool, study_uid: str | No
         if destinations:
             print_table(
                 ("destination", "pending", "sending", "dead", "oldest", "unreachable_since", "failed_connects",
-                 "next_attempt", "last_error"),
+                 "next_attempt", "suspended", "last_error"),
                 [
                     (
                         d.destination, d.pending, d.sending, d.dead, age(d.oldest, now),
                         _moment(d.unreachable_since, now), d.failed_connects if d.unreachable_since else None,
-                        _next_attempt(d.next_attempt, now) if d.pending else None, (d.last_error or "")[:80] or None,
+                        _next_attempt(d.next_attempt, now) if d.pending else None,
+                        _moment(d.suspended_at, now), (d.last_error or "")[:80] or None,
                     )
                     for d in destinations
                 ],
@@ -175,6 +176,90 @@ def queue_purge(state: CliState, dead: bool, yes: bool) -> None:
     for path in paths:
         app.spool.remove(Path(path))
     click.echo(f"purged {count} dead letter(s), {len(paths)} spool file(s) removed")
+
+
+def _known_destination(config, name: str, usable: bool = False) -> str:
+    server = config.server(name)
+    if server is None or (usable and not server.usable):
+        names = [s.name for s in (config.usable_servers() if usable else config.servers)]
+        what = "an active server" if usable else "a server"
+        raise click.ClickException(f"{name!r} is not {what} (known: {', '.join(names)})")
+    return name
+
+
+def _queue_action(state: CliState, outcome: str, servers: list[str], detail: str, act) -> None:
+    """Run `act(catalog)` (-> a message, or None for nothing done) and audit it as operation `queue`."""
+    from dicomrouter.catalog.db import engine_of
+    from dicomrouter.cli.common import cli_identity, open_catalog
+
+    catalog = open_catalog(state.config(), must_exist=True)
+    try:
+        message = act(catalog)
+        if message is None:
+            return
+        catalog.add_audit("queue", outcome, node=cli_identity(), servers=servers, detail=f"{detail}: {message}")
+        click.echo(message)
+    finally:
+        engine_of(catalog.sessions).dispose()
+
+
+@queue_group.command("suspend")
+@click.argument("destination")
+@pass_state
+def queue_suspend(state: CliState, destination: str) -> None:
+    """Put a destination in maintenance: its jobs wait, no retries are spent, until `queue resume`."""
+    from dicomrouter.cli.common import cli_identity
+    from dicomrouter.store.queue_actions import Suspensions
+
+    name = _known_destination(state.config(), destination)
+
+    def act(catalog):
+        if not Suspensions(catalog.sessions).suspend(name, cli_identity()):
+            click.echo(f"{name} was already suspended")
+            return None
+        return f"{name} suspended: jobs for it wait until `dicomrouter queue resume {name!r}`"
+
+    _queue_action(state, "suspended", [name], f"suspend {name}", act)
+
+
+@queue_group.command("resume")
+@click.argument("destination")
+@pass_state
+def queue_resume(state: CliState, destination: str) -> None:
+    """End a destination's maintenance: a running router sends its jobs again within its poll interval."""
+    from dicomrouter.store.queue_actions import Suspensions
+
+    name = _known_destination(state.config(), destination)
+
+    def act(catalog):
+        if not Suspensions(catalog.sessions).resume(name):
+            click.echo(f"{name} was not suspended")
+            return None
+        return f"{name} resumed"
+
+    _queue_action(state, "resumed", [name], f"resume {name}", act)
+
+
+@queue_group.command("reroute")
+@click.option("--from", "source", required=True, help="The destination whose waiting jobs move.")
+@click.option("--to", "target", required=True, help="The active server that gets them.")
+@click.option("--dead", is_flag=True, help="Its dead letters too (sent again, attempts reset).")
+@pass_state
+def queue_reroute(state: CliState, source: str, target: str, dead: bool) -> None:
+    """Send what is stuck for one destination to another (jobs being sent right now stay)."""
+    from dicomrouter.store.queue_actions import reroute
+
+    config = state.config()
+    source = _known_destination(config, source)
+    target = _known_destination(config, target, usable=True)
+    if source == target:
+        raise click.UsageError("--from and --to name the same server")
+
+    def act(catalog):
+        count = reroute(catalog.sessions, source, target, dead)
+        return f"{count} job(s) rerouted from {source} to {target}" + (" (dead letters included)" if dead else "")
+
+    _queue_action(state, "rerouted", [source, target], f"reroute {source} -> {target}", act)
 
 
 @click.group("route")

@@ -8,9 +8,8 @@ from aiohttp import web
 
 from dicomrouter.http.auth import require_role
 from dicomrouter.http.deps import HttpDeps
-from dicomrouter.status import event_dict, parse_since, servers_facts
-from dicomrouter.store.queue import CLAIMED, DEAD, PENDING
-from dicomrouter.store.queue_gauges import read_queue_gauges
+from dicomrouter.status import event_dict, parse_since, servers_facts, study_whereabouts
+from dicomrouter.store.queue_report import DestinationBacklog, destination_backlogs
 
 MAX_AUDIT_LIMIT = 5000
 
@@ -29,30 +28,19 @@ def read_servers(deps: HttpDeps) -> list[dict]:
 
 
 def read_queue(deps: HttpDeps) -> list[dict]:
-    """Blocking: per destination, what waits, since when, why, and whether it answers."""
-    config = deps.holder.current
-    gauges = read_queue_gauges(deps.queue.sessions)
+    """Blocking: per destination, what waits, since when, why, whether it is suspended and answers."""
+    backlogs = {b.destination: b for b in destination_backlogs(deps.queue.sessions)}
     health = _health(deps)
-    names = [s.name for s in config.live_servers()]
-    names += sorted(gauges.destinations() - set(names))
+    names = [s.name for s in deps.holder.current.live_servers()]
+    names += sorted(set(backlogs) - set(names))
     rows = []
     for name in names:
         state = health.get(name)
-        oldest = gauges.oldest_waiting.get(name)
-        rows.append(
-            {
-                "destination": name,
-                "pending": gauges.jobs.get((name, PENDING), 0),
-                "sending": gauges.jobs.get((name, CLAIMED), 0),
-                "dead": gauges.jobs.get((name, DEAD), 0),
-                "oldest": oldest.isoformat() if oldest else None,
-                "unreachable_since": state.since.isoformat()
-                if state is not None and not state.up
-                else None,
-                "last_error": state.last_error if state is not None else None,
-                "suspended": None,
-            }
-        )
+        row = (backlogs.get(name) or DestinationBacklog(name)).as_dict()
+        row["up"] = state.up if state is not None else None
+        if row["last_error"] is None and state is not None and not state.up:
+            row["last_error"] = state.last_error
+        rows.append(row)
     return rows
 
 
@@ -85,6 +73,17 @@ def add_routes(app: web.Application, deps: HttpDeps) -> None:
         require_role(request, "admin")
         return web.json_response(await asyncio.to_thread(read_queue, deps))
 
+    async def study(request: web.Request) -> web.Response:
+        require_role(request, "admin")
+        study_uid = request.match_info["study_uid"]
+        whereabouts = await asyncio.to_thread(study_whereabouts, deps.catalog, study_uid)
+        if not whereabouts.found:
+            raise web.HTTPNotFound(
+                text=f"study {study_uid} is not in the catalog and has no deliveries\n"
+            )
+        return web.json_response(whereabouts.as_dict())
+
     app.router.add_get("/api/servers", servers)
+    app.router.add_get("/api/studies/{study_uid}", study)
     app.router.add_get("/api/queue", queue)
     app.router.add_get("/api/audit", audit)

@@ -60,8 +60,16 @@ class RouterCollector(Collector):
             oldest.add_metric(
                 [destination], max(0.0, (now - since).total_seconds()) if since else 0.0
             )
+        suspended = GaugeMetricFamily(
+            "dicomrouter_destination_suspended",
+            "1 while the destination is in maintenance (queue suspend)",
+            labels=["destination"],
+        )
+        for destination in sorted(destinations):
+            suspended.add_metric([destination], 1.0 if destination in gauges.suspended else 0.0)
         yield jobs
         yield oldest
+        yield suspended
 
         if deps.metrics is not None:
             up = GaugeMetricFamily(

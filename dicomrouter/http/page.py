@@ -94,7 +94,7 @@ def read_page_facts(deps: HttpDeps) -> dict[str, Any]:
 def _server_card(server: dict, queue: dict | None, now: datetime) -> str:
     health = server["health"]
     queue = queue or {}
-    if queue.get("suspended"):
+    if queue.get("suspended_at"):
         badge = '<span class="badge paused">suspended</span>'
     elif health is None:
         badge = '<span class="badge unknown">unknown</span>'
@@ -126,8 +126,13 @@ def _server_card(server: dict, queue: dict | None, now: datetime) -> str:
             f'<span class="{"num-bad" if dead else ""}" data-testid="dead">{dead}</span>',
         ),
     ]
-    if queue.get("suspended"):
-        rows.append(("suspended", _e(f"since {_local(queue['suspended'])}")))
+    if queue.get("suspended_at"):
+        rows.append(
+            (
+                "suspended",
+                _e(f"since {_local(queue['suspended_at'])} by {queue.get('suspended_by') or '?'}"),
+            )
+        )
     if last_error and (down or waiting or dead):
         rows.append(("last error", _e(last_error[:300])))
     if health is not None and health.get("response_ms") is not None and not down:
@@ -136,7 +141,7 @@ def _server_card(server: dict, queue: dict | None, now: datetime) -> str:
     name = _e(server["name"])
     return (
         f'<div class="card{" alert" if down else ""}" data-server="{name}" data-status="'
-        f'{"suspended" if queue.get("suspended") else (health or {}).get("status", "unknown")}">'
+        f'{"suspended" if queue.get("suspended_at") else (health or {}).get("status", "unknown")}">'
         f"<h3><span>{name}</span>{badge}</h3><dl>{body}</dl></div>"
     )
 

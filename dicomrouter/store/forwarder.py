@@ -22,6 +22,7 @@ from dicomrouter.reload import ConfigHolder
 from dicomrouter.store.acks import AckRecorder
 from dicomrouter.store.outages import OutageBook
 from dicomrouter.store.queue import ClaimedJob, ForwardQueue, backoff_s, utcnow
+from dicomrouter.store.queue_actions import Suspensions
 from dicomrouter.store.spool import Spool
 
 log = get_logger(__name__)
@@ -285,6 +286,11 @@ class DestinationLane:
             if pause > 0:
                 self.wait(min(pause, forwarder.settings.poll_interval_s), use_signal=index == 0)
                 continue
+            if forwarder.suspensions.is_suspended(self.name, forwarder.settings.poll_interval_s):
+                # In maintenance (`queue suspend`): its jobs wait, no attempt is spent.
+                client.close()
+                self.wait(forwarder.settings.poll_interval_s, use_signal=index == 0)
+                continue
             if index > 0 and not self.backlog:
                 if time.monotonic() - idle_since > IDLE_RELEASE_S:
                     client.close()
@@ -399,6 +405,7 @@ class Forwarder:
         self.audit = audit or NoAudit()
         self.queue = queue
         self.outages = OutageBook(queue.sessions)
+        self.suspensions = Suspensions(queue.sessions)
         self.spool = spool
         self.acks = AckWriter(record_acks, spool, deliveries=DeliveryAudit(self.audit))
         self.stopping = threading.Event()

@@ -9,7 +9,7 @@ from sqlalchemy import distinct, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomrouter.catalog.db import SQLITE_BEGIN, engine_of
-from dicomrouter.catalog.models import ForwardJob
+from dicomrouter.catalog.models import ForwardDestination, ForwardJob
 from dicomrouter.store.queue import CLAIMED, DEAD, PENDING
 
 _jobs = ForwardJob.__table__.c
@@ -23,6 +23,9 @@ _BY_DESTINATION = (
 _SPOOL_FILES = select(distinct(_jobs.spool_path).label("path"), _jobs.size_bytes).where(
     _jobs.state.in_(_OPEN_STATES)
 )
+_SUSPENDED = select(ForwardDestination.destination).where(
+    ForwardDestination.suspended_at.is_not(None)
+)
 _SPOOL_BYTES = select(func.coalesce(func.sum(_SPOOL_FILES.subquery().c.size_bytes), 0))
 
 
@@ -31,6 +34,7 @@ class QueueGauges:
     jobs: dict[tuple[str, str], int] = field(default_factory=dict)  # (destination, state) -> jobs
     oldest_waiting: dict[str, datetime] = field(default_factory=dict)  # pending or claimed
     spool_bytes: int = 0  # bytes of the spool files open or dead jobs still need
+    suspended: set[str] = field(default_factory=set)
 
     def destinations(self) -> set[str]:
         return {destination for destination, _ in self.jobs}
@@ -41,7 +45,7 @@ def _aware(moment: datetime) -> datetime:
 
 
 def read_queue_gauges(sessions: sessionmaker[Session]) -> QueueGauges:
-    """Jobs per destination and state, the oldest waiting job of each, the spool bytes they hold."""
+    """Jobs per destination and state, the oldest waiting job of each, the spool bytes they hold, suspensions."""
     gauges = QueueGauges()
     with engine_of(sessions).connect() as connection:
         connection = connection.execution_options(**{SQLITE_BEGIN: "DEFERRED"})
@@ -52,4 +56,5 @@ def read_queue_gauges(sessions: sessionmaker[Session]) -> QueueGauges:
                 known = gauges.oldest_waiting.get(destination)
                 gauges.oldest_waiting[destination] = min(known, oldest) if known else oldest
         gauges.spool_bytes = int(connection.execute(_SPOOL_BYTES).scalar() or 0)
+        gauges.suspended = set(connection.execute(_SUSPENDED).scalars())
     return gauges

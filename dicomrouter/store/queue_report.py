@@ -29,6 +29,8 @@ class DestinationBacklog:
     unreachable_since: datetime | None = None
     failed_connects: int = 0  # in the current outage
     last_error: str | None = None
+    suspended_at: datetime | None = None  # in maintenance (`queue suspend`) since
+    suspended_by: str | None = None
 
     @property
     def waiting(self) -> int:
@@ -36,7 +38,7 @@ class DestinationBacklog:
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        for key in ("oldest", "next_attempt", "unreachable_since"):
+        for key in ("oldest", "next_attempt", "unreachable_since", "suspended_at"):
             data[key] = data[key].isoformat() if data[key] else None
         return data
 
@@ -107,6 +109,10 @@ def destination_backlogs(sessions: sessionmaker[Session]) -> list[DestinationBac
                 backlog.unreachable_since = outage.unreachable_since
                 backlog.failed_connects = outage.failed_connects
                 backlog.last_error = outage.last_error
+            if outage.suspended_at is not None:
+                backlog = backlogs.setdefault(name, DestinationBacklog(name))
+                backlog.suspended_at = outage.suspended_at
+                backlog.suspended_by = outage.suspended_by
                 # The lane's own next try (the jobs' times are only when each may go again).
                 backlog.next_attempt = outage.next_attempt_at or backlog.next_attempt
         for backlog in backlogs.values():
