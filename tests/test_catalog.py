@@ -307,3 +307,22 @@ def test_add_audit(catalog: Catalog, engine: sa.Engine) -> None:
     assert event is not None
     assert (event.servers, event.counts, event.calling_ae) == ("pacs1,pacs2", {"matches": 3}, "WS1")
     assert event.at.tzinfo == UTC
+
+
+# --------------------------------------------------------------------------- forwarding outages
+
+
+def test_outage_book_keeps_the_start_of_an_outage_until_the_destination_answers(catalog: Catalog) -> None:
+    from dicomrouter.store.outages import OutageBook
+
+    book = OutageBook(catalog.sessions)
+    later = datetime.now(UTC) + timedelta(seconds=30)
+    assert book.note_reachable("pacs1") is None  # no outage on record: nothing to log
+    since = book.note_unreachable("pacs1", "unreachable: refused", later)
+    assert book.note_unreachable("pacs1", "unreachable: timed out", later) == since
+    row = book.all()["pacs1"]
+    assert (row.failed_connects, row.last_error, row.unreachable_since) == (2, "unreachable: timed out", since)
+    assert book.note_reachable("pacs1") == since
+    assert book.unreachable_since("pacs1") is None and book.all()["pacs1"].recovered_at is not None
+    again = book.note_unreachable("pacs1", "unreachable: refused", later)
+    assert again > since and book.all()["pacs1"].failed_connects == 1  # a new outage counts afresh
