@@ -326,3 +326,28 @@ def test_outage_book_keeps_the_start_of_an_outage_until_the_destination_answers(
     assert book.unreachable_since("pacs1") is None and book.all()["pacs1"].recovered_at is not None
     again = book.note_unreachable("pacs1", "unreachable: refused", later)
     assert again > since and book.all()["pacs1"].failed_connects == 1  # a new outage counts afresh
+
+
+def test_queue_report_sums_per_destination_and_study(catalog: Catalog) -> None:
+    from dicomrouter.config import ForwardingConfig
+    from dicomrouter.store.outages import OutageBook
+    from dicomrouter.store.queue import ForwardQueue, NewJob
+    from dicomrouter.store.queue_report import destination_backlogs, instance_jobs, study_backlogs
+
+    queue = ForwardQueue(catalog.sessions, "node", ForwardingConfig())
+    header = {"SOPClassUID": "1.2", "TransferSyntaxUID": "1.2.840.10008.1.2.1"}
+    jobs = [
+        NewJob(f"1.{i}", f"/spool/{i}", f"h{i}", 1, "pacs1", None, None, {**header, "StudyInstanceUID": "9.1"})
+        for i in range(5)
+    ] + [NewJob("2.1", "/spool/x", "hx", 1, "pacs2", None, None, {**header, "StudyInstanceUID": "9.2"})]
+    with catalog.sessions.begin() as session:
+        queue.enqueue(session, jobs)
+    OutageBook(catalog.sessions).note_unreachable("pacs1", "unreachable: refused", datetime.now(UTC))
+    by_destination = {b.destination: b for b in destination_backlogs(catalog.sessions)}
+    assert (by_destination["pacs1"].pending, by_destination["pacs1"].failed_connects) == (5, 1)
+    assert by_destination["pacs1"].last_error == "unreachable: refused"
+    assert by_destination["pacs2"].unreachable_since is None and by_destination["pacs2"].pending == 1
+    studies = {(b.destination, b.study_uid): b.pending for b in study_backlogs(catalog.sessions)}
+    assert studies == {("pacs1", "9.1"): 5, ("pacs2", "9.2"): 1}
+    assert [b.study_uid for b in study_backlogs(catalog.sessions, study_uid="9.2")] == ["9.2"]
+    assert len(instance_jobs(catalog.sessions, dead=False, study_uid="9.1", limit=3)) == 3
