@@ -342,10 +342,12 @@ def test_queue_report_sums_per_destination_and_study(catalog: Catalog) -> None:
     ] + [NewJob("2.1", "/spool/x", "hx", 1, "pacs2", None, None, {**header, "StudyInstanceUID": "9.2"})]
     with catalog.sessions.begin() as session:
         queue.enqueue(session, jobs)
-    OutageBook(catalog.sessions).note_unreachable("pacs1", "unreachable: refused", datetime.now(UTC))
+    retry_at = datetime.now(UTC) + timedelta(seconds=30)
+    OutageBook(catalog.sessions).note_unreachable("pacs1", "unreachable: refused", retry_at)
     by_destination = {b.destination: b for b in destination_backlogs(catalog.sessions)}
     assert (by_destination["pacs1"].pending, by_destination["pacs1"].failed_connects) == (5, 1)
     assert by_destination["pacs1"].last_error == "unreachable: refused"
+    assert by_destination["pacs1"].next_attempt == retry_at  # the lane's next try, not the jobs' due times
     assert by_destination["pacs2"].unreachable_since is None and by_destination["pacs2"].pending == 1
     studies = {(b.destination, b.study_uid): b.pending for b in study_backlogs(catalog.sessions)}
     assert studies == {("pacs1", "9.1"): 5, ("pacs2", "9.2"): 1}

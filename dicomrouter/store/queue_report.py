@@ -109,12 +109,12 @@ def destination_backlogs(sessions: sessionmaker[Session]) -> list[DestinationBac
                 backlog.unreachable_since = outage.unreachable_since
                 backlog.failed_connects = outage.failed_connects
                 backlog.last_error = outage.last_error
+                # The lane's own next try (the jobs' times are only when each may go again).
+                backlog.next_attempt = outage.next_attempt_at or backlog.next_attempt
             if outage.suspended_at is not None:
                 backlog = backlogs.setdefault(name, DestinationBacklog(name))
                 backlog.suspended_at = outage.suspended_at
                 backlog.suspended_by = outage.suspended_by
-                # The lane's own next try (the jobs' times are only when each may go again).
-                backlog.next_attempt = outage.next_attempt_at or backlog.next_attempt
         for backlog in backlogs.values():
             if backlog.last_error is None:
                 states = (PENDING, CLAIMED) if backlog.waiting else (DEAD,)
