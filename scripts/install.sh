@@ -7,6 +7,8 @@ need_apt=()
 # The worklist tests load Orthanc's Modality Worklist plugin: Debian ships it in the orthanc package itself.
 [ -x /usr/sbin/Orthanc ] && [ -f /usr/share/orthanc/plugins/libModalityWorklists.so ] || need_apt+=(orthanc)
 [ -x /usr/bin/storescu ] || need_apt+=(dcmtk)
+# Orthanc's DICOMweb plugin is a DICOMweb client of the router in the DICOMweb tests.
+[ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || need_apt+=(orthanc-dicomweb)
 # The status page is tested in a real headless browser; promtool checks the alert rules.
 [ -x /usr/bin/chromium ] || need_apt+=(chromium)
 [ -x /usr/bin/promtool ] || need_apt+=(prometheus)

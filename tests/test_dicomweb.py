@@ -6,6 +6,7 @@ import email.parser
 import hashlib
 import io
 import json
+import os
 import subprocess
 import sys
 import time
@@ -18,7 +19,7 @@ from dicomweb_client.api import DICOMwebClient
 from pydicom.uid import generate_uid
 
 from dicomrouter.dicom_file import dataset_offset
-from dicomrouter.pacsfarm import free_ports
+from dicomrouter.pacsfarm import OrthancServer, OrthancSpec, free_ports
 from tests.conftest import upgrade_catalog
 from tests.find_peers import SilentPeer, server_entry
 from tests.find_support import edit_config, unique, upload_study
@@ -285,3 +286,77 @@ def test_stow_without_write_role_is_403_and_nothing_is_spooled(web_router):
     assert any(
         row.get("outcome") == "refused" and row.get("calling_ae") == "READER" for row in audit
     )
+
+
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+
+
+@pytest.fixture
+def orthanc_web_client(tmp_path, web_router):
+    """An Orthanc whose DICOMweb plugin names the router as a DICOMweb server (a client of it)."""
+    if not DICOMWEB_PLUGIN.exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"{DICOMWEB_PLUGIN} missing: scripts/install.sh installs orthanc-dicomweb")
+        pytest.skip(f"{DICOMWEB_PLUGIN} missing (apt-get install orthanc-dicomweb)")
+    dicom_port, http_port = free_ports(2)
+    router_server = {
+        "Url": web_router.url + "/",
+        "Username": "WEBVIEWER",
+        "Password": CLIENTS["WEBVIEWER"][0],
+    }
+    extra = {
+        "Plugins": [str(DICOMWEB_PLUGIN)],
+        "DicomWeb": {"Enable": True, "Servers": {"router": router_server}},
+    }
+    server = OrthancServer(
+        OrthancSpec("Web Client", "WEBCLIENT", dicom_port, http_port),
+        tmp_path / "webclient",
+        extra_config=extra,
+    )
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_orthanc_dicomweb_plugin_queries_retrieves_and_stores_through_the_router(
+    orthanc_web_client, web_router, clean_orthanc_farm
+):
+    patient = unique("DWORTH")
+    study = upload_study(clean_orthanc_farm[1], patient_id=patient, series=2, images=2)
+    found = orthanc_web_client.post_json(
+        "/dicom-web/servers/router/qido", {"Uri": "/studies", "Arguments": {"PatientID": patient}}
+    )
+    # Orthanc's REST answer simplifies DICOM JSON: one value per attribute, not a list.
+    assert [answer["0020000D"]["Value"] for answer in found] == [study["study"]]
+    assert found[0]["00080054"]["Value"] == "DICOMROUTER"  # retrieve from the router, not the PACS
+
+    orthanc_web_client.post_json(
+        "/dicom-web/servers/router/retrieve",
+        {"Resources": [{"Study": study["study"]}], "Synchronous": True},
+    )
+    assert sorted(orthanc_web_client.instance_sop_uids()) == sorted(study["sops"])
+    for sop in study["sops"]:
+        got, original = (
+            orthanc_web_client.download_instance(sop),
+            clean_orthanc_farm[1].download_instance(sop),
+        )
+        assert got[dataset_offset(got) :] == original[dataset_offset(original) :]
+
+    new = make_test_instance(patient_id=patient, rows=8, cols=8)
+    uploaded = orthanc_web_client.upload(instance_bytes(new))
+    orthanc_web_client.post_json(
+        "/dicom-web/servers/router/stow", {"Resources": [uploaded["ID"]], "Synchronous": True}
+    )
+    assert new.SOPInstanceUID in _wait_for_sop(clean_orthanc_farm[0], new.SOPInstanceUID)
+
+
+def _wait_for_sop(server, sop_uid: str, timeout: float = 30.0) -> list[str]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        held = server.instance_sop_uids()
+        if sop_uid in held:
+            return held
+        time.sleep(0.1)
+    return server.instance_sop_uids()

@@ -69,7 +69,7 @@ def qido_search(
         STUDY_ROOT_FIND,
         query.identifier,
         query.level,
-        None,
+        config.router.ae_title,  # Retrieve AE Title: the router, as over DIMSE
         calling_ae=caller.ae_title,
     )
     answers: list[dict] = []
