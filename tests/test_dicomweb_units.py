@@ -236,3 +236,34 @@ def test_config_check_lists_the_dicomweb_url(tmp_path):
     result = CliRunner().invoke(cli, ["--config", str(path), "config", "check"])
     assert result.exit_code == 0, result.output
     assert "dicomweb http://127.0.0.1:8099/dicom-web" in result.output
+
+
+def test_frames_native_and_encapsulated_as_stored():
+    from pydicom import dcmread
+    from pydicom.data import get_testdata_file
+    from pydicom.encaps import generate_frames
+
+    from dicomrouter.http.dicomweb.errors import DicomWebError
+    from dicomrouter.http.dicomweb.frames import extract_frames, frame_media_type, parse_frame_list
+
+    native = get_testdata_file("rtdose.dcm", read=False)
+    with open(native, "rb") as handle:
+        content = handle.read()
+    syntax, frames = extract_frames(content, [2, 15])
+    pixels = dcmread(native).PixelData
+    assert syntax == "1.2.840.10008.1.2" and frames == [pixels[400:800], pixels[5600:6000]]
+    assert frame_media_type(syntax) == "application/octet-stream; transfer-syntax=1.2.840.10008.1.2"
+
+    rle = get_testdata_file("SC_rgb_rle_2frame.dcm", read=False)
+    with open(rle, "rb") as handle:
+        content = handle.read()
+    syntax, frames = extract_frames(content, [2])
+    expected = list(generate_frames(dcmread(rle).PixelData, number_of_frames=2))[1]
+    assert frames == [expected] and frame_media_type(syntax).startswith("image/dicom-rle")
+
+    with pytest.raises(DicomWebError) as missing:
+        extract_frames(content, [3])
+    assert missing.value.status == 404
+    assert parse_frame_list("1,3") == [1, 3]
+    with pytest.raises(DicomWebError):
+        parse_frame_list("0")

@@ -15,6 +15,7 @@ from dicomrouter.http.deps import HttpDeps
 from dicomrouter.http.dicomweb import PREFIX
 from dicomrouter.http.dicomweb.dicomjson import MEDIA_TYPE, dataset_json, encode_json
 from dicomrouter.http.dicomweb.errors import DicomWebError
+from dicomrouter.http.dicomweb.frames import extract_frames, frame_media_type, parse_frame_list
 from dicomrouter.http.dicomweb.multipart import (
     MultipartError,
     MultipartWriter,
@@ -91,6 +92,11 @@ class DicomWebRoutes:
         ):
             get(f"{PREFIX}{path}", self.retrieve, allow_head=False)
             get(f"{PREFIX}{path}/metadata", self.metadata, allow_head=False)
+        get(
+            f"{PREFIX}/studies/{STUDY}/series/{SERIES}/instances/{INSTANCE}/frames/{{frames}}",
+            self.frames,
+            allow_head=False,
+        )
         post(f"{PREFIX}/studies", self.store)
         post(f"{PREFIX}/studies/{STUDY}", self.store)
 
@@ -220,6 +226,33 @@ class DicomWebRoutes:
         )
         return web.Response(body=encode_json(datasets), content_type=MEDIA_TYPE)
 
+    async def frames(self, request: web.Request) -> web.StreamResponse:
+        """Frames as stored: raw bytes (application/octet-stream) or the compressed bitstream."""
+        try:
+            numbers = parse_frame_list(request.match_info["frames"])
+            caller, retrieval = await self._plan(request)
+        except DicomWebError as exc:
+            return _error_response(exc)
+        try:
+            syntax, frames = await asyncio.to_thread(_frames_of, retrieval, numbers)
+        except DicomWebError as exc:
+            return _error_response(exc)
+        finally:
+            retrieval.close()
+        self._audit(
+            caller,
+            "get",
+            "success",
+            study_uid=request.match_info["study"],
+            counts={"frames": len(frames)},
+            detail=f"DICOMweb {request.path}"[:500],
+        )
+        writer = MultipartWriter()
+        media_type = frame_media_type(syntax)
+        body = b"".join(writer.part(media_type) + frame for frame in frames) + writer.close()
+        content_type = related_content_type(writer.boundary, media_type.split(";")[0])
+        return web.Response(body=body, headers={"Content-Type": content_type})
+
     # STOW-RS
 
     async def store(self, request: web.Request) -> web.StreamResponse:
@@ -294,6 +327,18 @@ def _accepts_dicom_multipart(accept: str) -> bool:
         ):
             return True
     return False
+
+
+def _frames_of(retrieval: Retrieval, numbers: list[int]) -> tuple[str, list[bytes]]:
+    for instance in retrieval:
+        try:
+            part10 = part10_prefix(instance) + b"".join(dataset_chunks(instance))
+        finally:
+            instance.discard()
+        return extract_frames(part10, numbers)
+    raise DicomWebError(
+        404, "the instance was not retrieved" + "".join(f"; {e}" for e in retrieval.errors)
+    )
 
 
 def _metadata_of(retrieval: Retrieval) -> list[dict]:
