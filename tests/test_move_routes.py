@@ -105,3 +105,23 @@ def test_route_table_grid(tmp_path):
     grid = dict(rows)
     assert grid["Test PACS 1"] == ["-", "PROD_PACS_1", "relay", "WS_AT_TEST"]
     assert grid["Prod PACS 1"] == ["relay", "-", "relay", "relay"]
+
+
+def test_an_inactive_server_is_refused_as_destination_and_as_called_ae(tmp_path):
+    from dicomrouter.routing.access import called_server_refusal
+    from dicomrouter.routing.access_report import explain_access
+    from dicomrouter.routing.move_routes import destination_refusal
+
+    config = make_config(tmp_path)
+    reason = "server 'Old PACS' (OLD_PACS) is inactive"
+    assert destination_refusal(resolve_destination(config, "OLD_PACS")) == reason
+    assert destination_refusal(resolve_destination(config, "Prod PACS 1")) is None
+    assert called_server_refusal(config, "OLD_PACS") == reason
+    assert called_server_refusal(config, "PROD_PACS_1") is None
+    assert called_server_refusal(config, config.router.ae_title) is None
+    report = explain_access(config, "WORKSTATION", "127.0.0.1")
+    old = next(entry for entry in report.servers if entry.server.name == "Old PACS")
+    assert {op: old.verdicts[op].allowed for op in ("echo", "store", "move_to")} == dict.fromkeys(
+        ("echo", "store", "move_to"), False
+    )
+    assert all(reason in old.verdicts[op].why for op in ("echo", "store", "move_to"))

@@ -9,11 +9,16 @@ from dicomrouter.routing.access import (
     AssociationDecision,
     Caller,
     decide_association,
+    inactive_reason,
     may_read,
     may_write,
 )
 from dicomrouter.routing.find_targets import find_targets
-from dicomrouter.routing.move_routes import move_permission, resolve_destination
+from dicomrouter.routing.move_routes import (
+    destination_refusal,
+    move_permission,
+    resolve_destination,
+)
 
 OPERATIONS = ("echo", "store", "find", "retrieve", "move_to")
 
@@ -110,11 +115,14 @@ def _verdicts(config: Config, caller: Caller, server: ServerConfig, find_servers
     if caller.kind == "server":
         nothing = Verdict(False, "a server AE only delivers relayed C-MOVE sub-operations")
         return {"echo": Verdict(True, "association accepted (configured server)"), **dict.fromkeys(OPERATIONS[1:], nothing)}
-    verdicts = {"echo": Verdict(True, f"association accepted; the router also answers as {server.ae_title}")}
+    if server.usable:
+        verdicts = {"echo": Verdict(True, f"association accepted; the router also answers as {server.ae_title}")}
+    else:
+        verdicts = {"echo": Verdict(False, f"{inactive_reason(server)}: an echo to it is refused with 0x0124")}
     write = _role_verdict(may_write(caller, server), caller, server, "write")
     read = _role_verdict(may_read(caller, server), caller, server, "read")
     if not server.usable:
-        verdicts["store"] = Verdict(False, "server inactive: nothing is routed to it")
+        verdicts["store"] = Verdict(False, f"{inactive_reason(server)}: nothing is routed to it; refused with 0x0124")
     else:
         verdicts["store"] = write if write.allowed else Verdict(False, f"{write.why}: refused with 0x0124")
     if server.name in find_servers:
@@ -131,5 +139,7 @@ def _verdicts(config: Config, caller: Caller, server: ServerConfig, find_servers
         verdicts["retrieve"] = read
     destination = resolve_destination(config, server.name)
     allowed, why = move_permission(caller, destination, config) if destination else (False, "not a destination")
+    if destination is not None and (inactive := destination_refusal(destination)):
+        allowed, why = False, f"{inactive}: refused with 0x0124"
     verdicts["move_to"] = Verdict(allowed, why)
     return verdicts
