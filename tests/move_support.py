@@ -134,6 +134,23 @@ def getscu(
     return RetrieveRun(result.stdout + result.stderr, result.returncode)
 
 
+def make_series(study_uid: str, images: int, patient_id: str = "TEST0001", series_number: int = 1):
+    """`images` instances of one new series of `study_uid`."""
+    series_uid = generate_uid()
+    return [
+        make_test_instance(
+            study_uid=study_uid,
+            series_uid=series_uid,
+            series_number=series_number,
+            instance_number=number,
+            patient_id=patient_id,
+            rows=8,
+            cols=8,
+        )
+        for number in range(1, images + 1)
+    ]
+
+
 def upload_study(
     server: OrthancServer, study_uid: str | None = None, series: int = 1, images: int = 2
 ) -> dict:

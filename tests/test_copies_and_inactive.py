@@ -15,6 +15,7 @@ from pydicom.uid import generate_uid
 from dicomrouter.cli.common import CliState
 from dicomrouter.cli.find import find_command
 from tests.find_support import edit_config, findscu, running_front, unique
+from tests.move_support import make_series
 from tests.orthanc_fixtures import (
     ROUTER_AE,
     WORKSTATION_AE,
@@ -29,19 +30,10 @@ pytestmark = pytest.mark.slow
 
 def upload_copies(servers_and_counts, patient_id: str) -> tuple[str, list]:
     """One study of one series; server i gets the first count_i of its instances."""
-    study_uid, series_uid = generate_uid(), generate_uid()
-    most = max(count for _server, count in servers_and_counts)
-    instances = [
-        make_test_instance(
-            study_uid=study_uid,
-            series_uid=series_uid,
-            instance_number=n,
-            patient_id=patient_id,
-            rows=8,
-            cols=8,
-        )
-        for n in range(1, most + 1)
-    ]
+    study_uid = generate_uid()
+    instances = make_series(
+        study_uid, max(count for _server, count in servers_and_counts), patient_id=patient_id
+    )
     for server, count in servers_and_counts:
         for ds in instances[:count]:
             server.upload(instance_bytes(ds))

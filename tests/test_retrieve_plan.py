@@ -19,12 +19,13 @@ from dicomrouter.pacsfarm import OrthancServer
 from tests.move_support import (
     edit_config,
     getscu,
+    make_series,
     movescu,
     received_sop_uids,
     running_move_front,
     workstation,
 )
-from tests.orthanc_fixtures import instance_bytes, make_test_instance
+from tests.orthanc_fixtures import instance_bytes
 
 pytestmark = pytest.mark.slow
 
@@ -36,23 +37,6 @@ if move_command.name not in cli.commands:
 def front(farm_config, router_port):
     with running_move_front(farm_config, router_port) as running:
         yield running
-
-
-def make_series(study_uid: str, images: int, patient_id: str = "TEST0001", series_number: int = 1):
-    """`images` instances of one new series of `study_uid`."""
-    series_uid = generate_uid()
-    return [
-        make_test_instance(
-            study_uid=study_uid,
-            series_uid=series_uid,
-            series_number=series_number,
-            instance_number=number,
-            patient_id=patient_id,
-            rows=8,
-            cols=8,
-        )
-        for number in range(1, images + 1)
-    ]
 
 
 def upload(server: OrthancServer, instances) -> None:
