@@ -41,6 +41,7 @@ from dicomrouter.scp.server import DicomFront, SupportedContext
 from dicomrouter.scp.store import handle_store, store_instance
 from dicomrouter.scp.store_session import LeanStorePath
 from dicomrouter.store.acks import AckRecorder
+from dicomrouter.store.capabilities import DestinationCapabilities
 from dicomrouter.store.forwarder import Forwarder
 from dicomrouter.store.queue import ForwardQueue
 from dicomrouter.store.receive import ReceiveService
@@ -192,7 +193,11 @@ def build_app(config: Config, host: str | None = None, port: int | None = None, 
     # Counted only when something serves them (the HTTP port); the CLI's import counts nothing.
     metrics = Metrics() if config.router.http is not None else None
     audit = AuditTrail(catalog.add_audit_rows, node=node_id(), metrics=metrics)
-    forwarder = Forwarder(holder, queue, spool, AckRecorder(catalog, queue), audit, metrics=metrics)
+    capabilities = DestinationCapabilities(sessions, lambda: holder.current)
+    holder.on_change(capabilities.config_changed)
+    forwarder = Forwarder(
+        holder, queue, spool, AckRecorder(catalog, queue), audit, metrics=metrics, capabilities=capabilities
+    )
     receive = ReceiveService(lambda: holder.current, spool, queue, sessions, forwarder.notify, audit=audit.record)
     find_contexts, find_handlers = find_bindings(holder, catalog)
     move_contexts, move_handlers = move_bindings(holder, catalog)

@@ -7,6 +7,7 @@ Loading never raises anything but :class:`ConfigError`; unknown keys are warning
 from __future__ import annotations
 
 import difflib
+import functools
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -180,6 +181,8 @@ class RouterSettings:
     echo_timeout_s: float = 3.0
     find_timeout_s: float = 5.0
     max_find_results: int = 10000
+    # Storage SOP classes the router accepts: "all", "standard" (those pynetdicom lists), or these UIDs
+    storage_classes: str | frozenset[str] = "all"
     forwarding: ForwardingConfig = field(default_factory=ForwardingConfig)
     audit: AuditSettings = field(default_factory=AuditSettings)
     tls: TLSConfig | None = None
@@ -290,6 +293,28 @@ def parse_config(document: Any, path: Path) -> Config:
 # --------------------------------------------------------------------------- validation
 
 
+STORAGE_CLASS_CHOICES = ("all", "standard")
+_UID = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+")
+
+
+def storage_class_allowed(config: Config, sop_class: str) -> bool:
+    """Whether `router.storage_classes` lets the router accept storage of `sop_class`."""
+    allowed = config.router.storage_classes
+    if allowed == "all":
+        return True
+    if allowed == "standard":
+        return sop_class in _standard_storage_classes()
+    return sop_class in allowed
+
+
+@functools.cache
+def _standard_storage_classes() -> frozenset[str]:
+    """The storage SOP classes pynetdicom's public tables list."""
+    from pynetdicom.presentation import AllStoragePresentationContexts
+
+    return frozenset(str(context.abstract_syntax) for context in AllStoragePresentationContexts)
+
+
 def ae_title_problem(value: Any) -> str | None:
     """Why `value` is not a valid AE title, or None."""
     if not isinstance(value, str):
@@ -330,6 +355,7 @@ _ROUTER_KEYS = (
     "echo_timeout",
     "find_timeout",
     "max_find_results",
+    "storage_classes",
     "forwarding",
     "audit",
     "tls",
@@ -611,6 +637,7 @@ class _Parser:
             echo_timeout_s=self.get_seconds(data, "echo_timeout", "router.echo_timeout", d.echo_timeout_s),
             find_timeout_s=self.get_seconds(data, "find_timeout", "router.find_timeout", d.find_timeout_s),
             max_find_results=self.get_int(data, "max_find_results", "router.max_find_results", d.max_find_results, 1, 10**7),
+            storage_classes=self.get_storage_classes(data.get("storage_classes", d.storage_classes)),
             forwarding=forwarding,
             audit=self.parse_audit(self.mapping(data.get("audit"), "router.audit")),
             tls=self.parse_tls(data.get("tls"), "router.tls", listening=True),
@@ -629,6 +656,22 @@ class _Parser:
             AuditSettings.rejection_summary_interval_s,
         )
         return AuditSettings(keep_days=float(value), rejection_summary_interval_s=interval)
+
+    def get_storage_classes(self, value: Any) -> str | frozenset[str]:
+        key = "router.storage_classes"
+        fix = "write `all` (any class, private ones included), `standard`, or a list of SOP Class UIDs"
+        if value in STORAGE_CLASS_CHOICES:
+            return value
+        if isinstance(value, str) or not isinstance(value, Sequence) or not value:
+            self.error(key, f"{value!r} is not all, standard or a list of UIDs", fix)
+            return "all"
+        uids = []
+        for index, uid in enumerate(value):
+            if not isinstance(uid, str) or not _UID.fullmatch(uid) or len(uid) > 64:
+                self.error(f"{key}[{index}]", f"{uid!r} is not a UID", "give dotted numbers such as 1.2.840.10008.5.1.4.1.1.2")
+            else:
+                uids.append(uid)
+        return frozenset(uids)
 
     def parse_http(self, value: Any) -> HttpSettings | None:
         if value is None:

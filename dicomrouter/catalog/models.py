@@ -276,3 +276,22 @@ class AuditEvent(Base):
     outcome: Mapped[str]
     detail: Mapped[str | None] = mapped_column(Text)
     counts: Mapped[dict[str, Any] | None]
+
+
+class DestinationCapability(Base):
+    """What one destination server answered when offered a SOP class in one transfer syntax.
+
+    Learned from the associations the router opens to it (forwarding, probes). `peer` is the
+    server's address and calling AE at the time: a row for another address is not believed.
+    """
+
+    __tablename__ = "destination_capabilities"
+    __table_args__ = (UniqueConstraint("server_name", "sop_class_uid", "transfer_syntax_uid"),)
+
+    id: Mapped[int] = mapped_column(ID, primary_key=True)
+    server_name: Mapped[str]  # not a foreign key: the config names servers, the catalog follows
+    sop_class_uid: Mapped[str]
+    transfer_syntax_uid: Mapped[str]
+    accepted: Mapped[bool] = mapped_column(Boolean)
+    peer: Mapped[str]
+    learned_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -7,6 +7,7 @@ files with it, the relay data sets it holds in memory; neither is ever decoded o
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,9 +51,16 @@ class StoreOutcome:
 class EncodedStoreClient:
     """One reusable lean association to `peer` for encoded data sets; renegotiates like StoreClient."""
 
-    def __init__(self, peer: ServerConfig, router: RouterSettings):
+    def __init__(
+        self,
+        peer: ServerConfig,
+        router: RouterSettings,
+        on_negotiated: Callable[[ServerConfig, Link], None] | None = None,
+    ):
+        """`on_negotiated(peer, link)` hears of every association opened: what it accepted and refused."""
         self.peer = peer
         self.router = router
+        self.on_negotiated = on_negotiated
         self.calling_ae = calling_ae_for(peer, "store", router)
         self._wanted: OrderedDict[tuple[str, str], None] = OrderedDict()
         self._link: Link | None = None
@@ -84,6 +92,8 @@ class EncodedStoreClient:
             self.calling_ae,
             [(sop, [syntax]) for sop, syntax in self._wanted],
         )
+        if self.on_negotiated is not None:
+            self.on_negotiated(self.peer, self._link)
         context_id = self._link.context_for(sop_class, transfer_syntax)
         if context_id is None:
             raise rejected

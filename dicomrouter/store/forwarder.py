@@ -18,8 +18,10 @@ from dicomrouter.net.store_client import (
     PeerUnavailable,
     StoreFailed,
 )
+from dicomrouter.net.upper_layer import Link
 from dicomrouter.reload import ConfigHolder
 from dicomrouter.store.acks import AckRecorder
+from dicomrouter.store.capabilities import DestinationCapabilities
 from dicomrouter.store.outages import OutageBook
 from dicomrouter.store.queue import ClaimedJob, ForwardQueue, backoff_s, utcnow
 from dicomrouter.store.queue_actions import Suspensions
@@ -281,7 +283,7 @@ class DestinationLane:
             if client is None or client.peer != server:
                 if client:
                     client.close()
-                client = EncodedStoreClient(server, forwarder.holder.current.router)
+                client = EncodedStoreClient(server, forwarder.holder.current.router, forwarder.learn_capabilities)
             pause = self.paused_until - time.monotonic()
             if pause > 0:
                 self.wait(min(pause, forwarder.settings.poll_interval_s), use_signal=index == 0)
@@ -399,9 +401,11 @@ class Forwarder:
         record_acks: AckRecorder,
         audit: AuditTrail | NoAudit | None = None,
         metrics: Metrics | None = None,
+        capabilities: DestinationCapabilities | None = None,
     ):
         self.holder = holder
         self.metrics = metrics
+        self.capabilities = capabilities
         self.audit = audit or NoAudit()
         self.queue = queue
         self.outages = OutageBook(queue.sessions)
@@ -418,6 +422,8 @@ class Forwarder:
 
     def start(self) -> None:
         self.acks.start()
+        if self.capabilities is not None:
+            self.capabilities.start()
         self.ensure_lanes(self.holder.current)
         for name in self.queue.destinations_with_work():
             if name not in self.lanes:
@@ -430,6 +436,11 @@ class Forwarder:
                     lane = DestinationLane(self, server.name)
                     self.lanes[server.name] = lane
                     lane.start(config.router.forwarding.workers_per_destination)
+
+    def learn_capabilities(self, server: ServerConfig, link: Link) -> None:
+        """What a destination accepted and refused in an association a lane just opened."""
+        if self.capabilities is not None:
+            self.capabilities.learn(server, link)
 
     def notify(self, destination: str) -> None:
         lane = self.lanes.get(destination)
@@ -465,6 +476,8 @@ class Forwarder:
                 thread.join(timeout=max(0.0, deadline - time.monotonic()))
         self.acks.stop(timeout_s=max(1.0, deadline - time.monotonic()))
         released = self.queue.release_claims()
+        if self.capabilities is not None:
+            self.capabilities.stop()
         log.info("forwarder_stopped", released_claims=released)
 
     def wait_until_idle(self, timeout_s: float) -> bool:
