@@ -39,3 +39,10 @@ def write_document(path: Path, document: dict[str, Any]) -> Path:
     with open(path, "w", encoding="utf-8") as handle:
         yaml_engine.dump(copy.deepcopy(document), handle)
     return path
+
+
+def server_config(port: int, name: str = "Fake", ae_title: str = "PACS", host: str = "127.0.0.1"):
+    """A ServerConfig for a peer a test runs itself (a fake PACS, a dead port)."""
+    from dicomrouter.config import CallingAETitles, ServerConfig
+
+    return ServerConfig(name, ae_title, host, port, "test", True, True, False, "", None, CallingAETitles(), {})

@@ -6,7 +6,7 @@ import struct
 
 import pytest
 
-from dicomrouter.config import CallingAETitles, RouterSettings, ServerConfig
+from dicomrouter.config import RouterSettings
 from dicomrouter.dicom_file import (
     MAX_FILE_META_BYTES,
     META_HEAD_BYTES,
@@ -14,6 +14,7 @@ from dicomrouter.dicom_file import (
     with_group_length,
 )
 from dicomrouter.net.store_client import ContextRejected, EncodedStoreClient
+from tests.configs import server_config
 
 PREFIX = b"\0" * 128 + b"DICM"
 
@@ -72,20 +73,7 @@ def test_the_forwarder_refuses_a_spool_file_whose_meta_is_oversized_or_past_its_
     """Never sent (and never read beyond its first bytes): a permanent refusal, not a retry."""
     path = tmp_path / "instance.dcm"
     path.write_bytes(with_length(META, claimed=claimed) + b"\0" * 100)
-    peer = ServerConfig(
-        "Nowhere",
-        "PACS",
-        "127.0.0.1",
-        9,
-        "test",
-        True,
-        True,
-        False,
-        "",
-        None,
-        CallingAETitles(),
-        {},
-    )
+    peer = server_config(9, name="Nowhere")
     with pytest.raises(ContextRejected, match="unusable"):
         EncodedStoreClient(peer, RouterSettings()).send_file(
             path, "1.2.3", "1.2.3.4", "1.2.840.10008.1.2.1"

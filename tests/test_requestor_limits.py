@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from pydicom import Dataset
 
-from dicomrouter.config import CallingAETitles, RouterSettings, ServerConfig
+from dicomrouter.config import RouterSettings
 from dicomrouter.net.find_client import STUDY_ROOT_FIND, PeerFind, PeerFindError
 from dicomrouter.net.get_client import STUDY_ROOT_GET, ReceivedInstance, get_instances
 from dicomrouter.net.move_client import PeerMoveError
@@ -34,6 +34,7 @@ from dicomrouter.net.upper_layer import (
     parse_command,
     us,
 )
+from tests.configs import server_config
 from tests.raw_peer import (
     A_ABORT,
     A_ASSOCIATE_AC,
@@ -111,23 +112,6 @@ def accept_association(accepted: dict[int, str]) -> Callable[[socket.socket], No
 
 def link_to(pacs: FakePacs, contexts=((CT, [EXPLICIT_VR_LE]),)):
     return open_link("127.0.0.1", pacs.port, "ROUTER", "PACS", list(contexts), OUR_MAX_PDU, 5, 5)
-
-
-def server(port: int) -> ServerConfig:
-    return ServerConfig(
-        "Fake",
-        "PACS",
-        "127.0.0.1",
-        port,
-        "test",
-        True,
-        True,
-        False,
-        "",
-        None,
-        CallingAETitles(),
-        {},
-    )
 
 
 @contextmanager
@@ -245,7 +229,11 @@ def test_a_find_answer_of_64_mib_is_aborted_at_one_mib_with_bounded_memory():
     query.StudyInstanceUID = ""
     with fake_pacs(endless_find_answer) as pacs, peak_allocation() as peak:
         find = PeerFind(
-            server(pacs.port), RouterSettings(max_pdu_size=OUR_MAX_PDU), STUDY_ROOT_FIND, query, 20
+            server_config(pacs.port),
+            RouterSettings(max_pdu_size=OUR_MAX_PDU),
+            STUDY_ROOT_FIND,
+            query,
+            20,
         )
         with pytest.raises(PeerFindError, match="data set over 1048576 bytes") as raised:
             list(find.answers())
@@ -298,6 +286,14 @@ def get_script(dataset: bytes, answers: list) -> Callable[[socket.socket], None]
     return script
 
 
+def get_from(pacs: FakePacs, router: RouterSettings, take, spill_folder: Path | None = None):
+    """C-GET one study from the fake PACS, offering CT in explicit VR little endian."""
+    storage = {CT: [EXPLICIT_VR_LE]}
+    return get_instances(
+        server_config(pacs.port), router, STUDY_ROOT_GET, identifier(), storage, take, spill_folder
+    )
+
+
 def identifier() -> Dataset:
     query = Dataset()
     query.QueryRetrieveLevel = "STUDY"
@@ -310,14 +306,7 @@ def test_a_get_sub_operation_over_max_dataset_size_aborts_the_retrieve():
     answers: list = []
     with fake_pacs(get_script(b"\0" * (300 * 1024), answers)) as pacs:
         with pytest.raises(PeerMoveError, match="data set over 262144 bytes"):
-            get_instances(
-                server(pacs.port),
-                router,
-                STUDY_ROOT_GET,
-                identifier(),
-                {CT: [EXPLICIT_VR_LE]},
-                lambda instance: 0,
-            )
+            get_from(pacs, router, lambda instance: 0)
     pacs.thread.join(timeout=5)
     assert answers == [("pdu", A_ABORT)]
 
@@ -333,15 +322,7 @@ def test_a_large_get_sub_operation_goes_to_a_spill_file_as_it_arrives(tmp_path: 
         return 0
 
     with fake_pacs(get_script(dataset, answers)) as pacs:
-        progress = get_instances(
-            server(pacs.port),
-            router,
-            STUDY_ROOT_GET,
-            identifier(),
-            {CT: [EXPLICIT_VR_LE]},
-            take,
-            spill_folder=tmp_path / "spill",
-        )
+        progress = get_from(pacs, router, take, tmp_path / "spill")
     assert progress.status == 0 and answers == [0]
     [instance] = received
     assert isinstance(instance.dataset, FileSlice)
@@ -355,15 +336,7 @@ def test_a_small_get_sub_operation_stays_in_memory(tmp_path: Path):
     router = replace(RouterSettings(), max_pdu_size=OUR_MAX_PDU)
     received: list[ReceivedInstance] = []
     with fake_pacs(get_script(b"\1" * 5000, [])) as pacs:
-        get_instances(
-            server(pacs.port),
-            router,
-            STUDY_ROOT_GET,
-            identifier(),
-            {CT: [EXPLICIT_VR_LE]},
-            lambda instance: received.append(instance) or 0,
-            spill_folder=tmp_path,
-        )
+        get_from(pacs, router, lambda instance: received.append(instance) or 0, tmp_path)
     assert received[0].dataset == b"\1" * 5000
     assert list(tmp_path.iterdir()) == []
 
@@ -374,6 +347,6 @@ def test_echo_reports_a_peer_breaking_the_protocol_as_unreachable():
         conn.sendall(struct.pack(">BxI", A_ASSOCIATE_AC, 0x7FFFFFFF))
 
     with fake_pacs(script) as pacs:
-        result = echo_peer(server(pacs.port), RouterSettings(), timeout_s=2)
+        result = echo_peer(server_config(pacs.port), RouterSettings(), timeout_s=2)
     assert result.status == "unreachable"
     assert "protocol violation" in result.detail and "the limit is 1048576" in result.detail
