@@ -341,6 +341,7 @@ class RejectionAggregator:
         self.clock = clock
         self._tallies: dict[tuple[str, str], _RejectionTally] = {}
         self._lock = threading.Lock()
+        self._next_flush = clock() + interval_s  # record() writes due summaries too (no thread needed)
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -359,6 +360,9 @@ class RejectionAggregator:
                 for names, name in ((tally.calling_aes, calling_ae), (tally.called_aes, called_ae)):
                     if len(names) < self.MAX_AES_NAMED:
                         names.add(name)
+        if now >= self._next_flush:
+            self._next_flush = now + min(self.interval_s, 1.0)
+            self.flush()
         if tally is not None:
             self.trail.observe("association", "rejected")
             return False

@@ -105,3 +105,13 @@ def test_a_long_backlog_writes_a_row_every_max_open():
         deliveries.flush()
     deliveries.flush(everything=True)
     assert [fields["counts"]["instances"] for _, _, fields in trail.rows] == [300, 300, 100]
+
+
+def test_without_its_thread_a_later_rejection_writes_the_due_summary():
+    trail, clock = Trail(), Clock()
+    rejections = RejectionAggregator(trail, interval_s=60, clock=clock)  # never started
+    for _ in range(10):
+        rejections.record("10.0.0.9", "unknown calling AE", "SCANNER", "DICOMROUTER")
+    clock.now += 61
+    rejections.record("10.0.0.8", "unknown calling AE", "OTHER", "DICOMROUTER")
+    assert [fields["counts"]["associations"] for _, _, fields in trail.rows] == [1, 9, 1]
