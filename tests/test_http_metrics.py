@@ -12,6 +12,7 @@ from tests.http_support import destination_lines, http_request, metric, metric_s
 from tests.orthanc_fixtures import make_test_instance, write_instance
 from tests.router_process import RouterProcess, run_dcmtk, wait_for_port
 from tests.store_helpers import edit_config, fast_retries, storescu
+from tests.test_prometheus_alerts import alert_metric_names
 
 pytestmark = pytest.mark.slow
 
@@ -137,6 +138,9 @@ def test_metrics_follow_a_destination_outage(
         )
     )
     assert metric(samples, "dicomrouter_request_duration_seconds_count", operation="find") == 1
+    # Every metric the alert rules use is served.
+    served = {name for name, _labels in samples}
+    assert alert_metric_names() <= served, alert_metric_names() - served
     # No label carries a UID or a patient's name.
     assert "1.2." not in after.replace("0.0.4", "") and "Patient" not in after
 
