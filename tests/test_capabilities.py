@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import socket
 import time
+import uuid
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
 from dicomrouter.app import build_app
 from dicomrouter.catalog.db import make_engine, session_factory
@@ -44,9 +46,35 @@ def local_config(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_catalog_config(request, tmp_path: Path) -> Path:
+    """A config whose catalog is SQLite, or PostgreSQL (a database of its own, dropped after)."""
+    document = base_document()
+    if request.param == "postgresql":
+        server_url = request.getfixturevalue("pg_database")
+        name = f"caps_{uuid.uuid4().hex[:10]}"
+        admin = sa.create_engine(server_url, isolation_level="AUTOCOMMIT")
+        with admin.connect() as connection:
+            connection.execute(sa.text(f'CREATE DATABASE "{name}"'))
+        request.addfinalizer(lambda: _drop_database(admin, name))
+        document["router"]["catalog"] = server_url.set(database=name).render_as_string(
+            hide_password=False
+        )
+    path = write_document(tmp_path / "dicomrouter.yaml", document)
+    upgrade(load_config(path).router.catalog)
+    return path
+
+
+def _drop_database(admin: sa.Engine, name: str) -> None:
+    with admin.connect() as connection:
+        connection.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
 def test_verdicts_from_records_are_kept_in_the_catalog_and_forgotten_when_the_address_changes(
-    local_config,
+    any_catalog_config,
 ):
+    local_config = any_catalog_config
     capabilities = capabilities_for(local_config)
     config = load_config(local_config)
     pacs = config.server("Test PACS 1")
@@ -72,6 +100,13 @@ def test_verdicts_from_records_are_kept_in_the_catalog_and_forgotten_when_the_ad
     again = capabilities_for(local_config)
     assert again.verdict("Test PACS 1", PHOTOACOUSTIC, [EXPLICIT]).state == "refused"
     assert again.verdict("Test PACS 1", CT, [EXPLICIT]).state == "accepted"
+    # Another node learns the opposite later: the newest answer wins, in memory and in the catalog.
+    again.record(pacs, accepted=[(PHOTOACOUSTIC, EXPLICIT)], refused=[])
+    again.flush()
+    assert (
+        capabilities_for(local_config).verdict("Test PACS 1", PHOTOACOUSTIC, [EXPLICIT]).state
+        == "accepted"
+    )
 
     # A reload that moves the server: what it said at its old address no longer counts.
     moved = replace(

@@ -17,10 +17,11 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import bindparam, delete, insert, select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomrouter.catalog.models import DestinationCapability
+from dicomrouter.catalog.upserts import dialect_insert
 from dicomrouter.config import Config, RouterSettings, ServerConfig, calling_ae_for
 from dicomrouter.logging import get_logger
 from dicomrouter.net.peer import PeerUnavailable, associate_with
@@ -319,23 +320,22 @@ class DestinationCapabilities:
                     connection = session.connection()
                     for name in forgotten:
                         connection.execute(delete(TABLE).where(TABLE.c.server_name == name))
-                    if rows:
+                    if rows:  # one upsert for all: several router nodes may learn the same pair
+                        upsert = dialect_insert(session, DestinationCapability)
                         connection.execute(
-                            delete(TABLE).where(
-                                TABLE.c.server_name == bindparam("s"),
-                                TABLE.c.sop_class_uid == bindparam("c"),
-                                TABLE.c.transfer_syntax_uid == bindparam("t"),
+                            upsert.on_conflict_do_update(
+                                index_elements=[
+                                    "server_name",
+                                    "sop_class_uid",
+                                    "transfer_syntax_uid",
+                                ],
+                                set_={
+                                    name: upsert.excluded[name]
+                                    for name in ("accepted", "peer", "learned_at")
+                                },
                             ),
-                            [
-                                {
-                                    "s": r["server_name"],
-                                    "c": r["sop_class_uid"],
-                                    "t": r["transfer_syntax_uid"],
-                                }
-                                for r in rows
-                            ],
+                            rows,
                         )
-                        connection.execute(insert(TABLE), rows)
             except Exception as exc:
                 log.warning(
                     "destination_capabilities_write_failed", rows=len(rows), reason=str(exc)[:200]
