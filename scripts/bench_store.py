@@ -14,7 +14,9 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dicomrouter.pacsfarm import OrthancFarm, free_ports  # noqa: E402
-from tests.router_process import RouterProcess, dcmtk, dcmtk_env  # noqa: E402
+from tests.router_process import RouterProcess, dcmtk, dcmtk_env, wait_for_port  # noqa: E402
 
 SIZES = {"large": 512, "small": 64, "huge": 4096}  # huge: 32 MiB, spooled while it arrives
 
@@ -87,7 +89,9 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def write_config(folder: Path, router_port: int, orthanc) -> Path:
+def write_config(folder: Path, router_port: int, orthanc, http_port: int | None = None) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    http = f"\n  http: {{host: 127.0.0.1, port: {http_port}}}" if http_port else ""
     text = f"""router:
   ae_title: DICOMROUTER
   host: 127.0.0.1
@@ -96,7 +100,7 @@ def write_config(folder: Path, router_port: int, orthanc) -> Path:
   spool: var/spool
   max_pdu_size: {os.environ.get("BENCH_MAX_PDU", 262144)}
   forwarding:
-    workers_per_destination: {os.environ.get("BENCH_WORKERS", 2)}
+    workers_per_destination: {os.environ.get("BENCH_WORKERS", 2)}{http}
 servers:
   - name: Bench PACS
     ae_title: {orthanc.spec.ae_title}
@@ -116,11 +120,62 @@ clients:
     return path
 
 
+def scrape_every_second(url: str, stop: threading.Event, counter: list[int]) -> None:
+    """A Prometheus stand-in: GET /metrics once a second until `stop`."""
+    while not stop.wait(1.0):
+        with urllib.request.urlopen(url, timeout=10) as response:
+            response.read()
+        counter[0] += 1
+
+
+def routed_run(folder: Path, files: list[str], target, router_port: int, http_port: int | None = None,
+               profile: str | None = None) -> tuple[float, float, float, float, int]:
+    """storescu -> a fresh router -> `target`: (seconds to all stored, seconds to all acknowledged, router CPU s,
+    peak RSS MB, scrapes made)."""
+    router = RouterProcess(write_config(folder, router_port, target, http_port), router_port)
+    router.start()
+    profiler = None
+    if profile:
+        profiler = subprocess.Popen(["py-spy", "record", "--gil", "--threads", "--format", "raw", "-r", "200",
+                                     "-o", profile, "-p", str(router.process.pid)],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(1)
+    stop, scrapes = threading.Event(), [0]
+    scraper = None
+    try:
+        if http_port:
+            wait_for_port(http_port)
+            scraper = threading.Thread(
+                target=scrape_every_second, args=(f"http://127.0.0.1:{http_port}/metrics", stop, scrapes), daemon=True
+            )
+            scraper.start()
+        cpu_before = cpu_seconds(router.process.pid)
+        started = time.monotonic()
+        run_storescu(router_port, "DICOMROUTER", files)
+        acknowledged_s = time.monotonic() - started
+        routed_s = wait_count(target, len(files)) - started
+        rss = peak_rss_mb(router.process.pid)
+        router_cpu_s = cpu_seconds(router.process.pid) - cpu_before
+    finally:
+        stop.set()
+        if scraper:
+            scraper.join(timeout=15)
+        if profiler:
+            profiler.send_signal(2)
+            profiler.wait(timeout=30)
+        router.stop()
+    return routed_s, acknowledged_s, router_cpu_s, rss, scrapes[0]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=300)
     parser.add_argument("--size", choices=sorted(SIZES), default="large")
     parser.add_argument("--profile", metavar="FILE", help="py-spy the router into FILE (collapsed stacks)")
+    parser.add_argument(
+        "--scrape", action="store_true",
+        help="also run a router with its HTTP port scraped at /metrics every second, and compare",
+    )
     args = parser.parse_args()
     os.environ["TCP_NODELAY"] = "1"
     with tempfile.TemporaryDirectory(prefix="bench-store-") as tmp:
@@ -129,7 +184,7 @@ def main() -> None:
         files = make_instances(folder / "in", args.count, SIZES[args.size])
         megabytes = sum(os.path.getsize(f) for f in files) / 1e6
         router_port = free_ports(1)[0]
-        farm = OrthancFarm.on_free_ports(folder / "orthanc", ("test", "test"),
+        farm = OrthancFarm.on_free_ports(folder / "orthanc", ("test",) * (3 if args.scrape else 2),
                                          extra_peers=[("DICOMROUTER", "127.0.0.1", router_port)])
         with farm:
             farm.start_all()
@@ -138,27 +193,12 @@ def main() -> None:
             run_storescu(direct_target.spec.dicom_port, direct_target.spec.ae_title, files)
             direct_s = wait_count(direct_target, len(files)) - started
 
-            router = RouterProcess(write_config(folder, router_port, routed_target), router_port)
-            router.start()
-            profiler = None
-            if args.profile:
-                profiler = subprocess.Popen(["py-spy", "record", "--gil", "--threads", "--format", "raw", "-r", "200",
-                                             "-o", args.profile, "-p", str(router.process.pid)],
-                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                time.sleep(1)
-            try:
-                cpu_before = cpu_seconds(router.process.pid)
-                started = time.monotonic()
-                run_storescu(router_port, "DICOMROUTER", files)
-                acknowledged_s = time.monotonic() - started
-                routed_s = wait_count(routed_target, len(files)) - started
-                rss = peak_rss_mb(router.process.pid)
-                router_cpu_s = cpu_seconds(router.process.pid) - cpu_before
-            finally:
-                if profiler:
-                    profiler.send_signal(2)
-                    profiler.wait(timeout=30)
-                router.stop()
+            routed = routed_run(folder / "router", files, routed_target, router_port, profile=args.profile)
+            scraped = None
+            if args.scrape:
+                http_port, scraped_port = free_ports(2)
+                scraped = routed_run(folder / "scraped", files, farm[2], scraped_port, http_port=http_port)
+    routed_s, acknowledged_s, router_cpu_s, rss, _ = routed
     print(f"instances: {len(files)} x {args.size} ({megabytes / len(files) * 1000:.0f} KB each, {megabytes:.0f} MB)")
     print(f"direct  storescu -> Orthanc          : {direct_s:6.2f} s  {len(files) / direct_s:7.1f} inst/s  {megabytes / direct_s:6.1f} MB/s")
     print(f"router  storescu -> router -> Orthanc: {routed_s:6.2f} s  {len(files) / routed_s:7.1f} inst/s  {megabytes / routed_s:6.1f} MB/s")
@@ -166,6 +206,11 @@ def main() -> None:
     print(f"ratio router/direct throughput       : {direct_s / routed_s:.2f}x")
     print(f"router CPU                           : {router_cpu_s:6.2f} s  ({router_cpu_s / len(files) * 1000:.1f} ms per instance)")
     print(f"router peak RSS                      : {rss:.0f} MB")
+    if scraped is not None:
+        scraped_s, _, scraped_cpu_s, _, scrapes = scraped
+        print(f"router, /metrics scraped every second: {scraped_s:6.2f} s  {len(files) / scraped_s:7.1f} inst/s"
+              f"  ({scrapes} scrapes, CPU {scraped_cpu_s:.2f} s)")
+        print(f"ratio scraped/unscraped throughput   : {routed_s / scraped_s:.3f}x")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from dicomrouter.http.deps import HttpDeps
 from dicomrouter.http.health import readiness_problems
 from dicomrouter.logging import get_logger
 from dicomrouter.store.queue import CLAIMED, DEAD, PENDING
-from dicomrouter.store.queue_gauges import QueueGauges, read_queue_gauges
+from dicomrouter.store.queue_gauges import QueueGaugeReader, QueueGauges
 
 log = get_logger(__name__)
 
@@ -27,15 +27,18 @@ class RouterCollector(Collector):
 
     def __init__(self, deps: HttpDeps):
         self.deps = deps
+        self.queue_gauges = (
+            QueueGaugeReader(deps.queue.sessions) if deps.queue is not None else None
+        )
 
     def collect(self) -> Iterator[Metric]:
         deps = self.deps
         config = deps.holder.current
         destinations = {s.name for s in config.live_servers()}
         gauges = QueueGauges()
-        if deps.queue is not None:
+        if self.queue_gauges is not None:
             try:
-                gauges = read_queue_gauges(deps.queue.sessions)
+                gauges = self.queue_gauges.read()
             except Exception as exc:  # the catalog is down: /readyz and dicomrouter_ready say so
                 log.warning(
                     "metrics_queue_unreadable", reason=f"{exc.__class__.__name__}: {str(exc)[:200]}"
@@ -91,7 +94,7 @@ class RouterCollector(Collector):
         if deps.spool is not None:
             yield GaugeMetricFamily(
                 "dicomrouter_spool_bytes",
-                "Bytes of spooled instances still to be forwarded (or dead)",
+                "Bytes of spooled instances still to be forwarded (or dead); refreshed every 30 s",
                 value=gauges.spool_bytes,
             )
             try:
