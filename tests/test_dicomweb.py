@@ -29,6 +29,7 @@ from tests.orthanc_fixtures import instance_bytes, make_test_instance, write_rou
 from tests.router_process import RouterProcess, wait_for_port
 
 pytestmark = pytest.mark.slow
+LARGE_INSTANCE_BYTES = 1024 * 1024
 
 # client AE -> (token, roles)
 CLIENTS = {
@@ -60,6 +61,8 @@ class WebRouter:
 def _add_web_clients(find_timeout: float, silent_port: int | None):
     def change(document) -> None:
         document["router"]["find_timeout"] = find_timeout
+        # Instances over 1 MiB take the spill paths (C-GET to a file, STOW parts to the spool).
+        document["router"]["max_in_memory_dataset"] = LARGE_INSTANCE_BYTES
         document["router"]["http"] = {"host": "127.0.0.1", "port": change.http_port}
         for ae_title, (token, roles) in CLIENTS.items():
             document["clients"].append(
@@ -412,3 +415,28 @@ def test_wado_compressed_instances_pass_untouched_and_frames_are_served(
         timeout=60,
     )
     assert raw.status_code == 200 and "image/dicom-rle" in raw.text[:300]
+
+
+def test_large_instances_stream_through_files_both_ways(web_router, clean_orthanc_farm):
+    primary = clean_orthanc_farm[0]
+    study_uid, series_uid = generate_uid(), generate_uid()
+    # 1024 x 1024 x 16 bits: 2 MiB each, over max_in_memory_dataset.
+    large = [
+        make_test_instance(
+            study_uid=study_uid, series_uid=series_uid, instance_number=n, rows=1024, cols=1024
+        )
+        for n in range(1, 4)
+    ]
+    reply = _post_stow(web_router.session("WEBVIEWER"), f"{web_router.url}/studies", large)
+    assert reply.status_code == 200, reply.text
+    assert primary.wait_for_instance_count(3, timeout=60) == 3
+    reply = web_router.session("WEBVIEWER").get(f"{web_router.url}/studies/{study_uid}", timeout=60)
+    assert reply.status_code == 200
+    parts = _multipart_parts(reply)
+    assert len(parts) == 3 and all(len(part) > 2 * LARGE_INSTANCE_BYTES for part in parts)
+    for part in parts:
+        sop = pydicom.dcmread(io.BytesIO(part), stop_before_pixels=True).SOPInstanceUID
+        original = primary.download_instance(sop)
+        assert part[dataset_offset(part) :] == original[dataset_offset(original) :]
+    leftovers = [p for p in (web_router.spool / "tmp").iterdir()]
+    assert leftovers == []  # spilled C-GET files and STOW parts are gone

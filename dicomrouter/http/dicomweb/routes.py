@@ -171,22 +171,27 @@ class DicomWebRoutes:
             return web.Response(
                 status=406, text='only multipart/related; type="application/dicom" is served\n'
             )
+        started = time.monotonic()
         try:
             caller, retrieval = await self._plan(request)
         except DicomWebError as exc:
             return _error_response(exc)
+        planned_ms = round((time.monotonic() - started) * 1000, 1)
         writer = MultipartWriter()
         response = web.StreamResponse(
             headers={"Content-Type": related_content_type(writer.boundary, DICOM_MEDIA_TYPE)}
         )
-        instances = iter(retrieval)
         outcome = "cancelled"
         try:
             await response.prepare(request)
-            while (instance := await asyncio.to_thread(next, instances, None)) is not None:
+            async for instance in retrieval.instances():
                 try:
-                    await response.write(writer.part(DICOM_MEDIA_TYPE) + part10_prefix(instance))
-                    chunks = dataset_chunks(instance)
+                    head = writer.part(DICOM_MEDIA_TYPE) + part10_prefix(instance)
+                    if isinstance(instance.dataset, bytes):
+                        await response.write(head + instance.dataset)
+                        continue
+                    await response.write(head)
+                    chunks = dataset_chunks(instance)  # a large one, from its spill file
                     while (chunk := await asyncio.to_thread(next, chunks, None)) is not None:
                         await response.write(chunk)
                 finally:
@@ -196,6 +201,16 @@ class DicomWebRoutes:
             outcome = "partial" if retrieval.errors else "success"
         finally:
             retrieval.close()
+            log.info(
+                "wado_sent",
+                calling_ae=caller.ae_title,
+                path=request.path,
+                outcome=outcome,
+                instances=retrieval.count,
+                plan_ms=planned_ms,
+                first_instance_ms=retrieval.first_instance_ms,
+                elapsed_ms=round((time.monotonic() - started) * 1000, 1),
+            )
             self._audit(
                 caller,
                 "get",

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import queue
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from io import BytesIO
@@ -83,7 +85,10 @@ COMMON_SOP_CLASSES = (
     "1.2.840.10008.5.1.4.1.1.104.1",  # Encapsulated PDF
 )
 DATASET_CHUNK = 1024 * 1024
-QUEUED_INSTANCES = 4  # instances held between the C-GET and a slow HTTP client
+QUEUED_INSTANCES = 16  # instances held between the C-GET and a slow HTTP client...
+QUEUED_BYTES = (
+    32 * 1024 * 1024
+)  # ...and at most this many bytes of them in memory (spilled ones are on disk)
 SUCCESS, OUT_OF_RESOURCES = 0x0000, 0xA700
 
 
@@ -106,6 +111,10 @@ def part10_prefix(instance: ReceivedInstance) -> bytes:
     encoded.is_little_endian, encoded.is_implicit_VR = True, False
     write_file_meta_info(encoded, meta, enforce_standard=True)
     return bytes(128) + b"DICM" + encoded.getvalue()
+
+
+def _memory_size(instance: ReceivedInstance) -> int:
+    return len(instance.dataset) if isinstance(instance.dataset, bytes) else 0
 
 
 def dataset_chunks(instance: ReceivedInstance) -> Iterator[bytes]:
@@ -139,29 +148,49 @@ def storage_contexts(sop_classes: set[str]) -> list[tuple[str, list[str]]]:
     return [(sop, list(TRANSFER_SYNTAXES)) for sop in classes[:MAX_STORAGE_CONTEXTS]]
 
 
-def _sop_classes(
-    config: Config, server: ServerConfig, study: str, series: list[str] | None
+def _query_values(
+    config: Config, server: ServerConfig, identifier: Dataset, keyword: str
 ) -> set[str]:
-    """The SOP classes `server` holds in the study (or those series), to offer one context each."""
-    identifier = Dataset()
-    identifier.QueryRetrieveLevel = "IMAGE"
-    identifier.StudyInstanceUID = study
-    identifier.SeriesInstanceUID = "\\".join(series) if series else ""
-    identifier.SOPInstanceUID = ""
-    identifier.SOPClassUID = ""
+    """Every value of `keyword` in the answers of one C-FIND (empty when it fails)."""
     find = PeerFind(
         server, config.router, STUDY_ROOT_FIND, identifier, config.router.find_timeout_s
     )
+    values: set[str] = set()
     try:
-        found = {str(answer.get("SOPClassUID", "") or "") for answer in find.answers()}
+        for answer in find.answers():
+            value = answer.get(keyword)
+            if isinstance(value, str):
+                values.add(value)
+            elif value is not None:
+                values.update(str(v) for v in value)
     except PeerFindError as exc:
         log.warning(
-            "wado_sop_classes_unknown", server=server.name, study_uid=study, reason=exc.reason
+            "wado_sop_classes_unknown", server=server.name, keyword=keyword, reason=exc.reason
         )
-        found = set()
     finally:
         find.close()
-    found.discard("")
+    values.discard("")
+    return values
+
+
+def _sop_classes(
+    config: Config, server: ServerConfig, study: str, series: list[str] | None
+) -> set[str]:
+    """The SOP classes `server` holds in the study, to offer one context each: SOP Classes in
+    Study (one answer) where the PACS supports it, else every instance's SOP Class UID."""
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = "STUDY"
+    identifier.StudyInstanceUID = study
+    identifier.SOPClassesInStudy = ""
+    found = _query_values(config, server, identifier, "SOPClassesInStudy")
+    if not found:
+        identifier = Dataset()
+        identifier.QueryRetrieveLevel = "IMAGE"
+        identifier.StudyInstanceUID = study
+        identifier.SeriesInstanceUID = "\\".join(series) if series else ""
+        identifier.SOPInstanceUID = ""
+        identifier.SOPClassUID = ""
+        found = _query_values(config, server, identifier, "SOPClassUID")
     return found or set(COMMON_SOP_CLASSES)
 
 
@@ -217,21 +246,68 @@ class Retrieval:
         self.spill_folder = spill_folder
         self.errors: list[str] = []
         self.count = 0
+        self.first_instance_ms: float | None = None  # after the retrieval started
+        self._started = time.monotonic()
         self._queue: queue.Queue[ReceivedInstance | None] = queue.Queue(QUEUED_INSTANCES)
         self._stopped = threading.Event()
+        self._queued_bytes = 0
+        self._room = threading.Condition()
+        # Set by an asyncio consumer: the C-GET thread wakes it per instance (no thread hop per item).
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wakeup: asyncio.Event | None = None
         self._thread = threading.Thread(target=self._run, name="wado-get", daemon=True)
         self._thread.start()
 
+    def _taken(self, item: ReceivedInstance) -> ReceivedInstance:
+        with self._room:
+            self._queued_bytes -= _memory_size(item)
+            self._room.notify()
+        if not self.count:
+            self.first_instance_ms = round((time.monotonic() - self._started) * 1000, 1)
+        self.count += 1
+        return item
+
     def __iter__(self) -> Iterator[ReceivedInstance]:
+        """For a consumer on a thread of its own."""
         try:
             while (item := self._queue.get()) is not None:
-                self.count += 1
-                yield item
+                yield self._taken(item)
         finally:
             self.close()
 
+    async def instances(self) -> AsyncIterator[ReceivedInstance]:
+        """For a consumer on an event loop: waits without blocking the loop."""
+        self._wakeup = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+        try:
+            while True:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    self._wakeup.clear()
+                    try:
+                        item = self._queue.get_nowait()  # put before the clear: no wake-up follows
+                    except queue.Empty:
+                        await self._wakeup.wait()
+                        continue
+                if item is None:
+                    return
+                yield self._taken(item)
+        finally:
+            self.close()
+
+    def _notify(self) -> None:
+        loop, wakeup = self._loop, self._wakeup
+        if loop is not None and wakeup is not None:
+            try:
+                loop.call_soon_threadsafe(wakeup.set)
+            except RuntimeError:
+                pass  # the loop is closed: nobody is waiting any more
+
     def close(self) -> None:
         self._stopped.set()
+        with self._room:
+            self._room.notify_all()
         try:
             while True:
                 item = self._queue.get_nowait()  # unblock the C-GET thread
@@ -241,9 +317,20 @@ class Retrieval:
             pass
 
     def _hand_on(self, instance: ReceivedInstance) -> int:
+        size = _memory_size(instance)
+        with self._room:
+            # One instance always fits, however large: the budget only holds back the ones after it.
+            while (
+                self._queued_bytes
+                and self._queued_bytes + size > QUEUED_BYTES
+                and not self._stopped.is_set()
+            ):
+                self._room.wait(0.2)
+            self._queued_bytes += size
         while not self._stopped.is_set():
             try:
                 self._queue.put(instance, timeout=0.2)
+                self._notify()
                 return SUCCESS
             except queue.Full:
                 continue
@@ -292,6 +379,7 @@ class Retrieval:
         while not self._stopped.is_set():
             try:
                 self._queue.put(None, timeout=0.2)
+                self._notify()
                 return
             except queue.Full:
                 continue
