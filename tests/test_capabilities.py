@@ -121,6 +121,25 @@ def test_verdicts_from_records_are_kept_in_the_catalog_and_forgotten_when_the_ad
     assert capabilities_for(local_config).verdict("Test PACS 1", CT, [EXPLICIT]).state == "unknown"
 
 
+def test_refusals_are_forgotten_on_reconnect_and_acceptances_kept(local_config):
+    config = load_config(local_config)
+    capabilities = capabilities_for(local_config)
+    pacs = config.server("Test PACS 1")
+    capabilities.record(pacs, accepted=[(CT, EXPLICIT)], refused=[(PHOTOACOUSTIC, EXPLICIT)])
+    capabilities.flush()
+    capabilities.forget_refusals("Test PACS 1")
+    assert capabilities.verdict("Test PACS 1", PHOTOACOUSTIC, [EXPLICIT]).state == "unknown"
+    assert capabilities.verdict("Test PACS 1", CT, [EXPLICIT]).state == "accepted"
+    capabilities.record(
+        pacs, accepted=[], refused=[(SIEMENS_CSA_NON_IMAGE, EXPLICIT)]
+    )  # learned after
+    capabilities.flush()
+    again = capabilities_for(local_config)
+    assert again.verdict("Test PACS 1", PHOTOACOUSTIC, [EXPLICIT]).state == "unknown"
+    assert again.verdict("Test PACS 1", SIEMENS_CSA_NON_IMAGE, [EXPLICIT]).state == "refused"
+    assert again.verdict("Test PACS 1", CT, [EXPLICIT]).state == "accepted"
+
+
 def test_a_refusal_expires(local_config):
     config = load_config(local_config)
     capabilities = DestinationCapabilities(None, lambda: config, refused_ttl_s=0.2)

@@ -5,8 +5,8 @@ Verdicts come from every association the forwarder opens and from explicit probe
 memory (a verdict costs a dictionary lookup) and in the catalog (written in batches by a
 background thread). A destination that cannot be reached leaves its verdicts unknown: it is
 trusted to accept, as before. A verdict is forgotten when the server's address or calling AE
-changes (reload), and a refusal after `refused_ttl_s`, so that a PACS reconfigured to accept a
-class gets asked again.
+changes (reload); a refusal when the forwarder reconnects after an outage or a failure, and after
+`refused_ttl_s`, so that a PACS reconfigured to accept a class gets asked again.
 """
 
 from __future__ import annotations
@@ -84,7 +84,8 @@ class DestinationCapabilities:
         self._known: dict[str, dict[str, dict[str, _Known]]] = {}
         self._peers: dict[str, str] = {}  # server name -> peer_key its verdicts hold for
         self._unwritten: dict[tuple[str, str, str], dict] = {}  # (server, sop, syntax) -> row
-        self._forgotten: set[str] = set()  # servers whose rows are to be deleted
+        # server name -> which of its rows are to be deleted: True every one, False its refusals
+        self._forgotten: dict[str, bool] = {}
         self._write_lock = threading.Lock()
         self._wakeup = threading.Condition()
         self._stopping = False
@@ -188,9 +189,25 @@ class DestinationCapabilities:
 
     def _forget_locked(self, server_name: str) -> None:
         self._known.pop(server_name, None)
-        self._forgotten.add(server_name)
+        self._forgotten[server_name] = True
         for row_key in [k for k in self._unwritten if k[0] == server_name]:
             del self._unwritten[row_key]
+
+    def forget_refusals(self, server_name: str) -> None:
+        """Drop what `server_name` refused (it may accept it now), keep what it accepted: after it
+        was unreachable or failed, it may come back reconfigured (the forwarder's reconnect)."""
+        with self._lock:
+            for by_syntax in self._known.get(server_name, {}).values():
+                for syntax in [syntax for syntax, entry in by_syntax.items() if not entry.accepted]:
+                    del by_syntax[syntax]
+            self._forgotten.setdefault(server_name, False)
+            for row_key in [
+                k
+                for k, row in self._unwritten.items()
+                if k[0] == server_name and not row["accepted"]
+            ]:
+                del self._unwritten[row_key]
+        self._wake_writer()
 
     def config_changed(self, old: Config, new: Config) -> None:
         """A reload: forget servers that went away or now answer elsewhere (ConfigHolder.on_change)."""
@@ -298,14 +315,15 @@ class DestinationCapabilities:
             ).all()
         for name, sop_class, syntax, accepted, peer, learned_at in rows:
             if current.get(name) != peer:
-                self._forgotten.add(name)  # learned from another address, or a server gone
+                self._forgotten[name] = True  # learned from another address, or a server gone
                 continue
             self._peers[name] = peer
             if learned_at.tzinfo is None:
                 learned_at = learned_at.replace(tzinfo=UTC)
             by_class = self._known.setdefault(name, {}).setdefault(sop_class, {})
             by_class[syntax] = _Known(accepted, learned_at.timestamp())
-        self._forgotten -= set(self._peers)
+        for name in self._peers:
+            self._forgotten.pop(name, None)
 
     def flush(self) -> None:
         """Write what is waiting now (the writer thread does this every `flush_interval_s`)."""
@@ -314,12 +332,15 @@ class DestinationCapabilities:
         with self._write_lock:
             with self._lock:
                 rows, self._unwritten = list(self._unwritten.values()), {}
-                forgotten, self._forgotten = self._forgotten, set()
+                forgotten, self._forgotten = self._forgotten, {}
             try:
                 with self._sessions.begin() as session:
                     connection = session.connection()
-                    for name in forgotten:
-                        connection.execute(delete(TABLE).where(TABLE.c.server_name == name))
+                    for name, everything in forgotten.items():
+                        rows_of = delete(TABLE).where(TABLE.c.server_name == name)
+                        connection.execute(
+                            rows_of if everything else rows_of.where(TABLE.c.accepted.is_(False))
+                        )
                     if rows:  # one upsert for all: several router nodes may learn the same pair
                         upsert = dialect_insert(session, DestinationCapability)
                         connection.execute(
@@ -345,7 +366,8 @@ class DestinationCapabilities:
                         key = (row["server_name"], row["sop_class_uid"], row["transfer_syntax_uid"])
                         if row["server_name"] not in self._forgotten:
                             self._unwritten.setdefault(key, row)
-                    self._forgotten |= forgotten
+                    for name, everything in forgotten.items():
+                        self._forgotten[name] = everything or self._forgotten.get(name, False)
 
     def start(self) -> DestinationCapabilities:
         if self._sessions is not None and self._writer is None:

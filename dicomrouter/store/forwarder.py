@@ -439,8 +439,13 @@ class Forwarder:
 
     def learn_capabilities(self, server: ServerConfig, link: Link) -> None:
         """What a destination accepted and refused in an association a lane just opened."""
-        if self.capabilities is not None:
-            self.capabilities.learn(server, link)
+        if self.capabilities is None:
+            return
+        lane = self.lanes.get(server.name)
+        if lane is not None and lane.consecutive_failures:
+            # Back after an outage or a failure: it may have been reconfigured meanwhile.
+            self.capabilities.forget_refusals(server.name)
+        self.capabilities.learn(server, link)
 
     def notify(self, destination: str) -> None:
         lane = self.lanes.get(destination)
