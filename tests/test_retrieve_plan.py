@@ -213,3 +213,26 @@ def test_move_to_an_inactive_server_is_refused(farm_config, router_port, clean_o
     assert run.status == 0x0124, run.output
     assert "inactive" in run.error_comment and "Test PACS 2" in run.error_comment
     assert not clean_orthanc_farm[1].instance_sop_uids()
+
+
+def test_a_copy_that_refuses_the_move_gives_way_to_another_whole_copy(
+    farm_config, router_port, clean_orthanc_farm, workstation_port, tmp_path
+):
+    """The primary answers 0xC000 (it does not know the AE its move_routing names): Test PACS 2,
+    holding the same series as completely, sends them instead, once."""
+    study_uid = generate_uid()
+    series = make_series(study_uid, 4)
+    upload(clean_orthanc_farm[0], series)
+    upload(clean_orthanc_farm[1], series)
+    edit_config(
+        farm_config,
+        lambda document: document["servers"][0]["move_routing"].update(WORKSTATION="NOBODY_KNOWN"),
+    )
+    log = tmp_path / "storescp.log"
+    with running_move_front(farm_config, router_port) as front:
+        with workstation(workstation_port, tmp_path / "ws", log_path=log) as folder:
+            run = movescu(front.port, "QueryRetrieveLevel=STUDY", f"StudyInstanceUID={study_uid}")
+    assert run.status == 0x0000, run.output
+    assert (run.count("Completed"), run.count("Failed"), run.count("Warning")) == (4, 0, 0)
+    assert received_sop_uids(folder) == sop_uids(series)
+    assert arrivals(log) == 4

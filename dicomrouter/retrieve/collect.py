@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 
-from dicomrouter.config import Config
+from dicomrouter.config import Config, ServerConfig
 from dicomrouter.logging import get_logger
 from dicomrouter.net.get_client import (
     PATIENT_ROOT_GET,
@@ -13,7 +13,7 @@ from dicomrouter.net.get_client import (
     get_instances,
 )
 from dicomrouter.net.move_client import PATIENT_ROOT_MOVE, STUDY_ROOT_MOVE, PeerMoveError
-from dicomrouter.retrieve.plan import SourcePlan
+from dicomrouter.retrieve.plan import RetrieveRequest, SourcePlan
 
 log = get_logger(__name__)
 
@@ -45,22 +45,42 @@ def collect_instances(
 
     errors: list[str] = []
     for source in sources:
-        for request in source.requests:
-            model = GET_MODEL.get(request.query_model, request.query_model)
-            try:
-                outcome = get_instances(
-                    source.server, config.router, model, request.identifier, storage, once
-                )
-            except PeerMoveError as exc:
-                log.warning(
-                    "get_source_failed", source=source.name, kind=exc.kind, reason=exc.reason
-                )
-                errors.append(f"{source.name} {exc.kind}: {exc.reason}")
+        candidates = [(source.server, source.requests), *source.fallbacks]
+        for attempt, (server, requests) in enumerate(candidates):
+            before = len(seen)
+            failures = _get_requests(config, server, requests, storage, once)
+            if failures and len(seen) == before and attempt < len(candidates) - 1:
+                # Nothing came from this copy: ask the next server holding it as completely.
+                log.warning("get_source_skipped", source=server.name, reason="; ".join(failures))
                 continue
-            if outcome.status not in (0x0000, WARNING) and (outcome.status >> 12) != 0xB:
-                errors.append(
-                    f"{source.name} answered 0x{outcome.status:04X} {outcome.comment}".strip()
-                )
-            if is_cancelled():
-                return errors, True
+            errors += failures
+            break
+        if is_cancelled():
+            return errors, True
     return errors, False
+
+
+def _get_requests(
+    config: Config,
+    server: ServerConfig,
+    requests: list[RetrieveRequest],
+    storage: Mapping[str, Sequence[str]],
+    on_instance: Callable[[ReceivedInstance], int],
+) -> list[str]:
+    """C-GET each request from `server`; what went wrong, one line per failed request."""
+    errors = []
+    for request in requests:
+        model = GET_MODEL.get(request.query_model, request.query_model)
+        try:
+            outcome = get_instances(
+                server, config.router, model, request.identifier, storage, on_instance
+            )
+        except PeerMoveError as exc:
+            log.warning("get_source_failed", source=server.name, kind=exc.kind, reason=exc.reason)
+            errors.append(f"{server.name} {exc.kind}: {exc.reason}")
+            continue
+        if outcome.status not in (0x0000, WARNING) and (outcome.status >> 12) != 0xB:
+            errors.append(
+                f"{server.name} answered 0x{outcome.status:04X} {outcome.comment}".strip()
+            )
+    return errors

@@ -8,7 +8,7 @@ answers passed on with the counts of the requests before added in.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 
 from dicomrouter.catalog.queries import Catalog
@@ -103,22 +103,23 @@ class MoveRun:
     def progress(self) -> Iterator[MoveTotals]:
         """Pending totals as the sources report them, then the final totals with a status."""
         outcomes: list[_SourceOutcome] = []
-        tasks = [(source.server, request) for source in self.sources for request in source.requests]
-        for index, (server, request) in enumerate(tasks):
-            if self.cancelled:
-                break
-            outcome = _SourceOutcome(server)
-            outcomes.append(outcome)
-            # What the requests still to come will send, as the sources counted it when asked.
-            later = sum(r.instances or 0 for _s, r in tasks[index + 1 :])
-            yield from self._move_from(server, request, outcome, outcomes, later)
+        for index, source in enumerate(self.sources):
+            # What the sources still to come will send, as they counted it when asked.
+            later = sum(s.instances or 0 for s in self.sources[index + 1 :])
+            candidates = [(source.server, source.requests), *source.fallbacks]
+            for attempt, (server, requests) in enumerate(candidates):
+                if self.cancelled:
+                    break
+                last = attempt == len(candidates) - 1
+                if not (yield from self._move_requests(server, requests, outcomes, later, last)):
+                    break  # done, or failed after sending something: no other copy is asked
         final = self._final(outcomes)
         self._learn(final)
         log.info(
             "move_finished",
             study_uid=self.study_uid,
             destination=self.destination.name,
-            sources=[s.name for s in self.sources],
+            sources=list(dict.fromkeys(o.server.name for o in outcomes)),  # asked and kept
             status=f"0x{final.status:04X}",
             completed=final.completed,
             failed=final.failed,
@@ -126,6 +127,31 @@ class MoveRun:
             comment=final.comment,
         )
         yield final
+
+    def _move_requests(
+        self,
+        server: ServerConfig,
+        requests: list[RetrieveRequest],
+        outcomes: list[_SourceOutcome],
+        later: int,
+        last: bool,
+    ) -> Generator[MoveTotals, None, bool]:
+        """Send `requests` to `server` in turn. Unless it is the `last` copy, returns True when it
+        refused or could not be reached before sending anything: its failure is dropped and the
+        next copy is asked."""
+        for index, request in enumerate(requests):
+            outcome = _SourceOutcome(server)
+            outcomes.append(outcome)
+            still = sum(r.instances or 0 for r in requests[index + 1 :]) + later
+            yield from self._move_from(server, request, outcome, outcomes, still)
+            if outcome.error_status is None or self.cancelled:
+                continue
+            sent_nothing = not (outcome.completed or outcome.warning or outcome.failed_sop_uids)
+            if index == 0 and sent_nothing and not last:
+                outcomes.remove(outcome)
+                log.warning("move_source_skipped", source=server.name, reason=outcome.error)
+                return True
+        return False
 
     def _move_from(
         self,

@@ -6,8 +6,10 @@ the router or answered a query. So before retrieving, every live server the call
 asked at SERIES level (with NumberOfSeriesRelatedInstances) which series of the request it holds.
 Each series is then taken once, from one server holding the most complete copy (an active one,
 the primary first, then one already asked for other series, then the fastest to answer), and
-only servers that hold something are asked. A server the catalog names but that could not be
-asked is tried only when no reachable server holds anything of the study.
+only servers that hold something are asked. Each source also names the servers holding its
+series as completely, to ask instead when it refuses or cannot be reached before sending
+anything. A server the catalog names but that could not be asked is tried only when no
+reachable server holds anything of the study.
 
 Plain functions over config, catalog and caller: the DICOM fronts and the CLI call them alike.
 """
@@ -50,6 +52,9 @@ class SourcePlan:
     server: ServerConfig
     requests: list[RetrieveRequest]
     series: dict[str, list[str]] = field(default_factory=dict)  # study UID -> series UIDs
+    # Servers holding the same series as completely, with their requests, to ask instead when
+    # this one refuses or cannot be reached before it sent anything.
+    fallbacks: list[tuple[ServerConfig, list[RetrieveRequest]]] = field(default_factory=list)
 
     @property
     def name(self) -> str:
@@ -292,7 +297,59 @@ def _assign(
         key=lambda item: (not item[0].server.primary, order.get(item[0].server.name, 0)),
     )
     for survey, keys in ranked:
-        plan.sources.append(_source_plan(survey, keys, identifier, query_model, plan.level))
+        source = _source_plan(survey, keys, identifier, query_model, plan.level)
+        source.fallbacks = _fallbacks(survey, keys, found, identifier, query_model, plan.level)
+        plan.sources.append(source)
+
+
+MAX_FALLBACKS = 2
+
+
+def _fallbacks(
+    chosen: _Survey,
+    keys: list[tuple[str, str]],
+    found: list[_Survey],
+    identifier: Dataset,
+    query_model: str,
+    level: str,
+) -> list[tuple[ServerConfig, list[RetrieveRequest]]]:
+    """Other servers whose copies of `keys` are as complete as the chosen one's (active first)."""
+    others = [
+        survey
+        for survey in found
+        if survey is not chosen
+        and all(
+            key in survey.series and (survey.series[key] or 0) >= (chosen.series[key] or 0)
+            for key in keys
+        )
+    ]
+    others.sort(
+        key=lambda survey: (not survey.server.active, not survey.server.primary, survey.elapsed_s)
+    )
+    result = []
+    for survey in others[:MAX_FALLBACKS]:
+        if level == "IMAGE":  # one series: the images asked for, from whoever holds it
+            requests = [RetrieveRequest(query_model, identifier, None)]
+        else:
+            requests = _requests_by_uid(survey, keys)
+        result.append((survey.server, requests))
+    return result
+
+
+def _requests_by_uid(survey: _Survey, keys: list[tuple[str, str]]) -> list[RetrieveRequest]:
+    """One SERIES-level request per study, naming the series to take from `survey`'s server."""
+    by_study: dict[str, list[str]] = {}
+    for study, series in keys:
+        by_study.setdefault(study, []).append(series)
+    requests = []
+    for study, series in by_study.items():
+        request = Dataset()
+        request.QueryRetrieveLevel = "SERIES"
+        request.StudyInstanceUID = study
+        request.SeriesInstanceUID = series if len(series) > 1 else series[0]
+        count = _sum([survey.series[(study, uid)] for uid in series])
+        requests.append(RetrieveRequest(STUDY_ROOT_MOVE, request, count))
+    return requests
 
 
 def _source_plan(
