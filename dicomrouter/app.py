@@ -160,6 +160,11 @@ class RouterApp:
         self.catalog.sync_servers(new)
         self.forwarder.ensure_lanes(new)
         self._log_unusable_rules(new)
+        if (old.router.http is None) != (new.router.http is None) or (
+            old.router.http and new.router.http and (old.router.http.host, old.router.http.port, old.router.http.tls)
+            != (new.router.http.host, new.router.http.port, new.router.http.tls)
+        ):
+            log.warning("http_change_needs_restart", reason="router.http (host, port, tls) is taken at start only")
 
     def stop(self, drain_timeout_s: float = 30.0) -> None:
         """Stop accepting, finish in-flight associations, stop forwarding, give back claims."""

@@ -17,6 +17,20 @@ _RELATIVE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 
 
+def age(since: datetime | None, now: datetime) -> str | None:
+    """A duration for people: 42s, 5m07s, 3h02m, 2d04h."""
+    if since is None:
+        return None
+    seconds = max(0, int((now - since).total_seconds()))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    if seconds < 86400:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
+
+
 def parse_since(value: str, now: datetime | None = None) -> datetime:
     """'30m', '2h', '7d' ago, or an ISO date/time (local time unless it names a zone) -> aware UTC."""
     now = now or datetime.now(UTC)

@@ -6,6 +6,7 @@ import base64
 import json
 import urllib.error
 import urllib.request
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 
@@ -81,3 +82,46 @@ def wait_until(predicate, timeout: float = 30.0, interval: float = 0.1):
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout}s")
         time.sleep(interval)
+
+
+def instances(folder, count: int) -> list[str]:
+    """`count` small CT instances of one new study, written under `folder`; their paths."""
+    from pydicom.uid import generate_uid
+
+    from tests.orthanc_fixtures import make_test_instance, write_instance
+
+    study_uid, series_uid = generate_uid(), generate_uid()
+    return [
+        str(
+            write_instance(
+                folder / f"{i:03d}.dcm",
+                make_test_instance(study_uid, series_uid, instance_number=i + 1),
+            )
+        )
+        for i in range(count)
+    ]
+
+
+@contextmanager
+def http_router(config_path, router_port: int, change=None):
+    """`serve` on `config_path` with fast retries and its HTTP port (C-ECHO watch every second); yields
+    (RouterProcess, base URL); always stopped. `change(data)` edits the config first."""
+    from dicomrouter.pacsfarm import free_ports
+    from tests.router_process import RouterProcess, wait_for_port
+    from tests.store_helpers import edit_config, fast_retries
+
+    (http_port,) = free_ports(1)
+
+    def edit(data):
+        fast_retries(data)
+        data["router"]["http"] = {"host": "127.0.0.1", "port": http_port, "health_interval": 1}
+        if change is not None:
+            change(data)
+
+    edit_config(config_path, edit)
+    router = RouterProcess(config_path, router_port).start()
+    try:
+        wait_for_port(http_port)
+        yield router, f"http://127.0.0.1:{http_port}"
+    finally:
+        router.stop()

@@ -150,3 +150,41 @@ def test_stop_closes_the_port_and_a_busy_port_is_named(served, tmp_path):
     assert not front.running
     with pytest.raises(OSError):
         http_request(url + "/healthz", timeout=2)
+
+
+def test_https_with_router_http_tls_and_config_errors_name_the_key(tmp_path):
+    import ssl
+
+    from tests.tls_certs import make_pki
+
+    pki = make_pki(tmp_path / "pki")
+    document = base_document()
+    document["router"]["http"] = {
+        "port": 18443,
+        "tls": {
+            "certificate": str(pki.server.certificate),
+            "private_key": str(pki.server.private_key),
+        },
+    }
+    config = parse_config(document, tmp_path / "router.yaml")
+    front = HttpFront(
+        make_http_app(HttpDeps(ConfigHolder(config), RecordedAudit()), [health.add_routes]),
+        config.router.http,
+        port=0,
+    )
+    host, port = front.start()
+    try:
+        context = ssl.create_default_context(cafile=str(pki.ca))
+        reply = http_request(f"https://{host}:{port}/healthz", context=context)
+        assert reply.status == 200
+        with pytest.raises(OSError):  # plain HTTP on the HTTPS port gets no answer
+            http_request(f"http://{host}:{port}/healthz", timeout=3)
+    finally:
+        front.stop()
+    document["router"]["http"]["tls"]["private_key"] = str(tmp_path / "missing.key")
+    document["router"]["log"] = {"level": "loud"}
+    with pytest.raises(Exception) as info:
+        parse_config(document, tmp_path / "router.yaml")
+    assert "router.http.tls.private_key" in str(info.value) and "router.log.level" in str(
+        info.value
+    )

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-from pydicom.uid import generate_uid
 
-from dicomrouter.pacsfarm import free_ports
-from tests.http_support import destination_lines, http_request, metric, metric_samples, wait_until
-from tests.orthanc_fixtures import make_test_instance, write_instance
-from tests.router_process import RouterProcess, run_dcmtk, wait_for_port
-from tests.store_helpers import edit_config, fast_retries, storescu
+from tests.http_support import (
+    destination_lines,
+    http_request,
+    http_router,
+    instances,
+    metric,
+    metric_samples,
+    wait_until,
+)
+from tests.router_process import run_dcmtk
+from tests.store_helpers import storescu
 from tests.test_prometheus_alerts import alert_metric_names
 
 pytestmark = pytest.mark.slow
@@ -19,34 +22,10 @@ pytestmark = pytest.mark.slow
 DEST = "Test PACS 1"
 
 
-def instances(folder: Path, count: int) -> list[str]:
-    study_uid, series_uid = generate_uid(), generate_uid()
-    return [
-        str(
-            write_instance(
-                folder / f"{i:03d}.dcm",
-                make_test_instance(study_uid, series_uid, instance_number=i + 1),
-            )
-        )
-        for i in range(count)
-    ]
-
-
 @pytest.fixture
 def metrics_router(farm_config, router_port):
-    (http_port,) = free_ports(1)
-
-    def change(data):
-        fast_retries(data)
-        data["router"]["http"] = {"host": "127.0.0.1", "port": http_port, "health_interval": 1}
-
-    edit_config(farm_config, change)
-    router = RouterProcess(farm_config, router_port).start()
-    try:
-        wait_for_port(http_port)
-        yield router, f"http://127.0.0.1:{http_port}"
-    finally:
-        router.stop()
+    with http_router(farm_config, router_port) as running:
+        yield running
 
 
 def scrape(url: str) -> tuple[str, dict]:

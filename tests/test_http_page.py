@@ -7,14 +7,10 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
-from pydicom.uid import generate_uid
 
 from dicomrouter.http.auth import new_token
-from dicomrouter.pacsfarm import free_ports
-from tests.http_support import basic, bearer, http_request, wait_until
-from tests.orthanc_fixtures import make_test_instance, write_instance
-from tests.router_process import RouterProcess, wait_for_port
-from tests.store_helpers import edit_config, fast_retries, storescu
+from tests.http_support import basic, bearer, http_request, http_router, instances, wait_until
+from tests.store_helpers import storescu
 
 pytestmark = pytest.mark.slow
 
@@ -24,26 +20,9 @@ ADMIN_TOKEN, ADMIN_HASH = new_token()
 READER_TOKEN, READER_HASH = new_token()
 
 
-def instances(folder: Path, count: int) -> list[str]:
-    study_uid, series_uid = generate_uid(), generate_uid()
-    return [
-        str(
-            write_instance(
-                folder / f"{i:03d}.dcm",
-                make_test_instance(study_uid, series_uid, instance_number=i + 1),
-            )
-        )
-        for i in range(count)
-    ]
-
-
 @pytest.fixture
 def admin_router(farm_config, router_port):
-    (http_port,) = free_ports(1)
-
-    def change(data):
-        fast_retries(data)
-        data["router"]["http"] = {"host": "127.0.0.1", "port": http_port, "health_interval": 1}
+    def add_clients(data):
         data["clients"].append(
             {"ae_title": "ADMIN_DESK", "roles": ["admin"], "http_token_sha256": ADMIN_HASH}
         )
@@ -51,13 +30,8 @@ def admin_router(farm_config, router_port):
             {"ae_title": "READER", "roles": ["test_read"], "http_token_sha256": READER_HASH}
         )
 
-    edit_config(farm_config, change)
-    router = RouterProcess(farm_config, router_port).start()
-    try:
-        wait_for_port(http_port)
-        yield router, f"http://127.0.0.1:{http_port}"
-    finally:
-        router.stop()
+    with http_router(farm_config, router_port, add_clients) as running:
+        yield running
 
 
 def test_admin_api_needs_the_admin_role(admin_router, clean_orthanc_farm, tmp_path, router_port):

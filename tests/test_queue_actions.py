@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import pytest
-from pydicom.uid import generate_uid
 
 from dicomrouter.http.auth import new_token
-from dicomrouter.pacsfarm import free_ports
-from tests.http_support import basic, http_request, metric, metric_samples, wait_until
-from tests.orthanc_fixtures import make_test_instance, write_instance
-from tests.router_process import RouterProcess, wait_for_port
-from tests.store_helpers import edit_config, fast_retries, storescu
+from tests.http_support import (
+    basic,
+    http_request,
+    http_router,
+    instances,
+    metric,
+    metric_samples,
+    wait_until,
+)
+from tests.store_helpers import storescu
 
 pytestmark = pytest.mark.slow
 
@@ -23,37 +26,15 @@ ADMIN = basic("ADMIN_DESK", TOKEN)
 FIRST, SECOND = "Test PACS 1", "Test PACS 2"
 
 
-def instances(folder: Path, count: int) -> list[str]:
-    study_uid, series_uid = generate_uid(), generate_uid()
-    return [
-        str(
-            write_instance(
-                folder / f"{i:03d}.dcm",
-                make_test_instance(study_uid, series_uid, instance_number=i + 1),
-            )
-        )
-        for i in range(count)
-    ]
-
-
 @pytest.fixture
 def router(farm_config, router_port):
-    (http_port,) = free_ports(1)
-
-    def change(data):
-        fast_retries(data)
-        data["router"]["http"] = {"host": "127.0.0.1", "port": http_port, "health_interval": 1}
+    def add_admin(data):
         data["clients"].append(
             {"ae_title": "ADMIN_DESK", "roles": ["admin"], "http_token_sha256": TOKEN_HASH}
         )
 
-    edit_config(farm_config, change)
-    process = RouterProcess(farm_config, router_port).start()
-    try:
-        wait_for_port(http_port)
-        yield process, f"http://127.0.0.1:{http_port}"
-    finally:
-        process.stop()
+    with http_router(farm_config, router_port, add_admin) as running:
+        yield running
 
 
 def queue_row(url: str, destination: str) -> dict:

@@ -46,8 +46,7 @@ def catalog_group() -> None:
 @pass_state
 def where(state: CliState, study_uid: str, as_json: bool) -> None:
     """The servers holding a study, with instance counts, and its deliveries not yet done."""
-    from dicomrouter.cli.store import age
-    from dicomrouter.status import study_whereabouts
+    from dicomrouter.status import age, study_whereabouts
 
     config = state.config()
     catalog = open_catalog(config, must_exist=True)

@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 
 from dicomrouter.cli.common import CliState, pass_state, print_table
+from dicomrouter.status import age
 
 
 def utcnow() -> datetime:
@@ -129,20 +130,6 @@ def _next_attempt(moment: datetime | None, now: datetime) -> str | None:
     if moment is None:
         return None
     return "due" if moment <= now else f"in {age(now, moment)}"
-
-
-def age(since: datetime | None, now: datetime) -> str | None:
-    """A duration for people: 42s, 5m07s, 3h02m, 2d04h."""
-    if since is None:
-        return None
-    seconds = max(0, int((now - since).total_seconds()))
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    if seconds < 86400:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
 
 
 @queue_group.command("retry")

@@ -19,7 +19,7 @@ from dicomrouter.http.api import read_queue, read_servers
 from dicomrouter.http.auth import require_role
 from dicomrouter.http.deps import HttpDeps
 from dicomrouter.http.health import readiness_problems
-from dicomrouter.status import event_dict
+from dicomrouter.status import age, event_dict
 
 REFRESH_S = 5
 RECENT_EVENTS = (
@@ -52,23 +52,8 @@ def _e(value: Any) -> str:
     return html.escape("" if value is None else str(value))
 
 
-def _age(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    seconds = int(seconds)
-    if seconds < 120:
-        return f"{seconds} s"
-    if seconds < 7200:
-        return f"{seconds // 60} min"
-    if seconds < 172800:
-        return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
-    return f"{seconds // 86400} d"
-
-
-def _since(iso: str | None, now: datetime) -> float | None:
-    if not iso:
-        return None
-    return max(0.0, (now - datetime.fromisoformat(iso)).total_seconds())
+def _age(iso: str | None, now: datetime) -> str:
+    return age(datetime.fromisoformat(iso), now) or "-" if iso else "-"
 
 
 def _local(iso: str | None) -> str:
@@ -101,10 +86,10 @@ def _server_card(server: dict, queue: dict | None, now: datetime) -> str:
     elif health["status"] == "up":
         badge = '<span class="badge up">up</span>'
     else:
-        badge = f'<span class="badge down">unreachable {_age(_since(health["since"], now))}</span>'
+        badge = f'<span class="badge down">unreachable {_age(health["since"], now)}</span>'
     down = health is not None and health["status"] != "up"
     waiting = (queue.get("pending") or 0) + (queue.get("sending") or 0)
-    oldest = _since(queue.get("oldest"), now) if waiting else None
+    oldest = queue.get("oldest") if waiting else None
     dead = queue.get("dead") or 0
     last_error = queue.get("last_error") or (health or {}).get("last_error")
     rows = [
@@ -120,7 +105,7 @@ def _server_card(server: dict, queue: dict | None, now: datetime) -> str:
             f'<span class="{"num-bad" if waiting else ""}" data-testid="waiting">{waiting}</span> waiting'
             f" ({queue.get('sending') or 0} sending)",
         ),
-        ("oldest pending", f'<span data-testid="oldest">{_age(oldest)}</span>'),
+        ("oldest pending", f'<span data-testid="oldest">{_age(oldest, now)}</span>'),
         (
             "dead letters",
             f'<span class="{"num-bad" if dead else ""}" data-testid="dead">{dead}</span>',
