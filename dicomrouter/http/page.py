@@ -44,7 +44,7 @@ main{padding:8px 12px;max-width:1200px;margin:auto}section{margin:12px 0}h2{font
 table{border-collapse:collapse;width:100%;background:#fff;font-size:13px}td,th{border-bottom:1px solid var(--line);padding:4px 6px;text-align:left;vertical-align:top}
 .scroll{overflow-x:auto;border:1px solid var(--line);border-radius:8px}
 .ready{color:#a6f4c5}.notready{color:#fda29b;font-weight:600}svg{width:100%;height:90px;background:#fff;border:1px solid var(--line);border-radius:8px}
-.legend{font-size:12px;color:var(--mute)}.rx{fill:#2e90fa}.tx{fill:#12b76a}
+.legend{font-size:12px;color:var(--mute)}.rx{fill:#2e90fa;color:#2e90fa}.tx{fill:#12b76a;color:#12b76a}
 """
 
 
