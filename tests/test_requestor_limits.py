@@ -350,3 +350,29 @@ def test_echo_reports_a_peer_breaking_the_protocol_as_unreachable():
         result = echo_peer(server_config(pacs.port), RouterSettings(), timeout_s=2)
     assert result.status == "unreachable"
     assert "protocol violation" in result.detail and "the limit is 1048576" in result.detail
+
+
+def test_a_peer_announcing_a_tiny_maximum_pdu_length_is_refused():
+    """One PDU per byte of a 2 GB data set would cost the router its CPU."""
+
+    def script(conn: socket.socket) -> None:
+        read_pdu(conn)
+        conn.sendall(pdu(A_ASSOCIATE_AC, associate_ac_body({1: EXPLICIT_VR_LE}, max_pdu=16)))
+
+    with fake_pacs(script) as pacs:
+        with pytest.raises(ProtocolViolation, match="maximum PDU length of 16 bytes"):
+            link_to(pacs)
+    pacs.thread.join(timeout=5)
+    assert pacs.after_script == [A_ABORT]
+
+
+def test_an_accepted_transfer_syntax_that_is_not_ascii_counts_as_refused():
+    def script(conn: socket.socket) -> None:
+        read_pdu(conn)
+        body = associate_ac_body({1: EXPLICIT_VR_LE}).replace(EXPLICIT_VR_LE.encode(), b"\xff" * 19)
+        conn.sendall(pdu(A_ASSOCIATE_AC, body))
+
+    with fake_pacs(script) as pacs:
+        link = link_to(pacs)
+        assert link.contexts == {} and link.refused == [(CT, EXPLICIT_VR_LE)]
+        link.abort()

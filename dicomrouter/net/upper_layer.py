@@ -41,15 +41,15 @@ PDU_TYPES = frozenset(
 )
 
 # What a peer may send us, checked as soon as the lengths arrive (a PACS is a peer like any other).
-ASSOCIATION_PDU_LIMIT = (
-    1024 * 1024
-)  # A-ASSOCIATE-AC/RJ, release, abort: a few hundred bytes in practice
-PDATA_SLACK = 4096  # over the maximum length we announce: tolerated, a peer miscounting its headers is harmless
+# A-ASSOCIATE-AC/RJ, release, abort: a few hundred bytes in practice
+ASSOCIATION_PDU_LIMIT = 1024 * 1024
+# Over the maximum length we announce: tolerated, a peer miscounting its headers is harmless
+PDATA_SLACK = 4096
 COMMAND_LIMIT = 64 * 1024  # a command set is a few hundred bytes
 IDENTIFIER_LIMIT = 1024 * 1024  # a C-FIND answer or a C-MOVE/C-GET response identifier
-PEER_ABORT_REASON_INVALID_VALUE = (
-    6  # A-ABORT source 2 (service provider), "invalid PDU parameter value"
-)
+MIN_PEER_PDU = 1024  # a peer taking less per P-DATA-TF is refused (real ones take 4 KiB and more)
+# A-ABORT source 2 (service provider), reason 6: "invalid PDU parameter value"
+PEER_ABORT_REASON_INVALID_VALUE = 6
 
 # A-ASSOCIATE-RJ (source, reason) in words (PS3.8 9.3.4)
 REJECT_REASONS = {
@@ -120,20 +120,6 @@ def associate_request(
     return struct.pack(">BxI", A_ASSOCIATE_RQ, len(body)) + body
 
 
-def associate_rq(calling_ae: str, called_ae: str, abstract_syntax: str, max_pdu: int) -> bytes:
-    """A-ASSOCIATE-RQ with one presentation context (context ID 1), both little endian syntaxes."""
-    return associate_request(
-        calling_ae, called_ae, [(abstract_syntax, [EXPLICIT_VR_LE, IMPLICIT_VR_LE])], max_pdu
-    )
-
-
-@dataclass(frozen=True)
-class Accepted:
-    context_id: int
-    transfer_syntax: str
-    peer_max_pdu: int  # 0: unlimited
-
-
 def parse_accepted(body: bytes) -> tuple[dict[int, str], int]:
     """(accepted context ID -> transfer syntax, the peer's maximum PDU length, 0: unlimited)."""
     offset = 68  # version, reserved, AE titles, reserved
@@ -148,7 +134,8 @@ def parse_accepted(body: bytes) -> tuple[dict[int, str], int]:
             if len(value) >= 8 and value[4] == 0x40:
                 (sub_length,) = struct.unpack_from(">H", value, 6)
                 syntax = value[8 : 8 + sub_length]
-            accepted[value[0]] = syntax.rstrip(b"\0 ").decode("ascii")
+            # A syntax that is not ASCII matches none we proposed: the context counts as refused
+            accepted[value[0]] = syntax.rstrip(b"\0 ").decode("ascii", "replace")
         elif item_type == 0x50:
             sub = 0
             while sub + 4 <= len(value):
@@ -157,15 +144,6 @@ def parse_accepted(body: bytes) -> tuple[dict[int, str], int]:
                     (max_pdu,) = struct.unpack_from(">I", value, sub + 4)
                 sub += 4 + sub_length
     return accepted, max_pdu
-
-
-def parse_associate_ac(body: bytes) -> Accepted:
-    """The accepted presentation context and the peer's maximum PDU length."""
-    accepted, max_pdu = parse_accepted(body)
-    for context_id, syntax in accepted.items():
-        if syntax in (IMPLICIT_VR_LE, EXPLICIT_VR_LE):
-            return Accepted(context_id, syntax, max_pdu)
-    raise UpperLayerError("rejected", "the peer accepted no presentation context for C-FIND")
 
 
 # --------------------------------------------------------------------------- command sets
@@ -710,6 +688,10 @@ def open_link(
         if pdu_type != A_ASSOCIATE_AC:
             raise UpperLayerError("unreachable", "association aborted by the peer")
         accepted, peer_max_pdu = parse_accepted(body)
+        if 0 < peer_max_pdu < MIN_PEER_PDU:  # each byte would cost a PDU of its own
+            layer.violation(
+                f"announces a maximum PDU length of {peer_max_pdu} bytes (under {MIN_PEER_PDU})"
+            )
     except BaseException:
         layer.close()
         raise
