@@ -188,3 +188,41 @@ def test_https_with_router_http_tls_and_config_errors_name_the_key(tmp_path):
     assert "router.http.tls.private_key" in str(info.value) and "router.log.level" in str(
         info.value
     )
+
+
+def test_readyz_names_what_is_wrong(tmp_path):
+    import shutil as shell
+
+    from dicomrouter.catalog.db import make_engine, session_factory
+    from dicomrouter.catalog.queries import Catalog
+    from dicomrouter.store.spool import Spool
+
+    class StoppedFront:
+        running = False
+
+        def active_associations(self) -> int:
+            return 0
+
+    spool = Spool(tmp_path / "spool")
+    shell.rmtree(spool.tmp)  # nothing can be written there any more
+    unreachable = Catalog(
+        session_factory(make_engine("postgresql+psycopg://nobody@127.0.0.1:1/none"))
+    )
+    deps = HttpDeps(
+        ConfigHolder(make_config(tmp_path)),
+        RecordedAudit(),
+        catalog=unreachable,
+        spool=spool,
+        front=StoppedFront(),
+    )
+    front = HttpFront(make_http_app(deps, [health.add_routes]), HttpSettings(port=0))
+    host, port = front.start()
+    try:
+        reply = http_request(f"http://{host}:{port}/readyz")
+        assert reply.status == 503
+        problems = reply.json()["problems"]
+        assert set(problems) == {"catalog", "spool", "dicom"}, problems
+        assert "does not answer" in problems["catalog"] and str(spool.tmp) in problems["spool"]
+        assert http_request(f"http://{host}:{port}/healthz").status == 200
+    finally:
+        front.stop()
