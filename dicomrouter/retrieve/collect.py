@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 
 from dicomrouter.config import Config, ServerConfig
 from dicomrouter.logging import get_logger
@@ -25,11 +26,13 @@ GET_MODEL = {STUDY_ROOT_MOVE: STUDY_ROOT_GET, PATIENT_ROOT_MOVE: PATIENT_ROOT_GE
 def collect_instances(
     config: Config,
     sources: Sequence[SourcePlan],
-    storage: Mapping[str, Sequence[str]],
+    storage: Mapping[str, Sequence[str]] | Sequence[tuple[str, Sequence[str]]],
     on_instance: Callable[[ReceivedInstance], int],
     is_cancelled: Callable[[], bool] = lambda: False,
+    spill_folder: Path | None = None,
 ) -> tuple[list[str], bool]:
-    """C-GET every request of every source, handing each instance once to `on_instance`.
+    """C-GET every request of every source, handing each instance once to `on_instance` (a large
+    one in a file of `spill_folder`, when given: see get_instances).
 
     Returns (what went wrong, one line per source; whether the caller cancelled).
     """
@@ -48,7 +51,7 @@ def collect_instances(
         candidates = [(source.server, source.requests), *source.fallbacks]
         for attempt, (server, requests) in enumerate(candidates):
             before = len(seen)
-            failures = _get_requests(config, server, requests, storage, once)
+            failures = _get_requests(config, server, requests, storage, once, spill_folder)
             if failures and len(seen) == before and attempt < len(candidates) - 1:
                 # Nothing came from this copy: ask the next server holding it as completely.
                 log.warning("get_source_skipped", source=server.name, reason="; ".join(failures))
@@ -64,8 +67,9 @@ def _get_requests(
     config: Config,
     server: ServerConfig,
     requests: list[RetrieveRequest],
-    storage: Mapping[str, Sequence[str]],
+    storage: Mapping[str, Sequence[str]] | Sequence[tuple[str, Sequence[str]]],
     on_instance: Callable[[ReceivedInstance], int],
+    spill_folder: Path | None = None,
 ) -> list[str]:
     """C-GET each request from `server`; what went wrong, one line per failed request."""
     errors = []
@@ -73,7 +77,7 @@ def _get_requests(
         model = GET_MODEL.get(request.query_model, request.query_model)
         try:
             outcome = get_instances(
-                server, config.router, model, request.identifier, storage, on_instance
+                server, config.router, model, request.identifier, storage, on_instance, spill_folder
             )
         except PeerMoveError as exc:
             log.warning("get_source_failed", source=server.name, kind=exc.kind, reason=exc.reason)

@@ -282,8 +282,15 @@ class DicomWebRoutes:
         study = request.match_info.get("study")
         loop = asyncio.get_running_loop()
 
+        async def read_up_to(size: int) -> bytes:
+            # Whole chunks (not whatever one TCP segment brought): one hop to the loop per chunk.
+            try:
+                return await request.content.readexactly(size)
+            except asyncio.IncompleteReadError as exc:
+                return exc.partial  # the end of the body
+
         def read(size: int) -> bytes:
-            return asyncio.run_coroutine_threadsafe(request.content.read(size), loop).result()
+            return asyncio.run_coroutine_threadsafe(read_up_to(size), loop).result()
 
         threshold = config.router.max_in_memory_dataset
         sinks: list[SpillingSink] = []

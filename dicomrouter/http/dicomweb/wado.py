@@ -37,10 +37,10 @@ from dicomrouter.config import Config, ServerConfig
 from dicomrouter.http.dicomweb.errors import DicomWebError
 from dicomrouter.logging import get_logger
 from dicomrouter.net.find_client import STUDY_ROOT_FIND, PeerFind, PeerFindError
-from dicomrouter.net.get_client import STUDY_ROOT_GET, ReceivedInstance, get_instances
-from dicomrouter.net.move_client import PeerMoveError
+from dicomrouter.net.get_client import STUDY_ROOT_GET, ReceivedInstance
 from dicomrouter.net.upper_layer import FileSlice
-from dicomrouter.retrieve.plan import plan_retrieve
+from dicomrouter.retrieve.collect import collect_instances
+from dicomrouter.retrieve.plan import SourcePlan, plan_retrieve
 from dicomrouter.routing.access import Caller
 
 log = get_logger(__name__)
@@ -94,11 +94,14 @@ SUCCESS, OUT_OF_RESOURCES = 0x0000, 0xA700
 
 @dataclass
 class WadoSource:
-    """What to C-GET from one server: the plan's requests and the SOP classes they hold."""
+    """What to C-GET from one server (the retrieve plan's) and the SOP classes it holds there."""
 
-    server: ServerConfig
-    identifiers: list[Dataset]
+    plan: SourcePlan
     sop_classes: set[str] = field(default_factory=set)
+
+    @property
+    def server(self) -> ServerConfig:
+        return self.plan.server
 
 
 def part10_prefix(instance: ReceivedInstance) -> bytes:
@@ -227,11 +230,7 @@ def plan_wado(
 
     def source(plan_source) -> WadoSource:
         held = plan_source.series.get(study) or ([series] if series else None)
-        return WadoSource(
-            plan_source.server,
-            [request.identifier for request in plan_source.requests],
-            _sop_classes(config, plan_source.server, study, held),
-        )
+        return WadoSource(plan_source, _sop_classes(config, plan_source.server, study, held))
 
     with ThreadPoolExecutor(max_workers=len(plan.sources), thread_name_prefix="wado-plan") as pool:
         return list(pool.map(source, plan.sources))
@@ -339,41 +338,20 @@ class Retrieval:
 
     def _run(self) -> None:
         try:
-            for source in self.sources:
-                contexts = storage_contexts(source.sop_classes)
-                for identifier in source.identifiers:
-                    if self._stopped.is_set():
-                        return
-                    self._get(source.server, contexts, identifier)
+            for source in self.sources:  # each with the storage contexts for what it holds
+                errors, cancelled = collect_instances(
+                    self.config,
+                    [source.plan],
+                    storage_contexts(source.sop_classes),
+                    self._hand_on,
+                    self._stopped.is_set,
+                    self.spill_folder,
+                )
+                self.errors += errors
+                if cancelled:
+                    return
         finally:
             self._put_end()
-
-    def _get(self, server: ServerConfig, contexts, identifier: Dataset) -> None:
-        try:
-            progress = get_instances(
-                server,
-                self.config.router,
-                STUDY_ROOT_GET,
-                identifier,
-                contexts,
-                self._hand_on,
-                self.spill_folder,
-            )
-        except PeerMoveError as exc:
-            self.errors.append(f"{server.name} {exc.kind}: {exc.reason}")
-            log.warning("wado_get_failed", server=server.name, kind=exc.kind, reason=exc.reason)
-            return
-        if progress.status != SUCCESS and not self._stopped.is_set():
-            self.errors.append(
-                f"{server.name} answered 0x{progress.status:04X} {progress.comment}".strip()
-            )
-            log.warning(
-                "wado_get_incomplete",
-                server=server.name,
-                status=f"0x{progress.status:04X}",
-                failed=progress.failed,
-                comment=progress.comment,
-            )
 
     def _put_end(self) -> None:
         while not self._stopped.is_set():
