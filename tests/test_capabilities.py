@@ -140,6 +140,26 @@ def test_refusals_are_forgotten_on_reconnect_and_acceptances_kept(local_config):
     assert again.verdict("Test PACS 1", CT, [EXPLICIT]).state == "accepted"
 
 
+def test_accepted_syntaxes_for_the_front(local_config):
+    config = load_config(local_config)
+    capabilities = DestinationCapabilities(None, lambda: config)
+    capabilities.record(
+        config.server("Test PACS 1"),
+        accepted=[(CT, EXPLICIT)],
+        refused=[(PHOTOACOUSTIC, EXPLICIT), (PHOTOACOUSTIC, IMPLICIT)],
+    )
+    assert capabilities.accepted_syntaxes("Test PACS 1", CT, (EXPLICIT, IMPLICIT)) == {
+        EXPLICIT,
+        IMPLICIT,
+    }
+    assert (
+        capabilities.accepted_syntaxes("Test PACS 1", PHOTOACOUSTIC, (EXPLICIT, IMPLICIT))
+        == frozenset()
+    )
+    assert capabilities.accepted_syntaxes("Test PACS 1", MR, (EXPLICIT,)) is None
+    assert capabilities.accepted_syntaxes("Prod PACS 1", CT, (EXPLICIT,)) is None
+
+
 def test_a_refusal_expires(local_config):
     config = load_config(local_config)
     capabilities = DestinationCapabilities(None, lambda: config, refused_ttl_s=0.2)

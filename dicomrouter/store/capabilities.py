@@ -113,6 +113,17 @@ class DestinationCapabilities:
             class_accepted = any(entry.accepted for entry in known.values())
         return Verdict(tuple(accepted), tuple(refused), tuple(unknown), class_accepted)
 
+    def accepted_syntaxes(
+        self, server_name: str, sop_class: str, transfer_syntaxes: Iterable[str]
+    ) -> frozenset[str] | None:
+        """The asked syntaxes `server_name` may take for `sop_class` (those it accepted, and those never
+        tried, which it is trusted with); frozenset() when it refused them all; None when it was never
+        asked about any of them (the front's DestinationVerdict)."""
+        verdict = self.verdict(server_name, sop_class, transfer_syntaxes)
+        if verdict.state == "unknown":
+            return None
+        return frozenset(verdict.accepted + verdict.unknown)
+
     def verdicts(
         self,
         servers: Sequence[ServerConfig],
