@@ -8,11 +8,6 @@ import socket
 import sys
 import threading
 from dataclasses import dataclass, field
-from functools import partial
-
-from pynetdicom import ALL_TRANSFER_SYNTAXES, DEFAULT_TRANSFER_SYNTAXES, evt
-from pynetdicom.presentation import AllStoragePresentationContexts
-from pynetdicom.sop_class import Verification
 
 from dicomrouter.audit import AuditTrail
 from dicomrouter.catalog.db import make_engine, session_factory
@@ -32,14 +27,14 @@ from dicomrouter.logging import get_logger
 from dicomrouter.metrics import Metrics
 from dicomrouter.query.federation import Federation
 from dicomrouter.reload import ConfigFileWatcher, ConfigHolder
-from dicomrouter.routing.access import called_server_refusal
 from dicomrouter.routing.store_rules import unusable_rules
-from dicomrouter.scp.echo import handle_echo
-from dicomrouter.scp.find import find_bindings
-from dicomrouter.scp.move import move_bindings
-from dicomrouter.scp.server import DicomFront, SupportedContext
-from dicomrouter.scp.store import handle_store, store_instance
-from dicomrouter.scp.store_session import LeanStorePath
+from dicomrouter.scp.echo import VERIFICATION, EchoService
+from dicomrouter.scp.find import FindService
+from dicomrouter.scp.front import DicomFront
+from dicomrouter.scp.get import GetService
+from dicomrouter.scp.move import MoveService
+from dicomrouter.scp.registry import ServiceRegistry
+from dicomrouter.scp.store import StoreService
 from dicomrouter.store.acks import AckRecorder
 from dicomrouter.store.capabilities import DestinationCapabilities
 from dicomrouter.store.forwarder import Forwarder
@@ -61,30 +56,19 @@ def node_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
 
 
-def lean_store_path(contexts: list[SupportedContext], receive: ReceiveService, holder: ConfigHolder) -> LeanStorePath:
-    """The front's own C-STORE/C-ECHO path, for the storage and verification classes it supports."""
-    storage_classes = {cx.abstract_syntax for cx in AllStoragePresentationContexts}
-    supported = {
-        cx.abstract_syntax: frozenset(cx.transfer_syntaxes or DEFAULT_TRANSFER_SYNTAXES)
-        for cx in contexts
-        if cx.abstract_syntax == Verification or cx.abstract_syntax in storage_classes
-    }
-    elsewhere = frozenset(cx.abstract_syntax for cx in contexts) - supported.keys()
-    return LeanStorePath(
-        supported,
-        partial(store_instance, receive),
-        receive.spool,
-        lambda: holder.current.router.max_in_memory_dataset,
-        elsewhere,
-        echo_refusal=lambda called_ae: called_server_refusal(holder.current, called_ae),
+def service_registry(holder: ConfigHolder, catalog: Catalog | None, receive: ReceiveService | None) -> ServiceRegistry:
+    """Every service the front offers, by SOP class; storage takes the classes nobody else claims
+    (none without `receive`: tests of query and retrieval serve no stores)."""
+    find = FindService(holder, Federation(catalog))
+    move = MoveService(holder, catalog)
+    get = GetService(holder, catalog)
+    return ServiceRegistry.of(
+        StoreService(holder, receive) if receive is not None else None,
+        ((VERIFICATION,), EchoService(holder)),
+        (find.sop_classes, find),
+        (move.sop_classes, move),
+        (get.sop_classes, get),
     )
-
-
-def storage_contexts() -> list[SupportedContext]:
-    """Every storage SOP class pynetdicom knows, in every transfer syntax, compressed included."""
-    return [
-        SupportedContext(cx.abstract_syntax, list(ALL_TRANSFER_SYNTAXES)) for cx in AllStoragePresentationContexts
-    ]
 
 
 # Each registers its routes on the HTTP app given HttpDeps (see dicomrouter/http/__init__.py).
@@ -204,19 +188,7 @@ def build_app(config: Config, host: str | None = None, port: int | None = None, 
         holder, queue, spool, AckRecorder(catalog, queue), audit, metrics=metrics, capabilities=capabilities
     )
     receive = ReceiveService(lambda: holder.current, spool, queue, sessions, forwarder.notify, audit=audit.record)
-    find_contexts, find_handlers = find_bindings(holder, catalog)
-    move_contexts, move_handlers = move_bindings(holder, catalog)
-    # Storage contexts before C-GET's: pynetdicom keeps the SCP/SCU roles of the last one added.
-    contexts = [SupportedContext(Verification), *storage_contexts(), *find_contexts, *move_contexts]
-    handlers = [
-        (evt.EVT_C_ECHO, handle_echo, [holder]),
-        (evt.EVT_C_STORE, handle_store, [receive]),
-        *find_handlers,
-        *move_handlers,
-    ]
-    front = DicomFront(
-        holder, contexts, handlers, host=host, port=port, audit=audit, lean_store=lean_store_path(contexts, receive, holder)
-    )
+    front = DicomFront(holder, service_registry(holder, catalog, receive), host=host, port=port, audit=audit)
     http = None
     if config.router.http is not None:
         deps = HttpDeps(

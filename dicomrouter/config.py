@@ -171,6 +171,7 @@ class RouterSettings:
     unknown_caller_roles: frozenset[str] = frozenset({"test_read", "test_write"})
     duplicate_policy: str = "overwrite"
     max_associations: int = 64
+    max_pending_per_address: int = 4  # connections from one address still waiting for their A-ASSOCIATE-RQ
     max_pdu_size: int = 262144
     max_dataset_size: int = 2 * 1024**3  # one received data set; beyond it the association is aborted
     max_in_memory_dataset: int = 16 * 1024**2  # larger data sets go to the spool while they arrive
@@ -345,6 +346,7 @@ _ROUTER_KEYS = (
     "unknown_caller_roles",
     "duplicate_policy",
     "max_associations",
+    "max_pending_per_address",
     "max_pdu_size",
     "max_dataset_size",
     "max_in_memory_dataset",
@@ -623,6 +625,9 @@ class _Parser:
             unknown_caller_roles=self.get_roles(data, "unknown_caller_roles", "router.unknown_caller_roles", d.unknown_caller_roles),
             duplicate_policy=policy,
             max_associations=self.get_int(data, "max_associations", "router.max_associations", d.max_associations, 1, 10000),
+            max_pending_per_address=self.get_int(
+                data, "max_pending_per_address", "router.max_pending_per_address", d.max_pending_per_address, 1, 10000
+            ),
             max_pdu_size=self.get_int(data, "max_pdu_size", "router.max_pdu_size", d.max_pdu_size, 4096, 64 * 1024 * 1024),
             max_dataset_size=self.get_int(
                 data, "max_dataset_size", "router.max_dataset_size", d.max_dataset_size, 1024, 1024**4

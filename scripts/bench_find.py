@@ -161,20 +161,13 @@ class Router:
 
 
 def serve(config_path: str, port: int) -> None:
-    """Child mode: `build_app` plus the find bindings when app.py does not wire them yet."""
-    from pynetdicom import evt
-
+    """Child mode: the router as `build_app` wires it."""
     from dicomrouter.app import build_app
     from dicomrouter.config import load_config
     from dicomrouter.logging import configure_logging
-    from dicomrouter.scp.find import find_bindings
 
     configure_logging("json", "warning")
     app = build_app(load_config(config_path), host="127.0.0.1", port=port, watch_file=False)
-    if not any(h[0] is evt.EVT_C_FIND for h in app.front.handlers):
-        contexts, handlers = find_bindings(app.holder, app.catalog)
-        app.front.contexts.extend(contexts)
-        app.front.handlers.extend(handlers)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     app.start()

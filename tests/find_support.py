@@ -12,19 +12,16 @@ from pathlib import Path
 import pydicom
 from pydicom import Dataset
 from pydicom.uid import generate_uid
-from pynetdicom import evt
-from pynetdicom.sop_class import Verification
 from ruamel.yaml import YAML
 
+from dicomrouter.app import service_registry
 from dicomrouter.catalog.db import make_engine, session_factory
 from dicomrouter.catalog.queries import Catalog
 from dicomrouter.catalog.schema import upgrade
 from dicomrouter.config import Config, load_config
 from dicomrouter.pacsfarm import OrthancServer
 from dicomrouter.reload import ConfigHolder
-from dicomrouter.scp.echo import handle_echo
-from dicomrouter.scp.find import find_bindings
-from dicomrouter.scp.server import DicomFront, SupportedContext
+from dicomrouter.scp.front import DicomFront
 from tests.orthanc_fixtures import ROUTER_AE, WORKSTATION_AE, instance_bytes, make_test_instance
 from tests.router_process import run_dcmtk
 
@@ -49,14 +46,7 @@ def running_front(config_path: Path, port: int, with_catalog: bool = True) -> It
         catalog = Catalog(session_factory(engine))
         catalog.sync_servers(config)
     holder = ConfigHolder(config)
-    contexts, handlers = find_bindings(holder, catalog)
-    front = DicomFront(
-        holder,
-        [SupportedContext(Verification), *contexts],
-        [(evt.EVT_C_ECHO, handle_echo), *handlers],
-        host="127.0.0.1",
-        port=port,
-    )
+    front = DicomFront(holder, service_registry(holder, catalog, None), host="127.0.0.1", port=port)
     front.start()
     try:
         yield FrontUnderTest(config, catalog, port)

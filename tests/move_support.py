@@ -10,19 +10,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom.uid import generate_uid
-from pynetdicom import evt
-from pynetdicom.sop_class import Verification
 from ruamel.yaml import YAML
 
-from dicomrouter.app import storage_contexts
+from dicomrouter.app import service_registry
 from dicomrouter.catalog.db import make_engine, session_factory
 from dicomrouter.catalog.queries import Catalog
 from dicomrouter.config import Config, load_config
 from dicomrouter.pacsfarm import OrthancServer
 from dicomrouter.reload import ConfigHolder
-from dicomrouter.scp.echo import handle_echo
-from dicomrouter.scp.move import move_bindings
-from dicomrouter.scp.server import DicomFront, SupportedContext
+from dicomrouter.scp.front import DicomFront
 from tests.orthanc_fixtures import ROUTER_AE, WORKSTATION_AE, instance_bytes, make_test_instance
 from tests.router_process import dcmtk, dcmtk_env, run_dcmtk, wait_for_port
 
@@ -41,15 +37,7 @@ def running_move_front(config_path: Path, port: int) -> Iterator[MoveFront]:
     catalog = Catalog(session_factory(make_engine(config.router.catalog)))
     catalog.sync_servers(config)
     holder = ConfigHolder(config)
-    contexts, handlers = move_bindings(holder, catalog)
-    front = DicomFront(
-        holder,
-        # The order app.py uses: the C-STORE storage contexts first, then C-MOVE/C-GET's.
-        [SupportedContext(Verification), *storage_contexts(), *contexts],
-        [(evt.EVT_C_ECHO, handle_echo), *handlers],
-        host="127.0.0.1",
-        port=port,
-    )
+    front = DicomFront(holder, service_registry(holder, catalog, None), host="127.0.0.1", port=port)
     front.start()
     try:
         yield MoveFront(config, catalog, port)

@@ -183,12 +183,6 @@ def test_sigterm_stops_quickly_with_exit_code_0(tmp_path):
     wait_for_event(router, "router_stopped")
 
 
-def accepted_socket(connection) -> socket.socket:
-    """The socket of one of the front's connections: a lean-path one holds its own (a verification-only
-    association is served there), a pynetdicom association the one inside its DUL."""
-    return connection.sock if hasattr(connection, "sock") else connection.dul.socket.socket
-
-
 def test_accepted_socket_has_tcp_nodelay(tmp_path):
     """In-process front: the socket it accepted has Nagle off, and echoes on it succeed."""
     from dicomrouter.app import build_app
@@ -204,9 +198,9 @@ def test_accepted_socket_has_tcp_nodelay(tmp_path):
         )
         assert assoc.is_established
         try:
-            accepted = app.front._server.active_associations
+            accepted = app.front.table.everyone()
             assert len(accepted) == 1
-            server_socket = accepted_socket(accepted[0])
+            server_socket = accepted[0].sock
             assert server_socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
             for _ in range(3):
                 status = assoc.send_c_echo()

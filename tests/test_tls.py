@@ -26,7 +26,7 @@ from tests.orthanc_fixtures import instance_bytes, make_test_instance, write_ins
 from tests.router_process import RouterProcess, run_dcmtk
 from tests.scu_sockets import OUTGOING_SOCKET_HANDLERS
 from tests.store_helpers import storescu
-from tests.test_echo_scp import accepted_socket, dead_port_servers, log_events, wait_for_event
+from tests.test_echo_scp import dead_port_servers, log_events, wait_for_event
 from tests.tls_certs import Identity, Pki, make_pki
 
 ROUTER_AE = "DICOMROUTER"
@@ -212,8 +212,8 @@ def test_tls_sockets_have_tcp_nodelay(tmp_path, pki):
         )
         assert assoc.is_established
         try:
-            (accepted,) = app.front._server.active_associations
-            for sock in (accepted_socket(accepted), assoc.dul.socket.socket):
+            (accepted,) = app.front.table.everyone()
+            for sock in (accepted.sock, assoc.dul.socket.socket):
                 assert isinstance(sock, ssl.SSLSocket)
                 assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
             for _ in range(3):

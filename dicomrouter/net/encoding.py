@@ -10,13 +10,14 @@ is no sequence); anything else goes through pydicom.
 from __future__ import annotations
 
 import struct
+from io import BytesIO
 
 from pydicom import Dataset
 from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import RawDataElement
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_data_element
-from pynetdicom.dsutils import encode
+from pynetdicom.dsutils import decode, encode
 
 UNDEFINED_LENGTH = 0xFFFFFFFF
 LONG_LENGTH_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"})
@@ -67,3 +68,22 @@ def encode_answer(dataset: Dataset, implicit: bool) -> bytes | None:
             write_data_element(fp, elem)
             parts.append(fp.getvalue())
     return b"".join(parts)
+
+
+IMPLICIT_VR_LE, EXPLICIT_VR_BE, DEFLATED_VR_LE = "1.2.840.10008.1.2", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"
+
+
+def decode_identifier(data: bytes, transfer_syntax: str) -> Dataset:
+    """A query or retrieve identifier received in one of the uncompressed syntaxes (or deflated)."""
+    return decode(
+        BytesIO(data), transfer_syntax == IMPLICIT_VR_LE, transfer_syntax != EXPLICIT_VR_BE,
+        transfer_syntax == DEFLATED_VR_LE,
+    )
+
+
+def encode_dataset(dataset: Dataset, transfer_syntax: str) -> bytes | None:
+    """`dataset` for the wire in `transfer_syntax` (raw answers copied where they can be), None if it cannot be."""
+    implicit = transfer_syntax == IMPLICIT_VR_LE
+    if transfer_syntax not in (EXPLICIT_VR_BE, DEFLATED_VR_LE):
+        return encode_answer(dataset, implicit) or None
+    return encode(dataset, implicit, transfer_syntax != EXPLICIT_VR_BE, transfer_syntax == DEFLATED_VR_LE) or None

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 
 from dicomrouter.config import Config, RouteConfig, ServerConfig
-from dicomrouter.routing.access import inactive_reason
+from dicomrouter.routing.access import Caller, inactive_reason, may_write
 
 # Match keys that are not DICOM keywords but facts about the association.
 ASSOCIATION_KEYS = ("calling_ae", "called_ae")
@@ -82,3 +82,44 @@ def unusable_rules(config: Config) -> list[str]:
         if not any((s := config.server(n)) and s.usable for n in route.destinations):
             result.append(route.name)
     return result
+
+
+def possible_decisions(config: Config, calling_ae: str, called_ae: str) -> list[StoreDecision]:
+    """Every decision `choose_destinations` could take for a store on this association, whatever the
+    data set holds: what the router can know at negotiation and at the C-STORE command."""
+    header_free = {"calling_ae": calling_ae, "called_ae": called_ae}
+    virtual = config.server_by_ae(called_ae) if called_ae != config.router.ae_title else None
+    if virtual is not None:
+        return [choose_destinations(config, calling_ae, called_ae, {})]
+    decisions = []
+    for route in config.routes:
+        association_match = {k: v for k, v in route.match.items() if k in ASSOCIATION_KEYS}
+        matched, _why = _match_rule(RouteConfig(route.name, association_match, route.destinations), header_free)
+        if not matched:
+            continue
+        usable = tuple(s for name in route.destinations if (s := config.server(name)) and s.usable)
+        if not usable:
+            continue
+        decisions.append(StoreDecision(usable, f"rule {route.name!r}", route.name))
+        if len(association_match) == len(route.match):
+            return decisions  # this rule always matches here: nothing after it is ever reached
+    decisions.append(StoreDecision((config.primary,), "no rule matched: the primary"))
+    return decisions
+
+
+def store_refusal_at_negotiation(config: Config, caller: Caller, called_ae: str) -> str | None:
+    """Why no store from `caller` on this association could ever be accepted, or None when one could.
+
+    Checked before any data set byte is kept: a caller that may write to none of the destinations
+    its stores could reach has its storage contexts refused and its C-STOREs refused at the command.
+    """
+    decisions = possible_decisions(config, caller.ae_title, called_ae)
+    for decision in decisions:
+        if decision.destinations and all(may_write(caller, s) for s in decision.destinations):
+            return None
+    reachable = sorted({s.name for d in decisions for s in d.destinations})
+    if not reachable:
+        virtual = config.server_by_ae(called_ae)
+        return f"called AE {called_ae} is server {virtual.name!r}, which is inactive" if virtual else "no usable destination"
+    needs = sorted({f"{s.environment}_write" for d in decisions for s in d.destinations})
+    return f"{caller.ae_title} may not write to {', '.join(reachable)} (needs {' or '.join(needs)})"

@@ -1,36 +1,38 @@
-"""C-ECHO SCP handler."""
+"""C-ECHO SCP: the association was admitted, so the answer is Success, unless the called AE is an
+inactive server's (refused 0x0124 with the reason, as a store to it would be)."""
 
 from __future__ import annotations
 
-from pydicom import Dataset
-from pynetdicom.events import Event
-
-from dicomrouter.audit import association_audit
+from dicomrouter.dul.association import Association, DataSink, DimseRefusal, Request
+from dicomrouter.dul.dimse import C_ECHO_RQ
 from dicomrouter.logging import get_logger
 from dicomrouter.reload import ConfigHolder
 from dicomrouter.routing.access import called_server_refusal
-from dicomrouter.scp.status import status_dataset
 
 log = get_logger(__name__)
 
-ECHO_REFUSED = (
-    0x0124  # refused: not authorized (the called AE is an inactive server), as a store to it
-)
+VERIFICATION = "1.2.840.10008.1.1"
+ECHO_REFUSED = 0x0124  # refused: not authorized (the called AE is an inactive server), as a store to it
 
 
-def handle_echo(event: Event, holder: ConfigHolder | None = None) -> int | Dataset:
-    """Answer Success, or refuse an echo to an inactive server's AE title with the reason."""
-    called_ae = getattr(event.assoc, "router_called_ae", "")
-    refusal = called_server_refusal(holder.current, called_ae) if holder is not None else None
-    if refusal:
-        log.warning(
-            "echo_refused",
-            calling_ae=event.assoc.requestor.ae_title,
-            reason=refusal,
-            status="0x0124",
-        )
-        association_audit(event.assoc).record("echo", "refused", detail=refusal)
-        return status_dataset(ECHO_REFUSED, refusal)
-    log.debug("echo", calling_ae=event.assoc.requestor.ae_title)
-    association_audit(event.assoc).record("echo", "success")
-    return 0x0000
+class EchoService:
+    operation = "echo"
+    commands = frozenset({C_ECHO_RQ})
+    long_running = False
+
+    def open_dataset(self, request: Request, association: Association) -> DataSink:
+        raise DimseRefusal(0xC000, "a C-ECHO carries no data set")
+
+    def __init__(self, holder: ConfigHolder | None = None):
+        self.holder = holder
+
+    def handle(self, request: Request, association: Association) -> None:
+        refusal = called_server_refusal(self.holder.current, association.called_ae) if self.holder else None
+        if refusal:
+            raise DimseRefusal(ECHO_REFUSED, refusal)
+        association.respond(request, 0x0000)
+        log.debug("echo", calling_ae=association.calling_ae)
+        association.audit.record("echo", "success")
+
+    def refused(self, request: Request, refusal: DimseRefusal, association: Association) -> None:
+        association.audit.record("echo", "refused", detail=refusal.reason)

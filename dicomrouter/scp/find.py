@@ -1,54 +1,61 @@
 """C-FIND SCP: Patient Root, Study Root and Modality Worklist, answered by the federation.
 
-The answers are written to the caller's socket by the router itself. pynetdicom hands each
-response to its DUL thread, which sleeps a millisecond whenever its queue is empty and sends
-one PDU per loop: a federated query of a few hundred answers spent most of its time there.
+The query runs on the association's operation thread; its reader keeps reading, so a C-CANCEL
+stops the fan-out at once. Answers are encoded straight from the merged data sets and written
+as they come.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
+from threading import Event
 from typing import Any
 
 from pydicom import Dataset
-from pynetdicom import _config as pynetdicom_config
-from pynetdicom import evt
-from pynetdicom.dimse_primitives import C_FIND
-from pynetdicom.dsutils import encode
-from pynetdicom.events import Event
 
-from dicomrouter.audit import association_audit
+from dicomrouter.audit import AssociationAudit
+from dicomrouter.dul.association import Association, DataSink, DimseRefusal, HeldDataset, Request
+from dicomrouter.dul.dimse import C_FIND_RQ
 from dicomrouter.logging import get_logger
-from dicomrouter.net.encoding import encode_answer
+from dicomrouter.net.encoding import decode_identifier, encode_dataset
 from dicomrouter.net.find_client import CANCELLED, FIND_MODELS, WORKLIST_FIND
-from dicomrouter.net.upper_layer import NO_DATASET, command_set, pdata_pdus, us
 from dicomrouter.query.federation import Federation
 from dicomrouter.query.merge import InvalidIdentifier, check_identifier
 from dicomrouter.reload import ConfigHolder
+from dicomrouter.routing.access import Caller
 from dicomrouter.routing.find_targets import find_targets
-from dicomrouter.scp.server import SupportedContext
 from dicomrouter.scp.status import status_dataset
 
 log = get_logger(__name__)
-
-# pynetdicom formats every identifier and PDU for its debug log even when nobody reads it
-# (logging.py keeps its logger at WARNING): a large share of the CPU per C-FIND answer.
-pynetdicom_config.LOG_RESPONSE_IDENTIFIERS = False
-pynetdicom_config.LOG_REQUEST_IDENTIFIERS = False
-pynetdicom_config.LOG_HANDLER_LEVEL = "none"
 
 PENDING = 0xFF00
 PENDING_STATUSES = (0xFF00, 0xFF01)
 OUT_OF_RESOURCES = 0xA700  # every server failed, or more matches than router.max_find_results
 IDENTIFIER_MISMATCH = 0xA900
 UNABLE_TO_PROCESS = 0xC000
-HANDLER_FAILED = 0xC311  # what pynetdicom answers when the handler raises
 CANNOT_ENCODE = 0xC312
 NOT_PERMITTED = 0xC001  # the caller may read no server (a C000-range "unable to process")
+MAX_IDENTIFIER = 1024 * 1024  # a query identifier is a few hundred bytes
 
 FindResponse = tuple[int | Dataset, Dataset | None]
 
+
+@dataclass
+class FindEvent:
+    """What `handle_find` reads of one C-FIND request."""
+
+    caller: Caller
+    called_ae: str
+    query_model: str
+    encoded_identifier: bytes
+    transfer_syntax: str
+    audit: AssociationAudit
+    cancelled: Event
+
+    def identifier(self) -> Dataset:
+        return decode_identifier(self.encoded_identifier, self.transfer_syntax)
 
 
 def describe_query(identifier: Dataset, level: str) -> str:
@@ -63,10 +70,10 @@ def describe_query(identifier: Dataset, level: str) -> str:
     return " ".join([level, *keys])[:500]
 
 
-def handle_find(event: Event, holder: ConfigHolder, federation: Federation) -> Iterator[FindResponse]:
+def handle_find(event: FindEvent, holder: ConfigHolder, federation: Federation) -> Iterator[FindResponse]:
     """Validate, fan out, stream merged answers; the final status says how the servers did."""
-    audit = association_audit(event.assoc)
-    operation = "worklist" if str(event.request.AffectedSOPClassUID) == WORKLIST_FIND else "find"
+    audit = event.audit
+    operation = "worklist" if event.query_model == WORKLIST_FIND else "find"
     audit_row: dict[str, Any] = {"outcome": "cancelled", "detail": "the caller went away"}
     started = time.monotonic()
     try:
@@ -76,14 +83,14 @@ def handle_find(event: Event, holder: ConfigHolder, federation: Federation) -> I
 
 
 def _answer_find(
-    event: Event, holder: ConfigHolder, federation: Federation, audit_row: dict[str, Any]
+    event: FindEvent, holder: ConfigHolder, federation: Federation, audit_row: dict[str, Any]
 ) -> Iterator[FindResponse]:
     config = holder.current
-    caller = event.assoc.router_caller
-    called_ae = getattr(event.assoc, "router_called_ae", config.router.ae_title)
-    query_model = str(event.request.AffectedSOPClassUID)
+    caller = event.caller
+    called_ae = event.called_ae
+    query_model = event.query_model
     try:
-        identifier = event.identifier
+        identifier = event.identifier()
         level = check_identifier(identifier, query_model)
     except InvalidIdentifier as exc:
         log.warning("find_refused", calling_ae=caller.ae_title, reason=str(exc))
@@ -113,7 +120,7 @@ def _answer_find(
         run = federation.start(
             targets.servers, config.router, query_model, identifier, level, retrieve_ae, calling_ae=caller.ae_title
         )
-        for answer in run.answers(is_cancelled=lambda: event.is_cancelled):
+        for answer in run.answers(is_cancelled=event.cancelled.is_set):
             answers += 1
             audit_row["counts"] = {"answers": answers}
             yield PENDING, answer.identifier
@@ -139,113 +146,49 @@ def _answer_find(
     # complete or partial: pynetdicom sends Success after the last answer
 
 
-class FindExchange:
-    """One C-FIND request on the caller's association; responses go straight to its socket."""
+class FindService:
+    operation = "find"
+    commands = frozenset({C_FIND_RQ})
+    long_running = True
+    sop_classes = tuple(FIND_MODELS)
 
-    def __init__(self, assoc, request: C_FIND, context_id: int):
-        self.assoc = assoc
-        self.request = request
-        self.context_id = context_id
-        self.context = assoc._accepted_cx[context_id]
-        self.transfer_syntax = self.context.transfer_syntax[0]
-        self.max_pdu = assoc.requestor.maximum_length or 0
+    def __init__(self, holder: ConfigHolder, federation: Federation):
+        self.holder = holder
+        self.federation = federation
 
-    def event(self) -> Event:
-        """The EVT_C_FIND event `handle_find` reads (request, identifier, is_cancelled)."""
-        return Event(
-            self.assoc,
-            evt.EVT_C_FIND,
-            {"request": self.request, "context": self.context.as_tuple, "_is_cancelled": self.is_cancelled},
+    def open_dataset(self, request: Request, association: Association) -> DataSink:
+        return HeldDataset(MAX_IDENTIFIER)
+
+    def handle(self, request: Request, association: Association) -> None:
+        if request.dataset is None:
+            raise DimseRefusal(IDENTIFIER_MISMATCH, "a C-FIND needs an identifier")
+        event = FindEvent(
+            association.caller, association.called_ae, request.context.abstract_syntax, request.held(),
+            request.context.transfer_syntax, association.audit, request.cancelled,
         )
-
-    def is_cancelled(self, message_id: int) -> bool:
-        return self.assoc.dimse.cancel_req.pop(message_id, None) is not None
-
-    def send(self, status: int, identifier: bytes | None = None, comment: str = "") -> None:
-        elements = [
-            (0x0002, str(self.request.AffectedSOPClassUID).encode("ascii")),
-            (0x0100, us(0x8020)),
-            (0x0120, us(self.request.MessageID)),
-            (0x0800, us(0x0000 if identifier is not None else NO_DATASET)),
-            (0x0900, us(status)),
-        ]
-        if comment:
-            text = comment[:64].encode("latin-1", "replace")
-            elements.append((0x0902, text + b" " * (len(text) % 2)))  # LO pads with a space
-        data = pdata_pdus(self.context_id, command_set(elements), True, self.max_pdu)
-        if identifier is not None:
-            data += pdata_pdus(self.context_id, identifier, False, self.max_pdu)
-        # The DUL thread only writes what is put in its queue; nothing is while we answer.
-        self.assoc.dul.socket.send(data)
-
-    def encode(self, identifier: Dataset) -> bytes | None:
-        ts = self.transfer_syntax
-        if ts.is_little_endian and not ts.is_deflated:
-            return encode_answer(identifier, ts.is_implicit_VR) or None
-        return encode(identifier, ts.is_implicit_VR, ts.is_little_endian, ts.is_deflated) or None
-
-    @property
-    def open(self) -> bool:
-        acse = self.assoc.acse
-        return self.assoc.is_established and not acse.is_aborted() and not acse.is_release_requested()
-
-
-def serve_find(exchange: FindExchange, holder: ConfigHolder, federation: Federation) -> None:
-    """Answer one C-FIND request with `handle_find`'s results, as pynetdicom's Q/R SCP would."""
-    responses = handle_find(exchange.event(), holder, federation)
-    try:
-        for status, identifier in responses:
-            if not exchange.open:
-                return
-            comment = ""
-            if isinstance(status, Dataset):
-                comment = str(status.get("ErrorComment", "") or "")
-                status = int(status.Status)
-            if status not in PENDING_STATUSES:
-                exchange.send(status, comment=comment)
-                return
-            encoded = exchange.encode(identifier) if identifier is not None else None
-            if encoded is None:
-                exchange.send(CANNOT_ENCODE, comment="cannot encode an answer")
-                return
-            exchange.send(status, encoded)
-    except Exception:
-        log.exception("find_failed", calling_ae=exchange.assoc.requestor.ae_title)
-        if exchange.open:
-            exchange.send(HANDLER_FAILED, comment="internal error in the router")
-        return
-    finally:
-        responses.close()
-    if exchange.open:
-        exchange.send(0x0000)
-
-
-def take_over_finds(event: Event, holder: ConfigHolder, federation: Federation) -> None:
-    """On an accepted association: answer C-FIND requests ourselves, the rest as before."""
-    assoc = event.assoc
-    serve_default = assoc._serve_request
-
-    def serve_request(msg, context_id: int) -> None:
-        context = assoc._accepted_cx.get(context_id)
-        if not isinstance(msg, C_FIND) or context is None or context.abstract_syntax not in FIND_MODELS:
-            serve_default(msg, context_id)
-            return
-        assoc.dimse.cancel_req = {}
+        responses = handle_find(event, self.holder, self.federation)
         try:
-            serve_find(FindExchange(assoc, msg, context_id), holder, federation)
+            for status, identifier in responses:
+                if not association.open:
+                    return
+                comment = ""
+                if isinstance(status, Dataset):
+                    comment = str(status.get("ErrorComment", "") or "")
+                    status = int(status.Status)
+                if status not in PENDING_STATUSES:
+                    association.respond(request, status, comment)
+                    return
+                encoded = encode_dataset(identifier, request.context.transfer_syntax) if identifier is not None else None
+                if encoded is None:
+                    association.respond(request, CANNOT_ENCODE, "cannot encode an answer")
+                    return
+                association.respond(request, status, dataset=encoded)
         finally:
-            assoc.dimse.cancel_req = {}
+            responses.close()
+        if association.open:
+            association.respond(request, 0x0000)
 
-    assoc._serve_request = serve_request
+    def refused(self, request: Request, refusal: DimseRefusal, association: Association) -> None:
+        operation = "worklist" if request.context.abstract_syntax == WORKLIST_FIND else "find"
+        association.audit.record(operation, "refused", detail=refusal.reason)
 
-
-def find_bindings(holder: ConfigHolder, catalog=None) -> tuple[list[SupportedContext], list[tuple[Any, ...]]]:
-    """The presentation contexts and handlers for C-FIND (app.py wires them)."""
-    federation = Federation(catalog)
-    contexts = [SupportedContext(model) for model in FIND_MODELS]
-    handlers = [
-        (evt.EVT_ESTABLISHED, take_over_finds, [holder, federation]),
-        # What pynetdicom would call if a C-FIND ever reached its own service class.
-        (evt.EVT_C_FIND, handle_find, [holder, federation]),
-    ]
-    return contexts, handlers

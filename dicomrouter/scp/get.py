@@ -1,30 +1,49 @@
 """C-GET SCP: the router C-GETs from the holding PACS and returns the instances on the caller's
-own association (workstations behind NAT, no fixed port)."""
+own association (workstations behind NAT, no fixed port).
+
+The instances are held on disk beside the spool while they are collected, then sent to the
+caller as C-STORE sub-operations on the contexts where it took the SCP role, each in the
+transfer syntax it arrived in (never transcoded: an instance the caller cannot take in its own
+syntax is a failed sub-operation, with the reason logged).
+"""
 
 from __future__ import annotations
 
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from threading import Event
 from typing import Any
 
-from pydicom import Dataset, dcmread
-from pydicom.dataset import FileMetaDataset
-from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_file_meta_info
-from pynetdicom import ALL_TRANSFER_SYNTAXES, evt
-from pynetdicom.events import Event
-from pynetdicom.presentation import AllStoragePresentationContexts
+from pydicom import Dataset
 
-from dicomrouter.audit import association_audit
+from dicomrouter.audit import AssociationAudit
 from dicomrouter.catalog.queries import Catalog
+from dicomrouter.dicom_file import dataset_offset
+from dicomrouter.dul.association import Association, DataSink, DimseRefusal, HeldDataset, Request
+from dicomrouter.dul.dimse import (
+    AFFECTED_SOP_CLASS,
+    AFFECTED_SOP_INSTANCE,
+    C_GET_RQ,
+    C_STORE_RQ,
+    COMMAND_FIELD,
+    PRIORITY,
+    STATUS,
+    text_value,
+    us,
+)
 from dicomrouter.logging import get_logger
+from dicomrouter.net.encoding import decode_identifier
 from dicomrouter.net.get_client import PATIENT_ROOT_GET, STUDY_ROOT_GET, ReceivedInstance
+from dicomrouter.net.upper_layer import FileSlice
 from dicomrouter.reload import ConfigHolder
 from dicomrouter.retrieve.collect import collect_instances
-from dicomrouter.retrieve.mover import UNABLE_TO_PERFORM
+from dicomrouter.retrieve.mover import UNABLE_TO_PERFORM, MoveTotals
+from dicomrouter.routing.access import Caller
+from dicomrouter.scp.move import failed_uids_dataset, sub_operation_counts
 from dicomrouter.scp.retrieve_request import (
     IDENTIFIER_MISMATCH,
     PENDING,
@@ -32,56 +51,60 @@ from dicomrouter.scp.retrieve_request import (
     check_retrieve_identifier,
     retrieve_sources,
 )
-from dicomrouter.scp.server import SupportedContext
 from dicomrouter.scp.status import status_dataset
 
 log = get_logger(__name__)
 
-DEFER_VALUES_OVER = 64 * 1024  # bytes: pixel data is read from the held file only while sent
-
 GET_MODELS = (PATIENT_ROOT_GET, STUDY_ROOT_GET)
 CANCELLED = 0xFE00
 WARNING = 0xB000
+SUB_OPERATIONS_FAILED = 0xA702  # Refused: out of resources, unable to perform sub-operations
+MAX_IDENTIFIER = 1024 * 1024
+PENDING_INTERVAL_S = 0.2
 
-GetResponse = int | tuple[int | Dataset, Dataset | None]
+# The sub-operation count, then (PENDING, held file path) per instance, then an optional final status.
+GetResponse = int | tuple[int | Dataset, Path | Dataset | None]
 
 
-def caller_storage(assoc) -> dict[str, list[str]]:
+@dataclass
+class GetEvent:
+    """What `handle_get` reads of one C-GET request."""
+
+    caller: Caller
+    query_model: str
+    encoded_identifier: bytes
+    transfer_syntax: str
+    storage: dict[str, list[str]]  # SOP class -> syntaxes the caller takes as SCP
+    audit: AssociationAudit
+    cancelled: Event
+
+    def identifier(self) -> Dataset:
+        return decode_identifier(self.encoded_identifier, self.transfer_syntax)
+
+
+def caller_storage(association: Association) -> dict[str, list[str]]:
     """Storage SOP class -> transfer syntaxes the caller accepted to receive (it took the SCP role)."""
     storage: dict[str, list[str]] = {}
-    for context in assoc.accepted_contexts:
-        if context.as_scu and context.abstract_syntax not in GET_MODELS:
-            storage.setdefault(str(context.abstract_syntax), []).append(
-                str(context.transfer_syntax[0])
-            )
+    for context in association.contexts.values():
+        if context.scp_role and context.abstract_syntax not in GET_MODELS:
+            storage.setdefault(context.abstract_syntax, []).append(context.transfer_syntax)
     return storage
 
 
 def hold_instance(folder: Path, instance: ReceivedInstance, index: int) -> Path:
     """Write the received bytes as a DICOM file (file meta + data set as received) under `folder`."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = instance.sop_class_uid
-    meta.MediaStorageSOPInstanceUID = instance.sop_instance_uid
-    meta.TransferSyntaxUID = instance.transfer_syntax
-    encoded_meta = DicomBytesIO()
-    encoded_meta.is_little_endian, encoded_meta.is_implicit_VR = True, False
-    write_file_meta_info(encoded_meta, meta, enforce_standard=True)
+    from dicomrouter.scp.store import file_meta
+
+    meta = file_meta(instance.sop_class_uid, instance.sop_instance_uid, instance.transfer_syntax, "", "", "")
     path = folder / f"{index:06d}.dcm"
     with open(path, "wb") as handle:
-        handle.write(bytes(128) + b"DICM")
-        handle.write(encoded_meta.getvalue())
+        handle.write(meta)
         handle.write(instance.dataset)
     return path
 
 
-def held_dataset(path: Path) -> Dataset:
-    """A held instance for pynetdicom to send: large values stay in the file until it encodes them,
-    and raw elements are written back as they were read (nothing is decoded)."""
-    return dcmread(path, defer_size=DEFER_VALUES_OVER)
-
-
 def handle_get(
-    event: Event, holder: ConfigHolder, catalog: Catalog | None
+    event: GetEvent, holder: ConfigHolder, catalog: Catalog | None
 ) -> Iterator[GetResponse]:
     """Obtain the instances from every holding server, then send them as C-STORE sub-operations."""
     audit_row: dict[str, Any] = {"outcome": "cancelled", "detail": "the caller went away"}
@@ -89,17 +112,17 @@ def handle_get(
     try:
         yield from _answer_get(event, holder, catalog, audit_row)
     finally:
-        association_audit(event.assoc).record("get", duration_s=time.monotonic() - started, **audit_row)
+        event.audit.record("get", duration_s=time.monotonic() - started, **audit_row)
 
 
 def _answer_get(
     event: Event, holder: ConfigHolder, catalog: Catalog | None, audit_row: dict[str, Any]
 ) -> Iterator[GetResponse]:
     config = holder.current
-    caller = event.assoc.router_caller
-    query_model = str(event.request.AffectedSOPClassUID)
+    caller = event.caller
+    query_model = event.query_model
     try:
-        identifier = event.identifier
+        identifier = event.identifier()
         level, study_uid = check_retrieve_identifier(identifier, query_model == STUDY_ROOT_GET)
     except MoveRefused as exc:
         log.warning("get_refused", calling_ae=caller.ae_title, reason=exc.comment)
@@ -117,7 +140,7 @@ def _answer_get(
         return
     sources, unreachable = retrieve_sources(config, catalog, caller, identifier, query_model)
     audit_row.update(study_uid=study_uid, servers=[s.name for s in sources] or list(unreachable), detail=level)
-    storage = caller_storage(event.assoc)
+    storage = event.storage
     # Held on disk beside the spool, not in memory: a study can be larger than the router's RAM.
     spool_tmp = Path(config.router.spool) / "tmp"
     spool_tmp.mkdir(parents=True, exist_ok=True)
@@ -147,7 +170,7 @@ def _collect_and_send(event, config, caller, query_model, identifier, level, stu
         if not sources
         else []
     )
-    more_errors, cancelled = collect_instances(config, sources, storage, hold, lambda: event.is_cancelled)
+    more_errors, cancelled = collect_instances(config, sources, storage, hold, event.cancelled.is_set)
     errors += more_errors
     if cancelled:
         audit_row.update(outcome="cancelled", detail=f"{level}: cancelled while collecting")
@@ -156,7 +179,7 @@ def _collect_and_send(event, config, caller, query_model, identifier, level, stu
     log.info(
         "get_collected",
         calling_ae=caller.ae_title,
-        query_level=level,
+        query_query_level=level,
         study_uid=study_uid,
         sources=[s.name for s in sources],
         instances=len(instances),
@@ -167,12 +190,12 @@ def _collect_and_send(event, config, caller, query_model, identifier, level, stu
     audit_row.update(counts={"instances": len(instances), "sent": 0}, detail=detail)
     yield len(instances) + (1 if errors else 0)
     for sent, held in enumerate(instances):
-        if event.is_cancelled:
+        if event.cancelled.is_set():
             audit_row["outcome"] = "cancelled"
             yield CANCELLED, None
             return
         audit_row["counts"]["sent"] = sent
-        yield PENDING, held_dataset(held)
+        yield PENDING, held
     audit_row["counts"]["sent"] = len(instances)
     audit_row["outcome"] = ("partial" if instances else "failed") if errors else "success"
     if errors:
@@ -180,18 +203,136 @@ def _collect_and_send(event, config, caller, query_model, identifier, level, stu
         yield status_dataset(status, "; ".join(errors)), None
 
 
-def get_bindings(
-    holder: ConfigHolder, catalog: Catalog | None = None
-) -> tuple[list[SupportedContext], list[tuple[Any, ...]]]:
-    """C-GET contexts and handler; storage contexts accept the caller's SCP/SCU role selection.
+class GetService:
+    operation = "get"
+    commands = frozenset({C_GET_RQ})
+    long_running = True
+    sop_classes = GET_MODELS
 
-    Wire these after the C-STORE storage contexts: pynetdicom keeps the roles of the last call.
-    """
-    contexts = [SupportedContext(model) for model in GET_MODELS]
-    contexts += [
-        SupportedContext(
-            cx.abstract_syntax, list(ALL_TRANSFER_SYNTAXES), scu_role=True, scp_role=True
+    def __init__(self, holder: ConfigHolder, catalog: Catalog | None):
+        self.holder = holder
+        self.catalog = catalog
+
+    def open_dataset(self, request: Request, association: Association) -> DataSink:
+        return HeldDataset(MAX_IDENTIFIER)
+
+    def handle(self, request: Request, association: Association) -> None:
+        if request.dataset is None:
+            raise DimseRefusal(IDENTIFIER_MISMATCH, "a C-GET needs an identifier")
+        event = GetEvent(
+            association.caller, request.context.abstract_syntax, request.held(), request.context.transfer_syntax,
+            caller_storage(association), association.audit, request.cancelled,
         )
-        for cx in AllStoragePresentationContexts
-    ]
-    return contexts, [(evt.EVT_C_GET, handle_get, [holder, catalog])]
+        totals = MoveTotals()
+        last_pending = float("-inf")
+        responses = handle_get(event, self.holder, self.catalog)
+        try:
+            for item in responses:
+                if not association.open:
+                    return
+                if isinstance(item, int):
+                    totals.remaining = item
+                    continue
+                status, value = item
+                if isinstance(status, Dataset):  # a final status from the collection
+                    final = int(status.Status)
+                    comment = str(status.get("ErrorComment", "") or "")
+                    self._finish(association, request, totals, final, comment)
+                    return
+                if status == CANCELLED:
+                    self._finish(association, request, totals, CANCELLED, "")
+                    return
+                assert isinstance(value, Path)
+                self._send_sub_operation(association, request, value, totals)
+                if time.monotonic() - last_pending >= PENDING_INTERVAL_S and totals.remaining:
+                    association.respond(request, PENDING, elements=sub_operation_counts(PENDING, totals))
+                    last_pending = time.monotonic()
+        finally:
+            responses.close()
+        if association.open:
+            if totals.failed or totals.warning:
+                status = WARNING if totals.completed or totals.warning else SUB_OPERATIONS_FAILED
+            else:
+                status = 0x0000
+            self._finish(association, request, totals, status, "")
+
+    def _finish(self, association: Association, request: Request, totals: MoveTotals, status: int, comment: str) -> None:
+        if status in (WARNING, UNABLE_TO_PERFORM, 0xC000):
+            # A source that failed counts as one failed sub-operation, so the final status shows it.
+            totals.failed += totals.remaining
+        if status != CANCELLED:
+            totals.remaining = 0
+        dataset = None
+        if status not in (PENDING, 0x0000) and totals.failed_sop_uids:
+            dataset = failed_uids_dataset(totals, request.context.transfer_syntax)
+        association.respond(request, status, comment, dataset, sub_operation_counts(status, totals))
+
+    def _send_sub_operation(self, association: Association, request: Request, path: Path, totals: MoveTotals) -> None:
+        """One C-STORE to the caller in the instance's own transfer syntax; counts its outcome."""
+        totals.remaining = max(totals.remaining - 1, 0)
+        with open(path, "rb") as handle:
+            head = handle.read(8192)
+        size = path.stat().st_size
+        offset = dataset_offset(head)
+        meta = _meta_values(head[:offset])
+        sop_class, sop_instance, syntax = meta.get(2, ""), meta.get(3, ""), meta.get(0x10, "")
+        context_id = next(
+            (c.context_id for c in association.contexts.values()
+             if c.scp_role and c.abstract_syntax == sop_class and c.transfer_syntax == syntax),
+            None,
+        )
+        if context_id is None:
+            association.log.warning(
+                "get_sub_operation_failed", sop_instance_uid=sop_instance, sop_class_uid=sop_class,
+                reason=f"the caller took no presentation context for this SOP class in {syntax}; the router does not transcode",
+            )
+            totals.failed += 1
+            totals.failed_sop_uids.append(sop_instance)
+            return
+        elements = [
+            (AFFECTED_SOP_CLASS, text_value(sop_class, b"\0")),
+            (COMMAND_FIELD, us(C_STORE_RQ)),
+            (PRIORITY, us(0)),
+            (AFFECTED_SOP_INSTANCE, text_value(sop_instance, b"\0")),
+        ]
+        message_id, waiter = association.send_request(context_id, elements, FileSlice(path, offset, size - offset))
+        try:
+            response = waiter.get(timeout=association.limits.dimse_timeout_s)
+        except Exception:
+            response = None
+        finally:
+            association.forget_request(message_id)
+        status = response.number(STATUS) if response is not None else None
+        if status == 0x0000:
+            totals.completed += 1
+        elif status is not None and (status >> 12 == 0xB):
+            totals.warning += 1
+        else:
+            totals.failed += 1
+            totals.failed_sop_uids.append(sop_instance)
+            association.log.warning(
+                "get_sub_operation_failed", sop_instance_uid=sop_instance,
+                reason="no response" if status is None else f"status 0x{status:04X}",
+            )
+
+    def refused(self, request: Request, refusal: DimseRefusal, association: Association) -> None:
+        association.audit.record("get", "refused", detail=refusal.reason)
+
+
+def _meta_values(meta: bytes) -> Mapping[int, str]:
+    """The UI elements of a file meta group written by `file_meta` (explicit VR little endian)."""
+    values: dict[int, str] = {}
+    offset = 132
+    while offset + 8 <= len(meta):
+        element = int.from_bytes(meta[offset + 2 : offset + 4], "little")
+        vr = meta[offset + 4 : offset + 6]
+        if vr in (b"OB", b"OW", b"UN", b"SQ", b"UT"):
+            length = int.from_bytes(meta[offset + 8 : offset + 12], "little")
+            start = offset + 12
+        else:
+            length = int.from_bytes(meta[offset + 6 : offset + 8], "little")
+            start = offset + 8
+        if vr == b"UI":
+            values[element] = meta[start : start + length].rstrip(b"\0 ").decode("ascii", "replace")
+        offset = start + length
+    return values

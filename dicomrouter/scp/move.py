@@ -1,37 +1,36 @@
 """C-MOVE SCP (Patient Root, Study Root): a proxy that passes the source's answers on as they come.
 
-pynetdicom's own C-MOVE service always opens the association to the destination itself; on the
-direct route the *source* PACS stores to the destination. So on each accepted association the
-router takes over the C-MOVE requests (and only those) and answers them with the source's
-sub-operation counts.
+On the direct route the *source* PACS stores to the destination; on the relay route the router
+retrieves and stores on. Either way the caller gets the sub-operation counts as they change, and
+a C-CANCEL (read by the association while the move runs) is passed on to the source.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from io import BytesIO
-from typing import Any
+from dataclasses import dataclass
 
 from pydicom import Dataset
-from pynetdicom import evt
-from pynetdicom.dimse_primitives import C_MOVE
-from pynetdicom.dsutils import decode, encode
-from pynetdicom.events import Event
 
-from dicomrouter.audit import association_audit
 from dicomrouter.catalog.queries import Catalog
+from dicomrouter.dul.association import Association, DataSink, DimseRefusal, HeldDataset, Request
+from dicomrouter.dul.dimse import (
+    C_MOVE_RQ,
+    COMPLETED,
+    FAILED,
+    MOVE_DESTINATION,
+    REMAINING,
+    WARNING_COUNT,
+    us,
+)
 from dicomrouter.logging import get_logger
+from dicomrouter.net.encoding import decode_identifier, encode_dataset
 from dicomrouter.net.move_client import CANCELLED, PATIENT_ROOT_MOVE, STUDY_ROOT_MOVE
 from dicomrouter.reload import ConfigHolder
 from dicomrouter.retrieve.mover import SUCCESS, UNABLE_TO_PERFORM, MoveRun, MoveTotals, move_outcome
 from dicomrouter.routing.access import Caller
-from dicomrouter.routing.move_routes import (
-    destination_refusal,
-    move_permission,
-    resolve_destination,
-)
-from dicomrouter.scp.get import get_bindings
+from dicomrouter.routing.move_routes import destination_refusal, move_permission, resolve_destination
 from dicomrouter.scp.retrieve_request import (
     IDENTIFIER_MISMATCH,
     PENDING,
@@ -39,7 +38,6 @@ from dicomrouter.scp.retrieve_request import (
     check_retrieve_identifier,
     retrieve_sources,
 )
-from dicomrouter.scp.server import SupportedContext
 
 log = get_logger(__name__)
 
@@ -48,60 +46,55 @@ DESTINATION_UNKNOWN = 0xA801
 NOT_PERMITTED = 0xC001
 REFUSED_NOT_AUTHORIZED = 0x0124  # the destination takes nothing now (inactive), as a C-STORE to it
 UNABLE_TO_PROCESS = 0xC000
+MAX_IDENTIFIER = 1024 * 1024
 # Pending responses are optional (PS3.4 C.4.2.1.5): a few a second show progress; one per
 # instance costs the router an encode and a send each and slows the move it reports on.
 PENDING_INTERVAL_S = 0.2
 
 
-class MoveExchange:
-    """One C-MOVE request on the caller's association: decode, answer, watch for C-CANCEL."""
+def sub_operation_counts(status: int, totals: MoveTotals) -> list[tuple[int, bytes]]:
+    """The Number of ... Sub-operations elements of a C-MOVE or C-GET response (PS3.7 9.3.4.2)."""
+    elements = [(COMPLETED, us(totals.completed)), (FAILED, us(totals.failed)), (WARNING_COUNT, us(totals.warning))]
+    if status in (PENDING, CANCELLED):
+        elements.append((REMAINING, us(totals.remaining)))
+    return elements
 
-    def __init__(self, assoc, request: C_MOVE, context_id: int):
-        self.assoc = assoc
-        self.request = request
-        self.context_id = context_id
-        self.transfer_syntax = assoc._accepted_cx[context_id].transfer_syntax[0]
+
+def failed_uids_dataset(totals: MoveTotals, transfer_syntax: str) -> bytes | None:
+    """The Failed SOP Instance UID List identifier of a final response that is not Success."""
+    failed = Dataset()
+    failed.FailedSOPInstanceUIDList = totals.failed_sop_uids
+    return encode_dataset(failed, transfer_syntax)
+
+
+@dataclass
+class MoveExchange:
+    """One C-MOVE request on the caller's association."""
+
+    association: Association
+    request: Request
 
     def identifier(self) -> Dataset:
-        ts = self.transfer_syntax
-        return decode(
-            self.request.Identifier, ts.is_implicit_VR, ts.is_little_endian, ts.is_deflated
-        )
-
-    def is_cancelled(self) -> bool:
-        return self.assoc.dimse.cancel_req.pop(self.request.MessageID, None) is not None
+        return decode_identifier(self.request.held(), self.request.context.transfer_syntax)
 
     def send(self, status: int, totals: MoveTotals | None = None, comment: str = "") -> None:
-        rsp = C_MOVE()
-        rsp.MessageIDBeingRespondedTo = self.request.MessageID
-        rsp.AffectedSOPClassUID = self.request.AffectedSOPClassUID
-        rsp.Status = status
-        if comment and status not in (SUCCESS, PENDING):
-            rsp.ErrorComment = comment[:64]
-        if totals is not None:
-            if status in (PENDING, CANCELLED):
-                rsp.NumberOfRemainingSuboperations = totals.remaining
-            rsp.NumberOfCompletedSuboperations = totals.completed
-            rsp.NumberOfFailedSuboperations = totals.failed
-            rsp.NumberOfWarningSuboperations = totals.warning
-            if status not in (PENDING, SUCCESS):
-                failed = Dataset()
-                failed.FailedSOPInstanceUIDList = totals.failed_sop_uids
-                ts = self.transfer_syntax
-                rsp.Identifier = BytesIO(
-                    encode(failed, ts.is_implicit_VR, ts.is_little_endian, ts.is_deflated)
-                )
-        self.assoc.dimse.send_msg(rsp, self.context_id)
+        if totals is None:
+            self.association.respond(self.request, status, comment)
+            return
+        dataset = None
+        if status not in (PENDING, SUCCESS):
+            dataset = failed_uids_dataset(totals, self.request.context.transfer_syntax)
+        self.association.respond(self.request, status, comment, dataset, sub_operation_counts(status, totals))
 
 
 def serve_move(exchange: MoveExchange, holder: ConfigHolder, catalog: Catalog | None) -> None:
     """Answer one C-MOVE request from start to final response."""
     config = holder.current
     started = time.monotonic()
-    caller: Caller = exchange.assoc.router_caller
-    audit = association_audit(exchange.assoc)
-    move_destination = str(exchange.request.MoveDestination or "").strip()
-    query_model = str(exchange.request.AffectedSOPClassUID)
+    caller: Caller = exchange.association.caller
+    audit = exchange.association.audit
+    move_destination = exchange.request.command.text(MOVE_DESTINATION)
+    query_model = exchange.request.context.abstract_syntax
 
     def refuse(status: int, comment: str, reason: str, study_uid: str | None = None) -> None:
         log.warning("move_refused", calling_ae=caller.ae_title, move_destination=move_destination, reason=reason)
@@ -144,7 +137,7 @@ def serve_move(exchange: MoveExchange, holder: ConfigHolder, catalog: Catalog | 
             audit.record("move", "success", study_uid=study_uid, detail=detail, counts={"completed": 0})
             exchange.send(SUCCESS, MoveTotals())
         return
-    originator = (caller.ae_title, int(exchange.request.MessageID))
+    originator = (caller.ae_title, exchange.request.message_id)
     run = MoveRun(config, catalog, sources, destination, study_uid, originator)
     log.info(
         "move_requested",
@@ -159,7 +152,7 @@ def serve_move(exchange: MoveExchange, holder: ConfigHolder, catalog: Catalog | 
     def watch_for_cancel() -> None:
         # The source may take long between answers: pass a C-CANCEL on as soon as it arrives.
         while not done.wait(0.05):
-            if exchange.is_cancelled() or not exchange.assoc.is_established:
+            if exchange.request.cancelled.is_set() or not exchange.association.open:
                 log.info("move_cancel_requested", calling_ae=caller.ae_title, study_uid=study_uid)
                 run.cancel()
                 return
@@ -171,7 +164,7 @@ def serve_move(exchange: MoveExchange, holder: ConfigHolder, catalog: Catalog | 
     try:
         for totals in run.progress():
             last = totals
-            if not exchange.assoc.is_established:
+            if not exchange.association.open:
                 continue
             if totals.final:
                 exchange.send(totals.status, totals, comment=totals.comment)
@@ -188,42 +181,23 @@ def serve_move(exchange: MoveExchange, holder: ConfigHolder, catalog: Catalog | 
         )
 
 
-def take_over_moves(event: Event, holder: ConfigHolder, catalog: Catalog | None) -> None:
-    """On an accepted association: answer C-MOVE requests ourselves, the rest as pynetdicom does."""
-    assoc = event.assoc
-    serve_default = assoc._serve_request
+class MoveService:
+    operation = "move"
+    commands = frozenset({C_MOVE_RQ})
+    long_running = True
+    sop_classes = MOVE_MODELS
 
-    def serve_request(msg, context_id: int) -> None:
-        context = assoc._accepted_cx.get(context_id)
-        if (
-            not isinstance(msg, C_MOVE)
-            or context is None
-            or context.abstract_syntax not in MOVE_MODELS
-        ):
-            serve_default(msg, context_id)
-            return
-        assoc.dimse.cancel_req = {}
-        exchange = MoveExchange(assoc, msg, context_id)
-        try:
-            serve_move(exchange, holder, catalog)
-        except Exception:
-            log.exception("move_failed", calling_ae=assoc.requestor.ae_title)
-            if assoc.is_established:
-                exchange.send(UNABLE_TO_PROCESS, comment="internal error in the router")
-        finally:
-            assoc.dimse.cancel_req = {}
+    def __init__(self, holder: ConfigHolder, catalog: Catalog | None):
+        self.holder = holder
+        self.catalog = catalog
 
-    assoc._serve_request = serve_request
+    def open_dataset(self, request: Request, association: Association) -> DataSink:
+        return HeldDataset(MAX_IDENTIFIER)
 
+    def handle(self, request: Request, association: Association) -> None:
+        if request.dataset is None:
+            raise DimseRefusal(IDENTIFIER_MISMATCH, "a C-MOVE needs an identifier")
+        serve_move(MoveExchange(association, request), self.holder, self.catalog)
 
-def move_bindings(
-    holder: ConfigHolder, catalog: Catalog | None = None
-) -> tuple[list[SupportedContext], list[tuple[Any, ...]]]:
-    """The presentation contexts and handlers for C-MOVE and C-GET (app.py wires them)."""
-    get_contexts, get_handlers = get_bindings(holder, catalog)
-    contexts = [*(SupportedContext(model) for model in MOVE_MODELS), *get_contexts]
-    handlers: list[tuple[Any, ...]] = [
-        (evt.EVT_ESTABLISHED, take_over_moves, [holder, catalog]),
-        *get_handlers,
-    ]
-    return contexts, handlers
+    def refused(self, request: Request, refusal: DimseRefusal, association: Association) -> None:
+        association.audit.record("move", "refused", detail=refusal.reason)
