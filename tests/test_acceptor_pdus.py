@@ -1,4 +1,4 @@
-"""The acceptor's A-ASSOCIATE-RQ parser and A-ASSOCIATE-AC builder (net/acceptor_pdus.py)."""
+"""The acceptor's A-ASSOCIATE-RQ parser and A-ASSOCIATE-AC / RJ builders (dul/pdu.py)."""
 
 from __future__ import annotations
 
@@ -9,14 +9,21 @@ from pynetdicom.pdu import A_ASSOCIATE_AC as PynetdicomAC
 from pynetdicom.pdu import A_ASSOCIATE_RQ as PynetdicomRQ
 from pynetdicom.pdu_primitives import SCP_SCU_RoleSelectionNegotiation, UserIdentityNegotiation
 
-from dicomrouter.net.acceptor_pdus import (
+from dicomrouter.dul.pdu import (
     ABSTRACT_SYNTAX_NOT_SUPPORTED,
     ACCEPTED,
+    REJECT_APPLICATION_CONTEXT,
+    REJECT_PROTOCOL_VERSION,
     TRANSFER_SYNTAXES_NOT_SUPPORTED,
-    NotForLeanPath,
+    ContextResult,
+    MalformedRequest,
+    RequestRejected,
+    RoleProposal,
     associate_ac,
+    first_supported,
     negotiate,
     parse_associate_rq,
+    valid_ae_title,
 )
 from dicomrouter.net.upper_layer import (
     EXPLICIT_VR_LE,
@@ -33,6 +40,18 @@ STUDY_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
 
 def body_of(pdu: bytes) -> bytes:
     return pdu[6:]
+
+
+def by_table(supported):
+    """A context decider from a table of abstract syntax -> supported transfer syntaxes."""
+
+    def decide(context, _roles):
+        syntaxes = supported.get(context.abstract_syntax)
+        if syntaxes is None:
+            return ContextResult(context.context_id, ABSTRACT_SYNTAX_NOT_SUPPORTED, context.abstract_syntax, "")
+        return first_supported(context, syntaxes)
+
+    return decide
 
 
 def test_parses_what_a_requestor_proposes():
@@ -52,7 +71,7 @@ def test_negotiation_takes_the_requestors_first_supported_syntax():
     )
     request = parse_associate_rq(body_of(pdu))
     supported = {CT: frozenset({EXPLICIT_VR_LE, JPEG_BASELINE}), MR: frozenset({IMPLICIT_VR_LE})}
-    results = negotiate(request, supported)
+    results = negotiate(request, by_table(supported))
     assert [(r.context_id, r.result, r.transfer_syntax) for r in results] == [
         (1, ACCEPTED, JPEG_BASELINE),
         (3, TRANSFER_SYNTAXES_NOT_SUPPORTED, ""),
@@ -63,7 +82,7 @@ def test_negotiation_takes_the_requestors_first_supported_syntax():
 def test_the_accept_reads_back_in_our_requestor_and_in_pynetdicom():
     rq = associate_request("MODALITY", "DICOMROUTER", [(CT, [EXPLICIT_VR_LE]), (MR, [JPEG_BASELINE])], 16384)
     request = parse_associate_rq(body_of(rq))
-    results = negotiate(request, {CT: frozenset({EXPLICIT_VR_LE}), MR: frozenset({EXPLICIT_VR_LE})})
+    results = negotiate(request, by_table({CT: frozenset({EXPLICIT_VR_LE}), MR: frozenset({EXPLICIT_VR_LE})}))
     ac = associate_ac(request, results, 262144, "1.2.3.4", "ROUTER")
     accepted, max_pdu = parse_accepted(body_of(ac))
     assert accepted == {1: EXPLICIT_VR_LE} and max_pdu == 262144
@@ -121,10 +140,15 @@ def user_identity():
     return item
 
 
-@pytest.mark.parametrize("extra", [role_selection, user_identity], ids=["role selection", "user identity"])
-def test_negotiation_features_go_to_pynetdicom(extra):
-    with pytest.raises(NotForLeanPath):
-        parse_associate_rq(body_of(pynetdicom_rq([extra()])))
+def test_role_selection_is_read_and_answered():
+    request = parse_associate_rq(body_of(pynetdicom_rq([role_selection(), user_identity()])))
+    assert request.roles == {CT: RoleProposal(scu=False, scp=True)}
+    results = [ContextResult(1, ACCEPTED, CT, EXPLICIT_VR_LE, scu_role=False, scp_role=True)]
+    decoded = PynetdicomAC()
+    decoded.decode(associate_ac(request, results, 16384, "1.2.3.4", "ROUTER"))
+    (answer,) = decoded.user_information.role_selection.values()
+    assert (answer.sop_class_uid, answer.scu_role, answer.scp_role) == (CT, False, True)
+    assert decoded.user_information.user_identity is None  # not negotiated: declined by leaving it out
 
 
 GOOD = body_of(associate_request("A", "B", [(CT, [EXPLICIT_VR_LE])], 0))
@@ -141,22 +165,50 @@ def _even_context(body: bytes) -> bytes:
 
 MALFORMED = {
     "too short": GOOD[:60],
-    "protocol version 2 only": struct.pack(">H", 2) + GOOD[2:],
     "item overrunning the PDU": GOOD[:-3],
-    "AE title not ASCII": GOOD[:4] + "É".encode("latin-1") * 16 + GOOD[20:],
-    "wrong application context": GOOD.replace(b"1.2.840.10008.3.1.1.1", b"1.2.840.10008.3.1.1.9"),
     "even context ID": _even_context(GOOD),
 }
 
 
 @pytest.mark.parametrize("body", MALFORMED.values(), ids=MALFORMED.keys())
-def test_malformed_requests_go_to_pynetdicom(body):
+def test_malformed_requests_are_refused(body):
     parse_associate_rq(GOOD)  # the unbroken request parses
-    with pytest.raises(NotForLeanPath):
+    with pytest.raises(MalformedRequest):
         parse_associate_rq(body)
 
 
-def test_a_peer_taking_tiny_pdus_goes_to_pynetdicom():
-    with pytest.raises(NotForLeanPath):
+@pytest.mark.parametrize(
+    ("body", "reject"),
+    [
+        (struct.pack(">H", 2) + GOOD[2:], REJECT_PROTOCOL_VERSION),
+        (GOOD.replace(b"1.2.840.10008.3.1.1.1", b"1.2.840.10008.3.1.1.9"), REJECT_APPLICATION_CONTEXT),
+    ],
+    ids=["protocol version 2 only", "wrong application context"],
+)
+def test_well_formed_but_unsupported_requests_are_rejected(body, reject):
+    with pytest.raises(RequestRejected) as refused:
+        parse_associate_rq(body)
+    assert refused.value.reject == reject
+
+
+@pytest.mark.parametrize(
+    "raw", ["É".encode("latin-1") * 16, b"CT\rFORGED LINE  ", b"CT\x1b[31mRED   ", b"A\\B" + b" " * 13]
+)
+def test_ae_titles_with_control_characters_are_flagged(raw):
+    raw = raw.ljust(16, b" ")
+    body = GOOD[:20] + raw + GOOD[36:]
+    request = parse_associate_rq(body)
+    assert request.bad_ae_title and "calling AE title" in request.bad_ae_title
+    assert not valid_ae_title(raw.decode("latin-1"))
+
+
+def test_128_contexts_negotiate():
+    contexts = [(f"1.2.3.{index}", [EXPLICIT_VR_LE]) for index in range(128)]
+    request = parse_associate_rq(body_of(associate_request("A", "B", contexts, 0)))
+    assert len(negotiate(request, by_table({}))) == 128
+
+
+def test_a_peer_taking_tiny_pdus_is_refused():
+    with pytest.raises(MalformedRequest):
         parse_associate_rq(body_of(associate_request("A", "B", [(CT, [EXPLICIT_VR_LE])], 6)))
     assert parse_associate_rq(body_of(associate_request("A", "B", [(CT, [EXPLICIT_VR_LE])], 4096))).max_pdu == 4096

@@ -71,6 +71,7 @@ def router(tmp_path_factory):
             "network_timeout": NETWORK_TIMEOUT,
             "dimse_timeout": 5,
             "max_associations": 16,
+            "max_pending_per_address": 64,  # every case comes from 127.0.0.1 at once
             "max_pdu_size": MAX_PDU,
         },
     )

@@ -89,6 +89,8 @@ class DataSink(Protocol):
 class HeldDataset:
     """A small data set (an identifier) kept in memory, up to `max_size` bytes."""
 
+    limit_name = "the identifier limit"
+
     def __init__(self, max_size: int):
         self.max_size = max_size
         self.data = bytearray()
@@ -101,14 +103,21 @@ class HeldDataset:
 
 
 class DroppedDataset:
-    """A data set read and thrown away: its request was refused at the command (`refusal`)."""
+    """A data set read and thrown away: its request was refused at the command (`refusal`). Only its
+    first bytes are kept, for the audit trail (the study it belonged to)."""
+
+    limit_name = "router.max_dataset_size"
+    KEEP_BYTES = 64 * 1024
 
     def __init__(self, max_size: int, refusal: DimseRefusal):
         self.max_size = max_size
         self.refusal = refusal
+        self.prefix = bytearray()
 
     def write(self, fragment: memoryview, pdu_length: int) -> None:
-        pass
+        room = self.KEEP_BYTES - len(self.prefix)
+        if room > 0:
+            self.prefix += fragment[:room]
 
     def discard(self) -> None:
         pass
@@ -355,7 +364,8 @@ class Association:
         assert sink is not None
         self._incoming_size += len(fragment) + PDV_HEADER_LENGTH  # empty fragments are not free
         if self._incoming_size > sink.max_size:
-            raise ProtocolViolation(f"data set over its limit ({sink.max_size} bytes)", ABORT_INVALID_PARAMETER)
+            limit = getattr(sink, "limit_name", "its limit")
+            raise ProtocolViolation(f"data set over {limit} ({sink.max_size} bytes)", ABORT_INVALID_PARAMETER)
         sink.write(fragment, pdu_length)
         if last:
             self._incoming = None

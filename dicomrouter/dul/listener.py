@@ -8,8 +8,8 @@ bounds what a caller can hold:
   cannot take the last quarter of them;
 - at most `max_associations` connections (at least 8) still waiting for their A-ASSOCIATE-RQ,
   and `max_pending_per_address` of them per source address. When a new connection finds no room,
-  the oldest *silent* waiting connection (not a byte sent) is dropped for it, those of addresses
-  no client or server is configured at first: idle sockets cannot lock a modality out;
+  the oldest *silent* waiting connection (not a byte sent) is dropped for it, those
+  of addresses no client or server is configured at first: idle sockets cannot lock a modality out;
 - beyond that, as many again are read briefly and answered A-ASSOCIATE-RJ "local limit exceeded";
   anything more is closed at once. Threads and descriptors are bounded by these three numbers;
 - accept() failing for lack of descriptors (EMFILE) backs off instead of spinning.
@@ -18,9 +18,11 @@ bounds what a caller can hold:
 from __future__ import annotations
 
 import errno
+import select
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -32,6 +34,9 @@ log = get_logger(__name__)
 LISTEN_BACKLOG = 512
 ACCEPT_BACKOFF_S = (0.05, 1.0)  # first and longest pause after accept() fails for lack of resources
 RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+# A connection silent this long may be dropped to make room; a requestor sends its A-ASSOCIATE-RQ
+# within milliseconds of connecting, so a younger one is probably a caller mid-connect.
+SILENT_EVICTION_AGE_S = 0.2
 
 
 @dataclass(frozen=True)
@@ -66,20 +71,33 @@ class ConnectionTable:
     def limits(self) -> ConnectionLimits:
         return self._limits()
 
+    @staticmethod
+    def _evictable(connection: Connection, now: float) -> bool:
+        """Connected a while ago and not a byte sent: not read by its thread yet (a flood delays threads)
+        and nothing waiting in the socket either."""
+        if connection.heard_from or now - connection.accepted_at < SILENT_EVICTION_AGE_S:
+            return False
+        try:
+            readable, _, _ = select.select([connection.sock], [], [], 0)
+        except (OSError, ValueError):
+            return True  # already closed
+        return not readable
+
     def admit(self, connection: Connection) -> tuple[str, list[Connection]]:
         """('pending' | 'refuse' | 'close', connections to drop to make room)."""
         limits = self.limits
+        now = time.monotonic()
         with self._lock:
             evicted: list[Connection] = []
             same_address = [c for c in self.pending if c.address == connection.address]
             if len(same_address) >= limits.max_pending_per_address:
-                victim = next((c for c in same_address if not c.heard_from), None)
+                victim = next((c for c in same_address if self._evictable(c, now)), None)
                 if victim is None:
                     return self._refuse_or_close(connection, limits), []
                 evicted.append(victim)
                 self.pending.remove(victim)
             if len(self.pending) >= limits.max_pending:
-                silent = [c for c in self.pending if not c.heard_from]
+                silent = [c for c in self.pending if self._evictable(c, now)]
                 unknown = [c for c in silent if not self._known_address(c.address)]
                 victim = (unknown or silent or [None])[0]
                 if victim is None:
@@ -139,8 +157,10 @@ class Listener:
         table: ConnectionTable,
         handle: ConnectionHandler,
         tls_context: Callable[[], ssl.SSLContext | None],
+        on_refused: Callable[[str], None] = lambda address: None,
     ):
         self.table = table
+        self._on_refused = on_refused
         self._handle = handle
         self._tls_context = tls_context
         self._socket = socket.create_server((host, port), backlog=LISTEN_BACKLOG, reuse_port=False)
@@ -173,7 +193,11 @@ class Listener:
                     log.warning("accept_failed", reason=str(exc))
                 continue
             backoff = ACCEPT_BACKOFF_S[0]
-            self._admit(sock, peer[0])
+            try:
+                self._admit(sock, peer[0])
+            except Exception:  # never let one connection stop the port
+                log.exception("accept_failed", address=peer[0])
+                sock.close()
 
     def _admit(self, sock: socket.socket, address: str) -> None:
         try:
@@ -189,8 +213,8 @@ class Listener:
             log.info("connection_dropped", address=victim.address, reason="silent while others waited for room")
             victim.close()
         if verdict == "close":
-            log.warning("connection_refused", address=address, reason="too many connections", **self.table.counts())
             connection.close()
+            self._on_refused(address)
             return
         threading.Thread(
             target=self._run, args=(connection, verdict == "pending"), name="dicom-association", daemon=True

@@ -107,19 +107,26 @@ def possible_decisions(config: Config, calling_ae: str, called_ae: str) -> list[
     return decisions
 
 
-def store_refusal_at_negotiation(config: Config, caller: Caller, called_ae: str) -> str | None:
+@dataclass(frozen=True)
+class StoreRefusal:
+    reason: str
+    servers: tuple[str, ...]
+
+
+def store_refusal(config: Config, caller: Caller, called_ae: str) -> StoreRefusal | None:
     """Why no store from `caller` on this association could ever be accepted, or None when one could.
 
-    Checked before any data set byte is kept: a caller that may write to none of the destinations
-    its stores could reach has its storage contexts refused and its C-STOREs refused at the command.
+    Checked at the C-STORE command, before any data set byte is kept: a caller that may write to
+    none of the destinations its stores could reach is refused there (0x0124).
     """
     decisions = possible_decisions(config, caller.ae_title, called_ae)
     for decision in decisions:
         if decision.destinations and all(may_write(caller, s) for s in decision.destinations):
             return None
-    reachable = sorted({s.name for d in decisions for s in d.destinations})
+    reachable = tuple(sorted({s.name for d in decisions for s in d.destinations}))
     if not reachable:
         virtual = config.server_by_ae(called_ae)
-        return f"called AE {called_ae} is server {virtual.name!r}, which is inactive" if virtual else "no usable destination"
+        reason = f"called AE {called_ae} is server {virtual.name!r}, which is inactive" if virtual else "no usable destination"
+        return StoreRefusal(reason, ())
     needs = sorted({f"{s.environment}_write" for d in decisions for s in d.destinations})
-    return f"{caller.ae_title} may not write to {', '.join(reachable)} (needs {' or '.join(needs)})"
+    return StoreRefusal(f"{caller.ae_title} may not write to {', '.join(reachable)} (needs {' or '.join(needs)})", reachable)

@@ -13,7 +13,7 @@ import ssl
 import time
 from dataclasses import dataclass, field
 
-from dicomrouter.audit import AssociationAudit, AuditTrail, NoAudit
+from dicomrouter.audit import AssociationAudit, AuditTrail, NoAudit, RejectionAggregator
 from dicomrouter.dul.association import Association, AssociationLimits
 from dicomrouter.dul.connection import Connection, PduReader, ProtocolViolation, SessionEnded
 from dicomrouter.dul.listener import ConnectionLimits, ConnectionTable, Listener
@@ -66,6 +66,7 @@ class DicomFront:
     audit: AuditTrail | NoAudit = field(default_factory=NoAudit)
     _listener: Listener | None = field(default=None, init=False)
     _tls: ssl.SSLContext | None = field(default=None, init=False)
+    rejections: RejectionAggregator | None = field(default=None, init=False)
     table: ConnectionTable = field(init=False)
 
     def __post_init__(self) -> None:
@@ -88,7 +89,11 @@ class DicomFront:
         host = self.host if self.host is not None else router.host
         port = self.port if self.port is not None else router.port
         self._tls = listening_context(router.tls) if router.tls else None
-        self._listener = Listener(host, port, self.table, self._serve_connection, lambda: self._tls)
+        # A flood from one address is one line and row, then a summary per interval.
+        self.rejections = RejectionAggregator(self.audit, router.audit.rejection_summary_interval_s).start()
+        self._listener = Listener(
+            host, port, self.table, self._serve_connection, lambda: self._tls, self._connection_refused
+        )
         self._listener.start()
         bound = self._listener.address
         log.info("listening", ae_title=router.ae_title, host=bound[0], port=bound[1], tls=router.tls is not None)
@@ -132,6 +137,8 @@ class DicomFront:
             connection.abort()
         log.info("stopped_listening", aborted_associations=len(leftover))
         self._listener = None
+        if self.rejections is not None:
+            self.rejections.stop()  # the last summaries, before the audit trail stops
 
     # ------------------------------------------------------------------ one connection
 
@@ -161,8 +168,7 @@ class DicomFront:
             connection.abort_and_drain(violation.abort_pdu)
             return
         if not admitted:
-            live = self.table.counts()
-            self._reject(connection, "", "", REJECT_LOCAL_LIMIT, f"local limit exceeded ({live['associated']} associations, {live['pending']} waiting)")
+            self._reject(connection, "", "", REJECT_LOCAL_LIMIT, "local limit exceeded (connections waiting to associate)")
             return
         self._associate(connection, bytes(body))
 
@@ -221,10 +227,9 @@ class DicomFront:
             return
         caller = decision.caller
         if not self.table.associate(connection, known_caller=caller.kind != "unknown"):
-            live = self.table.counts()["associated"]
             self._reject(
                 connection, calling_ae, called_ae, REJECT_LOCAL_LIMIT,
-                f"local limit exceeded ({live} of router.max_associations {router.max_associations})",
+                f"local limit exceeded (router.max_associations {router.max_associations})",
             )
             return
         try:
@@ -244,6 +249,8 @@ class DicomFront:
         )
         audit = AssociationAudit(self.audit, calling_ae, called_ae, connection.address)
         try:
+            connection.is_established = True  # before the AC goes out: stop() must not take it for a silent one
+            connection.kind = caller.kind
             try:
                 connection.sock.settimeout(router.acse_timeout_s)
                 connection.send(
@@ -253,8 +260,6 @@ class DicomFront:
             except OSError as exc:
                 log.info("association_ended", address=connection.address, reason=f"connection lost ({exc})")
                 return
-            connection.is_established = True
-            connection.kind = caller.kind
             refused = [
                 f"{r.abstract_syntax}: {r.reason}" for r in results if not r.accepted and r.reason
             ]

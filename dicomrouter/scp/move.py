@@ -30,7 +30,11 @@ from dicomrouter.net.move_client import CANCELLED, PATIENT_ROOT_MOVE, STUDY_ROOT
 from dicomrouter.reload import ConfigHolder
 from dicomrouter.retrieve.mover import SUCCESS, UNABLE_TO_PERFORM, MoveRun, MoveTotals, move_outcome
 from dicomrouter.routing.access import Caller
-from dicomrouter.routing.move_routes import destination_refusal, move_permission, resolve_destination
+from dicomrouter.routing.move_routes import (
+    destination_refusal,
+    move_permission,
+    resolve_destination,
+)
 from dicomrouter.scp.retrieve_request import (
     IDENTIFIER_MISMATCH,
     PENDING,

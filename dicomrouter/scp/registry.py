@@ -22,7 +22,6 @@ from dicomrouter.dul.pdu import (
     ABSTRACT_SYNTAX_NOT_SUPPORTED,
     ACCEPTED,
     TRANSFER_SYNTAXES_NOT_SUPPORTED,
-    USER_REJECTION,
     AssociateRequest,
     ContextResult,
     ProposedContext,
@@ -31,7 +30,7 @@ from dicomrouter.dul.pdu import (
     negotiate,
 )
 from dicomrouter.routing.access import Caller
-from dicomrouter.routing.store_rules import possible_decisions, store_refusal_at_negotiation
+from dicomrouter.routing.store_rules import possible_decisions
 
 UID_PATTERN = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 # The data set of a query or retrieve request is decoded by pydicom: these four syntaxes.
@@ -89,9 +88,6 @@ class ServiceRegistry:
         self, request: AssociateRequest, caller: Caller, config: Config
     ) -> tuple[list[ContextResult], dict[int, Service]]:
         """The answer to each proposed context, and the service behind each accepted one."""
-        store_refusal = (
-            None if caller.kind == "server" else store_refusal_at_negotiation(config, caller, request.called_ae)
-        )
         chosen: dict[int, Service] = {}
 
         def decide(context: ProposedContext, roles: RoleProposal | None) -> ContextResult:
@@ -103,7 +99,7 @@ class ServiceRegistry:
                     if roles is not None:  # the router is only ever SCP of these
                         result = replace(result, scu_role=roles.scu, scp_role=False)
                 return result
-            return self._decide_storage(context, roles, caller, config, store_refusal, chosen, request.called_ae)
+            return self._decide_storage(context, roles, caller, config, chosen, request.called_ae)
 
         return negotiate(request, decide), chosen
 
@@ -113,7 +109,6 @@ class ServiceRegistry:
         roles: RoleProposal | None,
         caller: Caller,
         config: Config,
-        store_refusal: str | None,
         chosen: dict[int, Service],
         called_ae: str,
     ) -> ContextResult:
@@ -128,8 +123,6 @@ class ServiceRegistry:
             return ContextResult(
                 context.context_id, ABSTRACT_SYNTAX_NOT_SUPPORTED, context.abstract_syntax, "", reason="storage not offered"
             )
-        if sends and not receives and store_refusal:
-            return ContextResult(context.context_id, USER_REJECTION, context.abstract_syntax, "", reason=store_refusal)
         # The syntax proposed first is taken (a PACS delivering sub-operations proposes the one it holds
         # the instance in first): the bytes go on as received, never transcoded.
         result = first_supported(context, STORAGE_SYNTAXES)
@@ -139,7 +132,7 @@ class ServiceRegistry:
             return result
         chosen[context.context_id] = self.store or self.services[VERIFICATION]
         if roles is not None:
-            result = replace(result, scu_role=sends and not store_refusal and self.store is not None, scp_role=receives)
+            result = replace(result, scu_role=sends and self.store is not None, scp_role=receives)
         return result
 
     def _as_destinations_would(

@@ -13,12 +13,15 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from io import BytesIO
 
-from dicomrouter.dul.association import Association, DimseRefusal, Request
+from pydicom.filereader import read_dataset
+
+from dicomrouter.dul.association import Association, DimseRefusal, DroppedDataset, Request
 from dicomrouter.dul.dimse import AFFECTED_SOP_INSTANCE, C_STORE_RQ
 from dicomrouter.logging import get_logger
 from dicomrouter.reload import ConfigHolder
-from dicomrouter.routing.store_rules import store_refusal_at_negotiation
+from dicomrouter.routing.store_rules import store_refusal
 from dicomrouter.scp.registry import valid_uid
 from dicomrouter.store.receive import (
     DUPLICATE_REFUSED,
@@ -37,6 +40,8 @@ DATASET_MISMATCH = 0xA900
 SOP_CLASS_NOT_SUPPORTED = 0x0122
 VIEW_MIN_BYTES = 4096  # smaller data set fragments are copied, not held as views into their PDU
 DEFLATED_EXPLICIT_VR_LE = "1.2.840.10008.1.2.1.99"
+IMPLICIT_VR_LE, EXPLICIT_VR_BE = "1.2.840.10008.1.2", "1.2.840.10008.1.2.2"
+STUDY_INSTANCE_UID_TAG = 0x0020000D
 FILE_PREAMBLE = b"\0" * 128 + b"DICM"
 
 
@@ -100,6 +105,7 @@ class IncomingInstance:
 
     max_size: int
     max_in_memory: int
+    limit_name = "router.max_dataset_size"
     spool: Spool
     may_stream: bool  # a deflated data set must be inflated to be checked: it stays in memory
     # File meta, then the data set so far: large fragments as views into their PDU (no copy), small ones
@@ -181,9 +187,12 @@ class StoreService:
         config = self.holder.current
         if caller.kind == "server":
             raise DimseRefusal(REFUSED_NOT_AUTHORIZED, "server AE may only deliver relayed moves")
-        refusal = store_refusal_at_negotiation(config, caller, association.called_ae)
+        refusal = store_refusal(config, caller, association.called_ae)
         if refusal is not None:
-            raise DimseRefusal(REFUSED_NOT_AUTHORIZED, "not authorized", reason=refusal)
+            raise DimseRefusal(
+                NO_DESTINATION if not refusal.servers else REFUSED_NOT_AUTHORIZED, refusal.reason,
+                servers=refusal.servers,
+            )
         router = config.router
         transfer_syntax = request.context.transfer_syntax
         incoming = IncomingInstance(
@@ -220,5 +229,25 @@ class StoreService:
         association.respond(request, result.status, result.comment)
 
     def refused(self, request: Request, refusal: DimseRefusal, association: Association) -> None:
+        study_uid = None
+        if isinstance(request.dataset, DroppedDataset):
+            study_uid = study_of(request.dataset.prefix, request.context.transfer_syntax)
         association.store_outcomes[audit_outcome(refusal.status)] += 1
-        association.audit.count_store(None, audit_outcome(refusal.status), (), refusal.reason)
+        association.audit.count_store(
+            study_uid, audit_outcome(refusal.status), refusal.audit.get("servers", ()), refusal.reason
+        )
+
+
+def study_of(prefix: bytes | bytearray, transfer_syntax: str) -> str | None:
+    """The Study Instance UID in the first bytes of a refused data set, for the audit trail (None if not there)."""
+    if transfer_syntax == DEFLATED_EXPLICIT_VR_LE or not prefix:
+        return None
+    try:
+        dataset = read_dataset(
+            BytesIO(bytes(prefix)), transfer_syntax == IMPLICIT_VR_LE, transfer_syntax != EXPLICIT_VR_BE,
+            stop_when=lambda tag, _vr, _length: tag > STUDY_INSTANCE_UID_TAG,
+        )
+        value = dataset.get("StudyInstanceUID")
+    except Exception:  # a truncated or malformed prefix: the row goes without a study
+        return None
+    return str(value) if value and valid_uid(str(value)) else None
