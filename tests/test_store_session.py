@@ -1,4 +1,4 @@
-"""The front's lean storage path (scp/store_session.py) next to pynetdicom's: same answers, same spool.
+"""The front's C-STORE service on real associations: the bytes as sent, refusals, streaming, limits.
 
 The destinations are ports nobody listens on: a C-STORE is Success once the instance is in the
 spool and its job is queued, which is what these tests look at.

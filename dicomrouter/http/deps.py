@@ -20,7 +20,7 @@ class HttpDeps:
     spool: Any = None  # store.spool.Spool
     queue: Any = None  # store.queue.ForwardQueue
     forwarder: Any = None  # store.forwarder.Forwarder
-    front: Any = None  # scp.server.DicomFront
+    front: Any = None  # scp.front.DicomFront
     metrics: Any = None  # metrics.Metrics
 
 
