@@ -14,6 +14,7 @@ import click
 
 from dicomrouter.catalog.db import engine_of
 from dicomrouter.config import Config, ConfigError, load_config
+from dicomrouter.logging import printable
 
 EXIT_CONFIG = 2
 
@@ -116,8 +117,8 @@ def apply_edit(state: CliState, change, servers: Sequence[str] = (), invalid_exi
 
 
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
-    """A plain aligned table; None shows as '-'."""
-    cells = [[("-" if v is None else str(v)) for v in row] for row in rows]
+    """A plain aligned table; None shows as '-', control characters escaped (values may come from the network)."""
+    cells = [[("-" if v is None else printable(str(v))) for v in row] for row in rows]
     widths = [len(h) for h in headers]
     for row in cells:
         for i, value in enumerate(row):

@@ -34,6 +34,7 @@ def serve_command(
     log_format = log_format or settings.format or ("console" if sys.stderr.isatty() else "json")
     configure_logging(log_format, log_level or settings.level)
     log = get_logger("dicomrouter.serve")
+    raise_descriptor_limit(log)
     try:
         app = build_app(config, host=host, port=port)
     except SchemaNeedsUpgrade as exc:
@@ -60,3 +61,17 @@ def serve_command(
     while not stop_requested.wait(1.0):
         pass
     app.stop()
+
+
+def raise_descriptor_limit(log) -> None:
+    """Every association is a socket: take the hard limit on open files (Debian's soft default is 1024)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("descriptor_limit_kept", soft=soft, hard=hard, reason=str(exc))
+            return
+        log.info("descriptor_limit_raised", was=soft, now=hard)

@@ -31,7 +31,7 @@ from dicomrouter.dul.pdu import (
     associate_rj,
     parse_associate_rq,
 )
-from dicomrouter.logging import get_logger
+from dicomrouter.logging import get_logger, printable
 from dicomrouter.net.tls import (
     TLSSetupError,
     complete_handshake,
@@ -48,11 +48,6 @@ log = get_logger(__name__)
 
 REFUSAL_READ_S = 2.0  # a connection over every limit gets this long to send its request before its RJ
 REJECT_LINGER_S = 2.0  # after A-ASSOCIATE-RJ the requestor closes first (Sta13)
-
-
-def safe_text(text: str) -> str:
-    """Text from the network as a log value: control characters shown escaped, never acted on."""
-    return text.encode("unicode_escape").decode("ascii") if not text.isprintable() else text
 
 
 @dataclass
@@ -187,8 +182,8 @@ class DicomFront:
 
     def _reject(self, connection: Connection, calling_ae: str, called_ae: str, reject: tuple[int, int, int], reason: str) -> None:
         log.warning(
-            "association_rejected", calling_ae=safe_text(calling_ae), called_ae=safe_text(called_ae),
-            address=connection.address, reason=safe_text(reason),
+            "association_rejected", calling_ae=printable(calling_ae), called_ae=printable(called_ae),
+            address=connection.address, reason=printable(reason),
         )
         self.audit.record(
             "association", "rejected", calling_ae=calling_ae, called_ae=called_ae, address=connection.address,

@@ -90,7 +90,7 @@ def _plain(value: Any) -> Any:
 def check_complete(dataset) -> None:
     """Refuse a dataset whose elements stop short of their declared length (a truncated send)."""
     for tag in list(dataset.keys()):
-        raw = dataset.get_item(tag)
+        raw = dataset.get_item(tag, keep_deferred=True)
         length = getattr(raw, "length", None)
         value = getattr(raw, "value", None)
         if length is None or length == 0xFFFFFFFF or not isinstance(value, bytes | bytearray):
@@ -116,8 +116,9 @@ def check_no_meta_in_dataset(first_group_bytes: bytes) -> None:
         raise ValueError("the data set carries File Meta Information (group 0002) elements")
 
 
-def check_inflation(encoded: bytes) -> None:
-    """Refuse a deflated dataset that would inflate far beyond what deflate gives real data.
+def check_inflation(encoded: bytes, max_inflated: int = 2 * 1024**3) -> None:
+    """Refuse a deflated dataset that would inflate far beyond what deflate gives real data, or
+    beyond `max_inflated` bytes (router.max_dataset_size) whatever the ratio.
 
     pydicom inflates the whole dataset at once; a few hundred KiB of deflated zeros would cost
     gigabytes and minutes of parsing.
@@ -132,7 +133,7 @@ def check_inflation(encoded: bytes) -> None:
     if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
         return
     deflated = encoded[fp.tell() :]
-    limit = MAX_INFLATION_RATIO * len(deflated) + 1024 * 1024
+    limit = min(MAX_INFLATION_RATIO * len(deflated) + 1024 * 1024, max_inflated)
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
     inflated = 0
     for start in range(0, len(deflated), 65536):
@@ -143,9 +144,9 @@ def check_inflation(encoded: bytes) -> None:
             raise ValueError(f"deflated dataset of {len(deflated)} bytes inflates beyond {limit} bytes")
 
 
-def read_header(encoded: bytes, keywords: Iterable[str]) -> dict[str, Any]:
+def read_header(encoded: bytes, keywords: Iterable[str], max_inflated: int = 2 * 1024**3) -> dict[str, Any]:
     """Parse the whole dataset (pixels stay bytes); check it is whole; return what we route by."""
-    check_inflation(encoded)
+    check_inflation(encoded, max_inflated)
     dataset = dcmread(BytesIO(encoded), force=False)
     check_complete(dataset)
     check_readable(dataset)
@@ -174,7 +175,7 @@ def check_file_elements(dataset, file_size: int) -> None:
     converted, nested ones included.
     """
     for tag in list(dataset.keys()):
-        raw = dataset.get_item(tag)
+        raw = dataset.get_item(tag, keep_deferred=True)
         if isinstance(raw, RawDataElement) and raw.value is None and raw.length != 0:
             # Deferred. A defined length must end within the file; an undefined one (encapsulated
             # pixel data) was walked item by item up to its delimiter by pydicom (EOFError if cut).
@@ -227,9 +228,10 @@ class InMemory:
 
     encoded: bytes
     spool_: Spool
+    max_inflated: int = 2 * 1024**3
 
     def header(self, keywords: Iterable[str]) -> dict[str, Any]:
-        return read_header(self.encoded, keywords)
+        return read_header(self.encoded, keywords, self.max_inflated)
 
     def spool(self) -> SpooledFile:
         return self.spool_.write(self.encoded)
@@ -274,7 +276,8 @@ class ReceiveService:
 
         `encoded`: preamble, file meta and data set, in memory.
         """
-        return self._receive(caller, called_ae, sop_instance_uid, InMemory(encoded, self.spool))
+        max_inflated = self.config().router.max_dataset_size
+        return self._receive(caller, called_ae, sop_instance_uid, InMemory(encoded, self.spool, max_inflated))
 
     def receive_partial(
         self, caller: Caller, called_ae: str, sop_instance_uid: str | None, partial: PartialFile
