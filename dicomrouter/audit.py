@@ -433,8 +433,3 @@ class RejectionAggregator:
             except Exception:
                 log.exception("rejection_summary_failed")
 
-
-def association_audit(assoc: Any) -> AssociationAudit:
-    """The audit of an association the gate accepted (a no-op one for any other)."""
-    audit = getattr(assoc, "router_audit", None)
-    return audit if audit is not None else AssociationAudit(NoAudit(), "", "", "")

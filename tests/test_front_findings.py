@@ -15,8 +15,21 @@ import pytest
 from click.testing import CliRunner
 
 from dicomrouter.cli.main import cli
-from dicomrouter.net.upper_layer import EXPLICIT_VR_LE, IMPLICIT_VR_LE, associate_request, parse_command
-from tests.raw_peer import A_ABORT, A_ASSOCIATE_AC, A_ASSOCIATE_RJ, P_DATA_TF, RawPeer, p_data, store_command
+from dicomrouter.net.upper_layer import (
+    EXPLICIT_VR_LE,
+    IMPLICIT_VR_LE,
+    associate_request,
+    parse_command,
+)
+from tests.raw_peer import (
+    A_ABORT,
+    A_ASSOCIATE_AC,
+    A_ASSOCIATE_RJ,
+    P_DATA_TF,
+    RawPeer,
+    p_data,
+    store_command,
+)
 from tests.router_process import RouterProcess
 from tests.test_echo_scp import write_router_config
 from tests.test_front_pdus import echo_succeeds
