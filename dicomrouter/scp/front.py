@@ -180,15 +180,18 @@ class DicomFront:
             log.warning("tls_handshake_failed", address=connection.address, reason=reason)
         return False
 
+    def _connection_refused(self, address: str) -> None:
+        """A connection closed at once: every slot, even those that answer refusals, was taken."""
+        self._note_rejection(address, "too many connections (closed without an answer)", "", "")
+
+    def _note_rejection(self, address: str, reason: str, calling_ae: str, called_ae: str) -> None:
+        if self.rejections is not None:
+            self.rejections.record(address, printable(reason), printable(calling_ae), printable(called_ae))
+        else:
+            log.warning("association_rejected", calling_ae=printable(calling_ae), address=address, reason=printable(reason))
+
     def _reject(self, connection: Connection, calling_ae: str, called_ae: str, reject: tuple[int, int, int], reason: str) -> None:
-        log.warning(
-            "association_rejected", calling_ae=printable(calling_ae), called_ae=printable(called_ae),
-            address=connection.address, reason=printable(reason),
-        )
-        self.audit.record(
-            "association", "rejected", calling_ae=calling_ae, called_ae=called_ae, address=connection.address,
-            detail=reason,
-        )
+        self._note_rejection(connection.address, reason, calling_ae, called_ae)
         try:
             connection.sock.settimeout(1.0)
             connection.send(associate_rj(reject))
