@@ -127,6 +127,20 @@ class ConnectionTable:
             self.associated.add(connection)
             return True
 
+    def refusing_now(self, connection: Connection) -> bool:
+        """A pending connection being answered with a refusal: it no longer holds a waiting slot. True
+        when it may linger for the requestor to close first (there is room among the refusing ones)."""
+        limits = self.limits
+        with self._lock:
+            if connection in self.pending:
+                self.pending.remove(connection)
+            if connection in self.refusing:
+                return True
+            if len(self.refusing) < limits.max_refusing:
+                self.refusing.add(connection)
+                return True
+            return False
+
     def remove(self, connection: Connection) -> None:
         with self._lock:
             if connection in self.pending:

@@ -126,7 +126,6 @@ def store_refusal(config: Config, caller: Caller, called_ae: str) -> StoreRefusa
     reachable = tuple(sorted({s.name for d in decisions for s in d.destinations}))
     if not reachable:
         virtual = config.server_by_ae(called_ae)
-        reason = f"called AE {called_ae} is server {virtual.name!r}, which is inactive" if virtual else "no usable destination"
-        return StoreRefusal(reason, ())
+        return StoreRefusal(inactive_reason(virtual) if virtual else "no usable destination", ())
     needs = sorted({f"{s.environment}_write" for d in decisions for s in d.destinations})
     return StoreRefusal(f"{caller.ae_title} may not write to {', '.join(reachable)} (needs {' or '.join(needs)})", reachable)

@@ -192,12 +192,14 @@ class DicomFront:
 
     def _reject(self, connection: Connection, calling_ae: str, called_ae: str, reject: tuple[int, int, int], reason: str) -> None:
         self._note_rejection(connection.address, reason, calling_ae, called_ae)
+        may_linger = self.table.refusing_now(connection)
         try:
             connection.sock.settimeout(1.0)
             connection.send(associate_rj(reject))
         except OSError:
             return
-        connection.read_until_closed(REJECT_LINGER_S)
+        if may_linger:  # as after any A-ASSOCIATE-RJ (Sta13), the requestor closes first
+            connection.read_until_closed(REJECT_LINGER_S)
 
     def _associate(self, connection: Connection, body: bytes) -> None:
         config = self.holder.current

@@ -189,10 +189,7 @@ class StoreService:
             raise DimseRefusal(REFUSED_NOT_AUTHORIZED, "server AE may only deliver relayed moves")
         refusal = store_refusal(config, caller, association.called_ae)
         if refusal is not None:
-            raise DimseRefusal(
-                NO_DESTINATION if not refusal.servers else REFUSED_NOT_AUTHORIZED, refusal.reason,
-                servers=refusal.servers,
-            )
+            raise DimseRefusal(REFUSED_NOT_AUTHORIZED, refusal.reason, servers=refusal.servers)
         router = config.router
         transfer_syntax = request.context.transfer_syntax
         incoming = IncomingInstance(
