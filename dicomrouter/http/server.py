@@ -59,7 +59,8 @@ class HttpFront:
         self._loop = asyncio.new_event_loop()
 
         async def serve() -> None:
-            self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+            # In-flight requests (a long WADO stream) get a few seconds when the router stops.
+            self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False, shutdown_timeout=5.0)
             await self._runner.setup()
             site = web.TCPSite(
                 self._runner, self.host, self.port, ssl_context=ssl_context, reuse_address=True
