@@ -8,6 +8,15 @@ here touches the database or the disk. Values that live elsewhere (queue depths,
 open associations) are read when Prometheus scrapes (dicomrouter/http/metrics.py).
 
 Labels are server names, operations and fixed outcome words: never patient data or UIDs.
+
+What the DICOM front must call to be counted (it calls them anyway for the audit trail):
+- `AuditTrail.record("association", "accepted" | "rejected", ...)`, directly or through
+  `AssociationAudit.record` / `RejectionAggregator.record` (repeats: `AuditTrail.observe`);
+- `AssociationAudit.count_store(study_uid, outcome, servers, reason)` once per C-STORE answered;
+- `AssociationAudit.record(op, outcome, duration_s=seconds, ...)` once per C-ECHO (no duration), C-FIND,
+  worklist, C-MOVE and C-GET, `duration_s` from the request to the final response;
+- `DicomFront.active_associations()` and `DicomFront.running` are read at scrape time.
+The forwarder calls `Forwarder.acknowledge` (-> `forwarded`) and `Forwarder.count_failure`.
 """
 
 from __future__ import annotations
