@@ -56,19 +56,29 @@ def node_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
 
 
-def service_registry(holder: ConfigHolder, catalog: Catalog | None, receive: ReceiveService | None) -> ServiceRegistry:
+def service_registry(
+    holder: ConfigHolder,
+    catalog: Catalog | None,
+    receive: ReceiveService | None,
+    capabilities: DestinationCapabilities | None = None,
+) -> ServiceRegistry:
     """Every service the front offers, by SOP class; storage takes the classes nobody else claims
-    (none without `receive`: tests of query and retrieval serve no stores)."""
+    (none without `receive`: tests of query and retrieval serve no stores). With `capabilities`,
+    storage contexts every possible destination would refuse are refused at negotiation."""
     find = FindService(holder, Federation(catalog))
     move = MoveService(holder, catalog)
     get = GetService(holder, catalog)
-    return ServiceRegistry.of(
+    registry = ServiceRegistry.of(
         StoreService(holder, receive) if receive is not None else None,
         ((VERIFICATION,), EchoService(holder)),
         (find.sop_classes, find),
         (move.sop_classes, move),
         (get.sop_classes, get),
     )
+    if capabilities is not None:
+        registry.capabilities = capabilities
+        registry.destination_verdict = capabilities.accepted_syntaxes
+    return registry
 
 
 # Each registers its routes on the HTTP app given HttpDeps (see dicomrouter/http/__init__.py).
@@ -187,8 +197,12 @@ def build_app(config: Config, host: str | None = None, port: int | None = None, 
     forwarder = Forwarder(
         holder, queue, spool, AckRecorder(catalog, queue), audit, metrics=metrics, capabilities=capabilities
     )
-    receive = ReceiveService(lambda: holder.current, spool, queue, sessions, forwarder.notify, audit=audit.record)
-    front = DicomFront(holder, service_registry(holder, catalog, receive), host=host, port=port, audit=audit)
+    receive = ReceiveService(
+        lambda: holder.current, spool, queue, sessions, forwarder.notify, audit=audit.record, capabilities=capabilities
+    )
+    front = DicomFront(
+        holder, service_registry(holder, catalog, receive, capabilities), host=host, port=port, audit=audit
+    )
     http = None
     if config.router.http is not None:
         deps = HttpDeps(

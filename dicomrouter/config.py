@@ -7,7 +7,6 @@ Loading never raises anything but :class:`ConfigError`; unknown keys are warning
 from __future__ import annotations
 
 import difflib
-import functools
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -296,24 +295,6 @@ def parse_config(document: Any, path: Path) -> Config:
 
 STORAGE_CLASS_CHOICES = ("all", "standard")
 _UID = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+")
-
-
-def storage_class_allowed(config: Config, sop_class: str) -> bool:
-    """Whether `router.storage_classes` lets the router accept storage of `sop_class`."""
-    allowed = config.router.storage_classes
-    if allowed == "all":
-        return True
-    if allowed == "standard":
-        return sop_class in _standard_storage_classes()
-    return sop_class in allowed
-
-
-@functools.cache
-def _standard_storage_classes() -> frozenset[str]:
-    """The storage SOP classes pynetdicom's public tables list."""
-    from pynetdicom.presentation import AllStoragePresentationContexts
-
-    return frozenset(str(context.abstract_syntax) for context in AllStoragePresentationContexts)
 
 
 def ae_title_problem(value: Any) -> str | None:

@@ -15,7 +15,8 @@ import sqlalchemy as sa
 from dicomrouter.app import build_app
 from dicomrouter.catalog.db import make_engine, session_factory
 from dicomrouter.catalog.schema import upgrade
-from dicomrouter.config import ConfigError, load_config, storage_class_allowed
+from dicomrouter.config import ConfigError, load_config
+from dicomrouter.scp.registry import storage_class_allowed
 from dicomrouter.store.capabilities import DestinationCapabilities
 from dicomrouter.store.importer import IMPORT_CALLER
 from tests.configs import base_document, write_document
@@ -202,8 +203,8 @@ def test_storage_classes_setting(tmp_path, value, allowed, refused):
     document = base_document()
     document["router"]["storage_classes"] = value
     config = load_config(write_document(tmp_path / "dicomrouter.yaml", document))
-    assert [storage_class_allowed(config, uid) for uid in allowed] == [True] * len(allowed)
-    assert [storage_class_allowed(config, uid) for uid in refused] == [False] * len(refused)
+    assert [storage_class_allowed(config, uid)[0] for uid in allowed] == [True] * len(allowed)
+    assert [storage_class_allowed(config, uid)[0] for uid in refused] == [False] * len(refused)
 
 
 @pytest.mark.parametrize(

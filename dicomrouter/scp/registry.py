@@ -8,8 +8,10 @@ pynetdicom lists as storage, or a list of UIDs. Every refused context says why i
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 from pynetdicom import ALL_TRANSFER_SYNTAXES
 from pynetdicom.presentation import AllStoragePresentationContexts
@@ -21,7 +23,6 @@ from dicomrouter.dul.association import Service
 from dicomrouter.dul.pdu import (
     ABSTRACT_SYNTAX_NOT_SUPPORTED,
     ACCEPTED,
-    TRANSFER_SYNTAXES_NOT_SUPPORTED,
     AssociateRequest,
     ContextResult,
     ProposedContext,
@@ -39,6 +40,7 @@ UNCOMPRESSED_SYNTAXES = frozenset(
 )
 STORAGE_SYNTAXES = frozenset(str(ts) for ts in ALL_TRANSFER_SYNTAXES)
 VERIFICATION = "1.2.840.10008.1.1"
+PROBE_BACKOFF_S = 60.0  # a destination a probe could not reach is not probed again for this long
 STANDARD_STORAGE = frozenset(str(cx.abstract_syntax) for cx in AllStoragePresentationContexts)
 
 # (server name, SOP class, transfer syntaxes proposed) -> the syntaxes that server accepts, or None: unknown.
@@ -75,6 +77,8 @@ class ServiceRegistry:
     store: Service | None  # None: nothing may be stored here (a C-GET's sub-operations still go out)
     transfer_syntaxes: dict[str, frozenset[str]]  # abstract syntax -> what its service decodes
     destination_verdict: DestinationVerdict | None = None
+    capabilities: Any = None  # store.capabilities.DestinationCapabilities: asked at negotiation
+    _unreachable_until: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def of(cls, store: Service | None, *by_class: tuple[Iterable[str], Service]) -> ServiceRegistry:
@@ -88,6 +92,7 @@ class ServiceRegistry:
         self, request: AssociateRequest, caller: Caller, config: Config
     ) -> tuple[list[ContextResult], dict[int, Service]]:
         """The answer to each proposed context, and the service behind each accepted one."""
+        self.learn_destinations(request, caller, config)
         chosen: dict[int, Service] = {}
 
         def decide(context: ProposedContext, roles: RoleProposal | None) -> ContextResult:
@@ -139,19 +144,55 @@ class ServiceRegistry:
         self, result: ContextResult, context: ProposedContext, caller: Caller, called_ae: str, config: Config
     ) -> ContextResult:
         """Refuse what every destination the store could go to would refuse (the modality must not be told
-        Success for an instance that will be dead-lettered); accept a syntax some destination takes."""
+        Success for an instance that will be dead-lettered); accept a syntax some possible destination takes.
+        A destination never asked (unreachable) is trusted to accept, as before."""
         assert self.destination_verdict is not None
-        acceptable: set[str] | None = set()
+        proposed = tuple(ts for ts in context.transfer_syntaxes if ts in STORAGE_SYNTAXES)
+        acceptable: set[str] = set()
         for decision in possible_decisions(config, caller.ae_title, called_ae):
+            takes = set(proposed)
             for server in decision.destinations:
-                verdict = self.destination_verdict(server.name, context.abstract_syntax, context.transfer_syntaxes)
-                if verdict is None:
-                    return result  # unknown (unreachable): trusted to accept, as before
-                acceptable |= set(verdict)
-        chosen = next((ts for ts in context.transfer_syntaxes if ts in (acceptable or ())), None)
+                verdict = self.destination_verdict(server.name, context.abstract_syntax, proposed)
+                if verdict is not None:
+                    takes &= verdict
+            acceptable |= takes
+        chosen = next((ts for ts in proposed if ts in acceptable), None)
         if chosen is None:
             return ContextResult(
-                context.context_id, ABSTRACT_SYNTAX_NOT_SUPPORTED if not acceptable else TRANSFER_SYNTAXES_NOT_SUPPORTED, context.abstract_syntax,
-                "", reason="no destination accepts this SOP class in the proposed transfer syntaxes",
+                context.context_id, ABSTRACT_SYNTAX_NOT_SUPPORTED, context.abstract_syntax, "",
+                reason="no destination this store could reach accepts this SOP class in the proposed transfer syntaxes",
             )
         return replace(result, result=ACCEPTED, transfer_syntax=chosen)
+
+    def learn_destinations(self, request: AssociateRequest, caller: Caller, config: Config) -> None:
+        """Before answering: ask the destinations this caller's stores could reach about the storage
+        contexts it proposes that they were never asked about (within router.connect_timeout)."""
+        if self.capabilities is None or caller.kind == "server" or self.store is None:
+            return
+        roles = request.roles or {}
+        contexts = []
+        for context in request.contexts:
+            role = roles.get(context.abstract_syntax)
+            if context.abstract_syntax in self.services or (role is not None and not role.scu):
+                continue
+            if storage_class_allowed(config, context.abstract_syntax)[0]:
+                syntaxes = [ts for ts in context.transfer_syntaxes if ts in STORAGE_SYNTAXES]
+                if syntaxes:
+                    contexts.append((context.abstract_syntax, syntaxes))
+        if not contexts:
+            return
+        now = time.monotonic()
+        servers = {
+            server.name: server
+            for decision in possible_decisions(config, caller.ae_title, request.called_ae)
+            for server in decision.destinations
+            if self._unreachable_until.get(server.name, 0.0) <= now
+        }
+        if not servers:
+            return
+        verdicts = self.capabilities.verdicts(list(servers.values()), contexts, config.router.connect_timeout_s)
+        for name, by_class in verdicts.items():
+            if any(verdict.unknown for verdict in by_class.values()):
+                # Not reachable (or silent): trusted to accept; not asked again for a while, so that every
+                # association does not wait out connect_timeout while a destination is down.
+                self._unreachable_until[name] = time.monotonic() + PROBE_BACKOFF_S

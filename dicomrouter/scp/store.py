@@ -28,6 +28,7 @@ from dicomrouter.store.receive import (
     NO_DESTINATION,
     OUT_OF_RESOURCES,
     REFUSED_NOT_AUTHORIZED,
+    SOP_CLASS_NOT_SUPPORTED,
     SUCCESS,
     ReceiveResult,
     ReceiveService,
@@ -37,7 +38,6 @@ from dicomrouter.store.spool import PartialFile, Spool, SpoolError
 log = get_logger(__name__)
 
 DATASET_MISMATCH = 0xA900
-SOP_CLASS_NOT_SUPPORTED = 0x0122
 VIEW_MIN_BYTES = 4096  # smaller data set fragments are copied, not held as views into their PDU
 DEFLATED_EXPLICIT_VR_LE = "1.2.840.10008.1.2.1.99"
 IMPLICIT_VR_LE, EXPLICIT_VR_BE = "1.2.840.10008.1.2", "1.2.840.10008.1.2.2"

@@ -32,6 +32,7 @@ log = get_logger(__name__)
 # C-STORE statuses (PS3.4 B.2.3, PS3.7 C)
 SUCCESS = 0x0000
 REFUSED_NOT_AUTHORIZED = 0x0124
+SOP_CLASS_NOT_SUPPORTED = 0x0122  # a chosen destination refuses this class (or syntax) at its negotiation
 OUT_OF_RESOURCES = 0xA700
 DATASET_MISMATCH = 0xA900
 CANNOT_UNDERSTAND = 0xC000
@@ -260,7 +261,9 @@ class ReceiveService:
         sessions: sessionmaker[Session],
         notify: Callable[[str], None],
         audit: Callable[..., None] | None = None,
+        capabilities: Any = None,
     ):
+        self.capabilities = capabilities  # store.capabilities.DestinationCapabilities: what destinations refuse
         self.config = config
         self.spool = spool
         self.queue = queue
@@ -344,6 +347,14 @@ class ReceiveService:
             )
             bound.warning("store_refused", reason=reason, status="0x0124")
             return ReceiveResult(REFUSED_NOT_AUTHORIZED, reason, study_uid=study_uid, servers=names)
+        refusing = self._refusing_destinations(decision.destinations, header)
+        if refusing:
+            reason = (
+                f"{', '.join(refusing)} does not accept SOP class {header['SOPClassUID']} in "
+                f"{header['TransferSyntaxUID']} ({decision.reason})"
+            )
+            bound.warning("store_refused", reason=reason, status="0x0122")
+            return ReceiveResult(SOP_CLASS_NOT_SUPPORTED, reason, study_uid=study_uid, servers=names)
         try:
             spooled = received.spool()
         except SpoolFull as exc:
@@ -371,6 +382,19 @@ class ReceiveService:
         return ReceiveResult(
             SUCCESS, destinations=queued, sop_instance_uid=sop_instance_uid, study_uid=study_uid, servers=names
         )
+
+    def _refusing_destinations(self, destinations, header: dict[str, Any]) -> list[str]:
+        """The chosen destinations known to refuse this SOP class in this transfer syntax (learned from their
+        own negotiation): the instance would be dead-lettered there, so it is refused now (0x0122)."""
+        if self.capabilities is None:
+            return []
+        sop_class, syntax = header.get("SOPClassUID"), header.get("TransferSyntaxUID")
+        refusing = []
+        for server in destinations:
+            accepted = self.capabilities.accepted_syntaxes(server.name, sop_class, (syntax,))
+            if accepted is not None and syntax not in accepted:
+                refusing.append(server.name)
+        return refusing
 
     def _queue_jobs(self, config, caller, called_ae, spooled, header, names) -> tuple[tuple[str, ...], str | None]:
         sop_uid = header["SOPInstanceUID"]
