@@ -1,7 +1,8 @@
 """YAML configuration -> frozen, typed config objects.
 
 Every problem is reported with the file, the key path (``servers[2].port``) and a fix.
-Loading never raises anything but :class:`ConfigError`; unknown keys are warnings.
+Loading never raises anything but :class:`ConfigError`; an unknown key is an error (a typo such as
+``acept_unknown_callers`` would otherwise silently keep the default), reported with a "did you mean".
 """
 
 from __future__ import annotations
@@ -197,7 +198,6 @@ class Config:
     servers: tuple[ServerConfig, ...]
     clients: tuple[ClientConfig, ...]
     routes: tuple[RouteConfig, ...]
-    warnings: tuple[str, ...] = ()
 
     @property
     def primary(self) -> ServerConfig:
@@ -217,6 +217,15 @@ class Config:
         return next(
             (s for s in self.servers if s.ae_title == ae_title and not s.deleted), None
         )
+
+    def server_by_name_or_ae(self, text: str) -> ServerConfig | None:
+        """The server named `text`, else the one whose AE title it is (deleted ones too)."""
+        return self.server(text) or next((s for s in self.servers if s.ae_title == text), None)
+
+    def unknown_server(self, text: str) -> str:
+        """Why `text` names no server, with the closest name or AE title."""
+        known = {s.name for s in self.servers} | {s.ae_title for s in self.servers}
+        return f"no server named {text!r}, nor with that AE title; {_suggest(text, known)}"
 
     def client(self, ae_title: str) -> ClientConfig | None:
         return next((c for c in self.clients if c.ae_title == ae_title), None)
@@ -391,7 +400,6 @@ class _Parser:
         self.path = path
         self.base = path.parent
         self.problems: list[Problem] = []
-        self.warnings: list[str] = []
 
     def error(self, key: str, message: str, fix: str = "") -> None:
         self.problems.append(Problem(key, message, fix))
@@ -411,9 +419,8 @@ class _Parser:
             if key not in allowed:
                 hint = difflib.get_close_matches(str(key), allowed, n=1)
                 where = f"{prefix}.{key}" if prefix else str(key)
-                text = f"{self.path}: unknown key {where}"
-                text += f" (did you mean {hint[0]!r}?)" if hint else f" (known keys: {', '.join(allowed)})"
-                self.warnings.append(text + "; it is ignored")
+                fix = f"did you mean {hint[0]!r}? rename it" if hint else f"remove it; known keys: {', '.join(allowed)}"
+                self.error(where, "unknown key", fix)
 
     def get_str(self, data, name, key, default=_MISSING, allow_none=False) -> Any:
         value = data.get(name, default)
@@ -539,7 +546,7 @@ class _Parser:
         routes = self.parse_routes(document.get("routes"))
         self.check_registry(servers)
         self.check_references(router, servers, clients, routes)
-        return Config(self.path, router, tuple(servers), tuple(clients), tuple(routes), tuple(self.warnings))
+        return Config(self.path, router, tuple(servers), tuple(clients), tuple(routes))
 
     def parse_tls(self, data: Any, key: str, listening: bool) -> TLSConfig | None:
         """A `tls:` block; its files must load (`listening`: the router's own port)."""

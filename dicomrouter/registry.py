@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import io
 import os
 import tempfile
@@ -14,7 +15,14 @@ from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import CommentMark
 from ruamel.yaml.tokens import CommentToken
 
-from dicomrouter.config import Config, ConfigError, parse_config, read_document, yaml_round_trip
+from dicomrouter.config import (
+    Config,
+    ConfigError,
+    load_config,
+    parse_config,
+    read_document,
+    yaml_round_trip,
+)
 
 
 class RegistryError(Exception):
@@ -29,6 +37,7 @@ class InvalidResult(RegistryError):
 class EditResult:
     config: Config
     message: str
+    servers: tuple[str, ...] = ()  # the names of the servers the edit found (for the audit trail)
 
 
 def write_atomically(path: Path, text: str) -> None:
@@ -62,6 +71,7 @@ class ConfigDocument:
         self.data = read_document(self.path)
         if self.data is None:
             self.data = CommentedMap()
+        self.servers_found: list[str] = []
 
     def section(self, name: str) -> CommentedSeq:
         value = self.data.get(name)
@@ -70,12 +80,18 @@ class ConfigDocument:
             self.data[name] = value
         return value
 
-    def find_server(self, name: str) -> CommentedMap:
-        for item in self.section("servers"):
-            if isinstance(item, Mapping) and item.get("name") == name:
-                return item
-        known = ", ".join(str(s.get("name")) for s in self.section("servers") if isinstance(s, Mapping))
-        raise RegistryError(f"no server named {name!r} (known: {known})")
+    def find_server(self, name: str) -> tuple[CommentedMap, str]:
+        """The server entry named `name`, else the one with that AE title; and its name."""
+        entries = [item for item in self.section("servers") if isinstance(item, Mapping)]
+        found = next((item for item in entries if item.get("name") == name), None)
+        found = found or next((item for item in entries if item.get("ae_title") == name), None)
+        if found is None:
+            known = {str(item.get(key)) for item in entries for key in ("name", "ae_title")}
+            hint = difflib.get_close_matches(name, sorted(known), n=1)
+            suggestion = f"did you mean {hint[0]!r}?" if hint else "known: " + ", ".join(sorted(known))
+            raise RegistryError(f"no server named {name!r}, nor with that AE title; {suggestion}")
+        self.servers_found.append(str(found.get("name")))
+        return found, self.servers_found[-1]
 
     def find_client(self, ae_title: str) -> CommentedMap:
         for item in self.section("clients"):
@@ -191,11 +207,18 @@ def remove_item(sequence: CommentedSeq, item: CommentedMap) -> None:
 
 
 def edit(path: Path, change: Callable[[ConfigDocument], str]) -> EditResult:
-    """Apply `change` to the document, validate the whole result, write it atomically."""
+    """Apply `change` to the document, validate the whole result, write it atomically.
+
+    ConfigError when the file cannot be parsed, or is itself invalid and the edit did not mend it.
+    """
     document = ConfigDocument(path)
     message = change(document)
-    config = document.commit()
-    return EditResult(config, message)
+    try:
+        config = document.commit()
+    except InvalidResult:
+        load_config(document.path)  # a file already broken is reported as such, like `config check`
+        raise
+    return EditResult(config, message, tuple(dict.fromkeys(document.servers_found)))
 
 
 # ----------------------------------------------------------------------------- servers
@@ -221,7 +244,7 @@ def add_server(document: ConfigDocument, fields: dict[str, Any]) -> str:
 
 
 def edit_server(document: ConfigDocument, name: str, fields: dict[str, Any]) -> str:
-    entry = document.find_server(name)
+    entry, name = document.find_server(name)
     changed = []
     for key, value in fields.items():
         if value is None:
@@ -237,7 +260,7 @@ def edit_server(document: ConfigDocument, name: str, fields: dict[str, Any]) -> 
 
 
 def set_active(document: ConfigDocument, name: str, active: bool) -> str:
-    entry = document.find_server(name)
+    entry, name = document.find_server(name)
     if entry.get("deleted"):
         raise RegistryError(f"server {name!r} is deleted; restore it first")
     if not active and entry.get("primary"):
@@ -247,7 +270,7 @@ def set_active(document: ConfigDocument, name: str, active: bool) -> str:
 
 
 def set_primary(document: ConfigDocument, name: str) -> str:
-    entry = document.find_server(name)
+    entry, name = document.find_server(name)
     if entry.get("deleted"):
         raise RegistryError(f"server {name!r} is deleted; restore it first")
     if not entry.get("active", True):
@@ -261,7 +284,7 @@ def set_primary(document: ConfigDocument, name: str) -> str:
 
 def delete_server(document: ConfigDocument, name: str, studies_held: int | None) -> str:
     """Soft delete when the catalog records studies on it; remove from the file otherwise."""
-    entry = document.find_server(name)
+    entry, name = document.find_server(name)
     if entry.get("primary"):
         raise RegistryError(f"server {name!r} is the primary; make another server primary first")
     if studies_held is None or studies_held > 0:
@@ -274,7 +297,7 @@ def delete_server(document: ConfigDocument, name: str, studies_held: int | None)
 
 
 def restore_server(document: ConfigDocument, name: str) -> str:
-    entry = document.find_server(name)
+    entry, name = document.find_server(name)
     if not entry.get("deleted"):
         raise RegistryError(f"server {name!r} is not deleted")
     set_value(entry, "deleted", False)

@@ -37,8 +37,6 @@ class ConfigHolder:
             except ConfigError as exc:
                 log.error("config_reload_refused", path=str(old.path), reason=reason, problems=exc.render())
                 return False
-            for warning in new.warnings:
-                log.warning("config_warning", message=warning)
             self._config = new
         log.info("config_reloaded", path=str(new.path), reason=reason, servers=len(new.servers), clients=len(new.clients))
         for listener in self._listeners:

@@ -111,6 +111,32 @@ def test_show_one_server_and_unknown_name(config_path):
 # ----------------------------------------------------------------------------- add / edit
 
 
+def test_servers_are_named_by_name_or_ae_title(config_path, catalog_ready):
+    result = run(config_path, "servers", "show", "TEST_PACS_2")
+    assert result.exit_code == 0, result.output
+    assert "name: Test PACS 2" in result.stdout
+    result = run(config_path, "servers", "deactivate", "PROD_PACS_1")
+    assert result.exit_code == 0, result.output
+    assert "server 'Prod PACS 1' is now inactive" in result.stdout
+    assert servers_json(config_path)["Prod PACS 1"]["active"] is False
+    assert run(config_path, "servers", "activate", "PROD_PACS_1").exit_code == 0
+    result = run(config_path, "servers", "delete", "TEST_PACS_2")
+    assert result.exit_code == 0, result.output
+    assert "Test PACS 2" not in servers_json(config_path, "--all")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["servers", "show", "TEST_PACS2"], ["servers", "deactivate", "TEST_PACS2"], ["echo", "TEST_PACS2"]],
+    ids=["show", "deactivate", "echo"],
+)
+def test_an_unknown_server_gets_a_did_you_mean(config_path, args):
+    result = run(config_path, *args)
+    assert result.exit_code == 1
+    assert "no server named 'TEST_PACS2'" in result.output
+    assert "did you mean 'TEST_PACS_2'?" in result.output
+
+
 def test_add_server_appears_and_file_stays_valid(config_path):
     result = run(
         config_path, "servers", "add", "Prod PACS 2", "--ae-title", "PROD_PACS_2", "--host", "127.0.0.1",
@@ -165,7 +191,7 @@ def test_add_duplicate_ae_names_the_problem(config_path):
         config_path, "servers", "add", "Other", "--ae-title", "PROD_PACS_1", "--host", "127.0.0.1",
         "--port", "4300", "--environment", "prod",
     )
-    assert result.exit_code == 1
+    assert result.exit_code == 2  # an invalid result is a configuration error, as for clients
     assert "refused" in result.output
     assert "servers[3].ae_title" in result.output and "already used by servers[1]" in result.output
 

@@ -38,6 +38,14 @@ def make_engine(url: str | URL, **kwargs: Any) -> Engine:
     return engine
 
 
+def shown_url(url: str | URL) -> str:
+    """The URL to print or log: its password masked."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a URL SQLAlchemy can read: print nothing of it that could be secret
+        return "(an unreadable URL)"
+
+
 def session_factory(engine: Engine) -> sessionmaker[Session]:
     """Sessions bound to `engine` whose objects stay readable after commit."""
     return sessionmaker(bind=engine, expire_on_commit=False)

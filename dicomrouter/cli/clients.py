@@ -7,7 +7,7 @@ import json
 import click
 
 from dicomrouter import registry
-from dicomrouter.cli.common import EXIT_CONFIG, CliState, apply_edit, pass_state, print_table
+from dicomrouter.cli.common import CliState, apply_edit, pass_state, print_table
 from dicomrouter.config import ClientConfig
 
 
@@ -31,8 +31,7 @@ def _names(value: str | None) -> list[str] | None:
 
 
 def _edit(state: CliState, change) -> None:
-    # An edit whose result fails validation exits 2, like a broken file.
-    apply_edit(state, change, invalid_exit_code=EXIT_CONFIG)
+    apply_edit(state, change)
 
 
 @click.group("clients")

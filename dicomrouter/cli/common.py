@@ -12,8 +12,8 @@ from pathlib import Path
 
 import click
 
-from dicomrouter.catalog.db import engine_of
-from dicomrouter.config import Config, ConfigError, load_config
+from dicomrouter.catalog.db import engine_of, shown_url
+from dicomrouter.config import Config, ConfigError, ServerConfig, load_config
 from dicomrouter.logging import printable
 
 EXIT_CONFIG = 2
@@ -39,8 +39,6 @@ class CliState:
                 self._config = load_config(self.config_path)
             except ConfigError as exc:
                 raise ConfigProblem(exc.render()) from None
-            for warning in self._config.warnings:
-                click.echo(f"warning: {warning}", err=True)
         return self._config
 
     def forget_config(self) -> None:
@@ -68,10 +66,18 @@ def open_catalog(config: Config, must_exist: bool = False, consequence: str = "s
     except Exception as exc:  # database unreachable: counts are a nicety, not a must
         engine.dispose()
         if must_exist:
-            raise click.ClickException(f"cannot open the catalog {config.router.catalog}: {exc}") from None
+            raise click.ClickException(f"cannot open the catalog {shown_url(config.router.catalog)}: {exc}") from None
         click.echo(f"note: catalog unavailable ({exc.__class__.__name__}); {consequence}", err=True)
         return None
     return Catalog(session_factory(engine))
+
+
+def server_argument(config: Config, text: str) -> ServerConfig:
+    """The server a command line names by its name or its AE title; a did-you-mean otherwise."""
+    server = config.server_by_name_or_ae(text)
+    if server is None:
+        raise click.ClickException(config.unknown_server(text))
+    return server
 
 
 def cli_identity() -> str:
@@ -99,21 +105,25 @@ def audit_config_change(config: Config, message: str, servers: Sequence[str] = (
         engine_of(catalog.sessions).dispose()
 
 
-def apply_edit(state: CliState, change, servers: Sequence[str] = (), invalid_exit_code: int = 1) -> None:
-    """Apply a registry edit to the file, print what changed, add it to the audit trail."""
+def apply_edit(state: CliState, change, servers: Sequence[str] = ()) -> None:
+    """Apply a registry edit to the file, print what changed, add it to the audit trail.
+
+    A file that cannot be read or parsed, and an edit whose result would be invalid, exit 2
+    with the file, the key paths and the fixes, like `config check`.
+    """
     from dicomrouter import registry
 
     try:
         result = registry.edit(state.config_path, change)
+    except ConfigError as exc:
+        raise ConfigProblem(exc.render()) from None
     except registry.InvalidResult as exc:
-        if invalid_exit_code == EXIT_CONFIG:
-            raise ConfigProblem(str(exc)) from None
-        raise click.ClickException(str(exc)) from None
+        raise ConfigProblem(str(exc)) from None
     except registry.RegistryError as exc:
         raise click.ClickException(str(exc)) from None
     state.forget_config()
     click.echo(result.message)
-    audit_config_change(result.config, result.message, servers)
+    audit_config_change(result.config, result.message, result.servers or servers)
 
 
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:

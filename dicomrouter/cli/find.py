@@ -9,7 +9,7 @@ import sys
 import click
 from pydicom import Dataset
 
-from dicomrouter.cli.common import CliState, open_catalog, pass_state, print_table
+from dicomrouter.cli.common import CliState, open_catalog, pass_state, print_table, server_argument
 from dicomrouter.config import Config, ServerConfig
 from dicomrouter.logging import configure_logging
 from dicomrouter.net.find_client import PATIENT_ROOT_FIND, STUDY_ROOT_FIND, WORKLIST_FIND
@@ -165,9 +165,7 @@ def find_command(state: CliState, level: str, model: str | None, keys: tuple[str
         identifier = build_identifier(level, keys, defaults=not no_defaults)
     except BadKey as exc:
         raise click.BadParameter(str(exc), param_hint="-k") from None
-    for name in servers:
-        if config.server(name) is None:
-            raise click.ClickException(f"no server named {name!r}; see `dicomrouter servers list`")
+    servers = tuple(server_argument(config, name).name for name in servers)
     targets = find_targets(config, _caller(config, as_client), worklist=level == "WORKLIST",
                            names=servers or None)
     if not targets.servers:

@@ -7,7 +7,14 @@ import sys
 
 import click
 
-from dicomrouter.cli.common import CliState, open_catalog, pass_state, print_table, yes_no
+from dicomrouter.cli.common import (
+    CliState,
+    open_catalog,
+    pass_state,
+    print_table,
+    server_argument,
+    yes_no,
+)
 from dicomrouter.health import check_health, echo_servers
 
 
@@ -24,10 +31,7 @@ def echo_command(state: CliState, name: str | None, echo_all: bool, timeout: flo
     if echo_all:
         servers = config.live_servers()
     else:
-        server = config.server(name)
-        if server is None:
-            raise click.ClickException(f"no server named {name!r}; see `dicomrouter servers list`")
-        servers = [server]
+        servers = [server_argument(config, name)]
     results = echo_servers(config, servers, timeout)
     failed = 0
     for result in results:

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from dicomrouter import __version__
+from dicomrouter.catalog.db import shown_url
 from dicomrouter.cli.access import access_group
 from dicomrouter.cli.audit import audit_command
 from dicomrouter.cli.catalog import catalog_group, db_group
@@ -52,7 +53,7 @@ def config_check(state: CliState) -> None:
     router = config.router
     click.echo(f"{config.path}: valid")
     click.echo(f"router  {router.ae_title} on {router.host}:{router.port}")
-    click.echo(f"catalog {router.catalog}")
+    click.echo(f"catalog {shown_url(router.catalog)}")
     click.echo(f"spool   {router.spool}")
     click.echo(f"unknown callers {'accepted' if router.accept_unknown_callers else 'rejected'}")
     if router.tls is None:

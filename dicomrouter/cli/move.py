@@ -7,7 +7,14 @@ import sys
 import click
 from pydicom import Dataset
 
-from dicomrouter.cli.common import CliState, cli_identity, open_catalog, pass_state, print_table
+from dicomrouter.cli.common import (
+    CliState,
+    cli_identity,
+    open_catalog,
+    pass_state,
+    print_table,
+    server_argument,
+)
 from dicomrouter.net.move_client import STUDY_ROOT_MOVE
 from dicomrouter.retrieve.mover import SUCCESS, WARNING, MoveRun, MoveTotals, move_outcome
 from dicomrouter.retrieve.plan import RetrievePlan, plan_retrieve
@@ -80,9 +87,9 @@ def move_command(
         catalog.sync_servers(config)  # so it can learn where the study went
     only = None
     if source_name:
-        source = config.server(source_name)
-        if source is None or source.deleted:
-            raise click.ClickException(f"unknown server {source_name!r}")
+        source = server_argument(config, source_name)
+        if source.deleted:
+            raise click.ClickException(f"server {source.name!r} is deleted")
         only = [source.name]
     identifier = Dataset()
     identifier.QueryRetrieveLevel = "STUDY"

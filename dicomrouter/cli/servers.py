@@ -13,6 +13,7 @@ from dicomrouter.cli.common import (
     open_catalog,
     pass_state,
     print_table,
+    server_argument,
     yes_no,
 )
 from dicomrouter.config import ENVIRONMENTS, Config
@@ -63,13 +64,11 @@ def list_servers(state: CliState, show_all: bool, as_json: bool) -> None:
 @click.argument("name")
 @pass_state
 def show_server(state: CliState, name: str) -> None:
-    """Everything known about one server."""
+    """Everything known about one server (NAME or its AE title)."""
     config = state.config()
-    server = config.server(name)
-    if server is None:
-        raise click.ClickException(f"no server named {name!r}")
+    server = server_argument(config, name)
     counts = _studies(config)
-    info = server_dict(server, None if counts is None else counts.get(name, 0))
+    info = server_dict(server, None if counts is None else counts.get(server.name, 0))
     for key, value in info.items():
         if isinstance(value, dict):
             click.echo(f"{key}:")
@@ -150,8 +149,7 @@ def set_primary(state: CliState, name: str) -> None:
 def delete(state: CliState, name: str) -> None:
     """Soft-delete (studies recorded on it) or remove (none) a server."""
     config = state.config()
-    if config.server(name) is None:
-        raise click.ClickException(f"no server named {name!r}")
+    name = server_argument(config, name).name
     catalog = open_catalog(config)
     # Without a catalog we cannot know it holds nothing: keep it, soft-deleted.
     held = catalog.studies_per_server().get(name, 0) if catalog else None

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from dicomrouter.cli.common import CliState, pass_state, print_table
+from dicomrouter.cli.common import CliState, pass_state, print_table, server_argument
 from dicomrouter.status import age
 
 
@@ -296,8 +296,11 @@ def import_command(state: CliState, paths: tuple[Path, ...], to_server: str | No
 
     configure_logging("console", "warning")
     config = state.config()
-    if to_server and (config.server(to_server) is None or not config.server(to_server).usable):
-        raise click.ClickException(f"{to_server!r} is not an active server")
+    if to_server:
+        server = server_argument(config, to_server)
+        if not server.usable:
+            raise click.ClickException(f"{server.name!r} is not an active server")
+        to_server = server.name
     files = list(iter_files(list(paths), recursive))
     total_bytes = sum(f.stat().st_size for f in files if f.exists())
     app = _app(state)
