@@ -167,7 +167,8 @@ def test_unknown_key_refuses_edits_and_serve(tmp_path, args):
     assert result.exit_code == 2, result.output
     assert "router.acept_unknown_callers" in result.output
     assert "did you mean 'accept_unknown_callers'" in result.output
-    assert "Traceback" not in result.output and result.exception is None or isinstance(result.exception, SystemExit)
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
     assert path.read_bytes() == before
 
 
