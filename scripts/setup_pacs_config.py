@@ -43,8 +43,8 @@ def render_config(
     router_ae: str = "DICOMROUTER",
     router_host: str = "0.0.0.0",
     router_port: int = 11112,
-    catalog: str = "sqlite:///var/catalog.db",
-    spool: str = "var/spool",
+    catalog: str = "sqlite:///catalog.db",
+    spool: str = "spool",
     workstation_ae: str = "WORKSTATION",
     workstation_host: str = "127.0.0.1",
     workstation_port: int = 11113,
@@ -61,7 +61,7 @@ def render_config(
         _c(f"  ae_title: {_q(router_ae)}", "the router's own AE title"),
         _c(f"  host: {router_host}", "listen address"),
         f"  port: {router_port}",
-        _c(f"  catalog: {catalog}", "SQLAlchemy URL of the study catalog"),
+        _c(f"  catalog: {catalog}", "SQLAlchemy URL of the study catalog (beside this file)"),
         _c(f"  spool: {spool}", "received instances wait here until forwarded"),
         _c("  accept_unknown_callers: false", "only the AEs under `clients` may connect"),
         "",
@@ -109,12 +109,12 @@ def render_config(
     return "\n".join(lines) + "\n"
 
 
-def _validate(text: str) -> list[str]:
-    """Load `text` with dicomrouter.config.load_config; returns its warnings or raises ConfigError."""
+def _validate(text: str) -> None:
+    """Load `text` with dicomrouter.config.load_config; ConfigError when it is not valid."""
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "dicomrouter.yaml"
         path.write_text(text, encoding="utf-8")
-        return list(load_config(path).warnings)
+        load_config(path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -143,10 +143,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workstation-host", default="127.0.0.1")
     parser.add_argument("--workstation-port", type=int, default=11113)
     parser.add_argument(
-        "--catalog", default="sqlite:///var/catalog.db", help="SQLAlchemy URL of the catalog"
+        "--catalog",
+        default="sqlite:///catalog.db",
+        help="SQLAlchemy URL of the catalog; a relative SQLite path is relative to the config file's "
+        "folder (default: catalog.db beside it)",
     )
     parser.add_argument(
-        "--spool", default="var/spool", help="spool folder (relative to the config file)"
+        "--spool", default="spool", help="spool folder, relative to the config file's folder"
     )
     parser.add_argument("--output", "-o", help="file to write (default: standard output)")
     args = parser.parse_args(argv)
@@ -180,13 +183,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         workstation_port=args.workstation_port,
     )
     try:
-        warnings = _validate(text)
+        _validate(text)
     except ConfigError as exc:
         print(f"error: the generated config does not validate:\n{exc}", file=sys.stderr)
         return 1
-    for warning in warnings:
-        print(f"warning: {warning}", file=sys.stderr)
     if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(text, encoding="utf-8")
         print(f"wrote {args.output}", file=sys.stderr)
     else:
