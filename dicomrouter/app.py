@@ -40,6 +40,7 @@ from dicomrouter.store.capabilities import DestinationCapabilities
 from dicomrouter.store.forwarder import Forwarder
 from dicomrouter.store.queue import ForwardQueue
 from dicomrouter.store.receive import ReceiveService
+from dicomrouter.store.scratch import clean_scratch
 from dicomrouter.store.spool import Spool
 
 log = get_logger(__name__)
@@ -114,6 +115,9 @@ class RouterApp:
         removed = self.spool.clean_partial_writes()
         if removed:
             log.warning("spool_partial_writes_removed", files=removed)
+        removed = clean_scratch(self.spool.root)
+        if removed:
+            log.warning("spool_scratch_removed", folders=removed, reason="left by a process that ended")
         self._log_unusable_rules(self.config)
         self.forwarder.start()
 

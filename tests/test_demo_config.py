@@ -13,7 +13,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_demo_config_keeps_catalog_and_spool_beside_it(tmp_path):
     written = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "setup_pacs_config.py"), "--output", "var/dicomrouter.yaml"],
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "setup_pacs_config.py"),
+            "--output",
+            "var/dicomrouter.yaml",
+        ],
         cwd=tmp_path,
         capture_output=True,
         text=True,

@@ -12,6 +12,8 @@ from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicomrouter.private_files import create_private_file, owner_only
+
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 # Execution option naming how a SQLite transaction begins: IMMEDIATE (default) takes the
 # write lock up front, so a transaction that reads then writes never fails half-way with
@@ -26,7 +28,7 @@ def make_engine(url: str | URL, **kwargs: Any) -> Engine:
     if url.get_backend_name() != "sqlite":
         kwargs.setdefault("pool_pre_ping", True)
         return create_engine(url, **kwargs)
-    _create_parent_folder(url)
+    _prepare_sqlite_file(url)
     engine = create_engine(url, **kwargs)
     # SQLite has one writer at a time and its busy handler backs off in sleeps of up to 100 ms;
     # writers of this process queue on a lock instead, so they take turns without sleeping.
@@ -61,11 +63,16 @@ def is_sqlite(bind: Engine | Connection) -> bool:
     return bind.dialect.name == "sqlite"
 
 
-def _create_parent_folder(url: URL) -> None:
+def _prepare_sqlite_file(url: URL) -> None:
+    """The database file owner-only before SQLite creates it; SQLite gives its WAL the same mode."""
     database = url.database
     if not database or database == ":memory:" or database.startswith("file:"):
         return
-    Path(database).expanduser().absolute().parent.mkdir(parents=True, exist_ok=True)
+    path = Path(database).expanduser().absolute()
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    create_private_file(path)
+    for companion in ("-wal", "-shm"):
+        owner_only(path.with_name(path.name + companion))
 
 
 def _on_sqlite_connect(dbapi_connection: Any, _record: Any) -> None:

@@ -1,9 +1,10 @@
-"""`db upgrade` and `catalog where`."""
+"""`db upgrade`, `db backup` and `catalog where`."""
 
 from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
+from pathlib import Path
 
 import click
 
@@ -33,6 +34,25 @@ def db_upgrade(state: CliState) -> None:
         click.echo(f"catalog upgraded from {before or 'empty'} to {head}")
     finally:
         engine.dispose()
+
+
+@db_group.command("backup")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--force", is_flag=True, help="Replace FILE if it exists.")
+@pass_state
+def db_backup(state: CliState, file: Path, force: bool) -> None:
+    """Copy a SQLite catalog to FILE, consistently, while the router runs (PostgreSQL: use pg_dump)."""
+    from dicomrouter.catalog.backup import BackupRefused, backup_catalog
+
+    config = state.config()
+    try:
+        result = backup_catalog(config.router.catalog, file, overwrite=force)
+    except BackupRefused as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(
+        f"catalog {result.source} copied to {result.destination} "
+        f"({result.size / 1e6:.1f} MB, schema {result.schema_revision or 'empty'})"
+    )
 
 
 @click.group("catalog")

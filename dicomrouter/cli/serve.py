@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 
@@ -9,6 +10,7 @@ import click
 
 from dicomrouter.cli.common import CliState, pass_state
 from dicomrouter.logging import configure_logging, get_logger
+from dicomrouter.private_files import PRIVATE_UMASK
 
 
 @click.command("serve")
@@ -29,6 +31,7 @@ def serve_command(
     from dicomrouter.catalog.schema import SchemaNeedsUpgrade
     from dicomrouter.http.server import HttpListenError
 
+    os.umask(PRIVATE_UMASK)  # the catalog, the spool and what else it writes hold patient data
     config = state.config()
     settings = config.router.log
     log_format = log_format or settings.format or ("console" if sys.stderr.isatty() else "json")

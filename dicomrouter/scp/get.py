@@ -9,8 +9,6 @@ syntax is a failed sub-operation, with the reason logged).
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -52,6 +50,7 @@ from dicomrouter.scp.retrieve_request import (
     retrieve_sources,
 )
 from dicomrouter.scp.status import status_dataset
+from dicomrouter.store.scratch import scratch_folder
 
 log = get_logger(__name__)
 
@@ -142,14 +141,9 @@ def _answer_get(
     audit_row.update(study_uid=study_uid, servers=[s.name for s in sources] or list(unreachable), detail=level)
     storage = event.storage
     # Held on disk beside the spool, not in memory: a study can be larger than the router's RAM.
-    spool_tmp = Path(config.router.spool) / "tmp"
-    spool_tmp.mkdir(parents=True, exist_ok=True)
-    folder = Path(tempfile.mkdtemp(prefix="get-", dir=spool_tmp))
-    try:
+    with scratch_folder(config.router.spool) as folder:
         yield from _collect_and_send(event, config, caller, query_model, identifier, level, study_uid,
                                      sources, unreachable, storage, folder, audit_row)
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _collect_and_send(event, config, caller, query_model, identifier, level, study_uid,

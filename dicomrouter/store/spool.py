@@ -10,6 +10,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from dicomrouter.private_files import owner_only
+
 
 class SpoolError(Exception):
     """The spool could not keep the instance safe."""
@@ -44,8 +46,11 @@ class Spool:
         self.root = Path(root)
         self.tmp = self.root / "tmp"
         self.objects = self.root / "objects"
-        self.tmp.mkdir(parents=True, exist_ok=True)
-        self.objects.mkdir(parents=True, exist_ok=True)
+        # Owner-only: the files hold patient data. An older, wider spool root is narrowed.
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        owner_only(self.root)
+        self.tmp.mkdir(mode=0o700, exist_ok=True)
+        self.objects.mkdir(mode=0o700, exist_ok=True)
         self._known_dirs: set[Path] = set()
 
     def write(self, content: bytes) -> SpooledFile:
@@ -59,7 +64,7 @@ class Spool:
         final = self.objects / sha256[:2] / f"{sha256}-{token}.dcm"
         tmp = self.tmp / f"{sha256}-{token}.part"
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
                 view = memoryview(content)
                 while view:
@@ -82,7 +87,7 @@ class Spool:
         token = secrets.token_hex(8)
         path = self.tmp / f"stream-{token}.part"
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except OSError as exc:
             raise _spool_error(self.root, exc) from exc
         return PartialFile(self.root, path, fd)
@@ -106,7 +111,7 @@ class Spool:
 
     def _ensure_folder(self, folder: Path) -> None:
         if folder not in self._known_dirs:
-            folder.mkdir(parents=True, exist_ok=True)
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
             _fsync_dir(self.objects)
             self._known_dirs.add(folder)
 
