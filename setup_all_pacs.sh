@@ -18,8 +18,14 @@ esac
 dicom_ports="${TEST_PACS_1_DICOM_PORT:-4242},${TEST_PACS_2_DICOM_PORT:-4243},${PROD_PACS_1_DICOM_PORT:-4245},${PROD_PACS_2_DICOM_PORT:-4246}"
 http_ports="${TEST_PACS_1_HTTP_PORT:-8042},${TEST_PACS_2_HTTP_PORT:-8043},${PROD_PACS_1_HTTP_PORT:-8045},${PROD_PACS_2_HTTP_PORT:-8046}"
 
+# The checkout's virtual environment (scripts/install.sh) has what dicomrouter.pacsfarm imports.
+python="${PYTHON:-}"
+if [ -z "$python" ]; then
+    if [ -x "$here/.venv/bin/python" ]; then python="$here/.venv/bin/python"; else python=python3; fi
+fi
+
 cd "$here"
-exec "${PYTHON:-python3}" -m dicomrouter.pacsfarm "$command" \
+exec "$python" -m dicomrouter.pacsfarm "$command" \
     --base-dir "${PACS_DATA_DIR:-$here/test-pacs/data}" \
     --dicom-ports "$dicom_ports" \
     --http-ports "$http_ports" \

@@ -2,7 +2,7 @@
 """Federated C-FIND benchmark: four Orthancs with overlapping studies and one slow peer, queried
 directly with DCMTK findscu, then through the router; prints latencies, ratios and the issue's bars.
 
-    python3 scripts/bench_find.py [--studies 200] [--shared 50] [--slow-delay 0.3] [--runs 7]
+    .venv/bin/python scripts/bench_find.py [--studies 200] [--shared 50] [--slow-delay 0.3] [--runs 7]
 
 Everything runs on free ports in a temporary folder and is stopped at the end. Bars (issue 4):
 router latency <= 1.25 x slowest direct + 30 ms; first answer <= fastest direct + 30 ms; with

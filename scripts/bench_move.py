@@ -8,7 +8,7 @@ workstation. Everything (Orthanc, `python3 -m dicomrouter serve`, storescp) runs
 temporary folder on this machine and is stopped at the end. Bars (issue 5): direct route within
 1.2x of movescu straight to Orthanc; relay within 3x.
 
-    python3 scripts/bench_move.py [--count 200] [--runs 5]
+    .venv/bin/python scripts/bench_move.py [--count 200] [--runs 5]
 """
 
 from __future__ import annotations

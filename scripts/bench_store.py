@@ -4,7 +4,7 @@
 Starts its own Orthanc servers and router on free ports, in one run, on this machine, and prints
 instances/s, MB/s, the router/direct ratio and the router's peak RSS.
 
-    python3 scripts/bench_store.py --count 500 --size large
+    .venv/bin/python scripts/bench_store.py --count 500 --size large
 """
 
 from __future__ import annotations

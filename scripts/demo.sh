@@ -3,10 +3,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
-export TCP_NODELAY=1
+export PATH="$PWD/.venv/bin:$PATH" TCP_NODELAY=1
 ./setup_all_pacs.sh start
-mkdir -p var
-[ -f var/dicomrouter.yaml ] || python3 scripts/setup_pacs_config.py --output var/dicomrouter.yaml
+# The file's catalog and spool are beside it: var/catalog.db and var/spool.
+[ -f var/dicomrouter.yaml ] || python scripts/setup_pacs_config.py --output var/dicomrouter.yaml
 dicomrouter --config var/dicomrouter.yaml db upgrade
 dicomrouter --config var/dicomrouter.yaml health || true
 exec dicomrouter --config var/dicomrouter.yaml serve

@@ -1,6 +1,6 @@
 """Flood a router: 10 x max_associations at once plus idle connections, then many connect cycles.
 
-    PYTHONPATH=. python3 scripts/flood.py [--max-associations 64] [--cycles 10000]
+    .venv/bin/python scripts/flood.py [--max-associations 64] [--cycles 10000]
 
 Starts its own `dicomrouter serve` (no PACS needed) and prints the router's threads, open files
 and resident memory before, after the flood and after the cycles.
@@ -9,15 +9,18 @@ and resident memory before, after the flood and after the cycles.
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-from tests.flood import connect_cycles, flood, wait_for_figures
-from tests.raw_peer import RawPeer, process_figures
-from tests.router_process import RouterProcess
-from tests.test_echo_scp import write_router_config
-from tests.test_front_pdus import crashes_in_log, echo_succeeds
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.flood import connect_cycles, flood, wait_for_figures  # noqa: E402
+from tests.raw_peer import RawPeer, process_figures  # noqa: E402
+from tests.router_process import RouterProcess  # noqa: E402
+from tests.test_echo_scp import write_router_config  # noqa: E402
+from tests.test_front_pdus import crashes_in_log, echo_succeeds  # noqa: E402
 
 
 def main() -> None:
