@@ -191,6 +191,7 @@ EVERY_COMMAND = [
     ["clients", "add", "CT_SCANNER"],
     ["clients", "edit", "WORKSTATION", "--port", "4000"],
     ["clients", "remove", "WORKSTATION"],
+    ["clients", "token", "WORKSTATION"],
     ["access", "explain", "WORKSTATION"],
     ["echo", "Test PACS 1"],
     ["health"],
