@@ -320,7 +320,22 @@ def _yaml_value(key: str, value: Any) -> Any:
     return value
 
 
+def _server_names(document: ConfigDocument, fields: dict[str, Any]) -> dict[str, Any]:
+    """Server AE titles given for query_servers / move_destinations, written as the servers' names."""
+    entries = [s for s in document.section("servers") if isinstance(s, Mapping)]
+    names = {str(s.get("name")) for s in entries}
+    clients = {str(c.get("ae_title")) for c in document.section("clients") if isinstance(c, Mapping)}
+    by_ae = {str(s.get("ae_title")): str(s.get("name")) for s in entries}
+    fields = dict(fields)
+    for key in ("query_servers", "move_destinations"):
+        if fields.get(key) is not None:
+            keep = names | (clients if key == "move_destinations" else set())
+            fields[key] = [item if item in keep else by_ae.get(item, item) for item in fields[key]]
+    return fields
+
+
 def add_client(document: ConfigDocument, fields: dict[str, Any]) -> str:
+    fields = _server_names(document, fields)
     ae_title = fields["ae_title"]
     if any(isinstance(c, Mapping) and c.get("ae_title") == ae_title for c in document.section("clients")):
         raise RegistryError(f"a client with AE title {ae_title!r} already exists")
@@ -335,6 +350,7 @@ def add_client(document: ConfigDocument, fields: dict[str, Any]) -> str:
 
 def edit_client(document: ConfigDocument, ae_title: str, fields: dict[str, Any], clear: tuple[str, ...] = ()) -> str:
     """Set the fields given (None: unchanged) and remove the keys in `clear`."""
+    fields = _server_names(document, fields)
     entry = document.find_client(ae_title)
     changed = []
     for key in clear:

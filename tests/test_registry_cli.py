@@ -125,6 +125,18 @@ def test_servers_are_named_by_name_or_ae_title(config_path, catalog_ready):
     assert "Test PACS 2" not in servers_json(config_path, "--all")
 
 
+def test_client_server_lists_take_ae_titles_and_keep_names(config_path):
+    result = run(
+        config_path, "clients", "add", "CT_SCANNER", "--roles", "test_read,test_write",
+        "--query-servers", "TEST_PACS_2,Test PACS 1", "--move-destinations", "TEST_PACS_1,WORKSTATION",
+    )
+    assert result.exit_code == 0, result.output
+    config = load_config(config_path)
+    client = config.client("CT_SCANNER")
+    assert client.query_servers == ("Test PACS 2", "Test PACS 1")
+    assert client.move_destinations == ("Test PACS 1", "WORKSTATION")
+
+
 @pytest.mark.parametrize(
     "args",
     [["servers", "show", "TEST_PACS2"], ["servers", "deactivate", "TEST_PACS2"], ["echo", "TEST_PACS2"]],
