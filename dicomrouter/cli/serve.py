@@ -31,8 +31,8 @@ def serve_command(
     from dicomrouter.catalog.schema import SchemaNeedsUpgrade
     from dicomrouter.http.server import HttpListenError
 
-    os.umask(PRIVATE_UMASK)  # the catalog, the spool and what else it writes hold patient data
     config = state.config()
+    os.umask(PRIVATE_UMASK)  # the catalog, the spool and what else it writes hold patient data
     settings = config.router.log
     log_format = log_format or settings.format or ("console" if sys.stderr.isatty() else "json")
     configure_logging(log_format, log_level or settings.level)
