@@ -225,7 +225,7 @@ class Config:
     def unknown_server(self, text: str) -> str:
         """Why `text` names no server, with the closest name or AE title."""
         known = {s.name for s in self.servers} | {s.ae_title for s in self.servers}
-        return f"no server named {text!r}, nor with that AE title; {_suggest(text, known)}"
+        return f"no server named {text!r}, nor with that AE title; {suggest(text, known)}"
 
     def client(self, ae_title: str) -> ClientConfig | None:
         return next((c for c in self.clients if c.ae_title == ae_title), None)
@@ -846,10 +846,10 @@ class _Parser:
             client_aes.setdefault(client.ae_title, index)
             for name in client.query_servers or ():
                 if name not in server_names:
-                    self.error(f"clients[{index}].query_servers", f"{name!r} is not a server name", _suggest(name, server_names))
+                    self.error(f"clients[{index}].query_servers", f"{name!r} is not a server name", suggest(name, server_names))
             for name in client.move_destinations or ():
                 if name not in server_names and name not in client_aes and name not in {c.ae_title for c in clients}:
-                    self.error(f"clients[{index}].move_destinations", f"{name!r} is neither a server name nor a client AE title", _suggest(name, server_names | {c.ae_title for c in clients}))
+                    self.error(f"clients[{index}].move_destinations", f"{name!r} is neither a server name nor a client AE title", suggest(name, server_names | {c.ae_title for c in clients}))
         destinations = server_names | server_aes | {c.ae_title for c in clients} | {router.ae_title}
         for index, server in enumerate(servers):
             for destination in server.move_routing:
@@ -857,15 +857,16 @@ class _Parser:
                     self.error(
                         f"servers[{index}].move_routing.{destination}",
                         f"{destination!r} is neither a server name, a client AE title nor the router's AE title",
-                        _suggest(destination, destinations),
+                        suggest(destination, destinations),
                     )
         for index, route in enumerate(routes):
             for name in route.destinations:
                 if name not in server_names:
-                    self.error(f"routes[{index}].destinations", f"{name!r} is not a server name", _suggest(name, server_names))
+                    self.error(f"routes[{index}].destinations", f"{name!r} is not a server name", suggest(name, server_names))
 
 
-def _suggest(name: str, known: set[str]) -> str:
+def suggest(name: str, known: set[str]) -> str:
+    """A fix for an unknown name: the closest known one, else the list."""
     hint = difflib.get_close_matches(name, sorted(known), n=1)
     if hint:
         return f"did you mean {hint[0]!r}?"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import io
 import os
 import tempfile
@@ -21,6 +20,7 @@ from dicomrouter.config import (
     load_config,
     parse_config,
     read_document,
+    suggest,
     yaml_round_trip,
 )
 
@@ -87,9 +87,7 @@ class ConfigDocument:
         found = found or next((item for item in entries if item.get("ae_title") == name), None)
         if found is None:
             known = {str(item.get(key)) for item in entries for key in ("name", "ae_title")}
-            hint = difflib.get_close_matches(name, sorted(known), n=1)
-            suggestion = f"did you mean {hint[0]!r}?" if hint else "known: " + ", ".join(sorted(known))
-            raise RegistryError(f"no server named {name!r}, nor with that AE title; {suggestion}")
+            raise RegistryError(f"no server named {name!r}, nor with that AE title; {suggest(name, known)}")
         self.servers_found.append(str(found.get("name")))
         return found, self.servers_found[-1]
 

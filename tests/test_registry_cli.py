@@ -138,14 +138,21 @@ def test_client_server_lists_take_ae_titles_and_keep_names(config_path):
 
 
 @pytest.mark.parametrize(
-    "args",
-    [["servers", "show", "TEST_PACS2"], ["servers", "deactivate", "TEST_PACS2"], ["echo", "TEST_PACS2"]],
-    ids=["show", "deactivate", "echo"],
+    ("args", "refusal"),
+    [
+        (["servers", "show", "TEST_PACS2"], "no server named 'TEST_PACS2'"),
+        (["servers", "deactivate", "TEST_PACS2"], "no server named 'TEST_PACS2'"),
+        (["echo", "TEST_PACS2"], "no server named 'TEST_PACS2'"),
+        (["find", "--server", "TEST_PACS2"], "no server named 'TEST_PACS2'"),
+        (["move", "1.2.3", "--from", "TEST_PACS2", "--to", "Test PACS 1"], "no server named 'TEST_PACS2'"),
+        (["move", "1.2.3", "--to", "TEST_PACS2"], "unknown destination 'TEST_PACS2'"),
+    ],
+    ids=["show", "deactivate", "echo", "find", "move from", "move to"],
 )
-def test_an_unknown_server_gets_a_did_you_mean(config_path, args):
+def test_an_unknown_server_gets_a_did_you_mean(config_path, args, refusal):
     result = run(config_path, *args)
     assert result.exit_code == 1
-    assert "no server named 'TEST_PACS2'" in result.output
+    assert refusal in result.output
     assert "did you mean 'TEST_PACS_2'?" in result.output
 
 

@@ -15,6 +15,7 @@ from dicomrouter.cli.common import (
     print_table,
     server_argument,
 )
+from dicomrouter.config import suggest
 from dicomrouter.net.move_client import STUDY_ROOT_MOVE
 from dicomrouter.retrieve.mover import SUCCESS, WARNING, MoveRun, MoveTotals, move_outcome
 from dicomrouter.retrieve.plan import RetrievePlan, plan_retrieve
@@ -76,8 +77,11 @@ def move_command(
     config = state.config()
     destination = resolve_destination(config, move_destination)
     if destination is None:
+        known = {s.name for s in config.live_servers()} | {s.ae_title for s in config.live_servers()}
+        known |= {c.ae_title for c in config.clients if c.host and c.port}
         raise click.ClickException(
-            f"unknown destination {move_destination!r}: not a server, nor a client with host and port"
+            f"unknown destination {move_destination!r}: not a server, nor a client with host and port; "
+            + suggest(move_destination, known)
         )
     refusal = destination_refusal(destination)
     if refusal:
