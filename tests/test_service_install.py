@@ -8,6 +8,7 @@ import re
 import shlex
 import shutil
 import signal
+import site
 import stat
 import subprocess
 import sys
@@ -70,6 +71,11 @@ def installed(tmp_path_factory) -> Path:
         timeout=300,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+    if sys.prefix != sys.base_prefix:
+        # Run from a virtualenv (scripts/test.sh uses .venv): the dependencies are in it, not in the
+        # base Python that --system-site-packages reaches, so the service's venv is pointed at it.
+        service_site = next((root / "opt/dicomrouter/lib").glob("python*/site-packages"))
+        (service_site / "test-dependencies.pth").write_text("\n".join(site.getsitepackages()) + "\n")
     return root
 
 
