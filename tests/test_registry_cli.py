@@ -120,6 +120,10 @@ def test_servers_are_named_by_name_or_ae_title(config_path, catalog_ready):
     assert "server 'Prod PACS 1' is now inactive" in result.stdout
     assert servers_json(config_path)["Prod PACS 1"]["active"] is False
     assert run(config_path, "servers", "activate", "PROD_PACS_1").exit_code == 0
+    result = run(config_path, "queue", "suspend", "TEST_PACS_2")
+    assert result.exit_code == 0, result.output
+    assert "Test PACS 2 suspended" in result.output
+    assert run(config_path, "queue", "resume", "TEST_PACS_2").exit_code == 0
     result = run(config_path, "servers", "delete", "TEST_PACS_2")
     assert result.exit_code == 0, result.output
     assert "Test PACS 2" not in servers_json(config_path, "--all")
@@ -146,8 +150,9 @@ def test_client_server_lists_take_ae_titles_and_keep_names(config_path):
         (["find", "--server", "TEST_PACS2"], "no server named 'TEST_PACS2'"),
         (["move", "1.2.3", "--from", "TEST_PACS2", "--to", "Test PACS 1"], "no server named 'TEST_PACS2'"),
         (["move", "1.2.3", "--to", "TEST_PACS2"], "unknown destination 'TEST_PACS2'"),
+        (["queue", "suspend", "TEST_PACS2"], "no server named 'TEST_PACS2'"),
     ],
-    ids=["show", "deactivate", "echo", "find", "move from", "move to"],
+    ids=["show", "deactivate", "echo", "find", "move from", "move to", "queue suspend"],
 )
 def test_an_unknown_server_gets_a_did_you_mean(config_path, args, refusal):
     result = run(config_path, *args)

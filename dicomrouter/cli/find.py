@@ -157,7 +157,6 @@ def find_command(state: CliState, level: str, model: str | None, keys: tuple[str
                  servers: tuple[str, ...], as_client: str | None, no_defaults: bool,
                  timeout: float | None, as_json: bool) -> None:
     """Query every server you may read at once; one row per study (or patient, series, image)."""
-    configure_logging("console", "error")  # the report below says which servers failed
     config = state.config()
     level = level.upper()
     query_model = _query_model(level, model)
@@ -166,6 +165,7 @@ def find_command(state: CliState, level: str, model: str | None, keys: tuple[str
     except BadKey as exc:
         raise click.BadParameter(str(exc), param_hint="-k") from None
     servers = tuple(server_argument(config, name).name for name in servers)
+    configure_logging("console", "error")  # the report below says which servers failed
     targets = find_targets(config, _caller(config, as_client), worklist=level == "WORKLIST",
                            names=servers or None)
     if not targets.servers:

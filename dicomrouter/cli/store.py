@@ -166,12 +166,12 @@ def queue_purge(state: CliState, dead: bool, yes: bool) -> None:
 
 
 def _known_destination(config, name: str, usable: bool = False) -> str:
-    server = config.server(name)
-    if server is None or (usable and not server.usable):
-        names = [s.name for s in (config.usable_servers() if usable else config.servers)]
-        what = "an active server" if usable else "a server"
-        raise click.ClickException(f"{name!r} is not {what} (known: {', '.join(names)})")
-    return name
+    """The name of the server `name` names (its name or AE title); `usable`: it must be active."""
+    server = server_argument(config, name)
+    if usable and not server.usable:
+        active = ", ".join(s.name for s in config.usable_servers())
+        raise click.ClickException(f"{server.name!r} is not an active server (active: {active})")
+    return server.name
 
 
 def _queue_action(state: CliState, outcome: str, servers: list[str], detail: str, act) -> None:
@@ -294,13 +294,10 @@ def import_command(state: CliState, paths: tuple[Path, ...], to_server: str | No
     from dicomrouter.logging import configure_logging
     from dicomrouter.store.importer import iter_files, run_import
 
-    configure_logging("console", "warning")
     config = state.config()
     if to_server:
-        server = server_argument(config, to_server)
-        if not server.usable:
-            raise click.ClickException(f"{server.name!r} is not an active server")
-        to_server = server.name
+        to_server = _known_destination(config, to_server, usable=True)
+    configure_logging("console", "warning")
     files = list(iter_files(list(paths), recursive))
     total_bytes = sum(f.stat().st_size for f in files if f.exists())
     app = _app(state)
