@@ -9,7 +9,7 @@
 One Orthanc, `python3 -m dicomrouter serve` with `router.http` and storescp run on free ports in a
 temporary folder and are stopped at the end.
 
-    python3 scripts/bench_dicomweb.py [--count 300] [--runs 5]
+    .venv/bin/python scripts/bench_dicomweb.py [--count 300] [--runs 5]
 """
 
 from __future__ import annotations
