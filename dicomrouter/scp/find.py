@@ -16,7 +16,7 @@ from typing import Any
 from pydicom import Dataset
 
 from dicomrouter.audit import AssociationAudit
-from dicomrouter.dul.association import Association, DataSink, DimseRefusal, HeldDataset, Request
+from dicomrouter.dul.association import Association, Request
 from dicomrouter.dul.dimse import C_FIND_RQ
 from dicomrouter.logging import get_logger
 from dicomrouter.net.encoding import decode_identifier, encode_dataset
@@ -26,6 +26,7 @@ from dicomrouter.query.merge import InvalidIdentifier, check_identifier
 from dicomrouter.reload import ConfigHolder
 from dicomrouter.routing.access import Caller
 from dicomrouter.routing.find_targets import find_targets
+from dicomrouter.scp.identifier_service import IdentifierService
 from dicomrouter.scp.status import status_dataset
 
 log = get_logger(__name__)
@@ -37,7 +38,6 @@ IDENTIFIER_MISMATCH = 0xA900
 UNABLE_TO_PROCESS = 0xC000
 CANNOT_ENCODE = 0xC312
 NOT_PERMITTED = 0xC001  # the caller may read no server (a C000-range "unable to process")
-MAX_IDENTIFIER = 1024 * 1024  # a query identifier is a few hundred bytes
 
 FindResponse = tuple[int | Dataset, Dataset | None]
 
@@ -146,22 +146,19 @@ def _answer_find(
     # complete or partial: pynetdicom sends Success after the last answer
 
 
-class FindService:
+class FindService(IdentifierService):
     operation = "find"
     commands = frozenset({C_FIND_RQ})
-    long_running = True
     sop_classes = tuple(FIND_MODELS)
 
     def __init__(self, holder: ConfigHolder, federation: Federation):
         self.holder = holder
         self.federation = federation
 
-    def open_dataset(self, request: Request, association: Association) -> DataSink:
-        return HeldDataset(MAX_IDENTIFIER)
+    def audit_operation(self, request: Request) -> str:
+        return "worklist" if request.context.abstract_syntax == WORKLIST_FIND else "find"
 
-    def handle(self, request: Request, association: Association) -> None:
-        if request.dataset is None:
-            raise DimseRefusal(IDENTIFIER_MISMATCH, "a C-FIND needs an identifier")
+    def answer(self, request: Request, association: Association) -> None:
         event = FindEvent(
             association.caller, association.called_ae, request.context.abstract_syntax, request.held(),
             request.context.transfer_syntax, association.audit, request.cancelled,
@@ -187,8 +184,4 @@ class FindService:
             responses.close()
         if association.open:
             association.respond(request, 0x0000)
-
-    def refused(self, request: Request, refusal: DimseRefusal, association: Association) -> None:
-        operation = "worklist" if request.context.abstract_syntax == WORKLIST_FIND else "find"
-        association.audit.record(operation, "refused", detail=refusal.reason)
 

@@ -21,7 +21,7 @@ from pydicom import Dataset
 from dicomrouter.audit import AssociationAudit
 from dicomrouter.catalog.queries import Catalog
 from dicomrouter.dicom_file import dataset_offset
-from dicomrouter.dul.association import Association, DataSink, DimseRefusal, HeldDataset, Request
+from dicomrouter.dul.association import Association, Request
 from dicomrouter.dul.dimse import (
     AFFECTED_SOP_CLASS,
     AFFECTED_SOP_INSTANCE,
@@ -41,6 +41,7 @@ from dicomrouter.reload import ConfigHolder
 from dicomrouter.retrieve.collect import collect_instances
 from dicomrouter.retrieve.mover import UNABLE_TO_PERFORM, MoveTotals
 from dicomrouter.routing.access import Caller
+from dicomrouter.scp.identifier_service import IdentifierService
 from dicomrouter.scp.move import failed_uids_dataset, sub_operation_counts
 from dicomrouter.scp.retrieve_request import (
     IDENTIFIER_MISMATCH,
@@ -58,7 +59,6 @@ GET_MODELS = (PATIENT_ROOT_GET, STUDY_ROOT_GET)
 CANCELLED = 0xFE00
 WARNING = 0xB000
 SUB_OPERATIONS_FAILED = 0xA702  # Refused: out of resources, unable to perform sub-operations
-MAX_IDENTIFIER = 1024 * 1024
 PENDING_INTERVAL_S = 0.2
 
 # The sub-operation count, then (PENDING, held file path) per instance, then an optional final status.
@@ -173,7 +173,7 @@ def _collect_and_send(event, config, caller, query_model, identifier, level, stu
     log.info(
         "get_collected",
         calling_ae=caller.ae_title,
-        query_query_level=level,
+        query_level=level,
         study_uid=study_uid,
         sources=[s.name for s in sources],
         instances=len(instances),
@@ -197,22 +197,16 @@ def _collect_and_send(event, config, caller, query_model, identifier, level, stu
         yield status_dataset(status, "; ".join(errors)), None
 
 
-class GetService:
+class GetService(IdentifierService):
     operation = "get"
     commands = frozenset({C_GET_RQ})
-    long_running = True
     sop_classes = GET_MODELS
 
     def __init__(self, holder: ConfigHolder, catalog: Catalog | None):
         self.holder = holder
         self.catalog = catalog
 
-    def open_dataset(self, request: Request, association: Association) -> DataSink:
-        return HeldDataset(MAX_IDENTIFIER)
-
-    def handle(self, request: Request, association: Association) -> None:
-        if request.dataset is None:
-            raise DimseRefusal(IDENTIFIER_MISMATCH, "a C-GET needs an identifier")
+    def answer(self, request: Request, association: Association) -> None:
         event = GetEvent(
             association.caller, request.context.abstract_syntax, request.held(), request.context.transfer_syntax,
             caller_storage(association), association.audit, request.cancelled,
@@ -308,9 +302,6 @@ class GetService:
                 "get_sub_operation_failed", sop_instance_uid=sop_instance,
                 reason="no response" if status is None else f"status 0x{status:04X}",
             )
-
-    def refused(self, request: Request, refusal: DimseRefusal, association: Association) -> None:
-        association.audit.record("get", "refused", detail=refusal.reason)
 
 
 def _meta_values(meta: bytes) -> Mapping[int, str]:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pydicom import Dataset
 
 from dicomrouter.catalog.queries import Catalog
-from dicomrouter.dul.association import Association, DataSink, DimseRefusal, HeldDataset, Request
+from dicomrouter.dul.association import Association, Request
 from dicomrouter.dul.dimse import (
     C_MOVE_RQ,
     COMPLETED,
@@ -35,6 +35,7 @@ from dicomrouter.routing.move_routes import (
     move_permission,
     resolve_destination,
 )
+from dicomrouter.scp.identifier_service import IdentifierService
 from dicomrouter.scp.retrieve_request import (
     IDENTIFIER_MISMATCH,
     PENDING,
@@ -50,7 +51,6 @@ DESTINATION_UNKNOWN = 0xA801
 NOT_PERMITTED = 0xC001
 REFUSED_NOT_AUTHORIZED = 0x0124  # the destination takes nothing now (inactive), as a C-STORE to it
 UNABLE_TO_PROCESS = 0xC000
-MAX_IDENTIFIER = 1024 * 1024
 # Pending responses are optional (PS3.4 C.4.2.1.5): a few a second show progress; one per
 # instance costs the router an encode and a send each and slows the move it reports on.
 PENDING_INTERVAL_S = 0.2
@@ -185,23 +185,14 @@ def serve_move(exchange: MoveExchange, holder: ConfigHolder, catalog: Catalog | 
         )
 
 
-class MoveService:
+class MoveService(IdentifierService):
     operation = "move"
     commands = frozenset({C_MOVE_RQ})
-    long_running = True
     sop_classes = MOVE_MODELS
 
     def __init__(self, holder: ConfigHolder, catalog: Catalog | None):
         self.holder = holder
         self.catalog = catalog
 
-    def open_dataset(self, request: Request, association: Association) -> DataSink:
-        return HeldDataset(MAX_IDENTIFIER)
-
-    def handle(self, request: Request, association: Association) -> None:
-        if request.dataset is None:
-            raise DimseRefusal(IDENTIFIER_MISMATCH, "a C-MOVE needs an identifier")
+    def answer(self, request: Request, association: Association) -> None:
         serve_move(MoveExchange(association, request), self.holder, self.catalog)
-
-    def refused(self, request: Request, refusal: DimseRefusal, association: Association) -> None:
-        association.audit.record("move", "refused", detail=refusal.reason)
