@@ -22,9 +22,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
+import pydicom
 import requests
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -155,25 +157,95 @@ def run_wado(url: str, study_uid: str, expected_bytes: int) -> None:
         raise SystemExit(f"WADO-RS sent {size} bytes, fewer than the study's {expected_bytes}")
 
 
-def stow_body(files: list[str]):
-    for path in files:
-        yield f"--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n".encode()
-        with open(path, "rb") as handle:
-            yield handle.read()
-        yield b"\r\n"
-    yield f"--{BOUNDARY}--\r\n".encode()
+def write_stow_body(files: list[str], path: Path) -> Path:
+    """The multipart/related body of a STOW-RS request for `files`, written once to `path`."""
+    with open(path, "wb") as body:
+        for file in files:
+            body.write(f"--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n".encode())
+            with open(file, "rb") as handle:
+                shutil.copyfileobj(handle, body)
+            body.write(b"\r\n")
+        body.write(f"--{BOUNDARY}--\r\n".encode())
+    return path
 
 
-def run_stow(session: requests.Session, url: str, files: list[str]) -> None:
-    headers = {"Content-Type": f'multipart/related; type="application/dicom"; boundary={BOUNDARY}'}
-    reply = session.post(f"{url}/studies", data=stow_body(files), headers=headers, timeout=600)
-    if reply.status_code != 200:
-        raise SystemExit(f"STOW-RS answered {reply.status_code}: {reply.text[:1000]}")
+def run_stow(url: str, body: Path) -> None:
+    """curl uploads the body as it reads it from disk (like storescu, a client in C)."""
+    result = subprocess.run(
+        [
+            "curl",
+            "-sS",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-u",
+            f"{WORKSTATION_AE}:{TOKEN}",
+            "-X",
+            "POST",
+            "-H",
+            f'Content-Type: multipart/related; type="application/dicom"; boundary={BOUNDARY}',
+            "-T",
+            str(body),
+            f"{url}/studies",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if result.returncode != 0 or result.stdout != "200":
+        raise SystemExit(f"STOW-RS answered {result.stdout}: {result.stderr[-1000:]}")
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def large_study_rss(folder: Path, orthanc, router: RouterProcess, url: str, megabytes: int) -> str:
+    """WADO-RS of one study of 32 MiB instances (`megabytes` in all) while sampling the router's RSS."""
+    count = max(1, megabytes // 32)
+    (folder / "large").mkdir()
+    files = make_instances(folder / "large", count, 4096)
+    study_uid = pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
+    before_count = orthanc.instance_count()
+    run_storescu(orthanc.spec.dicom_port, orthanc.spec.ae_title, files)
+    shutil.rmtree(folder / "large")
+    orthanc.wait_for_instance_count(before_count + count, timeout=900)
+    pid = router.process.pid
+    before = rss_mb(pid)
+    samples = [before]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.05):
+            samples.append(rss_mb(pid))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    elapsed = timed(lambda: run_wado(url, study_uid, count * 32 * 1024 * 1024))
+    done.set()
+    sampler.join()
+    growth = max(samples) - before
+    return (
+        f"large study: {count} x 32 MiB ({count * 32} MiB) by WADO-RS in {elapsed:.1f} s "
+        f"({count * 32 / elapsed:.0f} MiB/s); router RSS {before:.0f} MB before, peak {max(samples):.0f} MB "
+        f"(+{growth:.0f} MB; goal < 100 MB: {'PASS' if growth < 100 else 'FAIL'})"
+    )
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=300, help="instances per study")
+    parser.add_argument(
+        "--large-mb",
+        type=int,
+        default=0,
+        help="then retrieve a study this large (32 MiB instances) and report the router's RSS growth "
+        "(issue 14: 2048 MiB within 100 MB)",
+    )
     parser.add_argument(
         "--runs", type=int, default=5, help="timed runs (median), after one warm-up"
     )
@@ -222,9 +294,7 @@ def main() -> int:
                 elapsed, output = run_movescu(router_port, ROUTER_AE, WORKSTATION_AE, study_uid)
                 check_received(workstation.folder, len(files), "movescu", output)
                 measured["movescu"] = elapsed
-                measured["wado"] = timed(
-                    lambda: run_wado(url, study_uid, int(megabytes * 1e6))
-                )
+                measured["wado"] = timed(lambda: run_wado(url, study_uid, int(megabytes * 1e6)))
                 for key in (
                     "storescu",
                     "stow",
@@ -237,7 +307,9 @@ def main() -> int:
                             lambda files=new_files: run_storescu(router_port, ROUTER_AE, files)
                         )
                     else:
-                        measured[key] = timed(lambda files=new_files: run_stow(session, url, files))
+                        body = write_stow_body(new_files, folder / f"stow-{run}.body")
+                        measured[key] = timed(lambda body=body: run_stow(url, body))
+                        body.unlink()
                     shutil.rmtree(batch)
                 if run:
                     for key, value in measured.items():
@@ -247,6 +319,11 @@ def main() -> int:
                         flush=True,
                     )
             rss = peak_rss_mb(router.process.pid)
+            large = (
+                large_study_rss(folder, orthanc, router, url, args.large_mb)
+                if args.large_mb
+                else ""
+            )
         finally:
             if router is not None:
                 router.stop()
@@ -254,6 +331,8 @@ def main() -> int:
                 workstation.stop()
             farm.stop_all()
     median = {key: statistics.median(values) for key, values in times.items()}
+    if large:
+        print(large)
     print(
         f"\nstudy: {args.count} instances, {megabytes:.0f} MB; median of {args.runs} runs; router peak RSS {rss:.0f} MB"
     )
