@@ -13,9 +13,6 @@ from io import BytesIO
 from pathlib import Path
 
 from pydicom import Dataset, dcmread
-from pydicom.dataset import FileMetaDataset
-from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import (
     JPEG2000,
     DeflatedExplicitVRLittleEndian,
@@ -31,6 +28,7 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
+from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 
 from dicomrouter.catalog.queries import Catalog
 from dicomrouter.config import Config, ServerConfig
@@ -42,6 +40,9 @@ from dicomrouter.net.upper_layer import FileSlice
 from dicomrouter.retrieve.collect import collect_instances
 from dicomrouter.retrieve.plan import SourcePlan, plan_retrieve
 from dicomrouter.routing.access import Caller
+from dicomrouter.scp.store_session import (
+    file_meta,  # the one writer of a received instance's file meta
+)
 
 log = get_logger(__name__)
 
@@ -106,14 +107,14 @@ class WadoSource:
 
 def part10_prefix(instance: ReceivedInstance) -> bytes:
     """Preamble, 'DICM' and file meta for the data set exactly as the source sent it."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = instance.sop_class_uid
-    meta.MediaStorageSOPInstanceUID = instance.sop_instance_uid
-    meta.TransferSyntaxUID = instance.transfer_syntax
-    encoded = DicomBytesIO()
-    encoded.is_little_endian, encoded.is_implicit_VR = True, False
-    write_file_meta_info(encoded, meta, enforce_standard=True)
-    return bytes(128) + b"DICM" + encoded.getvalue()
+    return file_meta(
+        instance.sop_class_uid.encode("ascii"),
+        instance.sop_instance_uid.encode("ascii"),
+        instance.transfer_syntax,
+        PYNETDICOM_IMPLEMENTATION_UID,
+        PYNETDICOM_IMPLEMENTATION_VERSION,
+        "",
+    )
 
 
 def _memory_size(instance: ReceivedInstance) -> int:
