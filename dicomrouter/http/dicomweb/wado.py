@@ -40,9 +40,7 @@ from dicomrouter.net.upper_layer import FileSlice
 from dicomrouter.retrieve.collect import collect_instances
 from dicomrouter.retrieve.plan import SourcePlan, plan_retrieve
 from dicomrouter.routing.access import Caller
-from dicomrouter.scp.store_session import (
-    file_meta,  # the one writer of a received instance's file meta
-)
+from dicomrouter.scp.store import file_meta  # the one writer of a received instance's file meta
 
 log = get_logger(__name__)
 
@@ -108,8 +106,8 @@ class WadoSource:
 def part10_prefix(instance: ReceivedInstance) -> bytes:
     """Preamble, 'DICM' and file meta for the data set exactly as the source sent it."""
     return file_meta(
-        instance.sop_class_uid.encode("ascii"),
-        instance.sop_instance_uid.encode("ascii"),
+        instance.sop_class_uid,
+        instance.sop_instance_uid,
         instance.transfer_syntax,
         PYNETDICOM_IMPLEMENTATION_UID,
         PYNETDICOM_IMPLEMENTATION_VERSION,
