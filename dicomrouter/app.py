@@ -28,6 +28,7 @@ from dicomrouter.metrics import Metrics
 from dicomrouter.query.federation import Federation
 from dicomrouter.reload import ConfigFileWatcher, ConfigHolder
 from dicomrouter.routing.store_rules import unusable_rules
+from dicomrouter.scp.commitment import CommitmentService, ReportChannels
 from dicomrouter.scp.echo import VERIFICATION, EchoService
 from dicomrouter.scp.find import FindService
 from dicomrouter.scp.front import DicomFront
@@ -37,6 +38,8 @@ from dicomrouter.scp.registry import ServiceRegistry
 from dicomrouter.scp.store import StoreService
 from dicomrouter.store.acks import AckRecorder
 from dicomrouter.store.capabilities import DestinationCapabilities
+from dicomrouter.store.commitments import CommitmentStore
+from dicomrouter.store.committer import Committer
 from dicomrouter.store.forwarder import Forwarder
 from dicomrouter.store.queue import ForwardQueue
 from dicomrouter.store.receive import ReceiveService
@@ -62,6 +65,7 @@ def service_registry(
     catalog: Catalog | None,
     receive: ReceiveService | None,
     capabilities: DestinationCapabilities | None = None,
+    commitment: CommitmentService | None = None,
 ) -> ServiceRegistry:
     """Every service the front offers, by SOP class; storage takes the classes nobody else claims
     (none without `receive`: tests of query and retrieval serve no stores). With `capabilities`,
@@ -75,10 +79,13 @@ def service_registry(
         (find.sop_classes, find),
         (move.sop_classes, move),
         (get.sop_classes, get),
+        *([(commitment.sop_classes, commitment)] if commitment is not None else []),
     )
     if capabilities is not None:
         registry.capabilities = capabilities
         registry.destination_verdict = capabilities.accepted_syntaxes
+    if commitment is not None:  # a PACS reporting its commitment to the router is SCP of the class
+        registry.either_role = frozenset(commitment.sop_classes)
     return registry
 
 
@@ -96,6 +103,7 @@ class RouterApp:
     receive: ReceiveService
     front: DicomFront
     audit: AuditTrail
+    committer: Committer | None = None
     http: HttpFront | None = None
     metrics: Metrics | None = None
     watch_file: bool = True
@@ -120,6 +128,8 @@ class RouterApp:
             log.warning("spool_scratch_removed", folders=removed, reason="left by a process that ended")
         self._log_unusable_rules(self.config)
         self.forwarder.start()
+        if self.committer is not None:
+            self.committer.start()
 
     def start(self) -> tuple[str, int]:
         sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
@@ -179,6 +189,8 @@ class RouterApp:
             self._health_watch.stop()
         if self._pruner is not None:
             self._pruner.stop()
+        if self.committer is not None:
+            self.committer.stop()
         self.forwarder.stop()
         self.audit.stop()
         log.info("router_stopped")
@@ -204,8 +216,12 @@ def build_app(config: Config, host: str | None = None, port: int | None = None, 
     receive = ReceiveService(
         lambda: holder.current, spool, queue, sessions, forwarder.notify, audit=audit.record, capabilities=capabilities
     )
+    channels = ReportChannels()
+    committer = Committer(lambda: holder.current, CommitmentStore(sessions, queue.node_id), channels, audit)
+    commitment = CommitmentService(holder, committer.store, channels, committer.wake)
     front = DicomFront(
-        holder, service_registry(holder, catalog, receive, capabilities), host=host, port=port, audit=audit
+        holder, service_registry(holder, catalog, receive, capabilities, commitment), host=host, port=port,
+        audit=audit,
     )
     http = None
     if config.router.http is not None:
@@ -216,7 +232,8 @@ def build_app(config: Config, host: str | None = None, port: int | None = None, 
         dicomweb = dicomweb_routes(receive, Federation(catalog))
         http = HttpFront(make_http_app(deps, [*HTTP_ROUTE_MODULES, dicomweb]), config.router.http)
     app = RouterApp(
-        holder, catalog, spool, queue, forwarder, receive, front, audit, http=http, metrics=metrics, watch_file=watch_file
+        holder, catalog, spool, queue, forwarder, receive, front, audit, committer=committer, http=http,
+        metrics=metrics, watch_file=watch_file,
     )
     holder.on_change(app._on_config_change)
     return app

@@ -107,6 +107,8 @@ class ServerConfig:
     move_routing: Mapping[str, str]
     worklist: bool = False
     tls: TLSConfig | None = None
+    # A commitment request counts an instance on this server only once the server itself committed it.
+    storage_commitment: bool = False
 
     @property
     def address(self) -> str:
@@ -152,6 +154,16 @@ class ForwardingConfig:
 
 
 @dataclass(frozen=True)
+class StorageCommitmentSettings:
+    """Storage commitment (N-ACTION / N-EVENT-REPORT) timings."""
+
+    max_wait_s: float = 3600.0  # an instance still undelivered after this long is reported failed
+    poll_interval_s: float = 1.0  # how often pending requests are looked at
+    report_retry_initial_s: float = 5.0  # a client not listening for its report: first retry after this
+    report_retry_max_s: float = 300.0
+
+
+@dataclass(frozen=True)
 class AuditSettings:
     """How long the audit trail keeps its rows (serve prunes older ones in the background)."""
 
@@ -185,6 +197,7 @@ class RouterSettings:
     # Storage SOP classes the router accepts: "all", "standard" (those pynetdicom lists), or these UIDs
     storage_classes: str | frozenset[str] = "all"
     forwarding: ForwardingConfig = field(default_factory=ForwardingConfig)
+    storage_commitment: StorageCommitmentSettings = field(default_factory=StorageCommitmentSettings)
     audit: AuditSettings = field(default_factory=AuditSettings)
     tls: TLSConfig | None = None
     http: HttpSettings | None = None
@@ -349,11 +362,13 @@ _ROUTER_KEYS = (
     "max_find_results",
     "storage_classes",
     "forwarding",
+    "storage_commitment",
     "audit",
     "tls",
     "http",
     "log",
 )
+_STORAGE_COMMITMENT_KEYS = ("max_wait", "poll_interval", "report_retry_initial", "report_retry_max")
 _AUDIT_KEYS = ("keep_days", "rejection_summary_interval")
 _HTTP_KEYS = ("host", "port", "tls", "health_interval")
 _LOG_KEYS = ("level", "format")
@@ -385,6 +400,7 @@ _SERVER_KEYS = (
     "move_routing",
     "worklist",
     "tls",
+    "storage_commitment",
 )
 _CLIENT_KEYS = (
     "ae_title", "host", "port", "roles", "query_servers", "move_destinations", "http_token_sha256", "comments"
@@ -632,11 +648,28 @@ class _Parser:
             max_find_results=self.get_int(data, "max_find_results", "router.max_find_results", d.max_find_results, 1, 10**7),
             storage_classes=self.get_storage_classes(data.get("storage_classes", d.storage_classes)),
             forwarding=forwarding,
+            storage_commitment=self.parse_storage_commitment(
+                self.mapping(data.get("storage_commitment"), "router.storage_commitment")
+            ),
             audit=self.parse_audit(self.mapping(data.get("audit"), "router.audit")),
             tls=self.parse_tls(data.get("tls"), "router.tls", listening=True),
             http=self.parse_http(data.get("http")),
             log=self.parse_log(self.mapping(data.get("log"), "router.log")),
         )
+
+    def parse_storage_commitment(self, data: Mapping[str, Any]) -> StorageCommitmentSettings:
+        self.check_keys(data, _STORAGE_COMMITMENT_KEYS, "router.storage_commitment")
+        d = StorageCommitmentSettings()
+        k = "router.storage_commitment."
+        settings = StorageCommitmentSettings(
+            max_wait_s=self.get_duration(data, "max_wait", k + "max_wait", d.max_wait_s),
+            poll_interval_s=self.get_seconds(data, "poll_interval", k + "poll_interval", d.poll_interval_s),
+            report_retry_initial_s=self.get_seconds(data, "report_retry_initial", k + "report_retry_initial", d.report_retry_initial_s),
+            report_retry_max_s=self.get_seconds(data, "report_retry_max", k + "report_retry_max", d.report_retry_max_s),
+        )
+        if settings.report_retry_max_s < settings.report_retry_initial_s:
+            self.error(k + "report_retry_max", "is smaller than report_retry_initial", "make report_retry_max at least report_retry_initial")
+        return settings
 
     def parse_audit(self, data: Mapping[str, Any]) -> AuditSettings:
         self.check_keys(data, _AUDIT_KEYS, "router.audit")
@@ -750,6 +783,7 @@ class _Parser:
                     move_routing=move_routing,
                     worklist=self.get_bool(data, "worklist", f"{key}.worklist", False),
                     tls=self.parse_tls(data.get("tls"), f"{key}.tls", listening=False),
+                    storage_commitment=self.get_bool(data, "storage_commitment", f"{key}.storage_commitment", False),
                 )
             )
         return servers

@@ -295,3 +295,62 @@ class DestinationCapability(Base):
     accepted: Mapped[bool] = mapped_column(Boolean)
     peer: Mapped[str]
     learned_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+COMMITMENT_STATES = ("waiting", "reported")
+DESTINATION_COMMITMENT_STATES = ("requested", "committed", "failed")
+
+
+class CommitmentRequest(Base):
+    """A client's Storage Commitment request (N-ACTION), until its N-EVENT-REPORT went out.
+
+    `instances` is the request's list of [SOP Class UID, SOP Instance UID]; `failures` (once
+    decided) maps a failed SOP Instance UID to [failure reason, why]. Claimed by one node at a time
+    (`claimed_by` until `lease_until`), looked at again at `next_check_at`.
+    """
+
+    __tablename__ = "commitment_requests"
+    __table_args__ = (
+        Index(None, "state", "next_check_at"),
+        CheckConstraint(_in("state", COMMITMENT_STATES), name="state"),
+    )
+
+    id: Mapped[int] = mapped_column(ID, primary_key=True)
+    transaction_uid: Mapped[str] = mapped_column(unique=True)
+    calling_ae: Mapped[str]
+    called_ae: Mapped[str]
+    address: Mapped[str]
+    instances: Mapped[list[Any]] = mapped_column(JSON)
+    state: Mapped[str] = mapped_column(default="waiting")
+    received_at: Mapped[datetime] = mapped_column(default=utcnow)
+    deadline_at: Mapped[datetime]
+    next_check_at: Mapped[datetime] = mapped_column(default=utcnow)
+    claimed_by: Mapped[str | None] = mapped_column(Text)
+    lease_until: Mapped[datetime | None]
+    received_by: Mapped[str | None] = mapped_column(Text)  # the node whose association it came on
+    failures: Mapped[dict[str, Any] | None]
+    event_type: Mapped[int | None] = mapped_column(Integer)  # 1 all committed, 2 some failed
+    report_attempts: Mapped[int] = mapped_column(Integer, default=0)
+    reported_at: Mapped[datetime | None]
+    reported_how: Mapped[str | None]  # "same association" or "new association"
+    last_error: Mapped[str | None] = mapped_column(Text)
+
+
+class DestinationCommitment(Base):
+    """The router's own commitment request to a `storage_commitment: true` server, per instance."""
+
+    __tablename__ = "destination_commitments"
+    __table_args__ = (
+        UniqueConstraint("server_name", "sop_instance_uid"),
+        CheckConstraint(_in("state", DESTINATION_COMMITMENT_STATES), name="state"),
+    )
+
+    id: Mapped[int] = mapped_column(ID, primary_key=True)
+    server_name: Mapped[str]
+    sop_instance_uid: Mapped[str]
+    sop_class_uid: Mapped[str]
+    transaction_uid: Mapped[str] = mapped_column(index=True)
+    state: Mapped[str] = mapped_column(default="requested")
+    reason: Mapped[str | None] = mapped_column(Text)
+    requested_at: Mapped[datetime] = mapped_column(default=utcnow)
+    answered_at: Mapped[datetime | None]

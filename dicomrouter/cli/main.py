@@ -12,6 +12,7 @@ from dicomrouter.cli.access import access_group
 from dicomrouter.cli.audit import audit_command
 from dicomrouter.cli.catalog import catalog_group, db_group
 from dicomrouter.cli.clients import clients_group
+from dicomrouter.cli.commitments import commitments_group
 from dicomrouter.cli.common import CliState, pass_state, print_table, yes_no
 from dicomrouter.cli.find import find_command
 from dicomrouter.cli.health import echo_command, health_command
@@ -100,6 +101,7 @@ cli.add_command(health_command)
 cli.add_command(db_group)
 cli.add_command(catalog_group)
 cli.add_command(queue_group)
+cli.add_command(commitments_group)
 cli.add_command(route_group)
 cli.add_command(import_command)
 cli.add_command(find_command)

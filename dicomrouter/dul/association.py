@@ -33,6 +33,8 @@ from dicomrouter.dul.dimse import (
     MESSAGE_ID,
     MESSAGE_ID_RESPONDED,
     NO_DATASET,
+    REQUESTED_SOP_CLASS,
+    REQUESTED_SOP_INSTANCE,
     RESPONSE_BIT,
     STATUS,
     Command,
@@ -475,8 +477,11 @@ class Association:
     ) -> None:
         """The response to `request` with `status` (an Error Comment only on a failure or warning)."""
         command = request.command
+        # An N-ACTION names its class and instance as Requested; the response calls them Affected.
+        sop_class = command.elements.get(AFFECTED_SOP_CLASS) or command.elements.get(REQUESTED_SOP_CLASS, b"")
+        sop_instance = command.elements.get(AFFECTED_SOP_INSTANCE) or command.elements.get(REQUESTED_SOP_INSTANCE)
         values = [
-            (AFFECTED_SOP_CLASS, command.elements.get(AFFECTED_SOP_CLASS, b"")),
+            (AFFECTED_SOP_CLASS, sop_class),
             (COMMAND_FIELD, us(request.command_field | RESPONSE_BIT)),
             (MESSAGE_ID_RESPONDED, us(request.message_id)),
             (DATASET_TYPE, us(0x0000 if dataset is not None else NO_DATASET)),
@@ -485,8 +490,8 @@ class Association:
         ]
         if comment and status != SUCCESS and status not in PENDING_STATUSES:
             values.append((ERROR_COMMENT, comment_value(comment)))
-        if AFFECTED_SOP_INSTANCE in command.elements:
-            values.append((AFFECTED_SOP_INSTANCE, command.elements[AFFECTED_SOP_INSTANCE]))
+        if sop_instance is not None:
+            values.append((AFFECTED_SOP_INSTANCE, sop_instance))
         self.send_message(request.context_id, encode_command(values), dataset)
 
     def send_request(

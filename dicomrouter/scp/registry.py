@@ -79,6 +79,8 @@ class ServiceRegistry:
     destination_verdict: DestinationVerdict | None = None
     capabilities: Any = None  # store.capabilities.DestinationCapabilities: asked at negotiation
     _unreachable_until: dict[str, float] = field(default_factory=dict)
+    # Classes whose requestor may take the SCP role (a PACS sending its storage commitment report).
+    either_role: frozenset[str] = frozenset()
 
     @classmethod
     def of(cls, store: Service | None, *by_class: tuple[Iterable[str], Service]) -> ServiceRegistry:
@@ -101,8 +103,9 @@ class ServiceRegistry:
                 result = first_supported(context, self.transfer_syntaxes[context.abstract_syntax])
                 if result.accepted:
                     chosen[context.context_id] = service
-                    if roles is not None:  # the router is only ever SCP of these
-                        result = replace(result, scu_role=roles.scu, scp_role=False)
+                    if roles is not None:  # the router is SCP of these, but of a few it may be either
+                        scp = roles.scp and context.abstract_syntax in self.either_role
+                        result = replace(result, scu_role=roles.scu, scp_role=scp)
                 return result
             return self._decide_storage(context, roles, caller, config, chosen, request.called_ae)
 
