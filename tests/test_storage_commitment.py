@@ -125,3 +125,144 @@ def test_orthanc_modality_gets_success_once_the_destination_holds_everything(
     listing = json.loads(commitment_router.cli("commitments", "list", "--json").stdout)
     assert [row["transaction_uid"] for row in listing] == [transaction_uid]
     assert listing[0]["state"] == "reported" and listing[0]["event_type"] == 1
+
+
+def _log_events(router: RouterProcess, event: str) -> list[dict]:
+    events = []
+    for line in router.log_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if record.get("event") == event:
+            events.append(record)
+    return events
+
+
+def test_destination_down_no_success_until_it_is_back(commitment_router, modality, clean_orthanc_farm):
+    destination = clean_orthanc_farm["Test PACS 1"]
+    destination.stop()
+    try:
+        ids, uids = _upload(modality, 2)
+        transaction_uid = _store_with_commitment(modality, ids)
+        # The router keeps trying the destination: the commitment stays pending meanwhile.
+        assert _wait_for(lambda: len(_log_events(commitment_router, "destination_unavailable")) >= 2, 30)
+        pending = json.loads(commitment_router.cli("commitments", "list", "--pending", "--json").stdout)
+        assert [row["transaction_uid"] for row in pending] == [transaction_uid]
+        assert _commitment(modality, transaction_uid)["Status"] == "Pending"
+    finally:
+        destination.start()
+    result = _final(modality, transaction_uid)
+    print("Orthanc modality, destination down then back:", json.dumps(result))
+    assert result["Status"] == "Success", result
+    assert set(uids) <= set(destination.instance_sop_uids())
+
+
+@pytest.mark.parametrize("commitment_router", [{"max_wait": 2}], indirect=True)
+def test_short_max_wait_reports_the_undelivered_instances_failed(commitment_router, modality, clean_orthanc_farm):
+    destination = clean_orthanc_farm["Test PACS 1"]
+    destination.stop()
+    try:
+        ids, uids = _upload(modality, 2)
+        transaction_uid = _store_with_commitment(modality, ids)
+        result = _final(modality, transaction_uid)
+    finally:
+        destination.start()
+    print("Orthanc modality, destination down past max_wait:", json.dumps(result))
+    assert result["Status"] == "Failure", result
+    assert {f["SOPInstanceUID"] for f in result["Failures"]} == set(uids)
+    assert {f["FailureReason"] for f in result["Failures"]} == {0x0110}
+    failed = _log_events(commitment_router, "commitment_failed")
+    assert {e["sop_instance_uid"] for e in failed} == set(uids)
+    assert all("still waiting at max_wait for delivery to Test PACS 1" in e["reason"] for e in failed)
+    audit = json.loads(commitment_router.cli("audit", "--operation", "commitment", "--json").stdout)
+    assert any(e["outcome"] == "failed" and uids[0] in (e["detail"] or "") for e in audit), audit
+
+
+def _referenced(uids: list[str]) -> Dataset:
+    ds = Dataset()
+    ds.TransactionUID = generate_uid()
+    items = []
+    for uid in uids:
+        item = Dataset()
+        item.ReferencedSOPClassUID = CT
+        item.ReferencedSOPInstanceUID = uid
+        items.append(item)
+    ds.ReferencedSOPSequence = items
+    return ds
+
+
+def _n_action(router_port: int, calling_ae: str, request: Dataset) -> int:
+    ae = AE(ae_title=calling_ae)
+    ae.add_requested_context(StorageCommitmentPushModel)
+    assoc = ae.associate("127.0.0.1", router_port, ae_title=ROUTER_AE)
+    assert assoc.is_established
+    try:
+        status, _ = assoc.send_n_action(request, 1, StorageCommitmentPushModel, "1.2.840.10008.1.20.1.1")
+        return int(status.Status)
+    finally:
+        assoc.release()
+
+
+def test_pynetdicom_scu_takes_its_report_on_a_new_association(
+    commitment_router, modality, clean_orthanc_farm, router_port, pynetdicom_port
+):
+    ids, uids = _upload(modality, 1)
+    modality.post_json(f"/modalities/{ROUTER_AE}/store", {"Resources": ids, "Synchronous": True})
+    clean_orthanc_farm["Test PACS 1"].wait_for_instance_count(1)
+    reports: list[tuple[int, Dataset]] = []
+
+    def on_report(event):
+        reports.append((event.event_type, event.event_information))
+        return 0x0000, None
+
+    scp = AE(ae_title="PYSCU")
+    scp.add_supported_context(StorageCommitmentPushModel, scu_role=False, scp_role=True)
+    server = scp.start_server(("127.0.0.1", pynetdicom_port), block=False,
+                              evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_report)])
+    try:
+        never_sent = generate_uid()
+        request = _referenced([uids[0], never_sent])
+        assert _n_action(router_port, "PYSCU", request) == 0x0000
+        assert _wait_for(lambda: reports, 30)
+    finally:
+        server.shutdown()
+    event_type, report = reports[0]
+    assert event_type == 2
+    assert report.TransactionUID == request.TransactionUID
+    assert [item.ReferencedSOPInstanceUID for item in report.ReferencedSOPSequence] == [uids[0]]
+    assert [(item.ReferencedSOPInstanceUID, item.FailureReason) for item in report.FailedSOPSequence] == [
+        (never_sent, 0x0112)
+    ]
+    assert _log_events(commitment_router, "commitment_reported")[-1]["how"] == "new association"
+
+
+def test_read_only_client_is_refused(commitment_router, router_port):
+    assert _n_action(router_port, "READER", _referenced([generate_uid()])) == 0x0124
+    refused = _log_events(commitment_router, "commitment_refused")
+    assert refused and "READER has no write role" in refused[-1]["reason"]
+    listing = json.loads(commitment_router.cli("commitments", "list", "--json").stdout)
+    assert listing == []
+
+
+def test_report_waits_for_the_destinations_own_commitment(farm_config, modality, pynetdicom_port, router_port,
+                                                          clean_orthanc_farm):
+    def committing(data):
+        data["servers"][0]["storage_commitment"] = True  # Test PACS 1
+
+    path = commitment_config(farm_config, modality, pynetdicom_port)
+    edit_config(path, committing)
+    with RouterProcess(path, router_port) as router:
+        ids, uids = _upload(modality, 2)
+        transaction_uid = _store_with_commitment(modality, ids)
+        result = _final(modality, transaction_uid)
+        print("Orthanc modality, destination Orthanc committing itself:", json.dumps(result))
+        assert result["Status"] == "Success", result
+        events = [json.loads(line).get("event") for line in router.log_text().splitlines() if line.startswith("{")]
+        asked, received, reported = (
+            events.index("commitment_asked"), events.index("commitment_report_received"),
+            events.index("commitment_reported"),
+        )
+        assert asked < received < reported
+        server_report = _log_events(router, "commitment_report_received")[0]
+        assert server_report["server"] == "Test PACS 1" and server_report["committed"] == 2
