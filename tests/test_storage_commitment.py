@@ -56,18 +56,39 @@ def pynetdicom_port() -> int:
     return free_ports(1)[0]
 
 
-def commitment_config(farm_config: Path, modality: OrthancServer, pynetdicom_port: int, **settings) -> Path:
+def commitment_config(
+    farm_config: Path, modality: OrthancServer, pynetdicom_port: int, **settings
+) -> Path:
     def change(data):
         fast_retries(data)
         data["router"]["storage_commitment"] = {
-            "poll_interval": 0.2, "report_retry_initial": 0.5, "report_retry_max": 2, **settings
+            "poll_interval": 0.2,
+            "report_retry_initial": 0.5,
+            "report_retry_max": 2,
+            **settings,
         }
         data["clients"] += [
-            {"ae_title": "MODALITY", "host": "127.0.0.1", "port": modality.spec.dicom_port, "roles": ["test_write"]},
+            {
+                "ae_title": "MODALITY",
+                "host": "127.0.0.1",
+                "port": modality.spec.dicom_port,
+                "roles": ["test_write"],
+            },
             {"ae_title": "READER", "host": "127.0.0.1", "roles": ["test_read"]},
-            {"ae_title": "PYSCU", "host": "127.0.0.1", "port": pynetdicom_port, "roles": ["test_write"]},
+            {
+                "ae_title": "PYSCU",
+                "host": "127.0.0.1",
+                "port": pynetdicom_port,
+                "roles": ["test_write"],
+            },
         ]
-        data["routes"] = [{"name": "CT to Test PACS 1", "match": {"Modality": "CT"}, "destinations": ["Test PACS 1"]}]
+        data["routes"] = [
+            {
+                "name": "CT to Test PACS 1",
+                "match": {"Modality": "CT"},
+                "destinations": ["Test PACS 1"],
+            }
+        ]
 
     return edit_config(farm_config, change)
 
@@ -77,7 +98,9 @@ def _upload(modality: OrthancServer, count: int = 2) -> tuple[list[str], list[st
     study_uid, series_uid = generate_uid(), generate_uid()
     ids, uids = [], []
     for index in range(count):
-        ds = make_test_instance(study_uid=study_uid, series_uid=series_uid, instance_number=index + 1)
+        ds = make_test_instance(
+            study_uid=study_uid, series_uid=series_uid, instance_number=index + 1
+        )
         ids.append(modality.upload(instance_bytes(ds))["ID"])
         uids.append(str(ds.SOPInstanceUID))
     return ids, uids
@@ -85,7 +108,8 @@ def _upload(modality: OrthancServer, count: int = 2) -> tuple[list[str], list[st
 
 def _store_with_commitment(modality: OrthancServer, ids: list[str]) -> str:
     answer = modality.post_json(
-        f"/modalities/{ROUTER_AE}/store", {"Resources": ids, "StorageCommitment": True, "Synchronous": True}
+        f"/modalities/{ROUTER_AE}/store",
+        {"Resources": ids, "StorageCommitment": True, "Synchronous": True},
     )
     return answer["StorageCommitmentTransactionUID"]
 
@@ -96,15 +120,21 @@ def _commitment(modality: OrthancServer, transaction_uid: str) -> dict:
 
 def _final(modality: OrthancServer, transaction_uid: str, timeout: float = 60.0) -> dict:
     return _wait_for(
-        lambda: (lambda c: c if c.get("Status") != "Pending" else None)(_commitment(modality, transaction_uid)),
+        lambda: (lambda c: c if c.get("Status") != "Pending" else None)(
+            _commitment(modality, transaction_uid)
+        ),
         timeout,
     )
 
 
 @pytest.fixture
-def commitment_router(farm_config, modality, pynetdicom_port, router_port, request) -> Iterator[RouterProcess]:
+def commitment_router(
+    farm_config, modality, pynetdicom_port, router_port, request
+) -> Iterator[RouterProcess]:
     settings = getattr(request, "param", {})
-    router = RouterProcess(commitment_config(farm_config, modality, pynetdicom_port, **settings), router_port)
+    router = RouterProcess(
+        commitment_config(farm_config, modality, pynetdicom_port, **settings), router_port
+    )
     router.start()
     try:
         yield router
@@ -125,6 +155,9 @@ def test_orthanc_modality_gets_success_once_the_destination_holds_everything(
     listing = json.loads(commitment_router.cli("commitments", "list", "--json").stdout)
     assert [row["transaction_uid"] for row in listing] == [transaction_uid]
     assert listing[0]["state"] == "reported" and listing[0]["event_type"] == 1
+    print("reported on the", listing[0]["reported_how"])
+    audit = json.loads(commitment_router.cli("audit", "--operation", "commitment", "--json").stdout)
+    assert sorted(e["outcome"] for e in audit) == ["committed", "requested"]
 
 
 def _log_events(router: RouterProcess, event: str) -> list[dict]:
@@ -139,27 +172,38 @@ def _log_events(router: RouterProcess, event: str) -> list[dict]:
     return events
 
 
-def test_destination_down_no_success_until_it_is_back(commitment_router, modality, clean_orthanc_farm):
+def test_destination_down_no_success_until_it_is_back(
+    commitment_router, modality, clean_orthanc_farm
+):
     destination = clean_orthanc_farm["Test PACS 1"]
     destination.stop()
     try:
         ids, uids = _upload(modality, 2)
         transaction_uid = _store_with_commitment(modality, ids)
         # The router keeps trying the destination: the commitment stays pending meanwhile.
-        assert _wait_for(lambda: len(_log_events(commitment_router, "destination_unavailable")) >= 2, 30)
-        pending = json.loads(commitment_router.cli("commitments", "list", "--pending", "--json").stdout)
+        assert _wait_for(
+            lambda: len(_log_events(commitment_router, "destination_unavailable")) >= 2, 30
+        )
+        pending = json.loads(
+            commitment_router.cli("commitments", "list", "--pending", "--json").stdout
+        )
         assert [row["transaction_uid"] for row in pending] == [transaction_uid]
         assert _commitment(modality, transaction_uid)["Status"] == "Pending"
+        commitment_router.stop()  # the pending request survives a restart of the router
     finally:
         destination.start()
+    commitment_router.start()
     result = _final(modality, transaction_uid)
     print("Orthanc modality, destination down then back:", json.dumps(result))
     assert result["Status"] == "Success", result
     assert set(uids) <= set(destination.instance_sop_uids())
+    assert _log_events(commitment_router, "commitment_reported")[-1]["how"] == "new association"
 
 
 @pytest.mark.parametrize("commitment_router", [{"max_wait": 2}], indirect=True)
-def test_short_max_wait_reports_the_undelivered_instances_failed(commitment_router, modality, clean_orthanc_farm):
+def test_short_max_wait_reports_the_undelivered_instances_failed(
+    commitment_router, modality, clean_orthanc_farm
+):
     destination = clean_orthanc_farm["Test PACS 1"]
     destination.stop()
     try:
@@ -174,7 +218,9 @@ def test_short_max_wait_reports_the_undelivered_instances_failed(commitment_rout
     assert {f["FailureReason"] for f in result["Failures"]} == {0x0110}
     failed = _log_events(commitment_router, "commitment_failed")
     assert {e["sop_instance_uid"] for e in failed} == set(uids)
-    assert all("still waiting at max_wait for delivery to Test PACS 1" in e["reason"] for e in failed)
+    assert all(
+        "still waiting at max_wait for delivery to Test PACS 1" in e["reason"] for e in failed
+    )
     audit = json.loads(commitment_router.cli("audit", "--operation", "commitment", "--json").stdout)
     assert any(e["outcome"] == "failed" and uids[0] in (e["detail"] or "") for e in audit), audit
 
@@ -198,7 +244,9 @@ def _n_action(router_port: int, calling_ae: str, request: Dataset) -> int:
     assoc = ae.associate("127.0.0.1", router_port, ae_title=ROUTER_AE)
     assert assoc.is_established
     try:
-        status, _ = assoc.send_n_action(request, 1, StorageCommitmentPushModel, "1.2.840.10008.1.20.1.1")
+        status, _ = assoc.send_n_action(
+            request, 1, StorageCommitmentPushModel, "1.2.840.10008.1.20.1.1"
+        )
         return int(status.Status)
     finally:
         assoc.release()
@@ -218,8 +266,11 @@ def test_pynetdicom_scu_takes_its_report_on_a_new_association(
 
     scp = AE(ae_title="PYSCU")
     scp.add_supported_context(StorageCommitmentPushModel, scu_role=False, scp_role=True)
-    server = scp.start_server(("127.0.0.1", pynetdicom_port), block=False,
-                              evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_report)])
+    server = scp.start_server(
+        ("127.0.0.1", pynetdicom_port),
+        block=False,
+        evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_report)],
+    )
     try:
         never_sent = generate_uid()
         request = _referenced([uids[0], never_sent])
@@ -231,9 +282,9 @@ def test_pynetdicom_scu_takes_its_report_on_a_new_association(
     assert event_type == 2
     assert report.TransactionUID == request.TransactionUID
     assert [item.ReferencedSOPInstanceUID for item in report.ReferencedSOPSequence] == [uids[0]]
-    assert [(item.ReferencedSOPInstanceUID, item.FailureReason) for item in report.FailedSOPSequence] == [
-        (never_sent, 0x0112)
-    ]
+    assert [
+        (item.ReferencedSOPInstanceUID, item.FailureReason) for item in report.FailedSOPSequence
+    ] == [(never_sent, 0x0112)]
     assert _log_events(commitment_router, "commitment_reported")[-1]["how"] == "new association"
 
 
@@ -245,8 +296,9 @@ def test_read_only_client_is_refused(commitment_router, router_port):
     assert listing == []
 
 
-def test_report_waits_for_the_destinations_own_commitment(farm_config, modality, pynetdicom_port, router_port,
-                                                          clean_orthanc_farm):
+def test_report_waits_for_the_destinations_own_commitment(
+    farm_config, modality, pynetdicom_port, router_port, clean_orthanc_farm
+):
     def committing(data):
         data["servers"][0]["storage_commitment"] = True  # Test PACS 1
 
@@ -258,9 +310,14 @@ def test_report_waits_for_the_destinations_own_commitment(farm_config, modality,
         result = _final(modality, transaction_uid)
         print("Orthanc modality, destination Orthanc committing itself:", json.dumps(result))
         assert result["Status"] == "Success", result
-        events = [json.loads(line).get("event") for line in router.log_text().splitlines() if line.startswith("{")]
+        events = [
+            json.loads(line).get("event")
+            for line in router.log_text().splitlines()
+            if line.startswith("{")
+        ]
         asked, received, reported = (
-            events.index("commitment_asked"), events.index("commitment_report_received"),
+            events.index("commitment_asked"),
+            events.index("commitment_report_received"),
             events.index("commitment_reported"),
         )
         assert asked < received < reported

@@ -25,7 +25,9 @@ def _row(request) -> dict:
         "deadline_at": request.deadline_at.astimezone(UTC).isoformat(),
         "event_type": request.event_type,
         "failures": request.failures or {},
-        "reported_at": request.reported_at.astimezone(UTC).isoformat() if request.reported_at else None,
+        "reported_at": request.reported_at.astimezone(UTC).isoformat()
+        if request.reported_at
+        else None,
         "reported_how": request.reported_how,
         "report_attempts": request.report_attempts,
         "last_error": request.last_error,
@@ -38,8 +40,12 @@ def commitments_group() -> None:
 
 
 @commitments_group.command("list")
-@click.option("--pending", is_flag=True, help="Only the requests whose report has not gone out yet.")
-@click.option("--limit", type=click.IntRange(1), default=200, show_default=True, help="The newest N requests.")
+@click.option(
+    "--pending", is_flag=True, help="Only the requests whose report has not gone out yet."
+)
+@click.option(
+    "--limit", type=click.IntRange(1), default=200, show_default=True, help="The newest N requests."
+)
 @click.option("--json", "as_json", is_flag=True)
 @pass_state
 def commitments_list(state: CliState, pending: bool, limit: int, as_json: bool) -> None:
@@ -52,12 +58,28 @@ def commitments_list(state: CliState, pending: bool, limit: int, as_json: bool) 
         click.echo(json.dumps([_row(r) for r in requests], indent=2))
         return
     print_table(
-        ("transaction_uid", "calling_ae", "state", "instances", "received", "result", "reported", "how", "last_error"),
+        (
+            "transaction_uid",
+            "calling_ae",
+            "state",
+            "instances",
+            "received",
+            "result",
+            "reported",
+            "how",
+            "last_error",
+        ),
         [
             (
-                r.transaction_uid, r.calling_ae, r.state, len(r.instances), _when(r.received_at),
+                r.transaction_uid,
+                r.calling_ae,
+                r.state,
+                len(r.instances),
+                _when(r.received_at),
                 {1: "all committed", 2: f"{len(r.failures or {})} failed"}.get(r.event_type or 0),
-                _when(r.reported_at), r.reported_how, (r.last_error or "")[:80] or None,
+                _when(r.reported_at),
+                r.reported_how,
+                (r.last_error or "")[:80] or None,
             )
             for r in requests
         ],

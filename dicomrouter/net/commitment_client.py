@@ -30,7 +30,12 @@ N_EVENT_REPORT_RQ, N_ACTION_RQ, N_EVENT_REPORT_RSP, N_ACTION_RSP = 0x0100, 0x013
 PROCESSING_FAILURE, NO_SUCH_INSTANCE, CLASS_NOT_SUPPORTED = 0x0110, 0x0112, 0x0122
 SYNTAXES = (EXPLICIT_VR_LE, IMPLICIT_VR_LE)
 # Command elements (group 0000) the N- services add
-REQUESTED_SOP_CLASS, REQUESTED_SOP_INSTANCE, EVENT_TYPE_ID, ACTION_TYPE_ID = 0x0003, 0x1001, 0x1002, 0x1008
+REQUESTED_SOP_CLASS, REQUESTED_SOP_INSTANCE, EVENT_TYPE_ID, ACTION_TYPE_ID = (
+    0x0003,
+    0x1001,
+    0x1002,
+    0x1008,
+)
 AFFECTED_SOP_INSTANCE = 0x1000
 MESSAGE_ID = 1
 
@@ -86,7 +91,9 @@ def referenced(sequence: Sequence[Dataset] | None) -> list[Referenced]:
     for item in sequence or ():
         instance = str(item.get("ReferencedSOPInstanceUID", "") or "").strip()
         if instance:
-            pairs.append(Referenced(str(item.get("ReferencedSOPClassUID", "") or "").strip(), instance))
+            pairs.append(
+                Referenced(str(item.get("ReferencedSOPClassUID", "") or "").strip(), instance)
+            )
     return pairs
 
 
@@ -113,11 +120,16 @@ def _await_response(link: Link, command_field: int, timeout_s: float) -> int:
 
 
 def request_commitment(
-    server: ServerConfig, router: RouterSettings, transaction_uid: str, instances: Sequence[Referenced]
+    server: ServerConfig,
+    router: RouterSettings,
+    transaction_uid: str,
+    instances: Sequence[Referenced],
 ) -> None:
     """Ask `server` to commit `instances` (N-ACTION); its N-EVENT-REPORT comes later on an association
     of its own. PeerUnavailable when it cannot be asked or does not answer Success."""
-    link = associate_with(server, router, calling_ae_for(server, "store", router), [(STORAGE_COMMITMENT, SYNTAXES)])
+    link = associate_with(
+        server, router, calling_ae_for(server, "store", router), [(STORAGE_COMMITMENT, SYNTAXES)]
+    )
     try:
         context_id = link.context_for(STORAGE_COMMITMENT)
         if context_id is None:
@@ -133,17 +145,23 @@ def request_commitment(
                 (ACTION_TYPE_ID, us(REQUEST_COMMITMENT)),
             ]
         )
-        link.send_message(context_id, command, encode(request_dataset(transaction_uid, instances), syntax))
+        link.send_message(
+            context_id, command, encode(request_dataset(transaction_uid, instances), syntax)
+        )
         status = _await_response(link, N_ACTION_RSP, router.dimse_timeout_s)
     except (TimeoutError, UpperLayerError, OSError) as exc:
         link.abort()
-        raise PeerUnavailable("unreachable", f"no N-ACTION response from {server.name} ({exc or 'timeout'})") from None
+        raise PeerUnavailable(
+            "unreachable", f"no N-ACTION response from {server.name} ({exc or 'timeout'})"
+        ) from None
     except BaseException:
         link.abort()
         raise
     link.release(router.acse_timeout_s)
     if status != 0x0000:
-        raise PeerUnavailable("rejected", f"{server.name} answered the N-ACTION with 0x{status:04X}")
+        raise PeerUnavailable(
+            "rejected", f"{server.name} answered the N-ACTION with 0x{status:04X}"
+        )
 
 
 def event_report_command(event_type: int) -> list[tuple[int, bytes]]:
@@ -163,23 +181,40 @@ def send_report_on_new_association(
     return the N-EVENT-REPORT-RSP status; PeerUnavailable when the client is not there."""
     try:
         link = open_link(
-            host, port, router.ae_title, called_ae, [(STORAGE_COMMITMENT, SYNTAXES)], router.max_pdu_size,
-            router.connect_timeout_s, router.acse_timeout_s, scp_roles=(STORAGE_COMMITMENT,),
+            host,
+            port,
+            router.ae_title,
+            called_ae,
+            [(STORAGE_COMMITMENT, SYNTAXES)],
+            router.max_pdu_size,
+            router.connect_timeout_s,
+            router.acse_timeout_s,
+            scp_roles=(STORAGE_COMMITMENT,),
             send_timeout_s=router.network_timeout_s,
         )
     except UpperLayerError as exc:
-        raise PeerUnavailable("rejected" if exc.kind == "rejected" else "unreachable", exc.reason) from None
+        raise PeerUnavailable(
+            "rejected" if exc.kind == "rejected" else "unreachable", exc.reason
+        ) from None
     try:
         context_id = link.context_for(STORAGE_COMMITMENT)
         if context_id is None:
-            raise PeerUnavailable("rejected", f"{called_ae} accepted no Storage Commitment context for the report")
+            raise PeerUnavailable(
+                "rejected", f"{called_ae} accepted no Storage Commitment context for the report"
+            )
         syntax = link.contexts[context_id][1]
-        elements = [*event_report_command(event_type), (0x0110, us(MESSAGE_ID)), (0x0800, us(0x0000))]
+        elements = [
+            *event_report_command(event_type),
+            (0x0110, us(MESSAGE_ID)),
+            (0x0800, us(0x0000)),
+        ]
         link.send_message(context_id, command_set(sorted(elements)), encode(report, syntax))
         status = _await_response(link, N_EVENT_REPORT_RSP, router.dimse_timeout_s)
     except (TimeoutError, UpperLayerError, OSError) as exc:
         link.abort()
-        raise PeerUnavailable("unreachable", f"no N-EVENT-REPORT response from {called_ae} ({exc or 'timeout'})") from None
+        raise PeerUnavailable(
+            "unreachable", f"no N-EVENT-REPORT response from {called_ae} ({exc or 'timeout'})"
+        ) from None
     except BaseException:
         link.abort()
         raise

@@ -78,7 +78,11 @@ class CommitmentService:
     long_running = False
 
     def __init__(
-        self, holder: ConfigHolder, store: CommitmentStore, channels: ReportChannels, wake: Callable[[], None]
+        self,
+        holder: ConfigHolder,
+        store: CommitmentStore,
+        channels: ReportChannels,
+        wake: Callable[[], None],
     ):
         self.holder = holder
         self.store = store
@@ -103,7 +107,9 @@ class CommitmentService:
         try:
             return decode(request.held(), request.context.transfer_syntax)
         except Exception as exc:
-            raise DimseRefusal(INVALID_ARGUMENT, "unreadable data set", reason=f"unreadable data set ({exc})") from None
+            raise DimseRefusal(
+                INVALID_ARGUMENT, "unreadable data set", reason=f"unreadable data set ({exc})"
+            ) from None
 
     def _request(self, request: Request, association: Association) -> None:
         """A client's Request Storage Commitment: kept in the catalog, then Success."""
@@ -111,11 +117,15 @@ class CommitmentService:
         caller = association.caller
         if not any(may_write(caller, server) for server in config.live_servers()):
             raise DimseRefusal(
-                NOT_AUTHORIZED, "not authorized: storage commitment needs a write role",
+                NOT_AUTHORIZED,
+                "not authorized: storage commitment needs a write role",
                 reason=f"{caller.ae_title} has no write role (roles: {', '.join(sorted(caller.roles)) or 'none'})",
             )
         if request.command.number(ACTION_TYPE_ID) != REQUEST_COMMITMENT:
-            raise DimseRefusal(NO_SUCH_ACTION, f"action type {request.command.number(ACTION_TYPE_ID)} not supported")
+            raise DimseRefusal(
+                NO_SUCH_ACTION,
+                f"action type {request.command.number(ACTION_TYPE_ID)} not supported",
+            )
         dataset = self._dataset(request)
         transaction_uid = str(dataset.get("TransactionUID", "") or "").strip()
         if not valid_uid(transaction_uid):
@@ -125,19 +135,34 @@ class CommitmentService:
             raise DimseRefusal(INVALID_ARGUMENT, "empty Referenced SOP Sequence")
         settings = config.router.storage_commitment
         added = self.store.add_request(
-            transaction_uid, association.calling_ae, association.called_ae, association.connection.address,
-            instances, settings.max_wait_s,
+            transaction_uid,
+            association.calling_ae,
+            association.called_ae,
+            association.connection.address,
+            instances,
+            settings.max_wait_s,
         )
         if not added:
-            raise DimseRefusal(DUPLICATE_TRANSACTION, "Transaction UID already used", reason=f"transaction {transaction_uid} repeated")
+            raise DimseRefusal(
+                DUPLICATE_TRANSACTION,
+                "Transaction UID already used",
+                reason=f"transaction {transaction_uid} repeated",
+            )
         self.channels.add(
-            transaction_uid, ReportChannel(association, request.context_id, request.context.transfer_syntax)
+            transaction_uid,
+            ReportChannel(association, request.context_id, request.context.transfer_syntax),
         )
         association.respond(request, 0x0000, elements=[(ACTION_TYPE_ID, us(REQUEST_COMMITMENT))])
-        log.info("commitment_requested", calling_ae=association.calling_ae, transaction_uid=transaction_uid,
-                 instances=len(instances))
+        log.info(
+            "commitment_requested",
+            calling_ae=association.calling_ae,
+            transaction_uid=transaction_uid,
+            instances=len(instances),
+        )
         association.audit.record(
-            "commitment", "requested", detail=f"transaction {transaction_uid}: {len(instances)} instances"
+            "commitment",
+            "requested",
+            detail=f"transaction {transaction_uid}: {len(instances)} instances",
         )
         self.wake()
 
@@ -155,13 +180,26 @@ class CommitmentService:
         server = self.store.destination_report(transaction_uid, committed, failed)
         association.respond(request, 0x0000, elements=[(EVENT_TYPE_ID, us(event_type or 1))])
         if server is None:
-            log.warning("commitment_report_unknown", calling_ae=association.calling_ae, transaction_uid=transaction_uid)
-            association.audit.record("commitment", "ignored", detail=f"report for unknown transaction {transaction_uid}")
+            log.warning(
+                "commitment_report_unknown",
+                calling_ae=association.calling_ae,
+                transaction_uid=transaction_uid,
+            )
+            association.audit.record(
+                "commitment", "ignored", detail=f"report for unknown transaction {transaction_uid}"
+            )
             return
-        log.info("commitment_report_received", server=server, transaction_uid=transaction_uid,
-                 committed=len(committed), failed=len(failed))
+        log.info(
+            "commitment_report_received",
+            server=server,
+            transaction_uid=transaction_uid,
+            committed=len(committed),
+            failed=len(failed),
+        )
         association.audit.record(
-            "commitment", "committed" if not failed else "failed", servers=server,
+            "commitment",
+            "committed" if not failed else "failed",
+            servers=server,
             detail=f"{server}'s report on transaction {transaction_uid}: {len(committed)} committed, {len(failed)} failed",
         )
         self.wake()

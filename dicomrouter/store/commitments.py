@@ -49,7 +49,9 @@ class Verdict:
     committed: list[Referenced] = field(default_factory=list)
     failed: dict[Referenced, Failure] = field(default_factory=dict)
     pending: dict[Referenced, str] = field(default_factory=dict)  # instance -> what it waits for
-    to_request: dict[str, list[Referenced]] = field(default_factory=dict)  # server -> its own commitment to ask
+    to_request: dict[str, list[Referenced]] = field(
+        default_factory=dict
+    )  # server -> its own commitment to ask
 
     @property
     def decided(self) -> bool:
@@ -80,20 +82,36 @@ class CommitmentStore:
     # ------------------------------------------------------------------ client requests
 
     def add_request(
-        self, transaction_uid: str, calling_ae: str, called_ae: str, address: str,
-        instances: Sequence[Referenced], max_wait_s: float,
+        self,
+        transaction_uid: str,
+        calling_ae: str,
+        called_ae: str,
+        address: str,
+        instances: Sequence[Referenced],
+        max_wait_s: float,
     ) -> bool:
         """Persist a request (before its N-ACTION-RSP); False when the Transaction UID is already known."""
         now = utcnow()
         with self.sessions.begin() as session:
-            if session.scalar(select(CommitmentRequest.id).where(CommitmentRequest.transaction_uid == transaction_uid)):
+            if session.scalar(
+                select(CommitmentRequest.id).where(
+                    CommitmentRequest.transaction_uid == transaction_uid
+                )
+            ):
                 return False
             session.add(
                 CommitmentRequest(
-                    transaction_uid=transaction_uid, calling_ae=calling_ae, called_ae=called_ae, address=address,
-                    instances=[[ref.sop_class_uid, ref.sop_instance_uid] for ref in instances], state=WAITING,
-                    received_at=now, deadline_at=now + timedelta(seconds=max_wait_s), next_check_at=now,
-                    received_by=self.node_id, report_attempts=0,
+                    transaction_uid=transaction_uid,
+                    calling_ae=calling_ae,
+                    called_ae=called_ae,
+                    address=address,
+                    instances=[[ref.sop_class_uid, ref.sop_instance_uid] for ref in instances],
+                    state=WAITING,
+                    received_at=now,
+                    deadline_at=now + timedelta(seconds=max_wait_s),
+                    next_check_at=now,
+                    received_by=self.node_id,
+                    report_attempts=0,
                 )
             )
         return True
@@ -106,7 +124,10 @@ class CommitmentStore:
         with self.sessions.begin() as session:
             ids = list(
                 session.scalars(
-                    select(CommitmentRequest.id).where(due).order_by(CommitmentRequest.id).limit(limit)
+                    select(CommitmentRequest.id)
+                    .where(due)
+                    .order_by(CommitmentRequest.id)
+                    .limit(limit)
                     .with_for_update(skip_locked=True)
                 )
             )
@@ -116,50 +137,89 @@ class CommitmentStore:
             rows = session.execute(
                 update(CommitmentRequest)
                 .where(CommitmentRequest.id.in_(ids), due)
-                .values(claimed_by=self.node_id, lease_until=now + timedelta(seconds=lease_s),
-                        next_check_at=now + timedelta(seconds=lease_s))
+                .values(
+                    claimed_by=self.node_id,
+                    lease_until=now + timedelta(seconds=lease_s),
+                    next_check_at=now + timedelta(seconds=lease_s),
+                )
                 .returning(
-                    table.id, table.transaction_uid, table.calling_ae, table.called_ae, table.address,
-                    table.instances, table.deadline_at, table.received_by, table.failures, table.report_attempts,
+                    table.id,
+                    table.transaction_uid,
+                    table.calling_ae,
+                    table.called_ae,
+                    table.address,
+                    table.instances,
+                    table.deadline_at,
+                    table.received_by,
+                    table.failures,
+                    table.report_attempts,
                 )
             ).all()
         claimed = []
         for row in rows:
-            deadline = row.deadline_at if row.deadline_at.tzinfo else row.deadline_at.replace(tzinfo=UTC)
+            deadline = (
+                row.deadline_at if row.deadline_at.tzinfo else row.deadline_at.replace(tzinfo=UTC)
+            )
             claimed.append(
                 ClaimedRequest(
-                    row.id, row.transaction_uid, row.calling_ae, row.called_ae, row.address,
-                    tuple(Referenced(c, i) for c, i in row.instances), deadline, row.received_by, row.failures,
+                    row.id,
+                    row.transaction_uid,
+                    row.calling_ae,
+                    row.called_ae,
+                    row.address,
+                    tuple(Referenced(c, i) for c, i in row.instances),
+                    deadline,
+                    row.received_by,
+                    row.failures,
                     row.report_attempts,
                 )
             )
         return claimed
 
-    def check_later(self, request_id: int, delay_s: float, error: str | None = None, attempted: bool = False) -> None:
-        values: dict = {"next_check_at": utcnow() + timedelta(seconds=delay_s), "claimed_by": None, "lease_until": None}
+    def check_later(
+        self, request_id: int, delay_s: float, error: str | None = None, attempted: bool = False
+    ) -> None:
+        values: dict = {
+            "next_check_at": utcnow() + timedelta(seconds=delay_s),
+            "claimed_by": None,
+            "lease_until": None,
+        }
         if error is not None:
             values["last_error"] = error
         if attempted:
             values["report_attempts"] = CommitmentRequest.report_attempts + 1
         with self.sessions.begin() as session:
-            session.execute(update(CommitmentRequest).where(CommitmentRequest.id == request_id).values(**values))
+            session.execute(
+                update(CommitmentRequest).where(CommitmentRequest.id == request_id).values(**values)
+            )
 
     def decide(self, request_id: int, event_type: int, failures: dict[Referenced, Failure]) -> None:
         """Keep the outcome (a report not sent yet is sent as decided, even after a restart)."""
         with self.sessions.begin() as session:
             session.execute(
-                update(CommitmentRequest).where(CommitmentRequest.id == request_id).values(
+                update(CommitmentRequest)
+                .where(CommitmentRequest.id == request_id)
+                .values(
                     event_type=event_type,
-                    failures={ref.sop_instance_uid: [f.reason, f.why] for ref, f in failures.items()},
+                    failures={
+                        ref.sop_instance_uid: [f.reason, f.why] for ref, f in failures.items()
+                    },
                 )
             )
 
     def reported(self, request_id: int, how: str) -> None:
         with self.sessions.begin() as session:
             session.execute(
-                update(CommitmentRequest).where(CommitmentRequest.id == request_id).values(
-                    state=REPORTED, reported_at=utcnow(), reported_how=how, claimed_by=None, lease_until=None,
-                    report_attempts=CommitmentRequest.report_attempts + 1, last_error=None,
+                update(CommitmentRequest)
+                .where(CommitmentRequest.id == request_id)
+                .values(
+                    state=REPORTED,
+                    reported_at=utcnow(),
+                    reported_how=how,
+                    claimed_by=None,
+                    lease_until=None,
+                    report_attempts=CommitmentRequest.report_attempts + 1,
+                    last_error=None,
                 )
             )
 
@@ -172,7 +232,9 @@ class CommitmentStore:
 
     # ------------------------------------------------------------------ the router's own requests
 
-    def add_destination_requests(self, server_name: str, transaction_uid: str, instances: Iterable[Referenced]) -> None:
+    def add_destination_requests(
+        self, server_name: str, transaction_uid: str, instances: Iterable[Referenced]
+    ) -> None:
         with self.sessions.begin() as session:
             for ref in instances:
                 session.execute(
@@ -183,14 +245,21 @@ class CommitmentStore:
                 )
                 session.add(
                     DestinationCommitment(
-                        server_name=server_name, sop_instance_uid=ref.sop_instance_uid,
-                        sop_class_uid=ref.sop_class_uid, transaction_uid=transaction_uid, state="requested",
+                        server_name=server_name,
+                        sop_instance_uid=ref.sop_instance_uid,
+                        sop_class_uid=ref.sop_class_uid,
+                        transaction_uid=transaction_uid,
+                        state="requested",
                     )
                 )
 
     def forget_destination_requests(self, transaction_uid: str) -> None:
         with self.sessions.begin() as session:
-            session.execute(delete(DestinationCommitment).where(DestinationCommitment.transaction_uid == transaction_uid))
+            session.execute(
+                delete(DestinationCommitment).where(
+                    DestinationCommitment.transaction_uid == transaction_uid
+                )
+            )
 
     def destination_report(
         self, transaction_uid: str, committed: Iterable[Referenced], failed: dict[Referenced, int]
@@ -199,7 +268,9 @@ class CommitmentStore:
         now = utcnow()
         with self.sessions.begin() as session:
             server = session.scalar(
-                select(DestinationCommitment.server_name).where(DestinationCommitment.transaction_uid == transaction_uid)
+                select(DestinationCommitment.server_name).where(
+                    DestinationCommitment.transaction_uid == transaction_uid
+                )
             )
             if server is None:
                 return None
@@ -207,31 +278,44 @@ class CommitmentStore:
             uids = [ref.sop_instance_uid for ref in committed]
             if uids:
                 session.execute(
-                    update(DestinationCommitment).where(mine, DestinationCommitment.sop_instance_uid.in_(uids))
+                    update(DestinationCommitment)
+                    .where(mine, DestinationCommitment.sop_instance_uid.in_(uids))
                     .values(state="committed", answered_at=now)
                 )
             for ref, reason in failed.items():
                 session.execute(
                     update(DestinationCommitment)
                     .where(mine, DestinationCommitment.sop_instance_uid == ref.sop_instance_uid)
-                    .values(state="failed", answered_at=now, reason=f"{server} failure reason 0x{reason:04X}")
+                    .values(
+                        state="failed",
+                        answered_at=now,
+                        reason=f"{server} failure reason 0x{reason:04X}",
+                    )
                 )
             return server
 
     # ------------------------------------------------------------------ the verdict
 
-    def evaluate(self, instances: Sequence[Referenced], config: Config, deadline_at: datetime) -> Verdict:
+    def evaluate(
+        self, instances: Sequence[Referenced], config: Config, deadline_at: datetime
+    ) -> Verdict:
         """Where each instance stands, from the forwarding jobs, instance locations and destination commitments."""
         uids = list({ref.sop_instance_uid for ref in instances})
-        jobs: dict[str, dict[str, list[tuple[str, str | None]]]] = defaultdict(lambda: defaultdict(list))
+        jobs: dict[str, dict[str, list[tuple[str, str | None]]]] = defaultdict(
+            lambda: defaultdict(list)
+        )
         located: dict[str, set[str]] = defaultdict(set)
         known: set[str] = set()
         own: dict[tuple[str, str], tuple[str, str | None]] = {}
         with self.sessions() as session:
             for chunk in _chunks(uids, 500):
                 for uid, destination, state, error in session.execute(
-                    select(ForwardJob.sop_instance_uid, ForwardJob.destination, ForwardJob.state, ForwardJob.last_error)
-                    .where(ForwardJob.sop_instance_uid.in_(chunk))
+                    select(
+                        ForwardJob.sop_instance_uid,
+                        ForwardJob.destination,
+                        ForwardJob.state,
+                        ForwardJob.last_error,
+                    ).where(ForwardJob.sop_instance_uid.in_(chunk))
                 ):
                     jobs[uid][destination].append((state, error))
                 for uid, server in session.execute(
@@ -241,11 +325,20 @@ class CommitmentStore:
                     .where(Instance.sop_instance_uid.in_(chunk))
                 ):
                     located[uid].add(server)
-                known.update(session.scalars(select(Instance.sop_instance_uid).where(Instance.sop_instance_uid.in_(chunk))))
+                known.update(
+                    session.scalars(
+                        select(Instance.sop_instance_uid).where(
+                            Instance.sop_instance_uid.in_(chunk)
+                        )
+                    )
+                )
                 for row in session.execute(
-                    select(DestinationCommitment.server_name, DestinationCommitment.sop_instance_uid,
-                           DestinationCommitment.state, DestinationCommitment.reason)
-                    .where(DestinationCommitment.sop_instance_uid.in_(chunk))
+                    select(
+                        DestinationCommitment.server_name,
+                        DestinationCommitment.sop_instance_uid,
+                        DestinationCommitment.state,
+                        DestinationCommitment.reason,
+                    ).where(DestinationCommitment.sop_instance_uid.in_(chunk))
                 ):
                     own[(row.server_name, row.sop_instance_uid)] = (row.state, row.reason)
         committing = {s.name for s in config.servers if s.storage_commitment and not s.deleted}
@@ -268,12 +361,17 @@ class CommitmentStore:
                     continue
                 if destination not in located[uid] and "done" not in states:
                     errors = [error for state, error in jobs[uid][destination] if state == "dead"]
-                    failure = Failure(PROCESSING_FAILURE, f"dead-lettered for {destination}: {(errors or ['?'])[0]}")
+                    failure = Failure(
+                        PROCESSING_FAILURE,
+                        f"dead-lettered for {destination}: {(errors or ['?'])[0]}",
+                    )
                     break
                 if destination in committing:
                     state, reason = own.get((destination, uid), (None, None))
                     if state == "failed":
-                        failure = Failure(PROCESSING_FAILURE, f"{destination} did not commit it ({reason})")
+                        failure = Failure(
+                            PROCESSING_FAILURE, f"{destination} did not commit it ({reason})"
+                        )
                         break
                     if state != "committed":
                         waiting.append(f"{destination}'s own commitment")
@@ -282,7 +380,9 @@ class CommitmentStore:
             if failure is not None:
                 verdict.failed[ref] = failure
             elif waiting and overdue:
-                verdict.failed[ref] = Failure(PROCESSING_FAILURE, "still waiting at max_wait for " + ", ".join(waiting))
+                verdict.failed[ref] = Failure(
+                    PROCESSING_FAILURE, "still waiting at max_wait for " + ", ".join(waiting)
+                )
             elif waiting:
                 verdict.pending[ref] = ", ".join(waiting)
             else:

@@ -36,7 +36,10 @@ class Committer:
     """One thread per node; requests are shared between nodes through the catalog."""
 
     def __init__(
-        self, config: Callable[[], Config], store: CommitmentStore, channels: ReportChannels,
+        self,
+        config: Callable[[], Config],
+        store: CommitmentStore,
+        channels: ReportChannels,
         audit: AuditTrail | NoAudit,
     ):
         self.config = config
@@ -81,7 +84,9 @@ class Committer:
                 reported += self._handle(request)
             except Exception as exc:
                 log.exception("commitment_check_failed", transaction_uid=request.transaction_uid)
-                self.store.check_later(request.id, self.config().router.storage_commitment.poll_interval_s, str(exc))
+                self.store.check_later(
+                    request.id, self.config().router.storage_commitment.poll_interval_s, str(exc)
+                )
         return reported
 
     # ------------------------------------------------------------------ one request
@@ -100,13 +105,19 @@ class Committer:
             event_type = SOME_FAILED if failures else ALL_COMMITTED
             self.store.decide(request.id, event_type, failures)
             for ref, failure in failures.items():
-                log.warning("commitment_failed", transaction_uid=request.transaction_uid, calling_ae=request.calling_ae,
-                            sop_instance_uid=ref.sop_instance_uid, failure_reason=f"0x{failure.reason:04X}",
-                            reason=failure.why)
+                log.warning(
+                    "commitment_failed",
+                    transaction_uid=request.transaction_uid,
+                    calling_ae=request.calling_ae,
+                    sop_instance_uid=ref.sop_instance_uid,
+                    failure_reason=f"0x{failure.reason:04X}",
+                    reason=failure.why,
+                )
         else:
             failures = {
                 ref: Failure(*request.failures[ref.sop_instance_uid])
-                for ref in request.instances if ref.sop_instance_uid in request.failures
+                for ref in request.instances
+                if ref.sop_instance_uid in request.failures
             }
         return self._report(config, request, failures)
 
@@ -115,25 +126,46 @@ class Committer:
         if server is None or not server.usable:
             return
         transaction_uid = generate_uid()
-        self.store.add_destination_requests(server_name, transaction_uid, instances)  # before its report can come
+        self.store.add_destination_requests(
+            server_name, transaction_uid, instances
+        )  # before its report can come
         try:
             request_commitment(server, config.router, transaction_uid, instances)
         except PeerUnavailable as exc:
             self.store.forget_destination_requests(transaction_uid)
             log.warning("commitment_ask_failed", server=server_name, reason=exc.reason)
             return
-        log.info("commitment_asked", server=server_name, transaction_uid=transaction_uid, instances=len(instances))
-        self.audit.record("commitment", "asked", servers=server_name,
-                          detail=f"transaction {transaction_uid}: {len(instances)} instances")
+        log.info(
+            "commitment_asked",
+            server=server_name,
+            transaction_uid=transaction_uid,
+            instances=len(instances),
+        )
+        self.audit.record(
+            "commitment",
+            "asked",
+            servers=server_name,
+            detail=f"transaction {transaction_uid}: {len(instances)} instances",
+        )
 
-    def _report(self, config: Config, request: ClaimedRequest, failures: dict[Referenced, Failure]) -> int:
+    def _report(
+        self, config: Config, request: ClaimedRequest, failures: dict[Referenced, Failure]
+    ) -> int:
         committed = [ref for ref in request.instances if ref not in failures]
         event_type = SOME_FAILED if failures else ALL_COMMITTED
-        report = report_dataset(request.transaction_uid, committed, {ref: f.reason for ref, f in failures.items()})
-        identity = {"calling_ae": request.calling_ae, "called_ae": request.called_ae, "address": request.address}
+        report = report_dataset(
+            request.transaction_uid, committed, {ref: f.reason for ref, f in failures.items()}
+        )
+        identity = {
+            "calling_ae": request.calling_ae,
+            "called_ae": request.called_ae,
+            "address": request.address,
+        }
         detail = f"transaction {request.transaction_uid}: {len(committed)} committed, {len(failures)} failed"
         if failures:
-            detail += "; " + "; ".join(f"{ref.sop_instance_uid}: {f.why}" for ref, f in list(failures.items())[:20])
+            detail += "; " + "; ".join(
+                f"{ref.sop_instance_uid}: {f.why}" for ref, f in list(failures.items())[:20]
+            )
         channel = self.channels.get(request.transaction_uid)
         if channel is not None and self._report_on(channel, event_type, report, config):
             how = "same association"
@@ -157,16 +189,33 @@ class Committer:
         self.store.reported(request.id, how)
         self.channels.discard(request.transaction_uid)
         outcome = "committed" if not failures else "failed"
-        log.info("commitment_reported", transaction_uid=request.transaction_uid, calling_ae=request.calling_ae,
-                 event_type=event_type, committed=len(committed), failed=len(failures), how=how)
-        self.audit.record("commitment", outcome, detail=f"{detail} (reported on the {how})", **identity)
+        log.info(
+            "commitment_reported",
+            transaction_uid=request.transaction_uid,
+            calling_ae=request.calling_ae,
+            event_type=event_type,
+            committed=len(committed),
+            failed=len(failures),
+            how=how,
+        )
+        self.audit.record(
+            "commitment", outcome, detail=f"{detail} (reported on the {how})", **identity
+        )
         return 1
 
     def _retry_report(self, config: Config, request: ClaimedRequest, error: str) -> None:
         settings = config.router.storage_commitment
-        delay = min(settings.report_retry_max_s, settings.report_retry_initial_s * 2 ** min(request.report_attempts, 16))
-        log.warning("commitment_report_failed", transaction_uid=request.transaction_uid, calling_ae=request.calling_ae,
-                    reason=error, retry_in_s=round(delay, 1))
+        delay = min(
+            settings.report_retry_max_s,
+            settings.report_retry_initial_s * 2 ** min(request.report_attempts, 16),
+        )
+        log.warning(
+            "commitment_report_failed",
+            transaction_uid=request.transaction_uid,
+            calling_ae=request.calling_ae,
+            reason=error,
+            retry_in_s=round(delay, 1),
+        )
         self.store.check_later(request.id, delay, error, attempted=True)
 
     def _report_on(self, channel: ReportChannel, event_type: int, report, config: Config) -> bool:
@@ -189,7 +238,8 @@ class Committer:
             return False
         status = response.number(0x0900)
         if status != 0x0000:
-            log.warning("commitment_report_refused", status=f"0x{status or 0:04X}", how="same association")
+            log.warning(
+                "commitment_report_refused", status=f"0x{status or 0:04X}", how="same association"
+            )
             return False
         return True
-

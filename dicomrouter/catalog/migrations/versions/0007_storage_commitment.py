@@ -45,12 +45,16 @@ def upgrade() -> None:
         sa.Column("reported_at", TIMESTAMP, nullable=True),
         sa.Column("reported_how", sa.String(), nullable=True),
         sa.Column("last_error", sa.Text(), nullable=True),
-        sa.CheckConstraint("state IN ('waiting', 'reported')", name=op.f("ck_commitment_requests_state")),
+        sa.CheckConstraint(
+            "state IN ('waiting', 'reported')", name=op.f("ck_commitment_requests_state")
+        ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_commitment_requests")),
         sa.UniqueConstraint("transaction_uid", name=op.f("uq_commitment_requests_transaction_uid")),
     )
     op.create_index(
-        op.f("ix_commitment_requests_state_next_check_at"), "commitment_requests", ["state", "next_check_at"]
+        op.f("ix_commitment_requests_state_next_check_at"),
+        "commitment_requests",
+        ["state", "next_check_at"],
     )
     op.create_table(
         "destination_commitments",
@@ -64,15 +68,20 @@ def upgrade() -> None:
         sa.Column("requested_at", TIMESTAMP, nullable=False),
         sa.Column("answered_at", TIMESTAMP, nullable=True),
         sa.CheckConstraint(
-            "state IN ('requested', 'committed', 'failed')", name=op.f("ck_destination_commitments_state")
+            "state IN ('requested', 'committed', 'failed')",
+            name=op.f("ck_destination_commitments_state"),
         ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_destination_commitments")),
         sa.UniqueConstraint(
-            "server_name", "sop_instance_uid", name=op.f("uq_destination_commitments_server_name_sop_instance_uid")
+            "server_name",
+            "sop_instance_uid",
+            name=op.f("uq_destination_commitments_server_name_sop_instance_uid"),
         ),
     )
     op.create_index(
-        op.f("ix_destination_commitments_transaction_uid"), "destination_commitments", ["transaction_uid"]
+        op.f("ix_destination_commitments_transaction_uid"),
+        "destination_commitments",
+        ["transaction_uid"],
     )
 
 
