@@ -220,9 +220,9 @@ def test_stop_aborts_an_open_lean_association(app):
 
 def test_private_classes_are_taken_and_services_not_offered_are_refused(app):
     """A private storage class (Siemens CSA Non-Image) is accepted, as real modalities need; a service the
-    router does not offer (Storage Commitment, for now) is refused: abstract syntax not supported."""
+    router does not offer (Modality Performed Procedure Step) is refused: abstract syntax not supported."""
     private_class = "1.3.12.2.1107.5.9.1"
-    commitment = "1.2.840.10008.1.20.1"
+    commitment = "1.2.840.10008.3.1.2.3.3"  # MPPS: not offered
     client = AE(ae_title="WORKSTATION")
     client.add_requested_context(private_class, [ImplicitVRLittleEndian])
     client.add_requested_context(commitment, [ImplicitVRLittleEndian])
