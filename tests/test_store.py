@@ -140,10 +140,13 @@ def test_destination_down_then_back_delivers_everything(farm_config, clean_ortha
 
 
 def test_sigkill_mid_stream_loses_nothing_acknowledged(farm_config, clean_orthanc_farm, tmp_path, router_port):
+    """SIGKILL lands after the sender has seen KILL_AFTER acknowledgements, with more still to send:
+    every instance acknowledged before the kill reaches the PACS once the router is back."""
     import subprocess
 
     from tests.router_process import dcmtk, dcmtk_env
 
+    kill_after = 20
     edit_config(farm_config, fast_retries)
     farm = clean_orthanc_farm
     files = _instances(tmp_path / "kill", 150, rows=256)
@@ -151,14 +154,21 @@ def test_sigkill_mid_stream_loses_nothing_acknowledged(farm_config, clean_orthan
     try:
         sender = subprocess.Popen(
             [dcmtk("storescu"), "-v", "-aet", "WORKSTATION", "-aec", "DICOMROUTER", "127.0.0.1", str(router_port), *files],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dcmtk_env(),
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace", env=dcmtk_env(),
         )
-        time.sleep(0.8)
-        router.process.send_signal(signal.SIGKILL)
+        lines = []
+        successes = 0
+        for line in sender.stdout:  # storescu -v prints each response as it arrives
+            lines.append(line)
+            successes += "Received Store Response (Success)" in line
+            if successes == kill_after:
+                router.process.send_signal(signal.SIGKILL)
+                break
         router.process.wait(timeout=10)
-        output, _ = sender.communicate(timeout=60)
+        output = "".join(lines) + sender.communicate(timeout=60)[0]
         acknowledged = successful_sop_uids(output, files)
-        assert 0 < len(acknowledged) < len(files), "the kill should land mid-stream"
+        assert successes == kill_after, output[-2000:]
+        assert kill_after <= len(acknowledged) < len(files), "the kill should land mid-stream"
         router.start()
         held = _wait_for(lambda: acknowledged <= set(farm[0].instance_sop_uids()), timeout=60)
         assert held, f"{len(acknowledged - set(farm[0].instance_sop_uids()))} acknowledged instances missing"
