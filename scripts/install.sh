@@ -18,6 +18,12 @@ need_apt=()
 [ -x /usr/bin/promtool ] || need_apt+=(prometheus)
 # Debian's own python3 has no venv/ensurepip without python3-venv (pyenv's and python.org's builds do).
 python3 -c 'import ensurepip, venv' 2>/dev/null || need_apt+=(python3-venv)
+# Other DICOM implementations the router is tested against (tests/test_third_party_peers.py).
+[ -x /usr/bin/gdcmscu ] || need_apt+=(libgdcm-tools)
+[ -f /usr/share/java/pixelmed.jar ] || need_apt+=(libpixelmed-java)
+[ -x /usr/bin/javac ] || need_apt+=(default-jdk-headless)
+[ -x /usr/bin/odil ] || need_apt+=(odil)
+{ [ -x /usr/bin/dicom_echo ] && [ -x /usr/bin/send_image ]; } || need_apt+=(ctn)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "installing ${need_apt[*]} from Debian" >&2
   export DEBIAN_FRONTEND=noninteractive
