@@ -113,10 +113,16 @@ def test_same_instance_twice_is_idempotent(farm_router, clean_orthanc_farm, tmp_
     assert _wait_for(lambda: "queue: done 1" in farm_router.cli("queue", "list").stdout)
     second = storescu(router_port, files)
     assert second.returncode == 0 and "Success" in second.stderr + second.stdout
-    time.sleep(0.5)
+    # Success comes only after the store's jobs are committed: the queue is final for it now.
     listing = farm_router.cli("queue", "list").stdout
     assert "queue: done 1" in listing, listing  # no second job for the same bytes
     assert clean_orthanc_farm[0].instance_count() == 1
+
+
+def _listing_with(router: RouterProcess, text: str) -> str:
+    """`queue list` if it contains `text`, else ''."""
+    listing = router.cli("queue", "list").stdout
+    return listing if text in listing else ""
 
 
 def test_destination_down_then_back_delivers_everything(farm_config, clean_orthanc_farm, tmp_path, router_port):
@@ -129,9 +135,9 @@ def test_destination_down_then_back_delivers_everything(farm_config, clean_ortha
             result = storescu(router_port, files)
             assert result.returncode == 0, result.stderr
             assert len(successful_sop_uids(result.stdout + result.stderr, files)) == 5
-            time.sleep(1.5)
-            listing = router.cli("queue", "list").stdout
-            assert "Test PACS 1" in listing and "pending" in listing
+            # The first attempts fail and the jobs wait for their retry.
+            listing = _wait_for(lambda: _listing_with(router, "pending"))
+            assert "Test PACS 1" in listing and "pending" in listing, router.cli("queue", "list").stdout
         finally:
             farm[0].start()
         assert farm[0].wait_for_instance_count(5, timeout=30) == 5
