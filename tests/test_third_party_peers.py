@@ -69,8 +69,8 @@ def _stored(farm, ds: pydicom.Dataset, folder: Path) -> Path:
     return path
 
 
-def test_pynetdicom_apps_echo_store_find_get(
-    farm_router, clean_orthanc_farm, tmp_path, router_port
+def test_pynetdicom_apps_echo_store_find_get_move(
+    farm_router, clean_orthanc_farm, tmp_path, router_port, workstation_port
 ):
     port = str(router_port)
     echo = pynetdicom_app("echoscu", "-aet", CALLING, "-aec", CALLED, HOST, port)
@@ -126,7 +126,38 @@ def test_pynetdicom_apps_echo_store_find_get(
     assert "Completed: 1, Failed: 0, Warning: 0" in get.stdout, get.stdout
     files = list(received.iterdir())
     assert len(files) == 1, get.stdout
+    # getscu's storage contexts take what C-GET negotiated (implicit VR here): same instance, other encoding.
     _same_instance(files[0], ds)
+
+    # movescu with its own storage SCP as the WORKSTATION destination the PACS sends to.
+    moved = tmp_path / "move"
+    move = pynetdicom_app(
+        "movescu",
+        "-aet",
+        CALLING,
+        "-aec",
+        CALLED,
+        "-aem",
+        CALLING,
+        HOST,
+        port,
+        "-S",
+        "--store",
+        "--store-aet",
+        CALLING,
+        "--store-port",
+        str(workstation_port),
+        "-od",
+        str(moved),
+        "-k",
+        "QueryRetrieveLevel=STUDY",
+        "-k",
+        f"StudyInstanceUID={ds.StudyInstanceUID}",
+    )
+    assert "Move SCP Result: 0x0000 (Success)" in move.stdout, move.stdout
+    files = list(moved.iterdir()) if moved.exists() else []
+    assert len(files) == 1, move.stdout
+    assert dataset_bytes(files[0].read_bytes()) == dataset_bytes(path.read_bytes())
 
 
 def test_gdcmscu_echo_store_find(farm_router, clean_orthanc_farm, tmp_path, router_port):
