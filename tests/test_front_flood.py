@@ -61,11 +61,35 @@ def wait_for_refusals(router: RouterProcess, expected: int, timeout: float = 10.
         time.sleep(0.1)
 
 
+def accept_queue(port: int) -> int:
+    """Connections the kernel holds for the router's accept() on `port` (Recv-Q of its listening socket)."""
+    waiting = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as handle:
+            next(handle)
+            for line in handle:
+                fields = line.split()
+                if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
+                    waiting += int(fields[4].split(":")[1], 16)
+    return waiting
+
+
+def wait_until_silent(port: int, timeout: float = 10.0) -> None:
+    """Every connection made so far accepted by the router, then twice SILENT_EVICTION_AGE_S: from then on
+    they are silent in the router's eyes. Their age counts from the router's accept(), which a busy
+    machine delays well past the connect(): sleeping from the connect() alone races that."""
+    deadline = time.monotonic() + timeout
+    while accept_queue(port) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert accept_queue(port) == 0, "the router did not accept the connections"
+    time.sleep(2 * SILENT_EVICTION_AGE_S)
+
+
 def test_flood_is_refused_while_echo_keeps_answering(router):
     pid = router.process.pid
     before = process_figures(pid)
     idle = [RawPeer(router.port) for _ in range(MAX_ASSOCIATIONS)]  # connected, never a byte
-    time.sleep(2 * SILENT_EVICTION_AGE_S)  # from now on they are silent in the router's eyes
+    wait_until_silent(router.port)
     try:
         result = flood(router.port, attempts=10 * MAX_ASSOCIATIONS)
         # The keeper holds one slot; the flood gets at most the rest.
@@ -103,7 +127,7 @@ def test_idle_connections_do_not_take_association_slots(router):
     """As many connections as max_associations sit idle; an association still gets in."""
     idle = [RawPeer(router.port) for _ in range(MAX_ASSOCIATIONS)]
     try:
-        time.sleep(2 * SILENT_EVICTION_AGE_S)
+        wait_until_silent(router.port)
         assert echo_succeeds(router.port)
     finally:
         for peer in idle:
@@ -115,7 +139,7 @@ def test_silent_connections_cannot_lock_a_caller_out(router):
     ones are dropped (oldest first, to make room, or after the ACSE timeout)."""
     idle = [RawPeer(router.port) for _ in range(2 * MAX_ASSOCIATIONS)]
     try:
-        time.sleep(2 * SILENT_EVICTION_AGE_S)  # from now on they are silent in the router's eyes
+        wait_until_silent(router.port)
         started = time.monotonic()
         assert echo_succeeds(router.port)
         assert time.monotonic() - started < 1.0
@@ -135,7 +159,7 @@ def test_slow_requests_over_the_per_address_cap_get_local_limit_exceeded(router)
     try:
         for peer in slow:
             peer.send(request[:10])  # a header and a little: heard from, not complete
-        time.sleep(0.3)  # let the router read those first bytes
+        # No wait: bytes in the socket (still unread by a busy router) count as heard from, like bytes read.
         with RawPeer(router.port) as peer:
             peer.send(request)
             assert peer.read_pdu(timeout=ACSE_TIMEOUT + 5) == (A_ASSOCIATE_RJ, b"\x00\x02\x03\x02")
