@@ -27,7 +27,9 @@ def router(tmp_path):
             "max_pending_per_address": PER_ADDRESS,
             "acse_timeout": ACSE_TIMEOUT,
             "network_timeout": 20,
-            "audit": {"rejection_summary_interval": 0.5},  # repeated rejections are summed: see them soon
+            "audit": {
+                "rejection_summary_interval": 0.5
+            },  # repeated rejections are summed: see them soon
         },
     )
     process = RouterProcess(path, port)
@@ -44,9 +46,12 @@ def refusals_in_log(router: RouterProcess) -> int:
     when even the few threads that answer refusals were busy. Repeats from one address are summed:
     one line each, then summaries with the count."""
     turned_away = ("local limit exceeded", "too many connections")
-    single = sum(1 for r in log_events(router, "association_rejected") if r["reason"].startswith(turned_away))
+    single = sum(
+        1 for r in log_events(router, "association_rejected") if r["reason"].startswith(turned_away)
+    )
     repeated = sum(
-        r["associations"] for r in log_events(router, "association_rejections_repeated")
+        r["associations"]
+        for r in log_events(router, "association_rejections_repeated")
         if r["reason"].startswith(turned_away)
     )
     return single + repeated

@@ -25,14 +25,22 @@ from tests.store_helpers import (
 pytestmark = pytest.mark.slow
 
 
-def _instances(folder: Path, count: int, modality: str = "CT", study_uid: str | None = None, rows: int = 64) -> list[str]:
+def _instances(
+    folder: Path, count: int, modality: str = "CT", study_uid: str | None = None, rows: int = 64
+) -> list[str]:
     folder.mkdir(parents=True, exist_ok=True)
     study_uid = study_uid or generate_uid()
     series_uid = generate_uid()
     files = []
     for index in range(count):
-        ds = make_test_instance(study_uid=study_uid, series_uid=series_uid, modality=modality, rows=rows, cols=rows,
-                                instance_number=index + 1)
+        ds = make_test_instance(
+            study_uid=study_uid,
+            series_uid=series_uid,
+            modality=modality,
+            rows=rows,
+            cols=rows,
+            instance_number=index + 1,
+        )
         files.append(str(write_instance(folder / f"{modality}{index:04d}.dcm", ds)))
     return files
 
@@ -59,7 +67,13 @@ def rules_router(farm_config, router_port):
 
     def change(data):
         fast_retries(data)
-        data["routes"] = [{"name": "MR to Test PACS 2", "match": {"Modality": "MR"}, "destinations": ["Test PACS 2"]}]
+        data["routes"] = [
+            {
+                "name": "MR to Test PACS 2",
+                "match": {"Modality": "MR"},
+                "destinations": ["Test PACS 2"],
+            }
+        ]
 
     edit_config(farm_config, change)
     router = RouterProcess(farm_config, router_port).start()
@@ -69,7 +83,9 @@ def rules_router(farm_config, router_port):
         router.stop()
 
 
-def test_routing_by_primary_rule_and_called_ae(rules_router, clean_orthanc_farm, tmp_path, router_port):
+def test_routing_by_primary_rule_and_called_ae(
+    rules_router, clean_orthanc_farm, tmp_path, router_port
+):
     farm = clean_orthanc_farm
     ct_files = _instances(tmp_path / "ct", 3, "CT")
     mr_files = _instances(tmp_path / "mr", 2, "MR")
@@ -125,7 +141,9 @@ def _listing_with(router: RouterProcess, text: str) -> str:
     return listing if text in listing else ""
 
 
-def test_destination_down_then_back_delivers_everything(farm_config, clean_orthanc_farm, tmp_path, router_port):
+def test_destination_down_then_back_delivers_everything(
+    farm_config, clean_orthanc_farm, tmp_path, router_port
+):
     edit_config(farm_config, fast_retries)
     farm = clean_orthanc_farm
     files = _instances(tmp_path / "down", 5)
@@ -137,7 +155,9 @@ def test_destination_down_then_back_delivers_everything(farm_config, clean_ortha
             assert len(successful_sop_uids(result.stdout + result.stderr, files)) == 5
             # The first attempts fail and the jobs wait for their retry.
             listing = _wait_for(lambda: _listing_with(router, "pending"))
-            assert "Test PACS 1" in listing and "pending" in listing, router.cli("queue", "list").stdout
+            assert "Test PACS 1" in listing and "pending" in listing, router.cli(
+                "queue", "list"
+            ).stdout
         finally:
             farm[0].start()
         assert farm[0].wait_for_instance_count(5, timeout=30) == 5
@@ -145,7 +165,9 @@ def test_destination_down_then_back_delivers_everything(farm_config, clean_ortha
     assert "destination_unavailable" in router.log_text()
 
 
-def test_sigkill_mid_stream_loses_nothing_acknowledged(farm_config, clean_orthanc_farm, tmp_path, router_port):
+def test_sigkill_mid_stream_loses_nothing_acknowledged(
+    farm_config, clean_orthanc_farm, tmp_path, router_port
+):
     """SIGKILL lands after the sender has seen KILL_AFTER acknowledgements, with more still to send:
     every instance acknowledged before the kill reaches the PACS once the router is back."""
     import subprocess
@@ -159,8 +181,22 @@ def test_sigkill_mid_stream_loses_nothing_acknowledged(farm_config, clean_orthan
     router = RouterProcess(farm_config, router_port).start()
     try:
         sender = subprocess.Popen(
-            [dcmtk("storescu"), "-v", "-aet", "WORKSTATION", "-aec", "DICOMROUTER", "127.0.0.1", str(router_port), *files],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace", env=dcmtk_env(),
+            [
+                dcmtk("storescu"),
+                "-v",
+                "-aet",
+                "WORKSTATION",
+                "-aec",
+                "DICOMROUTER",
+                "127.0.0.1",
+                str(router_port),
+                *files,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            errors="replace",
+            env=dcmtk_env(),
         )
         lines = []
         successes = 0
@@ -177,12 +213,16 @@ def test_sigkill_mid_stream_loses_nothing_acknowledged(farm_config, clean_orthan
         assert kill_after <= len(acknowledged) < len(files), "the kill should land mid-stream"
         router.start()
         held = _wait_for(lambda: acknowledged <= set(farm[0].instance_sop_uids()), timeout=60)
-        assert held, f"{len(acknowledged - set(farm[0].instance_sop_uids()))} acknowledged instances missing"
+        assert held, (
+            f"{len(acknowledged - set(farm[0].instance_sop_uids()))} acknowledged instances missing"
+        )
     finally:
         router.stop()
 
 
-def test_malformed_input_is_refused_and_router_keeps_serving(farm_router, clean_orthanc_farm, tmp_path, router_port, farm_config):
+def test_malformed_input_is_refused_and_router_keeps_serving(
+    farm_router, clean_orthanc_farm, tmp_path, router_port, farm_config
+):
     spool = farm_config.parent / "var" / "spool"
     ae = AE(ae_title="WORKSTATION")
     ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
@@ -231,12 +271,16 @@ def test_import_folder_with_non_dicom_file(farm_config, clean_orthanc_farm, tmp_
     assert "skipped 4 duplicates" in again.stdout, again.stdout
 
 
-def test_spool_full_answers_out_of_resources(farm_config, clean_orthanc_farm, tmp_path, router_port):
+def test_spool_full_answers_out_of_resources(
+    farm_config, clean_orthanc_farm, tmp_path, router_port
+):
     import subprocess
 
     spool = tmp_path / "tiny-spool"
     spool.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(spool)], capture_output=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(spool)], capture_output=True
+    )
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
     try:
@@ -251,7 +295,9 @@ def test_spool_full_answers_out_of_resources(farm_config, clean_orthanc_farm, tm
                 assert "Refused: OutOfResources" in output
                 assert len(acknowledged) < len(files)
                 clean_orthanc_farm[0].start()
-                assert _wait_for(lambda: acknowledged <= set(clean_orthanc_farm[0].instance_sop_uids()), 30)
+                assert _wait_for(
+                    lambda: acknowledged <= set(clean_orthanc_farm[0].instance_sop_uids()), 30
+                )
             assert "spool" in router.log_text() and "full" in router.log_text()
         finally:
             if not clean_orthanc_farm[0].is_running():
@@ -268,15 +314,21 @@ def test_config_for_other_port_is_separate(tmp_path, orthanc_farm, workstation_p
 
 
 @pytest.mark.parametrize("streamed", [False, True], ids=["held in memory", "streamed to the spool"])
-def test_mixed_transfer_syntaxes_arrive_byte_identical(farm_config, clean_orthanc_farm, tmp_path, router_port, streamed):
+def test_mixed_transfer_syntaxes_arrive_byte_identical(
+    farm_config, clean_orthanc_farm, tmp_path, router_port, streamed
+):
     """With router.max_in_memory_dataset at its minimum (1 KiB) every data set but the deflated one is
     written to the spool while it arrives, checked from the file, and forwarded from it."""
     if streamed:
         edit_config(farm_config, lambda d: d["router"].update(max_in_memory_dataset=1024))
     with RouterProcess(farm_config, router_port) as router:
-        sent = _mixed_transfer_syntaxes_arrive_byte_identical(clean_orthanc_farm, tmp_path, router_port)
+        sent = _mixed_transfer_syntaxes_arrive_byte_identical(
+            clean_orthanc_farm, tmp_path, router_port
+        )
     streamed_count = router.log_text().count('"store_streaming_to_spool"')
-    assert streamed_count == (sent - 1 if streamed else 0), router.log_tail()  # the deflated one stays in memory
+    assert streamed_count == (sent - 1 if streamed else 0), (
+        router.log_tail()
+    )  # the deflated one stays in memory
 
 
 def _mixed_transfer_syntaxes_arrive_byte_identical(clean_orthanc_farm, tmp_path, router_port):
@@ -294,16 +346,30 @@ def _mixed_transfer_syntaxes_arrive_byte_identical(clean_orthanc_farm, tmp_path,
         sop_uid = with_new_uids(Path(source), target, study_uid)
         files[sop_uid] = target
     profile = storescu_profile(tmp_path / "mixed.cfg", list(files.values()))
-    result = storescu(router_port, [str(p) for p in files.values()], "WORKSTATION", "DICOMROUTER",
-                      "-xf", str(profile), "Mixed")
+    result = storescu(
+        router_port,
+        [str(p) for p in files.values()],
+        "WORKSTATION",
+        "DICOMROUTER",
+        "-xf",
+        str(profile),
+        "Mixed",
+    )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     assert len(successful_sop_uids(output, [str(p) for p in files.values()])) == len(files), output
     assert clean_orthanc_farm[0].wait_for_instance_count(len(files)) == len(files)
     # The same files straight to another Orthanc: storescu itself re-encodes some elements, so the
     # router is transparent when both copies carry the same dataset bytes.
-    direct = storescu(clean_orthanc_farm[1].spec.dicom_port, [str(p) for p in files.values()], "WORKSTATION",
-                      clean_orthanc_farm[1].spec.ae_title, "-xf", str(profile), "Mixed")
+    direct = storescu(
+        clean_orthanc_farm[1].spec.dicom_port,
+        [str(p) for p in files.values()],
+        "WORKSTATION",
+        clean_orthanc_farm[1].spec.ae_title,
+        "-xf",
+        str(profile),
+        "Mixed",
+    )
     assert direct.returncode == 0, direct.stderr
     for sop_uid, path in files.items():
         through_router = clean_orthanc_farm[0].download_instance(sop_uid)
