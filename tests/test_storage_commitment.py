@@ -323,3 +323,39 @@ def test_report_waits_for_the_destinations_own_commitment(
         assert asked < received < reported
         server_report = _log_events(router, "commitment_report_received")[0]
         assert server_report["server"] == "Test PACS 1" and server_report["committed"] == 2
+
+
+def test_report_on_the_requests_own_association_while_it_is_open(
+    commitment_router, modality, clean_orthanc_farm, router_port
+):
+    ids, uids = _upload(modality, 1)
+    modality.post_json(f"/modalities/{ROUTER_AE}/store", {"Resources": ids, "Synchronous": True})
+    clean_orthanc_farm["Test PACS 1"].wait_for_instance_count(1)
+    reports: list[tuple[int, Dataset]] = []
+
+    def on_report(event):
+        reports.append((event.event_type, event.event_information))
+        return 0x0000, None
+
+    ae = AE(ae_title="PYSCU")
+    ae.add_requested_context(StorageCommitmentPushModel)
+    assoc = ae.associate(
+        "127.0.0.1",
+        router_port,
+        ae_title=ROUTER_AE,
+        evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_report)],
+    )
+    assert assoc.is_established
+    try:
+        request = _referenced(uids)
+        status, _ = assoc.send_n_action(
+            request, 1, StorageCommitmentPushModel, "1.2.840.10008.1.20.1.1"
+        )
+        assert status.Status == 0x0000
+        assert _wait_for(lambda: reports, 30)
+    finally:
+        assoc.release()
+    event_type, report = reports[0]
+    assert event_type == 1 and report.TransactionUID == request.TransactionUID
+    assert [item.ReferencedSOPInstanceUID for item in report.ReferencedSOPSequence] == uids
+    assert _log_events(commitment_router, "commitment_reported")[-1]["how"] == "same association"
