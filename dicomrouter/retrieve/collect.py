@@ -14,19 +14,21 @@ from dicomrouter.net.get_client import (
     get_instances,
 )
 from dicomrouter.net.move_client import PATIENT_ROOT_MOVE, STUDY_ROOT_MOVE, PeerMoveError
+from dicomrouter.retrieve.held_syntax import get_as_held
 from dicomrouter.retrieve.plan import RetrieveRequest, SourcePlan
 
 log = get_logger(__name__)
 
 WARNING = 0xB000
 # The plan writes its own identifiers with the C-MOVE models; C-GET asks the same with its own.
+Storage = Mapping[str, Sequence[str]] | Sequence[tuple[str, Sequence[str]]] | None
 GET_MODEL = {STUDY_ROOT_MOVE: STUDY_ROOT_GET, PATIENT_ROOT_MOVE: PATIENT_ROOT_GET}
 
 
 def collect_instances(
     config: Config,
     sources: Sequence[SourcePlan],
-    storage: Mapping[str, Sequence[str]] | Sequence[tuple[str, Sequence[str]]],
+    storage: Storage,
     on_instance: Callable[[ReceivedInstance], int],
     is_cancelled: Callable[[], bool] = lambda: False,
     spill_folder: Path | None = None,
@@ -34,12 +36,17 @@ def collect_instances(
     """C-GET every request of every source, handing each instance once to `on_instance` (a large
     one in a file of `spill_folder`, when given: see get_instances).
 
+    `storage`: the contexts to offer, one transfer syntax each; None: every instance in the syntax
+    the source holds it in (retrieve/held_syntax.py: the classes found first, several
+    associations where they do not fit in one).
+
     Returns (what went wrong, one line per source; whether the caller cancelled).
     """
     seen: set[str] = set()
 
     def once(instance: ReceivedInstance) -> int:
         if instance.sop_instance_uid in seen:  # a copy the plan could not rule out: not twice
+            instance.discard()
             return 0x0000
         status = on_instance(instance)
         if status == 0x0000:
@@ -67,7 +74,7 @@ def _get_requests(
     config: Config,
     server: ServerConfig,
     requests: list[RetrieveRequest],
-    storage: Mapping[str, Sequence[str]] | Sequence[tuple[str, Sequence[str]]],
+    storage: Storage,
     on_instance: Callable[[ReceivedInstance], int],
     spill_folder: Path | None = None,
 ) -> list[str]:
@@ -76,9 +83,20 @@ def _get_requests(
     for request in requests:
         model = GET_MODEL.get(request.query_model, request.query_model)
         try:
-            outcome = get_instances(
-                server, config.router, model, request.identifier, storage, on_instance, spill_folder
-            )
+            if storage is None:
+                outcome = get_as_held(
+                    server, config.router, model, request.identifier, on_instance, spill_folder
+                )
+            else:
+                outcome = get_instances(
+                    server,
+                    config.router,
+                    model,
+                    request.identifier,
+                    storage,
+                    on_instance,
+                    spill_folder,
+                )
         except PeerMoveError as exc:
             log.warning("get_source_failed", source=server.name, kind=exc.kind, reason=exc.reason)
             errors.append(f"{server.name} {exc.kind}: {exc.reason}")
@@ -86,5 +104,9 @@ def _get_requests(
         if outcome.status not in (0x0000, WARNING) and (outcome.status >> 12) != 0xB:
             errors.append(
                 f"{server.name} answered 0x{outcome.status:04X} {outcome.comment}".strip()
+            )
+        elif outcome.failed:  # sub-operations the source could not send: the caller misses them
+            errors.append(
+                f"{server.name} could not send {outcome.failed} instance(s) {outcome.comment}".strip()
             )
     return errors

@@ -16,7 +16,7 @@ from dicomrouter.config import Config, ServerConfig
 from dicomrouter.logging import get_logger
 from dicomrouter.net.move_client import CANCELLED, PeerMove, PeerMoveError
 from dicomrouter.retrieve.plan import RetrieveRequest, SourcePlan
-from dicomrouter.retrieve.relay import Relay
+from dicomrouter.retrieve.relay import Relay, describe_reasons
 from dicomrouter.routing.move_routes import MoveDestination, plan_route
 
 log = get_logger(__name__)
@@ -64,6 +64,8 @@ class _SourceOutcome:
     failed_sop_uids: list[str] = field(default_factory=list)
     error_status: int | None = None  # the source refused or could not be reached
     error: str = ""
+    # Why sub-operations failed on a relay ("WORKSTATION does not accept ... in <syntax>")
+    reasons: list[str] = field(default_factory=list)
 
 
 class MoveRun:
@@ -237,6 +239,7 @@ class MoveRun:
                 counts.warning,
             )
             outcome.failed_sop_uids = list(counts.failed_sop_uids)
+            outcome.reasons = list(counts.reasons)
             if event is None:
                 yield self._totals(outcomes)
             elif isinstance(event, PeerMoveError):
@@ -268,7 +271,10 @@ class MoveRun:
     def _final(self, outcomes: list[_SourceOutcome]) -> MoveTotals:
         totals = self._totals(outcomes)
         errors = [o for o in outcomes if o.error_status is not None]
-        totals.comment = "; ".join(o.error for o in errors)
+        reasons = [reason for o in outcomes for reason in o.reasons]
+        totals.comment = "; ".join(
+            [o.error for o in errors] + ([describe_reasons(reasons)] if reasons else [])
+        )
         if self.cancelled:
             totals.status = CANCELLED
         elif errors and not totals.completed and not totals.warning:

@@ -19,55 +19,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydicom import Dataset
-from pydicom.uid import (
-    JPEG2000,
-    DeflatedExplicitVRLittleEndian,
-    ExplicitVRBigEndian,
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-    JPEG2000Lossless,
-    JPEGBaseline8Bit,
-    JPEGExtended12Bit,
-    JPEGLosslessSV1,
-    JPEGLSLossless,
-    JPEGLSNearLossless,
-    RLELossless,
-)
-from pynetdicom import StoragePresentationContexts
 
 from dicomrouter.config import CallingAETitles, RouterSettings, ServerConfig
 from dicomrouter.logging import get_logger
-from dicomrouter.net.get_client import (
-    PATIENT_ROOT_GET,
-    STUDY_ROOT_GET,
-    ReceivedInstance,
-    get_instances,
-)
-from dicomrouter.net.move_client import PATIENT_ROOT_MOVE, PeerMoveError
-from dicomrouter.net.store_client import EncodedStoreClient
+from dicomrouter.net.get_client import PATIENT_ROOT_GET, STUDY_ROOT_GET, ReceivedInstance
+from dicomrouter.net.move_client import PATIENT_ROOT_MOVE, MoveProgress, PeerMoveError
+from dicomrouter.net.store_client import ContextRejected, EncodedStoreClient
+from dicomrouter.retrieve.held_syntax import get_as_held
 from dicomrouter.routing.move_routes import MoveDestination
 
 log = get_logger(__name__)
 
 GET_MODEL_FOR_MOVE = {PATIENT_ROOT_MOVE: PATIENT_ROOT_GET}
-RELAY_TRANSFER_SYNTAXES = [
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-    DeflatedExplicitVRLittleEndian,
-    ExplicitVRBigEndian,
-    JPEGBaseline8Bit,
-    JPEGExtended12Bit,
-    JPEGLosslessSV1,
-    JPEGLSLossless,
-    JPEGLSNearLossless,
-    JPEG2000Lossless,
-    JPEG2000,
-    RLELossless,
-]
-RELAY_STORAGE = {
-    str(cx.abstract_syntax): [str(ts) for ts in RELAY_TRANSFER_SYNTAXES]
-    for cx in StoragePresentationContexts
-}
 _DONE = object()
 # Instances received but not yet stored on: bounds memory (~16 MiB of 512 KiB instances; larger
 # ones wait in spill files).
@@ -80,6 +43,23 @@ class RelayCounts:
     failed: int = 0
     warning: int = 0
     failed_sop_uids: list[str] = field(default_factory=list)
+    # Why sub-operations failed, each reason once ("... does not accept ... in <syntax>")
+    reasons: list[str] = field(default_factory=list)
+
+    def fail(self, sop_uid: str, reason: str) -> None:
+        self.failed += 1
+        self.failed_sop_uids.append(sop_uid)
+        if reason and reason not in self.reasons:
+            self.reasons.append(reason)
+
+
+MAX_REASONS = 5  # in the final comment; the log has every one
+
+
+def describe_reasons(reasons: list[str]) -> str:
+    shown = "; ".join(reasons[:MAX_REASONS])
+    more = len(reasons) - MAX_REASONS
+    return shown + (f"; and {more} more" if more > 0 else "")
 
 
 def destination_peer(destination: MoveDestination) -> ServerConfig:
@@ -142,6 +122,8 @@ class Relay:
                 instance.discard()
 
     def _store(self, client: EncodedStoreClient, instance: ReceivedInstance) -> None:
+        """Store one instance in its own transfer syntax; a destination refusing that syntax fails
+        the sub-operation (the router does not transcode)."""
         sop_uid = instance.sop_instance_uid
         try:
             outcome = client.send_encoded(
@@ -156,8 +138,26 @@ class Relay:
             elif outcome.success:
                 self.counts.warning += 1
             else:
-                self.counts.failed += 1
-                self.counts.failed_sop_uids.append(sop_uid)
+                reason = f"{self.destination.name} answered 0x{outcome.status:04X}" + (
+                    f" ({outcome.comment})" if outcome.comment else ""
+                )
+                log.warning(
+                    "relay_store_failed",
+                    destination=self.destination.name,
+                    sop_uid=sop_uid,
+                    reason=reason,
+                )
+                self.counts.fail(sop_uid, reason)
+        except ContextRejected as exc:
+            reason = f"{exc}; the router does not transcode"
+            log.warning(
+                "relay_store_failed",
+                destination=self.destination.name,
+                sop_uid=sop_uid,
+                transfer_syntax=instance.transfer_syntax,
+                reason=reason,
+            )
+            self.counts.fail(sop_uid, reason)
         except Exception as exc:  # the destination refused or went away: this sub-operation failed
             log.warning(
                 "relay_store_failed",
@@ -165,8 +165,7 @@ class Relay:
                 sop_uid=sop_uid,
                 reason=str(exc),
             )
-            self.counts.failed += 1
-            self.counts.failed_sop_uids.append(sop_uid)
+            self.counts.fail(sop_uid, str(exc))
         self._events.put(None)
 
     def _run(self) -> None:
@@ -177,12 +176,12 @@ class Relay:
         sender.start()
         result: object
         try:
-            result = get_instances(
+            # Each instance comes in the syntax the source holds it in and goes on unchanged.
+            result = get_as_held(
                 self.source,
                 self.router,
                 self.get_model,
                 self.identifier,
-                RELAY_STORAGE,
                 self._accept,
                 spill_folder=Path(self.router.spool) / "tmp",
             )
@@ -197,6 +196,15 @@ class Relay:
             self._outbox.put(_DONE)
             sender.join()
             client.close()
+        if isinstance(result, MoveProgress) and result.failed and not self.cancelled.is_set():
+            # Sub-operations the source could not send count as failed for the caller too.
+            self.counts.failed += result.failed
+            self.counts.failed_sop_uids += result.failed_sop_uids
+            reason = f"{self.source.name} could not send {result.failed} instance(s)" + (
+                f" ({result.comment})" if result.comment else ""
+            )
+            self.counts.reasons.append(reason)
+            log.warning("relay_source_failures", source=self.source.name, reason=reason)
         self._events.put(result)
         self._events.put(_DONE)
 

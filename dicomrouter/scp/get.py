@@ -73,7 +73,7 @@ class GetEvent:
     query_model: str
     encoded_identifier: bytes
     transfer_syntax: str
-    storage: dict[str, list[str]]  # SOP class -> syntaxes the caller takes as SCP
+    storage: list[tuple[str, list[str]]]  # (SOP class, [syntax]) the caller takes as SCP
     audit: AssociationAudit
     cancelled: Event
 
@@ -81,24 +81,30 @@ class GetEvent:
         return decode_identifier(self.encoded_identifier, self.transfer_syntax)
 
 
-def caller_storage(association: Association) -> dict[str, list[str]]:
-    """Storage SOP class -> transfer syntaxes the caller accepted to receive (it took the SCP role)."""
-    storage: dict[str, list[str]] = {}
+def caller_storage(association: Association) -> list[tuple[str, list[str]]]:
+    """What the caller accepted to receive (it took the SCP role): one (SOP class, [syntax]) per
+    accepted context. Proposed to the source as they are, one syntax per context, so it sends each
+    instance in a syntax the caller takes (its own where the caller takes that)."""
+    storage: dict[tuple[str, str], None] = {}
     for context in association.contexts.values():
         if context.scp_role and context.abstract_syntax not in GET_MODELS:
-            storage.setdefault(context.abstract_syntax, []).append(context.transfer_syntax)
-    return storage
+            storage[(context.abstract_syntax, context.transfer_syntax)] = None
+    return [(sop_class, [syntax]) for sop_class, syntax in storage]
 
 
 def hold_instance(folder: Path, instance: ReceivedInstance, index: int) -> Path:
-    """Write the received bytes as a DICOM file (file meta + data set as received) under `folder`."""
+    """Write the received bytes as a DICOM file (file meta + data set as received) under `folder`;
+    a large instance is copied from its spill file, never read into memory whole."""
     from dicomrouter.scp.store import file_meta
 
     meta = file_meta(instance.sop_class_uid, instance.sop_instance_uid, instance.transfer_syntax, "", "", "")
     path = folder / f"{index:06d}.dcm"
-    with open(path, "wb") as handle:
-        handle.write(meta)
-        handle.write(instance.dataset)
+    try:
+        with open(path, "wb") as handle:
+            handle.write(meta)
+            instance.write_to(handle)
+    finally:
+        instance.discard()
     return path
 
 
@@ -164,7 +170,10 @@ def _collect_and_send(event, config, caller, query_model, identifier, level, stu
         if not sources
         else []
     )
-    more_errors, cancelled = collect_instances(config, sources, storage, hold, event.cancelled.is_set)
+    missed: list[int] = []  # sub-operations a source counted failed or left undone
+    more_errors, cancelled = collect_instances(
+        config, sources, storage, hold, event.cancelled.is_set, spill_folder=folder, on_missed=missed.append
+    )
     errors += more_errors
     if cancelled:
         audit_row.update(outcome="cancelled", detail=f"{level}: cancelled while collecting")
@@ -182,7 +191,9 @@ def _collect_and_send(event, config, caller, query_model, identifier, level, stu
     # A source that failed counts as one failed sub-operation, so the final status shows it.
     detail = f"{level}: " + "; ".join(errors) if errors else level
     audit_row.update(counts={"instances": len(instances), "sent": 0}, detail=detail)
-    yield len(instances) + (1 if errors else 0)
+    # What a source could not send counts as failed (at least one per failed source), so the
+    # caller's counts are those of what it received.
+    yield len(instances) + (max(sum(missed), 1) if errors else 0)
     for sent, held in enumerate(instances):
         if event.cancelled.is_set():
             audit_row["outcome"] = "cancelled"

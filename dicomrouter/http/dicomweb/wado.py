@@ -142,12 +142,14 @@ def decode_instance(instance: ReceivedInstance) -> Dataset:
     return dcmread(BytesIO(encoded), stop_before_pixels=True)
 
 
-def storage_contexts(sop_classes: set[str]) -> list[tuple[str, list[str]]]:
-    """One context per (class, transfer syntax) while they fit; else one per class with them all."""
+def storage_contexts(sop_classes: set[str]) -> list[tuple[str, list[str]]] | None:
+    """One context per (class, transfer syntax) while they fit in one association; None beyond:
+    the collection then splits the classes over several associations (retrieve/held_syntax.py)
+    rather than let the source transcode."""
     classes = sorted(sop_classes)
     if len(classes) * len(TRANSFER_SYNTAXES) <= MAX_STORAGE_CONTEXTS:
         return [(sop, [syntax]) for sop in classes for syntax in TRANSFER_SYNTAXES]
-    return [(sop, list(TRANSFER_SYNTAXES)) for sop in classes[:MAX_STORAGE_CONTEXTS]]
+    return None
 
 
 def _query_values(
