@@ -46,16 +46,28 @@ def running_move_front(config_path: Path, port: int) -> Iterator[MoveFront]:
 
 
 @contextmanager
-def workstation(port: int, folder: Path, log_path: Path | None = None) -> Iterator[Path]:
+def workstation(
+    port: int, folder: Path, log_path: Path | None = None, options: tuple[str, ...] = ()
+) -> Iterator[Path]:
     """DCMTK storescp as WORKSTATION on `port`, writing what it receives to `folder`.
 
-    With `log_path`, storescp runs with -d and its dump of every request goes there.
+    With `log_path`, storescp runs with -d and its dump of every request goes there. `options`:
+    more storescp options (`+xa` every transfer syntax, `-B` data sets written as received).
     """
     folder.mkdir(parents=True, exist_ok=True)
     log = open(log_path, "wb") if log_path else subprocess.DEVNULL
     debug = ["-d"] if log_path else []
     process = subprocess.Popen(
-        [dcmtk("storescp"), *debug, "-aet", WORKSTATION_AE, "-od", str(folder), str(port)],
+        [
+            dcmtk("storescp"),
+            *debug,
+            *options,
+            "-aet",
+            WORKSTATION_AE,
+            "-od",
+            str(folder),
+            str(port),
+        ],
         stdout=log,
         stderr=subprocess.STDOUT if log_path else subprocess.DEVNULL,
         env=dcmtk_env(),
@@ -111,11 +123,17 @@ def movescu(
 
 
 def getscu(
-    port: int, folder: Path, *keys: str, model: str = "-S", timeout: float = 60
+    port: int,
+    folder: Path,
+    *keys: str,
+    model: str = "-S",
+    timeout: float = 60,
+    options: tuple[str, ...] = (),
 ) -> RetrieveRun:
-    """DCMTK getscu as the workstation, writing what it gets to `folder`."""
+    """DCMTK getscu as the workstation, writing what it gets to `folder` (`options`: more getscu
+    options, such as a preferred transfer syntax)."""
     folder.mkdir(parents=True, exist_ok=True)
-    args = ["-d", "-aet", WORKSTATION_AE, "-aec", ROUTER_AE, model, "-od", str(folder)]
+    args = ["-d", *options, "-aet", WORKSTATION_AE, "-aec", ROUTER_AE, model, "-od", str(folder)]
     for key in keys:
         args += ["-k", key]
     result = run_dcmtk("getscu", *args, "127.0.0.1", str(port), timeout=timeout)

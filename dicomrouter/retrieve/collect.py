@@ -32,6 +32,7 @@ def collect_instances(
     on_instance: Callable[[ReceivedInstance], int],
     is_cancelled: Callable[[], bool] = lambda: False,
     spill_folder: Path | None = None,
+    on_missed: Callable[[int], None] | None = None,
 ) -> tuple[list[str], bool]:
     """C-GET every request of every source, handing each instance once to `on_instance` (a large
     one in a file of `spill_folder`, when given: see get_instances).
@@ -41,6 +42,7 @@ def collect_instances(
     associations where they do not fit in one).
 
     Returns (what went wrong, one line per source; whether the caller cancelled).
+    `on_missed(n)` hears of sub-operations a source counted failed or left undone.
     """
     seen: set[str] = set()
 
@@ -58,16 +60,28 @@ def collect_instances(
         candidates = [(source.server, source.requests), *source.fallbacks]
         for attempt, (server, requests) in enumerate(candidates):
             before = len(seen)
-            failures = _get_requests(config, server, requests, storage, once, spill_folder)
+            failures, missed = _get_requests(config, server, requests, storage, once, spill_folder)
             if failures and len(seen) == before and attempt < len(candidates) - 1:
                 # Nothing came from this copy: ask the next server holding it as completely.
                 log.warning("get_source_skipped", source=server.name, reason="; ".join(failures))
                 continue
             errors += failures
+            expected = _expected(requests)
+            if failures and expected is not None:
+                # A source that gave up (Orthanc answers 0xC000 without counts) missed what it
+                # said it holds and did not send.
+                missed = max(missed, expected - (len(seen) - before))
+            if missed and on_missed is not None:
+                on_missed(missed)
             break
         if is_cancelled():
             return errors, True
     return errors, False
+
+
+def _expected(requests: list[RetrieveRequest]) -> int | None:
+    counts = [request.instances for request in requests]
+    return None if any(count is None for count in counts) else sum(counts)  # type: ignore[misc]
 
 
 def _get_requests(
@@ -77,9 +91,11 @@ def _get_requests(
     storage: Storage,
     on_instance: Callable[[ReceivedInstance], int],
     spill_folder: Path | None = None,
-) -> list[str]:
-    """C-GET each request from `server`; what went wrong, one line per failed request."""
+) -> tuple[list[str], int]:
+    """C-GET each request from `server`; (what went wrong, one line per failed request; how many
+    sub-operations the source counted failed or left undone)."""
     errors = []
+    missed = 0
     for request in requests:
         model = GET_MODEL.get(request.query_model, request.query_model)
         try:
@@ -101,6 +117,7 @@ def _get_requests(
             log.warning("get_source_failed", source=server.name, kind=exc.kind, reason=exc.reason)
             errors.append(f"{server.name} {exc.kind}: {exc.reason}")
             continue
+        missed += outcome.failed + (0 if outcome.status == 0xFE00 else outcome.remaining)
         if outcome.status not in (0x0000, WARNING) and (outcome.status >> 12) != 0xB:
             errors.append(
                 f"{server.name} answered 0x{outcome.status:04X} {outcome.comment}".strip()
@@ -109,4 +126,4 @@ def _get_requests(
             errors.append(
                 f"{server.name} could not send {outcome.failed} instance(s) {outcome.comment}".strip()
             )
-    return errors
+    return errors, missed

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydicom import Dataset
+from pydicom.uid import UID
 
 from dicomrouter.config import CallingAETitles, RouterSettings, ServerConfig
 from dicomrouter.logging import get_logger
@@ -43,7 +44,7 @@ class RelayCounts:
     failed: int = 0
     warning: int = 0
     failed_sop_uids: list[str] = field(default_factory=list)
-    # Why sub-operations failed, each reason once ("... does not accept ... in <syntax>")
+    # Why sub-operations failed, each reason once
     reasons: list[str] = field(default_factory=list)
 
     def fail(self, sop_uid: str, reason: str) -> None:
@@ -53,13 +54,32 @@ class RelayCounts:
             self.reasons.append(reason)
 
 
-MAX_REASONS = 5  # in the final comment; the log has every one
+MAX_REASONS = 5  # in the final comment (64 characters reach the caller); the log has every one
 
 
 def describe_reasons(reasons: list[str]) -> str:
-    shown = "; ".join(reasons[:MAX_REASONS])
-    more = len(reasons) - MAX_REASONS
-    return shown + (f"; and {more} more" if more > 0 else "")
+    """One line: refused syntaxes grouped per destination ("X refuses JPEG2000, RLELossless"),
+    then the other reasons."""
+    refused: dict[str, list[str]] = {}
+    others = []
+    for reason in reasons:
+        destination, sep, syntax = reason.partition(REFUSES)
+        if sep:
+            refused.setdefault(destination, []).append(syntax)
+        else:
+            others.append(reason)
+    lines = [f"{dest}{REFUSES}{', '.join(names)}" for dest, names in refused.items()]
+    lines += others[:MAX_REASONS]
+    more = len(others) - MAX_REASONS
+    return "; ".join(lines) + (f"; and {more} more" if more > 0 else "")
+
+
+REFUSES = " refuses "
+
+
+def syntax_name(uid: str) -> str:
+    """A transfer syntax's keyword (JPEG2000Lossless...), or its UID when pydicom does not know it."""
+    return UID(uid).keyword or uid
 
 
 def destination_peer(destination: MoveDestination) -> ServerConfig:
@@ -149,15 +169,17 @@ class Relay:
                 )
                 self.counts.fail(sop_uid, reason)
         except ContextRejected as exc:
-            reason = f"{exc}; the router does not transcode"
             log.warning(
                 "relay_store_failed",
                 destination=self.destination.name,
                 sop_uid=sop_uid,
                 transfer_syntax=instance.transfer_syntax,
-                reason=reason,
+                reason=f"{exc}; the router does not transcode",
             )
-            self.counts.fail(sop_uid, reason)
+            self.counts.fail(
+                sop_uid,
+                f"{self.destination.name}{REFUSES}{syntax_name(instance.transfer_syntax)}",
+            )
         except Exception as exc:  # the destination refused or went away: this sub-operation failed
             log.warning(
                 "relay_store_failed",
@@ -196,11 +218,13 @@ class Relay:
             self._outbox.put(_DONE)
             sender.join()
             client.close()
-        if isinstance(result, MoveProgress) and result.failed and not self.cancelled.is_set():
-            # Sub-operations the source could not send count as failed for the caller too.
-            self.counts.failed += result.failed
+        missed = result.failed + result.remaining if isinstance(result, MoveProgress) else 0
+        if isinstance(result, MoveProgress) and missed and not self.cancelled.is_set():
+            # Sub-operations the source could not send (or gave up on) count as failed for the
+            # caller too: its counts are those of what the destination received.
+            self.counts.failed += missed
             self.counts.failed_sop_uids += result.failed_sop_uids
-            reason = f"{self.source.name} could not send {result.failed} instance(s)" + (
+            reason = f"{self.source.name} could not send {missed} instance(s)" + (
                 f" ({result.comment})" if result.comment else ""
             )
             self.counts.reasons.append(reason)
