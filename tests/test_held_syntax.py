@@ -239,3 +239,28 @@ def test_get_of_the_whole_study_by_an_uncompressed_caller_counts_what_it_receive
         assert "Test PACS 1" in run.error_comment
     else:
         assert run.status == 0x0000, run.output[-3000:]
+
+
+def test_router_as_move_destination_accepts_the_syntax_proposed_first(farm_router, router_port):
+    """A PACS delivering sub-operations proposes the syntax it holds an instance in first, the
+    uncompressed ones after: the router takes that first one, compressed or not, per context."""
+    from pynetdicom import AE, build_context
+
+    from tests.orthanc_fixtures import ROUTER_AE
+
+    secondary_capture, ct = "1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.2"
+    uncompressed = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"]
+    firsts = [syntax for _, syntax, _ in FILES if syntax not in uncompressed]
+    ae = AE(ae_title="TEST_PACS_1")
+    ae.requested_contexts = [
+        *(build_context(secondary_capture, [first, *uncompressed]) for first in firsts),
+        build_context(ct, ["1.2.840.10008.1.2", "1.2.840.10008.1.2.1"]),
+    ]
+    assoc = ae.associate("127.0.0.1", router_port, ae_title=ROUTER_AE)
+    try:
+        assert assoc.is_established
+        accepted = {cx.context_id: cx.transfer_syntax[0] for cx in assoc.accepted_contexts}
+    finally:
+        assoc.release()
+    proposed = {2 * i + 1: cx.transfer_syntax[0] for i, cx in enumerate(ae.requested_contexts)}
+    assert accepted == proposed
