@@ -264,3 +264,72 @@ def test_router_as_move_destination_accepts_the_syntax_proposed_first(farm_route
         assoc.release()
     proposed = {2 * i + 1: cx.transfer_syntax[0] for i, cx in enumerate(ae.requested_contexts)}
     assert accepted == proposed
+
+
+def test_move_command_with_a_relay_keeps_every_transfer_syntax(
+    farm_config, clean_orthanc_farm, workstation_port, tmp_path
+):
+    """`dicomrouter move` on the relay route: the same code, the same result."""
+    from click.testing import CliRunner
+
+    from dicomrouter.cli.main import cli
+    from dicomrouter.cli.move import move_command
+
+    if move_command.name not in cli.commands:
+        cli.add_command(move_command)
+    pacs = clean_orthanc_farm[0]
+    study = load_held_study(pacs)
+    _relay_only(farm_config)
+    with workstation(workstation_port, tmp_path / "ws", options=EVERY_SYNTAX) as folder:
+        result = CliRunner().invoke(
+            cli,
+            ["--config", str(farm_config), "move", study["study"], "--to", "WORKSTATION"],
+            catch_exceptions=False,
+        )
+    assert result.exit_code == 0, result.output
+    assert_as_held(pacs, study, folder, set(study["instances"]))
+
+
+# Eleven image storage classes: more than one association can carry with a context per syntax
+MANY_CLASSES = [
+    "1.2.840.10008.5.1.4.1.1.1",  # CR
+    "1.2.840.10008.5.1.4.1.1.1.1",  # DX
+    "1.2.840.10008.5.1.4.1.1.1.2",  # MG
+    "1.2.840.10008.5.1.4.1.1.2",  # CT
+    "1.2.840.10008.5.1.4.1.1.4",  # MR
+    "1.2.840.10008.5.1.4.1.1.6.1",  # US
+    "1.2.840.10008.5.1.4.1.1.7",  # SC
+    "1.2.840.10008.5.1.4.1.1.20",  # NM
+    "1.2.840.10008.5.1.4.1.1.128",  # PET
+    "1.2.840.10008.5.1.4.1.1.481.1",  # RT Image
+    "1.2.840.10008.5.1.4.1.1.12.1",  # XA
+]
+
+
+def test_relay_of_a_study_with_more_classes_than_one_association_carries(
+    farm_config, router_port, clean_orthanc_farm, workstation_port, tmp_path
+):
+    from tests.orthanc_fixtures import instance_bytes, make_test_instance
+
+    pacs = clean_orthanc_farm[0]
+    study_uid, series_uid = generate_uid(), generate_uid()
+    sops = set()
+    for number, sop_class in enumerate(MANY_CLASSES, start=1):
+        ds = make_test_instance(
+            study_uid=study_uid, series_uid=series_uid, instance_number=number, rows=8, cols=8
+        )
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = sop_class
+        pacs.upload(instance_bytes(ds))
+        sops.add(ds.SOPInstanceUID)
+    _relay_only(farm_config)
+    run = _move_study(
+        farm_config,
+        router_port,
+        workstation_port,
+        tmp_path / "ws",
+        {"study": study_uid},
+        EVERY_SYNTAX,
+    )
+    assert run.status == 0x0000, run.output[-3000:]
+    assert run.count("Completed") == len(MANY_CLASSES)
+    assert set(received_files(tmp_path / "ws")) == sops
