@@ -440,3 +440,26 @@ def test_large_instances_stream_through_files_both_ways(web_router, clean_orthan
         assert part[dataset_offset(part) :] == original[dataset_offset(original) :]
     leftovers = [p for p in (web_router.spool / "tmp").iterdir()]
     assert leftovers == []  # spilled C-GET files and STOW parts are gone
+
+
+def test_wado_returns_every_transfer_syntax_as_the_pacs_holds_it(web_router, clean_orthanc_farm):
+    """pydicom's transfer-syntax files in one Orthanc: WADO-RS returns each in its own syntax,
+    every element (pixel data included) as held (issue 17)."""
+    from tests.test_held_syntax import FILES, elements, load_held_study
+
+    pacs = clean_orthanc_farm[0]
+    study = load_held_study(pacs)
+    reply = web_router.session("WEBVIEWER").get(
+        f"{web_router.url}/studies/{study['study']}",
+        headers={"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'},
+        timeout=60,
+    )
+    assert reply.status_code == 200, reply.text
+    parts = _multipart_parts(reply)
+    assert len(parts) == len(FILES)
+    for part in parts:
+        received = pydicom.dcmread(io.BytesIO(part), stop_before_pixels=True)
+        held = pacs.download_instance(received.SOPInstanceUID)
+        syntax = study["instances"][received.SOPInstanceUID][0]
+        assert received.file_meta.TransferSyntaxUID == syntax
+        assert elements(part) == elements(held), syntax
