@@ -8,12 +8,12 @@ import struct
 import time
 from dataclasses import dataclass
 
+from dicomrouter.dul.dimse import us
 from dicomrouter.net.upper_layer import (
     APPLICATION_CONTEXT,
     EXPLICIT_VR_LE,
     IMPLICIT_VR_LE,
     command_set,
-    us,
 )
 
 A_ASSOCIATE_RQ, A_ASSOCIATE_AC, A_ASSOCIATE_RJ = 0x01, 0x02, 0x03

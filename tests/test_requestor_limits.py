@@ -18,6 +18,7 @@ import pytest
 from pydicom import Dataset
 
 from dicomrouter.config import RouterSettings
+from dicomrouter.dul.dimse import us
 from dicomrouter.net.find_client import STUDY_ROOT_FIND, PeerFind, PeerFindError
 from dicomrouter.net.get_client import STUDY_ROOT_GET, ReceivedInstance, get_instances
 from dicomrouter.net.move_client import PeerMoveError
@@ -32,7 +33,6 @@ from dicomrouter.net.upper_layer import (
     command_set,
     open_link,
     parse_command,
-    us,
 )
 from tests.configs import server_config
 from tests.raw_peer import (
@@ -134,7 +134,7 @@ def test_an_associate_answer_announcing_two_gigabytes_is_aborted_before_its_body
     with fake_pacs(script) as pacs, peak_allocation() as peak:
         started = time.monotonic()
         with pytest.raises(
-            UpperLayerError, match="protocol violation.*2147483647 bytes, the limit is 1048576"
+            UpperLayerError, match="protocol violation.*2147483647 bytes, more than 1048576"
         ):
             link_to(pacs)
         elapsed = time.monotonic() - started
@@ -349,7 +349,7 @@ def test_echo_reports_a_peer_breaking_the_protocol_as_unreachable():
     with fake_pacs(script) as pacs:
         result = echo_peer(server_config(pacs.port), RouterSettings(), timeout_s=2)
     assert result.status == "unreachable"
-    assert "protocol violation" in result.detail and "the limit is 1048576" in result.detail
+    assert "protocol violation" in result.detail and "more than 1048576" in result.detail
 
 
 def test_a_peer_announcing_a_tiny_maximum_pdu_length_is_refused():

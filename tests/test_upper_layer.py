@@ -6,6 +6,7 @@ import struct
 
 import pytest
 
+from dicomrouter.dul.dimse import us
 from dicomrouter.net.upper_layer import (
     EXPLICIT_VR_LE,
     IMPLICIT_VR_LE,
@@ -13,7 +14,6 @@ from dicomrouter.net.upper_layer import (
     associate_request,
     command_set,
     parse_accepted,
-    us,
 )
 from tests.raw_peer import associate_ac_body
 

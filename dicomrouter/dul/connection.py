@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 from dicomrouter.dul.pdu import (
     A_ABORT,
+    A_ASSOCIATE_AC,
+    A_ASSOCIATE_RJ,
     A_ASSOCIATE_RQ,
     A_RELEASE_RP,
     A_RELEASE_RQ,
@@ -63,6 +65,9 @@ class Connection:
     def send_lock(self) -> threading.Lock:
         """Held while one message's PDUs go out, so another thread's PDU never lands inside them."""
         return self._send_lock
+
+    def mark_heard_from(self) -> None:
+        self.heard_from = True  # from now on never dropped to make room for another connection
 
     def send(self, data: bytes | memoryview) -> None:
         with self._send_lock:
@@ -123,83 +128,136 @@ class Connection:
         self.sock.close()
 
 
-class PduReader:
-    """Whole PDUs off a blocking socket, each within a deadline, every length capped on its header.
+class PduTimeout(Exception):
+    """The deadline passed before a whole PDU arrived; what did arrive is kept for the next read."""
 
-    Deadlines are kept with select(), not the socket's timeout: another thread may be sending on
-    the same socket (a C-FIND's answers while the reader waits for a C-CANCEL), and the timeout
-    is the socket's, shared by both directions.
+
+class PeerClosed(Exception):
+    """The peer closed the connection (or it broke) between or inside PDUs."""
+
+
+class PduRefused(Exception):
+    """A PDU header the reader will not read on from: an unknown type or a length over its cap."""
+
+    def __init__(self, reason: str, abort_pdu: bytes):
+        super().__init__(reason)
+        self.reason = reason
+        self.abort_pdu = abort_pdu
+
+
+def pdu_cap(pdu_type: int, pdata_limit: int) -> int:
+    """The largest length the router reads for a PDU of `pdu_type` (PS3.8 9.3: release and abort are 4 bytes)."""
+    if pdu_type == P_DATA_TF:
+        return pdata_limit
+    if pdu_type in (A_RELEASE_RQ, A_RELEASE_RP, A_ABORT):
+        return 4
+    return MAX_ASSOCIATION_PDU_LENGTH
+
+
+class PduStream:
+    """The one PDU reader, for the acceptor and the requestor alike.
+
+    Whole PDUs off one socket: each length checked against its cap as soon as the 6-byte header is
+    in, before a byte of the body is read or allocated; every wait bounded by a deadline (poll, not
+    the socket's timeout, which is shared with the thread sending on the same socket). A deadline
+    passing mid-PDU keeps what arrived: the next call goes on with the same PDU.
     """
+
+    def __init__(self, sock: socket.socket, pdata_limit: int, on_first_byte: Callable[[], None] | None = None):
+        self.sock = sock
+        self.pdata_limit = pdata_limit  # P-DATA-TF: the maximum length we announced, plus slack
+        self._on_first_byte = on_first_byte
+        self._poll = select.poll()
+        self._poll.register(sock.fileno(), select.POLLIN | select.POLLPRI)
+        self._header = bytearray(PDU_HEADER_LENGTH)
+        self._header_got = 0
+        self._pdu_type = 0
+        self._body: bytearray | None = None
+        self._body_got = 0
+        self.heard_from = False
+
+    @property
+    def mid_pdu(self) -> bool:
+        """Part of a PDU arrived and the rest is awaited."""
+        return self._header_got > 0
+
+    def _wait(self, deadline: float) -> None:
+        if isinstance(self.sock, ssl.SSLSocket) and self.sock.pending():
+            return
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise PduTimeout()
+        try:
+            ready = self._poll.poll(remaining * 1000)
+        except (OSError, ValueError):  # closed by another thread (stop) meanwhile
+            raise PeerClosed("connection closed by the router") from None
+        if not ready:
+            raise PduTimeout()
+
+    def _recv_into(self, view: memoryview, deadline: float) -> int:
+        self._wait(deadline)
+        try:
+            count = self.sock.recv_into(view)
+        except (ssl.SSLWantReadError, BlockingIOError, InterruptedError):
+            return 0  # TLS record bytes, not yet a whole record: wait again
+        if count == 0:
+            raise PeerClosed("the peer closed the connection")
+        if not self.heard_from:
+            self.heard_from = True
+            if self._on_first_byte is not None:
+                self._on_first_byte()
+        return count
+
+    def read(self, deadline: float) -> tuple[int, bytearray]:
+        """(PDU type, body). PduTimeout, PeerClosed, PduRefused; OSError (ssl.SSLError) as the socket raised it."""
+        header = memoryview(self._header)
+        while self._header_got < PDU_HEADER_LENGTH:
+            self._header_got += self._recv_into(header[self._header_got :], deadline)
+        if self._body is None:
+            pdu_type, length = struct.unpack(">BxI", self._header)
+            if pdu_type not in (A_ASSOCIATE_RQ, A_ASSOCIATE_AC, A_ASSOCIATE_RJ, P_DATA_TF, A_RELEASE_RQ,
+                                A_RELEASE_RP, A_ABORT):
+                raise PduRefused(f"unknown PDU type 0x{pdu_type:02X}", ABORT_UNEXPECTED_PDU)
+            cap = pdu_cap(pdu_type, self.pdata_limit)
+            if length > cap:
+                raise PduRefused(
+                    f"PDU type 0x{pdu_type:02X} announces {length} bytes, more than {cap}", ABORT_INVALID_PARAMETER
+                )
+            self._pdu_type, self._body, self._body_got = pdu_type, bytearray(length), 0
+        body = self._body
+        view = memoryview(body)
+        while self._body_got < len(body):
+            self._body_got += self._recv_into(view[self._body_got :], deadline)
+        self._header_got, self._body = 0, None
+        return self._pdu_type, body
+
+
+class PduReader:
+    """The acceptor's view of the PDU stream: an idle peer ends the association after the timeout
+    (unless it is waiting for us), a slow one once a PDU takes longer than that, a refused header
+    with an A-ABORT."""
 
     def __init__(self, connection: Connection, max_pdu_size: int, timeout_s: float):
         self.connection = connection
-        self.sock = connection.sock
-        self.max_pdu_size = max_pdu_size  # what we announced: P-DATA-TF bodies may not exceed it (plus slack)
         self.timeout_s = timeout_s
-        self._header = bytearray(PDU_HEADER_LENGTH)
-
-    def _readable(self, timeout_s: float) -> bool:
-        if isinstance(self.sock, ssl.SSLSocket) and self.sock.pending():
-            return True
-        try:
-            readable, _, _ = select.select([self.sock], [], [], max(timeout_s, 0.0))
-        except (OSError, ValueError):  # closed by stop() meanwhile
-            raise SessionEnded("connection closed by the router") from None
-        return bool(readable)
-
-    def _recv_into(self, view: memoryview) -> int:
-        try:
-            count = self.sock.recv_into(view)
-        except (ssl.SSLWantReadError, BlockingIOError, TimeoutError):
-            return -1  # select saw TLS record bytes, not yet a whole record
-        except OSError as exc:
-            raise SessionEnded(f"connection lost ({exc})") from None
-        if count == 0:
-            raise SessionEnded("the peer closed the connection")
-        return count
-
-    def fill(self, view: memoryview, deadline: float, what: str) -> None:
-        got = 0
-        while got < len(view):
-            if not self._readable(deadline - time.monotonic()):
-                raise SessionEnded(f"no complete {what} within {self.timeout_s:g} s", warn=True)
-            count = self._recv_into(view[got:])
-            if count > 0:
-                got += count
-
-    def read_header(self, idle_reason: str, busy: Callable[[], bool] | None = None) -> tuple[int, int, float]:
-        """(PDU type, length, deadline for its body); the length is checked before any body byte is read.
-
-        A peer silent for the whole timeout ends the session, unless `busy()` says it is waiting
-        for us (a long C-MOVE), in which case the wait goes on.
-        """
-        header = memoryview(self._header)
-        while True:
-            if self._readable(self.timeout_s):
-                first = self._recv_into(header)
-                if first > 0:
-                    break
-                continue
-            if busy is None or not busy():
-                raise SessionEnded(idle_reason, warn=True)
-        deadline = time.monotonic() + self.timeout_s
-        self.connection.heard_from = True
-        self.fill(header[first:], deadline, "PDU")
-        pdu_type, length = struct.unpack(">BxI", self._header)
-        if pdu_type not in (P_DATA_TF, A_RELEASE_RQ, A_ABORT, A_ASSOCIATE_RQ, A_RELEASE_RP):
-            raise ProtocolViolation(f"unknown PDU type 0x{pdu_type:02X}", ABORT_UNEXPECTED_PDU)
-        cap = self.max_pdu_size + P_DATA_SLACK if pdu_type == P_DATA_TF else MAX_ASSOCIATION_PDU_LENGTH
-        if pdu_type in (A_RELEASE_RQ, A_RELEASE_RP, A_ABORT):
-            cap = 4
-        if length > cap:
-            raise ProtocolViolation(
-                f"PDU type 0x{pdu_type:02X} announces {length} bytes, more than {cap}", ABORT_INVALID_PARAMETER
-            )
-        return pdu_type, length, deadline
+        self.stream = PduStream(connection.sock, max_pdu_size + P_DATA_SLACK, connection.mark_heard_from)
 
     def read(self, idle_reason: str | None = None, busy: Callable[[], bool] | None = None) -> tuple[int, bytearray]:
-        """(PDU type, body); an idle or slow peer ends the session after the timeout."""
-        pdu_type, length, deadline = self.read_header(idle_reason or f"idle for {self.timeout_s:g} s", busy)
-        body = bytearray(length)
-        self.fill(memoryview(body), deadline, "PDU")
-        return pdu_type, body
+        """(PDU type, body); SessionEnded when the peer is gone, idle or too slow; ProtocolViolation."""
+        idle_reason = idle_reason or f"idle for {self.timeout_s:g} s"
+        while True:
+            try:
+                result = self.stream.read(time.monotonic() + self.timeout_s)
+            except PduTimeout:
+                if self.stream.mid_pdu:
+                    raise SessionEnded(f"no complete PDU within {self.timeout_s:g} s", warn=True) from None
+                if busy is not None and busy():
+                    continue
+                raise SessionEnded(idle_reason, warn=True) from None
+            except PeerClosed as closed:
+                raise SessionEnded(str(closed)) from None
+            except PduRefused as refused:
+                raise ProtocolViolation(refused.reason, refused.abort_pdu) from None
+            except OSError as exc:
+                raise SessionEnded(f"connection lost ({exc})") from None
+            return result

@@ -16,6 +16,7 @@ from pynetdicom.sop_class import (
 )
 
 from dicomrouter.config import RouterSettings, ServerConfig, calling_ae_for
+from dicomrouter.dul.dimse import us
 from dicomrouter.net.peer import PeerUnavailable, peer_tls_context
 from dicomrouter.net.upper_layer import (
     EXPLICIT_VR_LE,
@@ -24,7 +25,6 @@ from dicomrouter.net.upper_layer import (
     UpperLayerError,
     command_set,
     open_link,
-    us,
 )
 
 PATIENT_ROOT_FIND = str(PatientRootQueryRetrieveInformationModelFind)

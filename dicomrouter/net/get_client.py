@@ -19,6 +19,7 @@ from pynetdicom.sop_class import (
 )
 
 from dicomrouter.config import RouterSettings, ServerConfig
+from dicomrouter.dul.dimse import us
 from dicomrouter.logging import get_logger
 from dicomrouter.net.move_client import (
     MoveProgress,
@@ -36,7 +37,6 @@ from dicomrouter.net.upper_layer import (
     MessageLimits,
     UpperLayerError,
     command_set,
-    us,
 )
 
 log = get_logger(__name__)

@@ -19,6 +19,7 @@ from pynetdicom.sop_class import (
 )
 
 from dicomrouter.config import RouterSettings, ServerConfig, calling_ae_for
+from dicomrouter.dul.dimse import us
 from dicomrouter.net.peer import PeerUnavailable, associate_with
 from dicomrouter.net.upper_layer import (
     EXPLICIT_VR_LE,
@@ -29,7 +30,6 @@ from dicomrouter.net.upper_layer import (
     MessageLimits,
     UpperLayerError,
     command_set,
-    us,
 )
 
 PATIENT_ROOT_MOVE = str(PatientRootQueryRetrieveInformationModelMove)

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from dicomrouter.config import RouterSettings, ServerConfig, calling_ae_for
+from dicomrouter.dul.dimse import us
 from dicomrouter.net.tls import TLSSetupError, connecting_context
 from dicomrouter.net.upper_layer import (
     EXPLICIT_VR_LE,
@@ -18,7 +19,6 @@ from dicomrouter.net.upper_layer import (
     UpperLayerError,
     command_set,
     open_link,
-    us,
 )
 
 VERIFICATION = "1.2.840.10008.1.1"

@@ -9,7 +9,6 @@ speaks the protocol itself: one thread, struct-packed PDUs, identifiers decoded 
 from __future__ import annotations
 
 import os
-import select
 import socket
 import ssl
 import struct
@@ -21,31 +20,37 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
 
+from dicomrouter.dul.connection import PduRefused, PduStream, PduTimeout, PeerClosed
+from dicomrouter.dul.dimse import MAX_COMMAND_SET, encode_command
+from dicomrouter.dul.pdu import (
+    A_ABORT,
+    A_ASSOCIATE_AC,
+    A_ASSOCIATE_RJ,
+    A_ASSOCIATE_RQ,
+    A_RELEASE_RP,
+    A_RELEASE_RQ,
+    APPLICATION_CONTEXT,
+    MAX_ASSOCIATION_PDU_LENGTH,
+    P_DATA_TF,
+)
 from dicomrouter.logging import get_logger
 from dicomrouter.net.sockets import set_nodelay
 from dicomrouter.net.tls import describe_peer_tls_error, pending_alert
 
 log = get_logger(__name__)
 
-APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
 IMPLICIT_VR_LE = "1.2.840.10008.1.2"
 EXPLICIT_VR_LE = "1.2.840.10008.1.2.1"
 IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.9.7433.1.1"  # dicomrouter's, fixed
 IMPLEMENTATION_VERSION = "DICOMROUTER"
 
-A_ASSOCIATE_RQ, A_ASSOCIATE_AC, A_ASSOCIATE_RJ = 0x01, 0x02, 0x03
-P_DATA_TF, A_RELEASE_RQ, A_RELEASE_RP, A_ABORT = 0x04, 0x05, 0x06, 0x07
-
-PDU_TYPES = frozenset(
-    {A_ASSOCIATE_RQ, A_ASSOCIATE_AC, A_ASSOCIATE_RJ, P_DATA_TF, A_RELEASE_RQ, A_RELEASE_RP, A_ABORT}
-)
 
 # What a peer may send us, checked as soon as the lengths arrive (a PACS is a peer like any other).
 # A-ASSOCIATE-AC/RJ, release, abort: a few hundred bytes in practice
-ASSOCIATION_PDU_LIMIT = 1024 * 1024
+ASSOCIATION_PDU_LIMIT = MAX_ASSOCIATION_PDU_LENGTH
 # Over the maximum length we announce: tolerated, a peer miscounting its headers is harmless
 PDATA_SLACK = 4096
-COMMAND_LIMIT = 64 * 1024  # a command set is a few hundred bytes
+COMMAND_LIMIT = MAX_COMMAND_SET  # a command set is a few hundred bytes
 IDENTIFIER_LIMIT = 1024 * 1024  # a C-FIND answer or a C-MOVE/C-GET response identifier
 MIN_PEER_PDU = 1024  # a peer taking less per P-DATA-TF is refused (real ones take 4 KiB and more)
 # A-ABORT source 2 (service provider), reason 6: "invalid PDU parameter value"
@@ -149,20 +154,9 @@ def parse_accepted(body: bytes) -> tuple[dict[int, str], int]:
 # --------------------------------------------------------------------------- command sets
 
 
-def _element(group: int, element: int, value: bytes) -> bytes:
-    if len(value) % 2:
-        value += b"\0"
-    return struct.pack("<HHI", group, element, len(value)) + value
-
-
 def command_set(elements: list[tuple[int, bytes]]) -> bytes:
     """An implicit VR little endian command set, group length first (PS3.7 E.1)."""
-    body = b"".join(_element(0x0000, tag, value) for tag, value in elements)
-    return _element(0x0000, 0x0000, struct.pack("<I", len(body))) + body
-
-
-def us(value: int) -> bytes:
-    return struct.pack("<H", value)
+    return encode_command(elements)
 
 
 def parse_command(data: bytes) -> dict[int, bytes]:
@@ -269,11 +263,11 @@ class UpperLayer:
         # Sends are bounded by this; receives by their own deadlines (poll), so a thread sending a
         # C-CANCEL never changes how long the reading thread waits.
         self.sock.settimeout(send_timeout_s)
-        self._poll = select.poll()
-        self._poll.register(self.sock.fileno(), select.POLLIN)
-        self._buffer = bytearray()
+        # The one PDU reader (dul/connection.py), shared with the acceptor.
+        self._stream = PduStream(
+            self.sock, ASSOCIATION_PDU_LIMIT
+        )  # P-DATA capped once we announce our maximum
         self._send_lock = threading.Lock()
-        self.pdata_limit = ASSOCIATION_PDU_LIMIT  # until we announce our maximum length
         self.closed = False
         # Over TLS, until the peer's first PDU: a failure is TLS refusing us (TLS 1.3 says so late)
         self.in_tls_setup = tls_context is not None
@@ -317,53 +311,40 @@ class UpperLayer:
         for pdu in pdus:
             self.sock.sendall(pdu)
 
-    def _fill(self, count: int, deadline: float) -> None:
-        """Read until the buffer holds `count` bytes; TimeoutError at the deadline (what came stays
-        buffered, so a later call goes on with the same PDU)."""
-        while len(self._buffer) < count:
-            pending = isinstance(self.sock, ssl.SSLSocket) and self.sock.pending()
-            if not pending:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or not self._poll.poll(remaining * 1000):
-                    raise TimeoutError("no complete PDU in time")
-            chunk = self.sock.recv(max(count - len(self._buffer), 65536))
-            if not chunk:
-                raise UpperLayerError("aborted", "the peer closed the connection")
-            self._buffer += chunk
+    @property
+    def pdata_limit(self) -> int:
+        return self._stream.pdata_limit
+
+    @pdata_limit.setter
+    def pdata_limit(self, value: int) -> None:
+        self._stream.pdata_limit = value
 
     def receive(self, timeout_s: float) -> tuple[int, bytes]:
         """(PDU type, body), the whole PDU within `timeout_s`; TimeoutError when it did not come in
-        time; UpperLayerError when the connection broke, ProtocolViolation (after an A-ABORT)
-        when the peer announced a length over its cap."""
+        time (what came is kept: the next call goes on with the same PDU); UpperLayerError when the
+        connection broke, ProtocolViolation (after an A-ABORT) when the peer announced a length over
+        its cap or a PDU type that does not exist."""
         deadline = time.monotonic() + max(timeout_s, 0.001)
         try:
-            self._fill(6, deadline)
-            pdu_type, length = struct.unpack_from(">BxI", self._buffer)
-            self.in_tls_setup = False
-            self._check_header(pdu_type, length)
-            self._fill(6 + length, deadline)
-        except TimeoutError:
-            raise
+            pdu_type, body = self._stream.read(deadline)
+        except PduTimeout:
+            raise TimeoutError("no complete PDU in time") from None
+        except PduRefused as refused:
+            if self.in_tls_setup and not self._stream.heard_from:
+                raise UpperLayerError("unreachable", self.tls_failure(ConnectionError())) from None
+            self.violation(refused.reason)
+        except PeerClosed as closed:
+            if self.in_tls_setup:  # closed before any answer: TLS said no without saying why
+                raise UpperLayerError("unreachable", self.tls_failure(ConnectionError())) from None
+            raise UpperLayerError("aborted", str(closed)) from None
         except ssl.SSLError as exc:  # TLS 1.3: a refused client certificate shows up here
             raise UpperLayerError("unreachable", self.tls_failure(exc)) from None
         except OSError as exc:
             if self.in_tls_setup:  # a reset before any answer: TLS said no without saying why
                 raise UpperLayerError("unreachable", self.tls_failure(exc)) from None
             raise UpperLayerError("aborted", f"connection lost ({exc})") from None
-        except UpperLayerError:
-            if self.in_tls_setup:
-                raise UpperLayerError("unreachable", self.tls_failure(ConnectionError())) from None
-            raise
-        body = bytes(self._buffer[6 : 6 + length])
-        del self._buffer[: 6 + length]
-        return pdu_type, body
-
-    def _check_header(self, pdu_type: int, length: int) -> None:
-        if pdu_type not in PDU_TYPES:
-            self.violation(f"unknown PDU type 0x{pdu_type:02X}")
-        limit = self.pdata_limit if pdu_type == P_DATA_TF else ASSOCIATION_PDU_LIMIT
-        if length > limit:
-            self.violation(f"PDU type {pdu_type} announces {length} bytes, the limit is {limit}")
+        self.in_tls_setup = False
+        return pdu_type, bytes(body)
 
     def violation(self, detail: str) -> NoReturn:
         """Abort the association for what the peer sent, log it, raise ProtocolViolation."""

@@ -21,7 +21,6 @@ from dicomrouter.dul.pdu import (
     A_ASSOCIATE_RQ,
     ABORT_INVALID_PARAMETER,
     ABORT_UNEXPECTED_PDU,
-    MAX_ASSOCIATION_PDU_LENGTH,
     REJECT_CALLING_AE,
     REJECT_LOCAL_LIMIT,
     REJECT_NO_REASON,
@@ -145,13 +144,9 @@ class DicomFront:
         wait_s = router.acse_timeout_s if admitted else min(router.acse_timeout_s, REFUSAL_READ_S)
         reader = PduReader(connection, router.max_pdu_size, wait_s)
         try:
-            pdu_type, length, deadline = reader.read_header(f"no A-ASSOCIATE-RQ within {wait_s:g} s")
+            pdu_type, body = reader.read(f"no A-ASSOCIATE-RQ within {wait_s:g} s")
             if pdu_type != A_ASSOCIATE_RQ:
                 raise ProtocolViolation(f"PDU type 0x{pdu_type:02X} before any association", ABORT_UNEXPECTED_PDU)
-            if length > MAX_ASSOCIATION_PDU_LENGTH:
-                raise ProtocolViolation("A-ASSOCIATE-RQ too long", ABORT_INVALID_PARAMETER)
-            body = bytearray(length)
-            reader.fill(memoryview(body), deadline, "A-ASSOCIATE-RQ")
         except SessionEnded as ended:
             if ended.warn:
                 log.info("connection_dropped", address=connection.address, reason=ended.reason)
