@@ -21,7 +21,11 @@ from pathlib import Path
 from typing import NoReturn
 
 from dicomrouter.dul.connection import PduRefused, PduStream, PduTimeout, PeerClosed
-from dicomrouter.dul.dimse import MAX_COMMAND_SET, encode_command
+from dicomrouter.dul.dimse import (
+    MAX_COMMAND_SET,
+    encode_command,
+    us,  # noqa: F401  (re-exported: the requestor's modules use it from here)
+)
 from dicomrouter.dul.pdu import (
     A_ABORT,
     A_ASSOCIATE_AC,
