@@ -18,6 +18,7 @@ from typing import Any
 from ruamel.yaml import YAML
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
+from dicomrouter.dul.pdu import ae_title_problem
 from dicomrouter.net.tls import TLSSetupError, check_tls_files
 
 ENVIRONMENTS = ("test", "prod")
@@ -317,23 +318,6 @@ def parse_config(document: Any, path: Path) -> Config:
 
 STORAGE_CLASS_CHOICES = ("all", "standard")
 _UID = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+")
-
-
-def ae_title_problem(value: Any) -> str | None:
-    """Why `value` is not a valid AE title, or None."""
-    if not isinstance(value, str):
-        return f"{value!r} is not text"
-    if not 1 <= len(value) <= 16:
-        return f"{value!r} has {len(value)} characters; an AE title has 1 to 16"
-    if not value.strip(" "):
-        return "an AE title cannot be all spaces"
-    if "\\" in value:
-        return f"{value!r} contains a backslash"
-    if any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
-        return f"{value!r} contains control characters"
-    if any(ord(ch) > 126 for ch in value):
-        return f"{value!r} contains non-ASCII characters"
-    return None
 
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")

@@ -7,7 +7,10 @@ to pynetdicom's acceptor, where the holes were).
 
 from __future__ import annotations
 
+import os
 import struct
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -30,7 +33,7 @@ from tests.raw_peer import (
     p_data,
     store_command,
 )
-from tests.router_process import RouterProcess
+from tests.router_process import RouterProcess, wait_for_port
 from tests.test_echo_scp import write_router_config
 from tests.test_front_pdus import echo_succeeds
 
@@ -205,3 +208,67 @@ def test_6_ae_titles_with_control_characters_are_rejected_and_printed_escaped(ro
     assert rows, printed.output
     assert not any(ch in printed.output for ch in "\r\x1b\x00")
     assert all("FORGED" not in line or "\\r\\n" in line or "\\\\r" in line for line in printed.output.splitlines())
+
+
+def test_4_unknown_callers_cannot_take_the_slots_kept_for_configured_clients(tmp_path):
+    """With accept_unknown_callers, strangers may associate, but not into the last quarter of
+    max_associations: a configured client still gets in."""
+    path, port = write_router_config(tmp_path, accept_unknown_callers=True, router={"max_associations": 4})
+    with RouterProcess(path, port):
+        held = []
+        try:
+            for _ in range(3):  # 4 - max(1, 4 // 4) reserved
+                peer = RawPeer(port)
+                held.append(peer)
+                peer.associate(calling_ae="STRANGER")
+            with RawPeer(port) as one_more:
+                one_more.send(raw_rq(b"STRANGER"))
+                assert one_more.read_pdu(timeout=10) == (A_ASSOCIATE_RJ, b"\x00\x02\x03\x02")
+            assert echo_succeeds(port)  # WORKSTATION, a configured client: the reserved slot
+        finally:
+            for peer in held:
+                peer.close()
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_4_out_of_descriptors_the_router_backs_off_instead_of_spinning(tmp_path):
+    """A hard limit of 64 open files and 100 connections: accept() fails with EMFILE; the router waits
+    and drops silent connections instead of spinning, and serves again once they are gone."""
+    path, port = write_router_config(tmp_path, router={"acse_timeout": 3})
+    log_path = tmp_path / "router.log"
+    with open(log_path, "w") as log_file:
+        process = subprocess.Popen(
+            ["prlimit", "--nofile=64:64", sys.executable, "-m", "dicomrouter", "--config", str(path), "serve",
+             "--log-format", "json"],
+            stdout=log_file, stderr=subprocess.STDOUT, cwd=tmp_path,
+        )
+    try:
+        wait_for_port(port)
+        peers = []
+        for _ in range(100):
+            try:
+                peers.append(RawPeer(port, timeout=2))
+            except OSError:
+                break
+        before = cpu_seconds(process.pid)
+        time.sleep(2.0)  # measuring what two seconds of EMFILE cost
+        spent = cpu_seconds(process.pid) - before
+        for peer in peers:
+            peer.close()
+        assert spent < 0.5, f"{spent:.2f} s of CPU in 2 s"
+        deadline = time.monotonic() + 30
+        while not echo_succeeds(port):
+            assert time.monotonic() < deadline, "no echo after the connections went"
+            time.sleep(0.2)
+        assert "accept_failed" in log_path.read_text()
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()

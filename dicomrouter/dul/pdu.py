@@ -67,24 +67,34 @@ class BadAETitle(ValueError):
 
 
 def ae_title_from(raw: bytes) -> str:
-    """An AE title as received: 16 bytes, space padded, printable ASCII only (PS3.5 6.2, AE VR)."""
-    if len(raw) > 16:
-        raise BadAETitle("longer than 16 bytes")
-    if any(byte < 0x20 or byte > 0x7E or byte == 0x5C for byte in raw.rstrip(b"\0")):
-        raise BadAETitle("control characters, backslash or bytes outside ASCII")
-    title = raw.rstrip(b"\0").decode("ascii").strip()
-    if not title:
-        raise BadAETitle("empty")
-    return title
+    """An AE title as received: 16 bytes, space padded, checked by the one rule every path uses."""
+    title = raw.rstrip(b"\0").decode("latin-1")
+    problem = ae_title_problem(title)
+    if problem:
+        raise BadAETitle(problem)
+    return title.strip(" ")
+
+
+def ae_title_problem(value: object) -> str | None:
+    """Why `value` is not a valid AE title, or None (PS3.5 6.2, AE VR): 1 to 16 characters of printable
+    ASCII without backslash, not all spaces. The one rule for every path: DICOM, HTTP user names, config."""
+    if not isinstance(value, str):
+        return f"{value!r} is not text"
+    if not 1 <= len(value) <= 16:
+        return f"{value!r} has {len(value)} characters; an AE title has 1 to 16"
+    if not value.strip(" "):
+        return "an AE title cannot be all spaces"
+    if "\\" in value:
+        return f"{value!r} contains a backslash"
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
+        return f"{value!r} contains control characters"
+    if any(ord(ch) > 126 for ch in value):
+        return f"{value!r} contains non-ASCII characters"
+    return None
 
 
 def valid_ae_title(title: str) -> bool:
-    """The same rule for an AE title from any path (DICOM, HTTP user name, CLI)."""
-    try:
-        ae_title_from(title.encode("ascii"))
-    except (BadAETitle, UnicodeEncodeError):
-        return False
-    return True
+    return ae_title_problem(title) is None
 
 
 @dataclass(frozen=True)
