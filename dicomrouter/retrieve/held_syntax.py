@@ -230,6 +230,7 @@ def get_as_held(
     on_instance: Callable[[ReceivedInstance], int],
     spill_folder: Path | None = None,
     passes: list[GetPass] | None = None,
+    is_cancelled: Callable[[], bool] = lambda: False,
 ) -> MoveProgress:
     """C-GET every instance `identifier` names in the syntax the source holds it in (see the
     module); one MoveProgress summing the passes. PeerMoveError when none could be done."""
@@ -238,6 +239,8 @@ def get_as_held(
     errors: list[PeerMoveError] = []
     comments: list[str] = []
     for get_pass in passes:
+        if is_cancelled():
+            break  # the caller's last answer already says so
         try:
             progress = get_instances(
                 server,

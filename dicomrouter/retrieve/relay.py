@@ -206,6 +206,7 @@ class Relay:
                 self.identifier,
                 self._accept,
                 spill_folder=Path(self.router.spool) / "tmp",
+                is_cancelled=self.cancelled.is_set,
             )
         except PeerMoveError as exc:
             result = exc
