@@ -17,6 +17,7 @@ from threading import Event
 from typing import Any
 
 from pydicom import Dataset
+from pydicom.uid import UID
 
 from dicomrouter.audit import AssociationAudit
 from dicomrouter.catalog.queries import Catalog
@@ -145,7 +146,9 @@ def _answer_get(
         return
     sources, unreachable = retrieve_sources(config, catalog, caller, identifier, query_model)
     audit_row.update(study_uid=study_uid, servers=[s.name for s in sources] or list(unreachable), detail=level)
-    storage = event.storage
+    # The PACS sends each instance in the syntax it holds it in (None: held-syntax contexts), never
+    # converted; an instance the caller takes no context for fails at the sub-operation, with the reason.
+    storage = None
     # Held on disk beside the spool, not in memory: a study can be larger than the router's RAM.
     with scratch_folder(config.router.spool) as folder:
         yield from _collect_and_send(event, config, caller, query_model, identifier, level, study_uid,
@@ -223,6 +226,7 @@ class GetService(IdentifierService):
             caller_storage(association), association.audit, request.cancelled,
         )
         totals = MoveTotals()
+        refused_syntaxes: dict[str, None] = {}  # syntaxes the caller took no context for, in order
         last_pending = float("-inf")
         responses = handle_get(event, self.holder, self.catalog)
         try:
@@ -242,7 +246,9 @@ class GetService(IdentifierService):
                     self._finish(association, request, totals, CANCELLED, "")
                     return
                 assert isinstance(value, Path)
-                self._send_sub_operation(association, request, value, totals)
+                refused = self._send_sub_operation(association, request, value, totals)
+                if refused:
+                    refused_syntaxes.setdefault(refused, None)
                 if time.monotonic() - last_pending >= PENDING_INTERVAL_S and totals.remaining:
                     association.respond(request, PENDING, elements=sub_operation_counts(PENDING, totals))
                     last_pending = time.monotonic()
@@ -253,7 +259,7 @@ class GetService(IdentifierService):
                 status = WARNING if totals.completed or totals.warning else SUB_OPERATIONS_FAILED
             else:
                 status = 0x0000
-            self._finish(association, request, totals, status, "")
+            self._finish(association, request, totals, status, refused_comment(refused_syntaxes))
 
     def _finish(self, association: Association, request: Request, totals: MoveTotals, status: int, comment: str) -> None:
         if status in (WARNING, UNABLE_TO_PERFORM, 0xC000):
@@ -266,8 +272,11 @@ class GetService(IdentifierService):
             dataset = failed_uids_dataset(totals, request.context.transfer_syntax)
         association.respond(request, status, comment, dataset, sub_operation_counts(status, totals))
 
-    def _send_sub_operation(self, association: Association, request: Request, path: Path, totals: MoveTotals) -> None:
-        """One C-STORE to the caller in the instance's own transfer syntax; counts its outcome."""
+    def _send_sub_operation(
+        self, association: Association, request: Request, path: Path, totals: MoveTotals
+    ) -> str | None:
+        """One C-STORE to the caller in the instance's own transfer syntax; counts its outcome. Returns the
+        syntax when the caller took no context for it (the router does not transcode)."""
         totals.remaining = max(totals.remaining - 1, 0)
         with open(path, "rb") as handle:
             head = handle.read(8192)
@@ -287,7 +296,7 @@ class GetService(IdentifierService):
             )
             totals.failed += 1
             totals.failed_sop_uids.append(sop_instance)
-            return
+            return syntax
         elements = [
             (AFFECTED_SOP_CLASS, text_value(sop_class, b"\0")),
             (COMMAND_FIELD, us(C_STORE_RQ)),
@@ -313,6 +322,15 @@ class GetService(IdentifierService):
                 "get_sub_operation_failed", sop_instance_uid=sop_instance,
                 reason="no response" if status is None else f"status 0x{status:04X}",
             )
+        return None
+
+
+def refused_comment(syntaxes: dict[str, None]) -> str:
+    """The final response's comment when some instances were in syntaxes the caller takes no context for."""
+    if not syntaxes:
+        return ""
+    names = ", ".join(UID(syntax).name or syntax for syntax in syntaxes)
+    return f"not transcoded; no context for {names}"
 
 
 def _meta_values(meta: bytes) -> Mapping[int, str]:
