@@ -37,7 +37,7 @@ from bench_move import Workstation, check_received, run_movescu  # noqa: E402
 from bench_store import make_instances, peak_rss_mb, run_storescu  # noqa: E402
 
 from dicomrouter.pacsfarm import OrthancFarm, free_ports  # noqa: E402
-from tests.router_process import RouterProcess, dcmtk, dcmtk_env, wait_for_port  # noqa: E402
+from tests.support.router_process import RouterProcess, dcmtk, dcmtk_env, wait_for_port  # noqa: E402
 
 ROUTER_AE, WORKSTATION_AE = "DICOMROUTER", "WORKSTATION"
 TOKEN = "bench-token"

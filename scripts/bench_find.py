@@ -32,9 +32,9 @@ from pydicom.uid import generate_uid  # noqa: E402
 from ruamel.yaml import YAML  # noqa: E402
 
 from dicomrouter.pacsfarm import free_ports, start_free_farm  # noqa: E402
-from tests.find_peers import SilentPeer, SlowFindPeer, server_entry  # noqa: E402
-from tests.orthanc_fixtures import instance_bytes, make_test_instance, write_router_config  # noqa: E402
-from tests.router_process import wait_for_port  # noqa: E402
+from tests.support.find_peers import SilentPeer, SlowFindPeer, server_entry  # noqa: E402
+from tests.support.orthanc_fixtures import instance_bytes, make_test_instance, write_router_config  # noqa: E402
+from tests.support.router_process import wait_for_port  # noqa: E402
 
 ROUTER_AE = "DICOMROUTER"
 WORKSTATION_AE = "WORKSTATION"

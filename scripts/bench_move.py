@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from bench_store import make_instances, run_storescu  # noqa: E402
 
 from dicomrouter.pacsfarm import OrthancFarm, free_ports  # noqa: E402
-from tests.router_process import RouterProcess, dcmtk, dcmtk_env, wait_for_port  # noqa: E402
+from tests.support.router_process import RouterProcess, dcmtk, dcmtk_env, wait_for_port  # noqa: E402
 
 ROUTER_AE = "DICOMROUTER"
 WORKSTATION_AE = "WORKSTATION"  # the source's move_routing knows it: direct route

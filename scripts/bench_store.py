@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dicomrouter.pacsfarm import OrthancFarm, free_ports  # noqa: E402
-from tests.router_process import RouterProcess, dcmtk, dcmtk_env, wait_for_port  # noqa: E402
+from tests.support.router_process import RouterProcess, dcmtk, dcmtk_env, wait_for_port  # noqa: E402
 
 SIZES = {"large": 512, "small": 64, "huge": 4096}  # huge: 32 MiB, spooled while it arrives
 

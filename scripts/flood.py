@@ -16,11 +16,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.flood import connect_cycles, flood, wait_for_figures  # noqa: E402
-from tests.raw_peer import RawPeer, process_figures  # noqa: E402
-from tests.router_process import RouterProcess  # noqa: E402
-from tests.test_echo_scp import write_router_config  # noqa: E402
-from tests.test_front_pdus import crashes_in_log, echo_succeeds  # noqa: E402
+from tests.front.test_echo_scp import write_router_config  # noqa: E402
+from tests.front.test_front_pdus import crashes_in_log, echo_succeeds  # noqa: E402
+from tests.support.flood import connect_cycles, flood, wait_for_figures  # noqa: E402
+from tests.support.raw_peer import RawPeer, process_figures  # noqa: E402
+from tests.support.router_process import RouterProcess  # noqa: E402
 
 
 def main() -> None:

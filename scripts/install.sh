@@ -18,7 +18,7 @@ need_apt=()
 [ -x /usr/bin/promtool ] || need_apt+=(prometheus)
 # Debian's own python3 has no venv/ensurepip without python3-venv (pyenv's and python.org's builds do).
 python3 -c 'import ensurepip, venv' 2>/dev/null || need_apt+=(python3-venv)
-# Other DICOM implementations the router is tested against (tests/test_third_party_peers.py).
+# Other DICOM implementations the router is tested against (tests/farm/test_third_party_peers.py).
 [ -x /usr/bin/gdcmscu ] || need_apt+=(libgdcm-tools)
 [ -f /usr/share/java/pixelmed.jar ] || need_apt+=(libpixelmed-java)
 [ -x /usr/bin/javac ] || need_apt+=(default-jdk-headless)

@@ -14,9 +14,9 @@ import sqlalchemy as sa
 from hypothesis import settings as hypothesis_settings
 from sqlalchemy.engine import make_url
 
-from tests.orthanc_fixtures import *  # noqa: F403  (fixtures)
-from tests.orthanc_fixtures import write_router_config
-from tests.router_process import RouterProcess
+from tests.support.orthanc_fixtures import *  # noqa: F403  (fixtures)
+from tests.support.orthanc_fixtures import write_router_config
+from tests.support.router_process import RouterProcess
 
 # The generated-input tests explore new inputs on every local run (that is how they find bugs);
 # under CI they replay a fixed sequence, so a landing is judged on the same inputs each time.
