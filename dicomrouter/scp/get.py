@@ -146,9 +146,11 @@ def _answer_get(
         return
     sources, unreachable = retrieve_sources(config, catalog, caller, identifier, query_model)
     audit_row.update(study_uid=study_uid, servers=[s.name for s in sources] or list(unreachable), detail=level)
-    # The PACS sends each instance in the syntax it holds it in (None: held-syntax contexts), never
-    # converted; an instance the caller takes no context for fails at the sub-operation, with the reason.
-    storage = None
+    # The PACS is asked for what the caller accepted, one (class, syntax) per context: it sends each
+    # instance in a syntax the caller takes (converting it itself where the caller takes no other). An
+    # instance that still comes in a syntax the caller has no context for fails at the sub-operation,
+    # with the reason; the router never converts one.
+    storage = event.storage
     # Held on disk beside the spool, not in memory: a study can be larger than the router's RAM.
     with scratch_folder(config.router.spool) as folder:
         yield from _collect_and_send(event, config, caller, query_model, identifier, level, study_uid,
