@@ -25,6 +25,13 @@ pytestmark = pytest.mark.slow
 CT = "1.2.840.10008.5.1.4.1.1.2"
 
 
+def _reported_how(router) -> str:
+    """How the router's last report went out. The peer has the report before the router logs it (once the
+    report's response is in): wait for the line."""
+    events = _wait_for(lambda: _log_events(router, "commitment_reported"), 30)
+    return events[-1]["how"]
+
+
 def _wait_for(predicate, timeout: float = 30.0, interval: float = 0.2):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -197,7 +204,7 @@ def test_destination_down_no_success_until_it_is_back(
     print("Orthanc modality, destination down then back:", json.dumps(result))
     assert result["Status"] == "Success", result
     assert set(uids) <= set(destination.instance_sop_uids())
-    assert _log_events(commitment_router, "commitment_reported")[-1]["how"] == "new association"
+    assert _reported_how(commitment_router) == "new association"
 
 
 @pytest.mark.parametrize("commitment_router", [{"max_wait": 2}], indirect=True)
@@ -285,7 +292,7 @@ def test_pynetdicom_scu_takes_its_report_on_a_new_association(
     assert [
         (item.ReferencedSOPInstanceUID, item.FailureReason) for item in report.FailedSOPSequence
     ] == [(never_sent, 0x0112)]
-    assert _log_events(commitment_router, "commitment_reported")[-1]["how"] == "new association"
+    assert _reported_how(commitment_router) == "new association"
 
 
 def test_read_only_client_is_refused(commitment_router, router_port):
@@ -310,6 +317,7 @@ def test_report_waits_for_the_destinations_own_commitment(
         result = _final(modality, transaction_uid)
         print("Orthanc modality, destination Orthanc committing itself:", json.dumps(result))
         assert result["Status"] == "Success", result
+        _reported_how(router)  # logged once the report's response is in
         events = [
             json.loads(line).get("event")
             for line in router.log_text().splitlines()
@@ -358,4 +366,4 @@ def test_report_on_the_requests_own_association_while_it_is_open(
     event_type, report = reports[0]
     assert event_type == 1 and report.TransactionUID == request.TransactionUID
     assert [item.ReferencedSOPInstanceUID for item in report.ReferencedSOPSequence] == uids
-    assert _log_events(commitment_router, "commitment_reported")[-1]["how"] == "same association"
+    assert _reported_how(commitment_router) == "same association"
