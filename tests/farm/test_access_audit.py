@@ -18,10 +18,8 @@ from pydicom.uid import generate_uid
 from dicomrouter.app import RouterApp, build_app
 from dicomrouter.cli.main import cli
 from dicomrouter.config import load_config
-from tests.support.find_support import findscu, unique
-from tests.support.find_support import upload_study as upload_find_study
+from tests.support.find_support import findscu, unique, upload_study
 from tests.support.move_support import received_sop_uids, workstation
-from tests.support.move_support import upload_study as upload_move_study
 from tests.support.orthanc_fixtures import make_test_instance, write_instance
 from tests.support.router_process import run_dcmtk
 from tests.support.store_helpers import edit_config
@@ -138,9 +136,9 @@ def test_store_needs_write_on_the_target_environment(access_config, router_port,
 def test_find_by_a_test_only_caller_never_reaches_prod(access_config, router_port, clean_orthanc_farm, tmp_path):
     farm = clean_orthanc_farm
     patient_id = unique("ENV")
-    test_study = upload_find_study(farm[0], patient_id=patient_id)
-    upload_find_study(farm[2], patient_id=patient_id)
-    upload_find_study(farm[3], patient_id=patient_id)
+    test_study = upload_study(farm[0], patient_id=patient_id)
+    upload_study(farm[2], patient_id=patient_id)
+    upload_study(farm[3], patient_id=patient_id)
     with running_app(access_config, router_port) as app:
         run = findscu(router_port, "QueryRetrieveLevel=STUDY", f"PatientID={patient_id}", aet="TESTREADER", tmp=tmp_path)
         assert run.values("StudyInstanceUID") == [test_study["study"]]
@@ -174,7 +172,7 @@ def movescu_as(port: int, calling_ae: str, destination: str, study_uid: str):
 
 def test_move_only_to_listed_destinations(access_config, router_port, clean_orthanc_farm, workstation_port, tmp_path):
     farm = clean_orthanc_farm
-    study = upload_move_study(farm[0], images=2)
+    study = upload_study(farm[0], images=2)
     with running_app(access_config, router_port) as app:
         # MOVER may write to test servers, but its move_destinations list only WORKSTATION.
         status, output = movescu_as(router_port, "MOVER", farm[1].spec.ae_title, study["study"])

@@ -21,14 +21,8 @@ from pydicom.uid import generate_uid
 
 from dicomrouter.dicom_file import dataset_offset
 from dicomrouter.pacsfarm import OrthancServer
-from tests.support.move_support import (
-    edit_config,
-    getscu,
-    movescu,
-    received_sop_uids,
-    running_move_front,
-    workstation,
-)
+from tests.support.find_support import edit_config, running_front
+from tests.support.move_support import getscu, movescu, received_sop_uids, workstation
 
 pytestmark = pytest.mark.slow
 
@@ -130,7 +124,7 @@ def _relay_only(farm_config: Path) -> None:
 
 
 def _move_study(farm_config, router_port, workstation_port, folder: Path, study: dict, options):
-    with running_move_front(farm_config, router_port) as front:
+    with running_front(farm_config, router_port) as front:
         with workstation(workstation_port, folder, options=options):
             return movescu(
                 front.port, "QueryRetrieveLevel=STUDY", f"StudyInstanceUID={study['study']}"
@@ -167,7 +161,7 @@ def test_relay_to_an_uncompressed_workstation_fails_each_other_syntax_with_a_rea
     pacs = clean_orthanc_farm[0]
     study = load_held_study(pacs)
     _relay_only(farm_config)
-    with running_move_front(farm_config, router_port) as front:
+    with running_front(farm_config, router_port) as front:
         with workstation(workstation_port, tmp_path / "ws", options=("+B",)) as folder:
             run = movescu(
                 front.port, "QueryRetrieveLevel=STUDY", f"StudyInstanceUID={study['study']}"
@@ -192,7 +186,7 @@ def test_get_through_the_router_keeps_each_transfer_syntax(
     option preferring its own syntax, and comes back in it, unchanged."""
     pacs = clean_orthanc_farm[0]
     study = load_held_study(pacs)
-    with running_move_front(farm_config, router_port) as front:
+    with running_front(farm_config, router_port) as front:
         for sop_uid, (syntax, option, series_uid) in study["instances"].items():
             if option is None:
                 continue
@@ -219,7 +213,7 @@ def test_get_of_the_whole_study_by_an_uncompressed_caller_counts_what_it_receive
     syntax where it can convert it; what it cannot send is counted failed, with a reason."""
     pacs = clean_orthanc_farm[0]
     study = load_held_study(pacs)
-    with running_move_front(farm_config, router_port) as front:
+    with running_front(farm_config, router_port) as front:
         run = getscu(
             front.port,
             tmp_path / "got",

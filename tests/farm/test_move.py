@@ -11,15 +11,8 @@ from pydicom import dcmread
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove
 
 from dicomrouter.pacsfarm import free_ports
-from tests.support.move_support import (
-    edit_config,
-    getscu,
-    movescu,
-    received_sop_uids,
-    running_move_front,
-    upload_study,
-    workstation,
-)
+from tests.support.find_support import edit_config, running_front, upload_study
+from tests.support.move_support import getscu, movescu, received_sop_uids, workstation
 from tests.support.orthanc_fixtures import WORKSTATION_AE, instance_bytes, make_test_instance
 
 pytestmark = pytest.mark.slow
@@ -27,7 +20,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture
 def front(farm_config, router_port):
-    with running_move_front(farm_config, router_port) as running:
+    with running_front(farm_config, router_port) as running:
         yield running
 
 
@@ -120,7 +113,7 @@ def test_source_down_fails_clearly_without_hanging(
         )
 
     edit_config(farm_config, add_dead_server)
-    with running_move_front(farm_config, router_port) as front:
+    with running_front(farm_config, router_port) as front:
         study_uid = "1.2.826.0.1.3680043.8.498.999" + str(dead_port)
         front.catalog.record_study_seen("Dead PACS", study_uid, "found")
         started = time.monotonic()
@@ -139,7 +132,7 @@ def test_inactive_server_still_serves_its_history(
         document["servers"][1]["active"] = False
 
     edit_config(farm_config, deactivate)
-    with running_move_front(farm_config, router_port) as front:
+    with running_front(farm_config, router_port) as front:
         front.catalog.record_study_seen("Test PACS 2", study["study"], "found")
         with workstation(workstation_port, tmp_path / "ws") as folder:
             run = movescu(
@@ -216,7 +209,7 @@ def test_relay_to_workstation_at_each_level(
     study = upload_study(clean_orthanc_farm[0], series=2, images=2)
     _drop_routes(farm_config, 0, "WORKSTATION")
     requests_log = tmp_path / "storescp.log"
-    with running_move_front(farm_config, router_port) as front:
+    with running_front(farm_config, router_port) as front:
         with workstation(workstation_port, tmp_path / "ws", log_path=requests_log) as folder:
             whole = movescu(
                 front.port, "QueryRetrieveLevel=STUDY", f"StudyInstanceUID={study['study']}"
@@ -243,7 +236,7 @@ def test_relay_to_workstation_at_each_level(
 def test_relay_between_pacs_updates_catalog(farm_config, router_port, clean_orthanc_farm):
     study = upload_study(clean_orthanc_farm[0], images=2)
     _drop_routes(farm_config, 0, "Prod PACS 2")
-    with running_move_front(farm_config, router_port) as front:
+    with running_front(farm_config, router_port) as front:
         run = movescu(
             front.port,
             "QueryRetrieveLevel=STUDY",
@@ -261,7 +254,7 @@ def test_relay_to_a_destination_that_is_down_counts_each_instance_failed(
 ):
     study = upload_study(clean_orthanc_farm[0], images=3)
     _drop_routes(farm_config, 0, "WORKSTATION")
-    with running_move_front(farm_config, router_port) as front:  # no storescp listens
+    with running_front(farm_config, router_port) as front:  # no storescp listens
         run = movescu(front.port, "QueryRetrieveLevel=STUDY", f"StudyInstanceUID={study['study']}")
     assert run.status != 0x0000, run.output
     assert run.count("Failed") == 3
@@ -273,7 +266,7 @@ def test_relay_passes_a_large_instance_on_intact(farm_config, router_port, clean
     ds = make_test_instance(rows=512, cols=512)
     clean_orthanc_farm[0].upload(instance_bytes(ds))
     _drop_routes(farm_config, 0, "Prod PACS 2")
-    with running_move_front(farm_config, router_port) as front:
+    with running_front(farm_config, router_port) as front:
         run = movescu(
             front.port,
             "QueryRetrieveLevel=STUDY",
@@ -294,7 +287,7 @@ def test_destination_the_caller_may_not_send_to_is_refused(
         farm_config,
         lambda document: document["clients"][0].update(move_destinations=["WORKSTATION"]),
     )
-    with running_move_front(farm_config, router_port) as front:
+    with running_front(farm_config, router_port) as front:
         run = movescu(
             front.port,
             "QueryRetrieveLevel=STUDY",

@@ -9,7 +9,8 @@ from click.testing import CliRunner
 
 from dicomrouter.cli.main import cli
 from dicomrouter.cli.move import move_command, routes_group
-from tests.support.move_support import received_sop_uids, upload_study, workstation
+from tests.support.find_support import upload_study
+from tests.support.move_support import received_sop_uids, workstation
 
 pytestmark = pytest.mark.slow
 

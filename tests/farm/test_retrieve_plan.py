@@ -16,15 +16,8 @@ from pydicom.uid import generate_uid
 from dicomrouter.cli.main import cli
 from dicomrouter.cli.move import move_command
 from dicomrouter.pacsfarm import OrthancServer
-from tests.support.move_support import (
-    edit_config,
-    getscu,
-    make_series,
-    movescu,
-    received_sop_uids,
-    running_move_front,
-    workstation,
-)
+from tests.support.find_support import edit_config, running_front
+from tests.support.move_support import getscu, make_series, movescu, received_sop_uids, workstation
 from tests.support.orthanc_fixtures import instance_bytes
 
 pytestmark = pytest.mark.slow
@@ -35,7 +28,7 @@ if move_command.name not in cli.commands:
 
 @pytest.fixture
 def front(farm_config, router_port):
-    with running_move_front(farm_config, router_port) as running:
+    with running_front(farm_config, router_port) as running:
         yield running
 
 
@@ -203,7 +196,7 @@ def test_move_to_an_inactive_server_is_refused(farm_config, router_port, clean_o
         document["servers"][1]["active"] = False
 
     edit_config(farm_config, deactivate)
-    with running_move_front(farm_config, router_port) as front:
+    with running_front(farm_config, router_port) as front:
         run = movescu(
             front.port,
             "QueryRetrieveLevel=STUDY",
@@ -229,7 +222,7 @@ def test_a_copy_that_refuses_the_move_gives_way_to_another_whole_copy(
         lambda document: document["servers"][0]["move_routing"].update(WORKSTATION="NOBODY_KNOWN"),
     )
     log = tmp_path / "storescp.log"
-    with running_move_front(farm_config, router_port) as front:
+    with running_front(farm_config, router_port) as front:
         with workstation(workstation_port, tmp_path / "ws", log_path=log) as folder:
             run = movescu(front.port, "QueryRetrieveLevel=STUDY", f"StudyInstanceUID={study_uid}")
     assert run.status == 0x0000, run.output

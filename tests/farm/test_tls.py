@@ -22,7 +22,8 @@ from dicomrouter.config import load_config
 from dicomrouter.pacsfarm import ORTHANC_BINARY, OrthancServer, OrthancSpec, free_ports
 from tests.front.test_echo_scp import dead_port_servers, log_events, wait_for_event
 from tests.support.configs import base_document, write_document
-from tests.support.move_support import edit_config, received_sop_uids, workstation
+from tests.support.find_support import edit_config
+from tests.support.move_support import received_sop_uids, workstation
 from tests.support.orthanc_fixtures import instance_bytes, make_test_instance, write_instance
 from tests.support.router_process import RouterProcess, run_dcmtk
 from tests.support.scu_sockets import OUTGOING_SOCKET_HANDLERS

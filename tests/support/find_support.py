@@ -12,7 +12,6 @@ from pathlib import Path
 import pydicom
 from pydicom import Dataset
 from pydicom.uid import generate_uid
-from ruamel.yaml import YAML
 
 from dicomrouter.app import service_registry
 from dicomrouter.catalog.db import make_engine, session_factory
@@ -29,6 +28,7 @@ from tests.support.orthanc_fixtures import (
     make_test_instance,
 )
 from tests.support.router_process import run_dcmtk
+from tests.support.store_helpers import edit_config  # noqa: F401  (one home; re-exported for the find/move tests)
 
 _counter = itertools.count(1)
 
@@ -57,16 +57,6 @@ def running_front(config_path: Path, port: int, with_catalog: bool = True) -> It
         yield FrontUnderTest(config, catalog, port)
     finally:
         front.stop(drain_timeout_s=5)
-
-
-def edit_config(path: Path, change) -> Path:
-    """Load the YAML document, let `change(document)` edit it, write it back."""
-    yaml = YAML(typ="rt")
-    document = yaml.load(path.read_text(encoding="utf-8"))
-    change(document)
-    with open(path, "w", encoding="utf-8") as handle:
-        yaml.dump(document, handle)
-    return path
 
 
 @dataclass

@@ -10,44 +10,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom.uid import generate_uid
-from ruamel.yaml import YAML
 
-from dicomrouter.app import service_registry
-from dicomrouter.catalog.db import make_engine, session_factory
-from dicomrouter.catalog.queries import Catalog
-from dicomrouter.config import Config, load_config
-from dicomrouter.pacsfarm import OrthancServer
-from dicomrouter.reload import ConfigHolder
-from dicomrouter.scp.front import DicomFront
 from tests.support.orthanc_fixtures import (
     ROUTER_AE,
     WORKSTATION_AE,
-    instance_bytes,
     make_test_instance,
 )
 from tests.support.router_process import dcmtk, dcmtk_env, run_dcmtk, wait_for_port
-
-
-@dataclass
-class MoveFront:
-    config: Config
-    catalog: Catalog
-    port: int
-
-
-@contextmanager
-def running_move_front(config_path: Path, port: int) -> Iterator[MoveFront]:
-    """The DICOM front with C-ECHO, C-MOVE and C-GET, in this process (until app.py wires them)."""
-    config = load_config(config_path)
-    catalog = Catalog(session_factory(make_engine(config.router.catalog)))
-    catalog.sync_servers(config)
-    holder = ConfigHolder(config)
-    front = DicomFront(holder, service_registry(holder, catalog, None), host="127.0.0.1", port=port)
-    front.start()
-    try:
-        yield MoveFront(config, catalog, port)
-    finally:
-        front.stop(drain_timeout_s=5)
 
 
 @contextmanager
@@ -162,34 +131,3 @@ def make_series(study_uid: str, images: int, patient_id: str = "TEST0001", serie
     ]
 
 
-def upload_study(
-    server: OrthancServer, study_uid: str | None = None, series: int = 1, images: int = 2
-) -> dict:
-    """Upload series x images small instances of one study; returns its UIDs."""
-    study_uid = study_uid or generate_uid()
-    series_uids, sop_uids = [], []
-    for series_number in range(1, series + 1):
-        series_uid = generate_uid()
-        series_uids.append(series_uid)
-        for number in range(1, images + 1):
-            ds = make_test_instance(
-                study_uid=study_uid,
-                series_uid=series_uid,
-                series_number=series_number,
-                instance_number=number,
-                rows=8,
-                cols=8,
-            )
-            sop_uids.append(ds.SOPInstanceUID)
-            server.upload(instance_bytes(ds))
-    return {"study": study_uid, "series": series_uids, "sops": sop_uids}
-
-
-def edit_config(path: Path, change) -> Path:
-    """Let `change(document)` edit the YAML file in place."""
-    yaml = YAML(typ="rt")
-    document = yaml.load(path.read_text(encoding="utf-8"))
-    change(document)
-    with open(path, "w", encoding="utf-8") as handle:
-        yaml.dump(document, handle)
-    return path

@@ -16,10 +16,11 @@ FAST_FORWARDING = {"retry_initial": 0.5, "retry_max": 2, "poll_interval": 0.2, "
 
 
 def edit_config(path: Path, change) -> Path:
+    """Load the YAML document, let `change(document)` edit it in place, write it back."""
     yaml = YAML()
-    data = yaml.load(path.read_text())
+    data = yaml.load(path.read_text(encoding="utf-8"))
     change(data)
-    with open(path, "w") as handle:
+    with open(path, "w", encoding="utf-8") as handle:
         yaml.dump(data, handle)
     return path
 
