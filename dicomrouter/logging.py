@@ -47,11 +47,3 @@ def configure_logging(log_format: str = "console", level: str = "info") -> None:
 
 def get_logger(name: str) -> structlog.stdlib.BoundLogger:
     return structlog.get_logger(name)
-
-
-def printable(text: str) -> str:
-    """Text that came from the network, safe to print or log on one line: control characters (CR, LF,
-    ESC...) are shown escaped, never acted on by a terminal or a log reader."""
-    if text.isprintable():
-        return text
-    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)

@@ -5,13 +5,16 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from dicomrouter.catalog.models import AuditEvent
-from dicomrouter.catalog.queries import Catalog
 from dicomrouter.config import Config, ServerConfig
-from dicomrouter.metrics import DestinationState
-from dicomrouter.store.queue_report import StudyBacklog, study_backlogs
+
+# Annotations only: the CLI's quick commands use these helpers without SQLAlchemy or Prometheus.
+if TYPE_CHECKING:
+    from dicomrouter.catalog.models import AuditEvent
+    from dicomrouter.catalog.queries import Catalog
+    from dicomrouter.metrics import DestinationState
+    from dicomrouter.store.queue_report import StudyBacklog
 
 _RELATIVE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
@@ -147,6 +150,8 @@ class StudyWhereabouts:
 
 def study_whereabouts(catalog: Catalog, study_uid: str) -> StudyWhereabouts:
     """Blocking: the catalog's locations of the study and its deliveries not yet done."""
+    from dicomrouter.store.queue_report import study_backlogs
+
     rows = catalog.where_study(study_uid)
     instances = catalog.instances_per_server(study_uid)
     unfinished = [

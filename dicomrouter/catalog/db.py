@@ -12,6 +12,7 @@ from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicomrouter.catalog.urls import shown_url as shown_url  # the CLI imports it from urls
 from dicomrouter.private_files import create_private_file, owner_only
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -38,14 +39,6 @@ def make_engine(url: str | URL, **kwargs: Any) -> Engine:
     event.listen(engine, "commit", lambda connection: _release_write_lock(connection, write_lock))
     event.listen(engine, "rollback", lambda connection: _release_write_lock(connection, write_lock))
     return engine
-
-
-def shown_url(url: str | URL) -> str:
-    """The URL to print or log: its password masked."""
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # not a URL SQLAlchemy can read: print nothing of it that could be secret
-        return "(an unreadable URL)"
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:

@@ -5,18 +5,21 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
-from alembic.util import CommandError
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine, inspect, text
 from sqlalchemy.engine import URL
 
-from dicomrouter.catalog.db import is_sqlite, make_engine
+from dicomrouter.catalog.db import SQLITE_BEGIN, is_sqlite, make_engine
+
+# Alembic loads only to migrate, or to explain a schema that is not current: the router and
+# every CLI command check the revision on each start, and that check must stay cheap.
+if TYPE_CHECKING:
+    from alembic.config import Config
 
 MIGRATIONS = Path(__file__).resolve().with_name("migrations")
+# The newest revision in migrations/versions (tests/unit/test_catalog.py keeps the two equal).
+SCHEMA_REVISION = "0007"
 UPGRADE_HINT = "run: dicomrouter --config FILE db upgrade"
 _UPGRADE_LOCK_ID = 0x44434D52  # "DCMR": advisory lock serialising upgrades on PostgreSQL
 
@@ -27,6 +30,8 @@ class SchemaNeedsUpgrade(Exception):
 
 def alembic_config() -> Config:
     """An in-memory Alembic config pointing at the packaged migrations (no alembic.ini)."""
+    from alembic.config import Config
+
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS).replace("%", "%%"))
     config.set_main_option("path_separator", "os")
@@ -34,7 +39,9 @@ def alembic_config() -> Config:
 
 
 def head_revision() -> str:
-    """The newest migration shipped with this release."""
+    """The newest migration shipped with this release, as Alembic finds it in the scripts."""
+    from alembic.script import ScriptDirectory
+
     head = ScriptDirectory.from_config(alembic_config()).get_current_head()
     assert head is not None, "the packaged migrations have no head"
     return head
@@ -54,6 +61,8 @@ def _engine(engine_or_url: Engine | str | URL) -> Iterator[Engine]:
 
 def upgrade(engine_or_url: Engine | str | URL, revision: str = "head") -> None:
     """Migrate the database to `revision` (default: head) in one transaction."""
+    from alembic import command
+
     config = alembic_config()
     with _engine(engine_or_url) as engine, engine.connect() as connection:
         sqlite = is_sqlite(connection)
@@ -79,6 +88,8 @@ def upgrade(engine_or_url: Engine | str | URL, revision: str = "head") -> None:
 
 def schema_state(engine_or_url: Engine | str | URL) -> tuple[str | None, str]:
     """(revision the database is at, or None when empty; revision this release needs)."""
+    from alembic.runtime.migration import MigrationContext
+
     with _engine(engine_or_url) as engine, engine.connect() as connection:
         current = MigrationContext.configure(connection).get_current_revision()
     return current, head_revision()
@@ -86,6 +97,13 @@ def schema_state(engine_or_url: Engine | str | URL) -> tuple[str | None, str]:
 
 def require_current_schema(engine_or_url: Engine | str | URL) -> None:
     """Raise SchemaNeedsUpgrade unless the database is exactly at the head revision."""
+    with _engine(engine_or_url) as engine, engine.connect() as connection:
+        connection = connection.execution_options(**{SQLITE_BEGIN: "DEFERRED"})
+        if database_revision(connection) == SCHEMA_REVISION:
+            return
+    from alembic.script import ScriptDirectory
+    from alembic.util import CommandError
+
     current, head = schema_state(engine_or_url)
     if current == head:
         return
@@ -101,3 +119,11 @@ def require_current_schema(engine_or_url: Engine | str | URL) -> None:
     raise SchemaNeedsUpgrade(
         f"the catalog database is at revision {current}, this release needs {head}; {UPGRADE_HINT}"
     )
+
+
+def database_revision(connection: Connection) -> str | None:
+    """The revision recorded in alembic_version, read without Alembic; None for an empty database."""
+    if not inspect(connection).has_table("alembic_version"):
+        return None
+    revisions = connection.execute(text("SELECT version_num FROM alembic_version")).scalars().all()
+    return revisions[0] if len(revisions) == 1 else None

@@ -9,12 +9,18 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
-from dicomrouter.catalog.db import engine_of, shown_url
-from dicomrouter.config import Config, ConfigError, ServerConfig, load_config
-from dicomrouter.logging import printable
+from dicomrouter.config import ConfigError, load_config
+from dicomrouter.printable import printable
+
+# Commands import what they need when they run: `--help` and the commands that only read
+# the config or the catalog must not pay for SQLAlchemy, pydicom, pynetdicom or aiohttp.
+if TYPE_CHECKING:
+    from dicomrouter.catalog.queries import Catalog
+    from dicomrouter.config import Config, ServerConfig
 
 EXIT_CONFIG = 2
 
@@ -48,11 +54,14 @@ class CliState:
 pass_state = click.make_pass_decorator(CliState)
 
 
-def open_catalog(config: Config, must_exist: bool = False, consequence: str = "study counts unknown"):
+def open_catalog(
+    config: Config, must_exist: bool = False, consequence: str = "study counts unknown"
+) -> Catalog | None:
     """The catalog service for `config`, or None (with a note) when its schema is not ready."""
     from dicomrouter.catalog.db import make_engine, session_factory
     from dicomrouter.catalog.queries import Catalog
     from dicomrouter.catalog.schema import SchemaNeedsUpgrade, require_current_schema
+    from dicomrouter.catalog.urls import shown_url
 
     engine = make_engine(config.router.catalog)
     try:
@@ -91,6 +100,8 @@ def cli_identity() -> str:
 
 def audit_config_change(config: Config, message: str, servers: Sequence[str] = ()) -> None:
     """One audit row for an edit the CLI made; the edit stands even when the row cannot be written."""
+    from dicomrouter.catalog.db import engine_of
+
     catalog = open_catalog(config, consequence="the change is not in the audit trail")
     if catalog is None:
         return

@@ -5,25 +5,27 @@ from __future__ import annotations
 import json
 import shlex
 import sys
+from typing import TYPE_CHECKING
 
 import click
-from pydicom import Dataset
 
 from dicomrouter.cli.common import CliState, open_catalog, pass_state, print_table, server_argument
-from dicomrouter.config import Config, ServerConfig
-from dicomrouter.logging import configure_logging
-from dicomrouter.net.find_client import PATIENT_ROOT_FIND, STUDY_ROOT_FIND, WORKLIST_FIND
-from dicomrouter.query.federation import FederatedAnswer, Federation, FindSummary
-from dicomrouter.query.keys import BadKey, build_identifier
-from dicomrouter.query.merge import LEVELS_BY_MODEL
-from dicomrouter.routing.access import Caller
-from dicomrouter.routing.find_targets import find_targets
+
+# pydicom, pynetdicom and the federation load when `find` runs, not with every command.
+if TYPE_CHECKING:
+    from pydicom import Dataset
+
+    from dicomrouter.config import Config, ServerConfig
+    from dicomrouter.query.federation import FederatedAnswer, FindSummary
+    from dicomrouter.routing.access import Caller
 
 LEVELS = ("PATIENT", "STUDY", "SERIES", "IMAGE", "WORKLIST")
 _HIDDEN = ("QueryRetrieveLevel", "SpecificCharacterSet", "RetrieveAETitle")
 
 
 def _caller(config: Config, as_client: str | None) -> Caller:
+    from dicomrouter.routing.access import Caller
+
     if as_client is None:  # the admin at the router's console reads everything
         return Caller(config.router.ae_title, "cli", "client", frozenset({"admin"}))
     client = config.client(as_client)
@@ -33,6 +35,9 @@ def _caller(config: Config, as_client: str | None) -> Caller:
 
 
 def _query_model(level: str, model: str | None) -> str:
+    from dicomrouter.net.find_client import PATIENT_ROOT_FIND, STUDY_ROOT_FIND, WORKLIST_FIND
+    from dicomrouter.query.merge import LEVELS_BY_MODEL
+
     if level == "WORKLIST":
         return WORKLIST_FIND
     model = model or ("patient" if level == "PATIENT" else "study")
@@ -157,6 +162,11 @@ def find_command(state: CliState, level: str, model: str | None, keys: tuple[str
                  servers: tuple[str, ...], as_client: str | None, no_defaults: bool,
                  timeout: float | None, as_json: bool) -> None:
     """Query every server you may read at once; one row per study (or patient, series, image)."""
+    from dicomrouter.logging import configure_logging
+    from dicomrouter.query.federation import Federation
+    from dicomrouter.query.keys import BadKey, build_identifier
+    from dicomrouter.routing.find_targets import find_targets
+
     config = state.config()
     level = level.upper()
     query_model = _query_model(level, model)

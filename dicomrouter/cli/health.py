@@ -15,7 +15,6 @@ from dicomrouter.cli.common import (
     server_argument,
     yes_no,
 )
-from dicomrouter.health import check_health, echo_servers
 
 
 @click.command("echo")
@@ -32,6 +31,8 @@ def echo_command(state: CliState, name: str | None, echo_all: bool, timeout: flo
         servers = config.live_servers()
     else:
         servers = [server_argument(config, name)]
+    from dicomrouter.health import echo_servers
+
     results = echo_servers(config, servers, timeout)
     failed = 0
     for result in results:
@@ -54,6 +55,8 @@ def health_command(state: CliState, as_json: bool, timeout: float | None) -> Non
     config = state.config()
     catalog = open_catalog(config)
     counts = catalog.studies_per_server() if catalog else None
+    from dicomrouter.health import check_health
+
     rows = check_health(config, counts, timeout)
     if as_json:
         click.echo(json.dumps([row.as_dict() for row in rows], indent=2))

@@ -7,7 +7,6 @@ from pathlib import Path
 import click
 
 from dicomrouter import __version__
-from dicomrouter.catalog.db import shown_url
 from dicomrouter.cli.access import access_group
 from dicomrouter.cli.audit import audit_command
 from dicomrouter.cli.catalog import catalog_group, db_group
@@ -21,7 +20,6 @@ from dicomrouter.cli.serve import serve_command
 from dicomrouter.cli.servers import servers_group
 from dicomrouter.cli.store import import_command, queue_group, route_group
 from dicomrouter.config import CONFIG_ENV_VAR, DEFAULT_CONFIG_NAME
-from dicomrouter.http.dicomweb import dicomweb_url
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -50,6 +48,9 @@ def config_group() -> None:
 @pass_state
 def config_check(state: CliState) -> None:
     """Validate the file and print a summary."""
+    from dicomrouter.catalog.urls import shown_url
+    from dicomrouter.http.dicomweb import dicomweb_url
+
     config = state.config()
     router = config.router
     click.echo(f"{config.path}: valid")

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING
 
 import click
-from pydicom import Dataset
 
 from dicomrouter.cli.common import (
     CliState,
@@ -16,11 +16,12 @@ from dicomrouter.cli.common import (
     server_argument,
 )
 from dicomrouter.config import suggest
-from dicomrouter.net.move_client import STUDY_ROOT_MOVE
-from dicomrouter.retrieve.mover import SUCCESS, WARNING, MoveRun, MoveTotals, move_outcome
-from dicomrouter.retrieve.plan import RetrievePlan, plan_retrieve
-from dicomrouter.routing.access import Caller
 from dicomrouter.routing.move_routes import destination_refusal, resolve_destination, route_table
+
+# pydicom, pynetdicom and the retrieve machinery load when `move` runs, not with every command.
+if TYPE_CHECKING:
+    from dicomrouter.retrieve.mover import MoveTotals
+    from dicomrouter.retrieve.plan import RetrievePlan
 
 EXIT_FAILED = 1
 EXIT_PARTIAL = 3
@@ -74,6 +75,13 @@ def move_command(
     state: CliState, study_uid: str, move_destination: str, source_name: str | None
 ) -> None:
     """Move a study to another PACS or a workstation; the catalog learns the new location."""
+    from pydicom import Dataset
+
+    from dicomrouter.net.move_client import STUDY_ROOT_MOVE
+    from dicomrouter.retrieve.mover import SUCCESS, WARNING, MoveRun, MoveTotals
+    from dicomrouter.retrieve.plan import plan_retrieve
+    from dicomrouter.routing.access import Caller
+
     config = state.config()
     destination = resolve_destination(config, move_destination)
     if destination is None:
@@ -147,6 +155,8 @@ def move_command(
 
 
 def _audit_move(catalog, final: MoveTotals, study_uid: str, sources, destination_name: str) -> None:
+    from dicomrouter.retrieve.mover import move_outcome
+
     try:
         catalog.add_audit(
             "move",

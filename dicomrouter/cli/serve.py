@@ -9,7 +9,6 @@ import threading
 import click
 
 from dicomrouter.cli.common import CliState, pass_state
-from dicomrouter.logging import configure_logging, get_logger
 from dicomrouter.private_files import PRIVATE_UMASK
 
 
@@ -30,6 +29,7 @@ def serve_command(
     from dicomrouter.app import build_app
     from dicomrouter.catalog.schema import SchemaNeedsUpgrade
     from dicomrouter.http.server import HttpListenError
+    from dicomrouter.logging import configure_logging, get_logger
 
     config = state.config()
     os.umask(PRIVATE_UMASK)  # the catalog, the spool and what else it writes hold patient data

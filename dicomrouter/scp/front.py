@@ -30,7 +30,7 @@ from dicomrouter.dul.pdu import (
     associate_rj,
     parse_associate_rq,
 )
-from dicomrouter.logging import get_logger, printable
+from dicomrouter.logging import get_logger
 from dicomrouter.net.tls import (
     TLSSetupError,
     complete_handshake,
@@ -39,6 +39,7 @@ from dicomrouter.net.tls import (
     peer_subject,
 )
 from dicomrouter.net.upper_layer import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION
+from dicomrouter.printable import printable
 from dicomrouter.reload import ConfigHolder
 from dicomrouter.routing.access import AssociationDecision, decide_association, host_matches
 from dicomrouter.scp.registry import ServiceRegistry
