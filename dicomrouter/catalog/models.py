@@ -20,6 +20,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
@@ -212,6 +213,15 @@ class ForwardJob(Base):
     __tablename__ = "forward_jobs"
     __table_args__ = (
         Index(None, "state", "destination", "next_attempt_at"),
+        # Finished jobs by age, for the pruner: only done rows, so queueing and claiming never touch it
+        # (`state` leads so that SQLite, without statistics, prefers it to the index above).
+        Index(
+            "ix_forward_jobs_done_updated_at",
+            "state",
+            "updated_at",
+            sqlite_where=text("state = 'done'"),
+            postgresql_where=text("state = 'done'"),
+        ),
         CheckConstraint(_in("state", JOB_STATES), name="state"),
     )
 
@@ -234,6 +244,7 @@ class ForwardJob(Base):
     called_ae: Mapped[str | None]
     # Attributes the forwarder needs without reopening the file (SOPClassUID, TransferSyntaxUID...).
     header: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    study_uid: Mapped[str | None] = mapped_column(index=True)  # header's StudyInstanceUID, to find by
 
 
 class ForwardDestination(Base):

@@ -8,7 +8,18 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, and_, bindparam, delete, func, insert, or_, select, update
+from sqlalchemy import (
+    Connection,
+    and_,
+    bindparam,
+    delete,
+    func,
+    insert,
+    literal_column,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomrouter.catalog.db import SQLITE_BEGIN, engine_of
@@ -56,6 +67,9 @@ _COMPLETE = (
     .where(_jobs.id.in_(bindparam("ids", expanding=True)), _jobs.claimed_by == bindparam("node"))
     .values(state=DONE, lease_until=None, updated_at=bindparam("now"), last_error=None)
 )
+# `state = 'done'` spelled out, not bound: only then do SQLite and PostgreSQL's generic plans see
+# that the partial index ix_forward_jobs_done_updated_at (finished jobs only) answers it.
+_FINISHED = _jobs.state == literal_column(f"'{DONE}'")
 _PATHS_STILL_NEEDED = select(_jobs.spool_path).where(
     _jobs.spool_path.in_(bindparam("paths", expanding=True)), _jobs.state.in_((PENDING, CLAIMED, DEAD))
 )
@@ -135,6 +149,7 @@ class ForwardQueue:
                 "calling_ae": job.calling_ae,
                 "called_ae": job.called_ae,
                 "header": job.header,
+                "study_uid": job.header.get("StudyInstanceUID"),
             }
             for job in jobs
         ]
@@ -297,7 +312,7 @@ class ForwardQueue:
             with self.sessions.begin() as session:
                 ids = list(
                     session.scalars(
-                        select(ForwardJob.id).where(ForwardJob.state == DONE, ForwardJob.updated_at < cutoff).limit(batch)
+                        select(ForwardJob.id).where(_FINISHED, ForwardJob.updated_at < cutoff).limit(batch)
                     )
                 )
                 if ids:

@@ -13,8 +13,6 @@ from dicomrouter.catalog.db import SQLITE_BEGIN
 from dicomrouter.catalog.models import ForwardDestination, ForwardJob
 from dicomrouter.store.queue import CLAIMED, DEAD, DONE, PENDING
 
-_STUDY_UID = ForwardJob.header["StudyInstanceUID"].as_string()
-
 
 @dataclass
 class DestinationBacklog:
@@ -139,17 +137,17 @@ def study_backlogs(
     query = (
         select(
             ForwardJob.destination,
-            _STUDY_UID,
+            ForwardJob.study_uid,
             ForwardJob.state,
             func.count(),
             func.min(ForwardJob.created_at),
             func.max(ForwardJob.last_error),
         )
         .where(ForwardJob.state.in_(states))
-        .group_by(ForwardJob.destination, _STUDY_UID, ForwardJob.state)
+        .group_by(ForwardJob.destination, ForwardJob.study_uid, ForwardJob.state)
     )
     if study_uid:
-        query = query.where(_STUDY_UID == study_uid)
+        query = query.where(ForwardJob.study_uid == study_uid)
     with _read(sessions) as session:
         rows = session.execute(query).all()
     backlogs: dict[tuple[str, str | None], StudyBacklog] = {}
@@ -175,7 +173,7 @@ def instance_jobs(
         select(ForwardJob).where(ForwardJob.state.in_(states)).order_by(ForwardJob.id).limit(limit)
     )
     if study_uid:
-        query = query.where(_STUDY_UID == study_uid)
+        query = query.where(ForwardJob.study_uid == study_uid)
     with _read(sessions) as session:
         jobs = list(session.scalars(query))
         session.expunge_all()
