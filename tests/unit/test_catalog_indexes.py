@@ -1,0 +1,140 @@
+"""No statement of the C-STORE path, of `catalog where` or of the pruner reads a table whole.
+
+A catalog holds a million instances and as many finished jobs after a busy week: a statement
+that scans any of its tables costs time that grows with it. SQLite plans without statistics
+(a router never runs ANALYZE) as it would for a large table, so an empty catalog shows the plans.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from dicomrouter.catalog.db import make_engine, session_factory
+from dicomrouter.catalog.models import Base, utcnow
+from dicomrouter.catalog.queries import Catalog, StoredInstance, audit_values
+from dicomrouter.catalog.schema import upgrade
+from dicomrouter.config import ForwardingConfig, parse_config
+from dicomrouter.store.queue import ForwardQueue, NewJob
+from dicomrouter.store.queue_gauges import QueueGaugeReader
+from dicomrouter.store.queue_report import study_backlogs
+from dicomrouter.store.receive import delivered_copies
+from tests.support.configs import base_document
+
+# Tables that grow with what the router has seen (servers and forward_destinations stay small).
+GROWING = sorted(
+    set(Base.metadata.tables) - {"servers", "forward_destinations", "destination_capabilities"}
+)
+FULL_SCAN = re.compile(rf"\bSCAN ({'|'.join(GROWING)})\b")
+# The history is the finished jobs: an index search by state alone, for states that include
+# 'done', reads all of it.
+BY_STATE_ONLY = re.compile(r"\bSEARCH forward_jobs USING (COVERING )?INDEX \w+ \(state=\?\)")
+
+
+@pytest.fixture
+def engine(tmp_path: Path) -> Iterator[sa.Engine]:
+    engine = make_engine(f"sqlite:///{tmp_path / 'catalog.db'}")
+    upgrade(engine)
+    yield engine
+    engine.dispose()
+
+
+def statements_of(engine: sa.Engine) -> list[tuple[str, object]]:
+    """The statements the store path, `catalog where` and the pruner run, with their parameters."""
+    seen: list[tuple[str, object]] = []
+
+    def capture(_conn, _cursor, statement, parameters, _context, executemany) -> None:
+        seen.append((statement, parameters[0] if executemany else parameters))
+
+    sessions = session_factory(engine)
+    catalog = Catalog(sessions)
+    servers = [
+        {
+            "name": "pacs1",
+            "ae_title": "PACS1",
+            "host": "127.0.0.1",
+            "port": 4242,
+            "environment": "test",
+            "active": True,
+            "primary": True,
+            "deleted": False,
+        }
+    ]
+    catalog.sync_servers(parse_config(base_document(servers=servers), Path("router.yaml")))
+    queue = ForwardQueue(sessions, "node", ForwardingConfig())
+    header = {
+        "SOPClassUID": "1.2.840.10008.5.1.4.1.1.2",
+        "TransferSyntaxUID": "1.2.840.10008.1.2.1",
+        "StudyInstanceUID": "1.2.3",
+        "SOPInstanceUID": "1.2.3.4.5",
+    }
+    attrs = {**header, "SeriesInstanceUID": "1.2.3.4", "PatientID": "P1", "Modality": "CT"}
+    sa.event.listen(engine, "before_cursor_execute", capture)
+    try:
+        with engine.begin() as connection:  # the receive transaction
+            delivered_copies(connection, "1.2.3.4.5")
+            queue.destinations_with_open_jobs(connection, "ab" * 32, ["pacs1"])
+            queue.enqueue(
+                connection,
+                [
+                    NewJob(
+                        "1.2.3.4.5", "/spool/a.dcm", "ab" * 32, 10, "pacs1", "MOD", "ROUTER", header
+                    )
+                ],
+            )
+        jobs = queue.claim("pacs1", 16)
+        assert jobs
+        stored = StoredInstance(
+            attrs, header["SOPClassUID"], header["TransferSyntaxUID"], 10, "ab" * 32
+        )
+
+        def acknowledge(session) -> list[str]:  # what the ack writer does per batch
+            from dicomrouter.catalog.upserts import record_stored
+
+            record_stored(session, "pacs1", [stored])
+            queue.complete(session, [job.id for job in jobs])
+            return queue.unreferenced_paths(session, [job.spool_path for job in jobs])
+
+        catalog.write(acknowledge)
+        catalog.add_audit_rows(
+            [audit_values("store", "success", calling_ae="MOD", study_uid="1.2.3")]
+        )
+        queue.open_count("pacs1")
+        QueueGaugeReader(sessions).read()
+        catalog.where_study("1.2.3")
+        catalog.instances_per_server("1.2.3")
+        study_backlogs(sessions, study_uid="1.2.3")
+        queue.prune_done(timedelta(days=7))
+        catalog.prune_audit(utcnow() - timedelta(days=30))
+    finally:
+        sa.event.remove(engine, "before_cursor_execute", capture)
+    return seen
+
+
+def test_no_statement_scans_a_growing_table(engine: sa.Engine) -> None:
+    scans = []
+    for statement, parameters in statements_of(engine):
+        if (
+            not statement.lstrip()
+            .upper()
+            .startswith(("SELECT", "UPDATE", "DELETE", "INSERT", "WITH"))
+        ):
+            continue
+        with engine.connect() as connection:
+            cursor = connection.connection.driver_connection.cursor()
+            plan = [
+                row[-1] for row in cursor.execute(f"EXPLAIN QUERY PLAN {statement}", parameters)
+            ]
+        values = parameters.values() if isinstance(parameters, dict) else parameters
+        reads_history = "done" in values or "'done'" in statement
+        if any(
+            FULL_SCAN.search(step) or (reads_history and BY_STATE_ONLY.search(step))
+            for step in plan
+        ):
+            scans.append(f"{' '.join(statement.split())[:200]}\n    " + "\n    ".join(plan))
+    assert not scans, "statements that read a whole table:\n" + "\n".join(scans)
