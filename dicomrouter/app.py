@@ -27,6 +27,7 @@ from dicomrouter.logging import get_logger
 from dicomrouter.metrics import Metrics
 from dicomrouter.query.federation import Federation
 from dicomrouter.reload import ConfigFileWatcher, ConfigHolder
+from dicomrouter.retrieve.pending import PendingRetrievals
 from dicomrouter.routing.store_rules import unusable_rules
 from dicomrouter.scp.commitment import CommitmentService, ReportChannels
 from dicomrouter.scp.echo import VERIFICATION, EchoService
@@ -34,6 +35,7 @@ from dicomrouter.scp.find import FindService
 from dicomrouter.scp.front import DicomFront
 from dicomrouter.scp.get import GetService
 from dicomrouter.scp.move import MoveService
+from dicomrouter.scp.move_delivery import MoveDeliveryService
 from dicomrouter.scp.registry import ServiceRegistry
 from dicomrouter.scp.store import StoreService
 from dicomrouter.store.acks import AckRecorder
@@ -66,6 +68,7 @@ def service_registry(
     receive: ReceiveService | None,
     capabilities: DestinationCapabilities | None = None,
     commitment: CommitmentService | None = None,
+    pending: PendingRetrievals | None = None,
 ) -> ServiceRegistry:
     """Every service the front offers, by SOP class; storage takes the classes nobody else claims
     (none without `receive`: tests of query and retrieval serve no stores). With `capabilities`,
@@ -86,6 +89,8 @@ def service_registry(
         registry.destination_verdict = capabilities.accepted_syntaxes
     if commitment is not None:  # a PACS reporting its commitment to the router is SCP of the class
         registry.either_role = frozenset(commitment.sop_classes)
+    if pending is not None and receive is not None:  # a PACS delivering a move the router asked for
+        registry.delivery = MoveDeliveryService(pending, receive.spool)
     return registry
 
 
@@ -219,8 +224,10 @@ def build_app(config: Config, host: str | None = None, port: int | None = None, 
     channels = ReportChannels()
     committer = Committer(lambda: holder.current, CommitmentStore(sessions, queue.node_id), channels, audit)
     commitment = CommitmentService(holder, committer.store, channels, committer.wake)
+    # WADO-RS retrievals waiting for a PACS that only moves to call back (retrieve/pending.py).
+    pending = PendingRetrievals()
     front = DicomFront(
-        holder, service_registry(holder, catalog, receive, capabilities, commitment), host=host, port=port,
+        holder, service_registry(holder, catalog, receive, capabilities, commitment, pending), host=host, port=port,
         audit=audit,
     )
     http = None
@@ -229,7 +236,7 @@ def build_app(config: Config, host: str | None = None, port: int | None = None, 
             holder, audit, catalog=catalog, spool=spool, queue=queue, forwarder=forwarder, front=front, metrics=metrics
         )
         # DICOMweb's QIDO-RS has its own federation (and catalog learner) beside the C-FIND SCP's.
-        dicomweb = dicomweb_routes(receive, Federation(catalog))
+        dicomweb = dicomweb_routes(receive, Federation(catalog), pending, capabilities)
         http = HttpFront(make_http_app(deps, [*HTTP_ROUTE_MODULES, dicomweb]), config.router.http)
     app = RouterApp(
         holder, catalog, spool, queue, forwarder, receive, front, audit, committer=committer, http=http,

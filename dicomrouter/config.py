@@ -24,6 +24,9 @@ from dicomrouter.net.tls import TLSSetupError, check_tls_files
 ENVIRONMENTS = ("test", "prod")
 ROLES = ("test_read", "test_write", "prod_read", "prod_write", "admin")
 OPERATIONS = ("echo", "find", "store", "move")
+# How the router takes instances from a server: C-GET, C-MOVE to itself, or C-GET falling back to
+# C-MOVE when the server refuses C-GET (remembered per server: retrieve/move_to_self.py).
+RETRIEVE_MODES = ("auto", "get", "move")
 DUPLICATE_POLICIES = ("overwrite", "reject")
 DEFAULT_CONFIG_NAME = "dicomrouter.yaml"
 CONFIG_ENV_VAR = "DICOMROUTER_CONFIG"
@@ -110,6 +113,7 @@ class ServerConfig:
     tls: TLSConfig | None = None
     # A commitment request counts an instance on this server only once the server itself committed it.
     storage_commitment: bool = False
+    retrieve: str = "auto"  # one of RETRIEVE_MODES
 
     @property
     def address(self) -> str:
@@ -385,6 +389,7 @@ _SERVER_KEYS = (
     "worklist",
     "tls",
     "storage_commitment",
+    "retrieve",
 )
 _CLIENT_KEYS = (
     "ae_title", "host", "port", "roles", "query_servers", "move_destinations", "http_token_sha256", "comments"
@@ -768,9 +773,21 @@ class _Parser:
                     worklist=self.get_bool(data, "worklist", f"{key}.worklist", False),
                     tls=self.parse_tls(data.get("tls"), f"{key}.tls", listening=False),
                     storage_commitment=self.get_bool(data, "storage_commitment", f"{key}.storage_commitment", False),
+                    retrieve=self.get_retrieve_mode(data, f"{key}.retrieve"),
                 )
             )
         return servers
+
+    def get_retrieve_mode(self, data: Mapping[str, Any], key: str) -> str:
+        value = data.get("retrieve", "auto")
+        if value not in RETRIEVE_MODES:
+            self.error(
+                key,
+                f"{value!r} is not a retrieve mode",
+                "use get (C-GET), move (C-MOVE to the router) or auto (C-GET, C-MOVE where the server refuses C-GET)",
+            )
+            return "auto"
+        return value
 
     def parse_clients(self, value: Any) -> list[ClientConfig]:
         if value is None:

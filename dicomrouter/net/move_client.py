@@ -96,13 +96,23 @@ def open_retrieve_link(
         raise PeerMoveError(exc.status, exc.reason) from None
 
 
+class ModelNotAccepted(PeerMoveError):
+    """The peer refused the presentation context of the query/retrieve model (it does not offer
+    that service, e.g. a PACS without C-GET)."""
+
+
 def retrieve_request(
-    link: Link, command_field: int, query_model: str, identifier: Dataset, *extra
+    link: Link,
+    command_field: int,
+    query_model: str,
+    identifier: Dataset,
+    *extra,
+    message_id: int = MESSAGE_ID,
 ) -> int:
     """Send a C-MOVE or C-GET request on `link`; returns its context ID."""
     context_id = link.context_for(query_model)
     if context_id is None:
-        raise PeerMoveError(
+        raise ModelNotAccepted(
             "rejected", f"the peer accepted no presentation context for {query_model}"
         )
     implicit = link.contexts[context_id][1] == IMPLICIT_VR_LE
@@ -113,7 +123,7 @@ def retrieve_request(
         [
             (0x0002, query_model.encode("ascii")),
             (0x0100, us(command_field)),
-            (0x0110, us(MESSAGE_ID)),
+            (0x0110, us(message_id)),
             *extra,
             (0x0700, us(0x0000)),  # medium priority
             (0x0800, us(0x0001)),
@@ -143,9 +153,9 @@ def retrieve_response(message: Message, link: Link) -> MoveProgress:
     )
 
 
-def send_cancel(link: Link, context_id: int) -> None:
+def send_cancel(link: Link, context_id: int, message_id: int = MESSAGE_ID) -> None:
     """C-CANCEL for our request (a peer may ignore it; its final answer still ends the exchange)."""
-    cancel = command_set([(0x0100, us(0x0FFF)), (0x0120, us(MESSAGE_ID)), (0x0800, us(NO_DATASET))])
+    cancel = command_set([(0x0100, us(0x0FFF)), (0x0120, us(message_id)), (0x0800, us(NO_DATASET))])
     try:
         link.send_message(context_id, cancel)
     except OSError:
@@ -156,8 +166,14 @@ class PeerMove:
     """One C-MOVE to one server: iterate `progress()`, `cancel()` from any thread."""
 
     def __init__(
-        self, server: ServerConfig, router: RouterSettings, query_model: str, identifier: Dataset
+        self,
+        server: ServerConfig,
+        router: RouterSettings,
+        query_model: str,
+        identifier: Dataset,
+        message_id: int = MESSAGE_ID,
     ):
+        self.message_id = message_id  # the sub-operations' Move Originator Message ID
         self.server = server
         self.router = router
         self.query_model = query_model
@@ -186,7 +202,12 @@ class PeerMove:
                     cancelled = None
                     destination = move_destination_ae.encode("ascii")[:16].ljust(16, b" ")
                     self._context_id = retrieve_request(
-                        link, 0x0021, self.query_model, self.identifier, (0x0600, destination)
+                        link,
+                        0x0021,
+                        self.query_model,
+                        self.identifier,
+                        (0x0600, destination),
+                        message_id=self.message_id,
                     )
             if cancelled is not None:
                 yield cancelled
@@ -228,4 +249,4 @@ class PeerMove:
             link, context_id = self._link, self._context_id
         if link is None or context_id is None or link.closed:
             return
-        send_cancel(link, context_id)
+        send_cancel(link, context_id, self.message_id)

@@ -13,8 +13,14 @@ from dicomrouter.net.get_client import (
     ReceivedInstance,
     get_instances,
 )
-from dicomrouter.net.move_client import PATIENT_ROOT_MOVE, STUDY_ROOT_MOVE, PeerMoveError
+from dicomrouter.net.move_client import (
+    PATIENT_ROOT_MOVE,
+    STUDY_ROOT_MOVE,
+    ModelNotAccepted,
+    PeerMoveError,
+)
 from dicomrouter.retrieve.held_syntax import get_as_held
+from dicomrouter.retrieve.move_to_self import GET_UNSUPPORTED, GetUnsupported, MoveToSelf
 from dicomrouter.retrieve.plan import RetrieveRequest, SourcePlan
 
 log = get_logger(__name__)
@@ -33,9 +39,11 @@ def collect_instances(
     is_cancelled: Callable[[], bool] = lambda: False,
     spill_folder: Path | None = None,
     on_missed: Callable[[int], None] | None = None,
+    mover: MoveToSelf | None = None,
 ) -> tuple[list[str], bool]:
     """C-GET every request of every source, handing each instance once to `on_instance` (a large
-    one in a file of `spill_folder`, when given: see get_instances).
+    one in a file of `spill_folder`, when given: see get_instances). With `mover`, a server that
+    only moves (its `retrieve:`) is asked by C-MOVE to the router instead (retrieve/move_to_self.py).
 
     `storage`: the contexts to offer, one transfer syntax each; None: every instance in the syntax
     the source holds it in (retrieve/held_syntax.py: the classes found first, several
@@ -60,7 +68,9 @@ def collect_instances(
         candidates = [(source.server, source.requests), *source.fallbacks]
         for attempt, (server, requests) in enumerate(candidates):
             before = len(seen)
-            failures, missed = _get_requests(config, server, requests, storage, once, spill_folder)
+            failures, missed = _fetch_requests(
+                config, server, requests, storage, once, spill_folder, mover, is_cancelled
+            )
             if failures and len(seen) == before and attempt < len(candidates) - 1:
                 # Nothing came from this copy: ask the next server holding it as completely.
                 log.warning("get_source_skipped", source=server.name, reason="; ".join(failures))
@@ -84,6 +94,30 @@ def _expected(requests: list[RetrieveRequest]) -> int | None:
     return None if any(count is None for count in counts) else sum(counts)  # type: ignore[misc]
 
 
+def _fetch_requests(
+    config: Config,
+    server: ServerConfig,
+    requests: list[RetrieveRequest],
+    storage: Storage,
+    on_instance: Callable[[ReceivedInstance], int],
+    spill_folder: Path | None,
+    mover: MoveToSelf | None,
+    is_cancelled: Callable[[], bool],
+) -> tuple[list[str], int]:
+    """Each request from `server` by C-GET, or by C-MOVE to the router where it only moves."""
+    if mover is None:
+        return _get_requests(config, server, requests, storage, on_instance, spill_folder)
+    if mover.uses_move(server):
+        return mover.fetch(server, requests, on_instance, is_cancelled)
+    try:
+        return _get_requests(
+            config, server, requests, storage, on_instance, spill_folder, mover.falls_back(server)
+        )
+    except GetUnsupported as exc:
+        mover.get_refused(server, exc.reason)
+        return mover.fetch(server, requests, on_instance, is_cancelled)
+
+
 def _get_requests(
     config: Config,
     server: ServerConfig,
@@ -91,12 +125,15 @@ def _get_requests(
     storage: Storage,
     on_instance: Callable[[ReceivedInstance], int],
     spill_folder: Path | None = None,
+    raise_unsupported: bool = False,
 ) -> tuple[list[str], int]:
     """C-GET each request from `server`; (what went wrong, one line per failed request; how many
-    sub-operations the source counted failed or left undone)."""
+    sub-operations the source counted failed or left undone). `raise_unsupported`: GetUnsupported
+    when the server refuses C-GET at its first request (nothing was received yet)."""
     errors = []
     missed = 0
-    for request in requests:
+    for index, request in enumerate(requests):
+        first = raise_unsupported and index == 0
         model = GET_MODEL.get(request.query_model, request.query_model)
         try:
             if storage is None:
@@ -113,10 +150,20 @@ def _get_requests(
                     on_instance,
                     spill_folder,
                 )
+        except ModelNotAccepted as exc:
+            if first:
+                raise GetUnsupported(exc.reason) from None
+            log.warning("get_source_failed", source=server.name, kind=exc.kind, reason=exc.reason)
+            errors.append(f"{server.name} {exc.kind}: {exc.reason}")
+            continue
         except PeerMoveError as exc:
             log.warning("get_source_failed", source=server.name, kind=exc.kind, reason=exc.reason)
             errors.append(f"{server.name} {exc.kind}: {exc.reason}")
             continue
+        if first and outcome.status in GET_UNSUPPORTED and not outcome.completed:
+            raise GetUnsupported(
+                f"{server.name} answered the C-GET 0x{outcome.status:04X} {outcome.comment}".strip()
+            )
         missed += outcome.failed + (0 if outcome.status == 0xFE00 else outcome.remaining)
         if outcome.status not in (0x0000, WARNING) and (outcome.status >> 12) != 0xB:
             errors.append(

@@ -81,6 +81,8 @@ class ServiceRegistry:
     _unreachable_until: dict[str, float] = field(default_factory=dict)
     # Classes whose requestor may take the SCP role (a PACS sending its storage commitment report).
     either_role: frozenset[str] = frozenset()
+    # C-STOREs from a configured server: sub-operations of a C-MOVE the router sent to itself.
+    delivery: Service | None = None
 
     @classmethod
     def of(cls, store: Service | None, *by_class: tuple[Iterable[str], Service]) -> ServiceRegistry:
@@ -134,11 +136,15 @@ class ServiceRegistry:
         # The syntax proposed first is taken (a PACS delivering sub-operations proposes the one it holds
         # the instance in first): the bytes go on as received, never transcoded.
         result = first_supported(context, STORAGE_SYNTAXES)
-        if result.accepted and sends and not receives and self.destination_verdict is not None:
+        delivers = caller.kind == "server" and self.delivery is not None
+        if result.accepted and sends and not receives and not delivers and self.destination_verdict is not None:
             result = self._as_destinations_would(result, context, caller, called_ae, config)
         if not result.accepted:
             return result
-        chosen[context.context_id] = self.store or self.services[VERIFICATION]
+        if delivers and sends and not receives:  # kept as the PACS holds it: its first syntax
+            chosen[context.context_id] = self.delivery
+        else:
+            chosen[context.context_id] = self.store or self.services[VERIFICATION]
         if roles is not None:
             result = replace(result, scu_role=sends and self.store is not None, scp_role=receives)
         return result

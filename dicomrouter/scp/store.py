@@ -162,6 +162,22 @@ class IncomingInstance:
         return encoded
 
 
+def checked_store_command(request: Request) -> tuple[str, str]:
+    """(SOP class, SOP instance UID) of a C-STORE request; DimseRefusal when they are not valid."""
+    sop_class = request.sop_class
+    sop_instance = request.command.uid(AFFECTED_SOP_INSTANCE)
+    if not valid_uid(sop_class):
+        raise DimseRefusal(DATASET_MISMATCH, "Affected SOP Class UID is not a valid UID")
+    if sop_class != request.context.abstract_syntax:
+        raise DimseRefusal(
+            SOP_CLASS_NOT_SUPPORTED, "SOP class differs from the presentation context's",
+            reason=f"Affected SOP Class UID {sop_class} on a context for {request.context.abstract_syntax}",
+        )
+    if not valid_uid(sop_instance):
+        raise DimseRefusal(DATASET_MISMATCH, "Affected SOP Instance UID is not a valid UID")
+    return sop_class, sop_instance
+
+
 class StoreService:
     operation = "store"
     commands = frozenset({C_STORE_RQ})
@@ -172,17 +188,7 @@ class StoreService:
         self.receive = receive
 
     def open_dataset(self, request: Request, association: Association) -> IncomingInstance:
-        sop_class = request.sop_class
-        sop_instance = request.command.uid(AFFECTED_SOP_INSTANCE)
-        if not valid_uid(sop_class):
-            raise DimseRefusal(DATASET_MISMATCH, "Affected SOP Class UID is not a valid UID")
-        if sop_class != request.context.abstract_syntax:
-            raise DimseRefusal(
-                SOP_CLASS_NOT_SUPPORTED, "SOP class differs from the presentation context's",
-                reason=f"Affected SOP Class UID {sop_class} on a context for {request.context.abstract_syntax}",
-            )
-        if not valid_uid(sop_instance):
-            raise DimseRefusal(DATASET_MISMATCH, "Affected SOP Instance UID is not a valid UID")
+        sop_class, sop_instance = checked_store_command(request)
         caller = association.caller
         config = self.holder.current
         if caller.kind == "server":

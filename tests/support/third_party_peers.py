@@ -157,12 +157,19 @@ class Dcmqrscp:
     It forks one child per association (`--single-process` exits after the first one), so it runs in a
     process group of its own, stopped as a whole."""
 
-    def __init__(self, folder: Path, ae_title: str, peers: Sequence[tuple[str, str, int]]):
+    def __init__(
+        self,
+        folder: Path,
+        ae_title: str,
+        peers: Sequence[tuple[str, str, int]],
+        options: Sequence[str] = (),
+    ):
         self.folder = folder
         self.ae_title = ae_title
+        self.options = list(options)  # e.g. --disable-get: a PACS that only moves
         self.port = free_ports(1)[0]
         self.process: subprocess.Popen | None = None
-        storage = folder / "storage"
+        storage = self.storage = folder / "storage"
         storage.mkdir(parents=True, exist_ok=True)
         hosts = [
             f"peer{index} = ({ae}, {host}, {port})" for index, (ae, host, port) in enumerate(peers)
@@ -194,7 +201,7 @@ class Dcmqrscp:
     def start(self) -> Dcmqrscp:
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
-                [dcmtk("dcmqrscp"), "-v", "-c", str(self.config)],
+                [dcmtk("dcmqrscp"), "-v", *self.options, "-c", str(self.config)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=dcmtk_env(),

@@ -95,6 +95,8 @@ BROKEN = [
      "not a positive duration"),
     ("audit keep_days", _set(["router", "audit"], {"keep_days": 0}), "router.audit.keep_days",
      "not a positive number of days"),
+    ("retrieve mode", _set(["servers", 1, "retrieve"], "c-move"), "servers[1].retrieve",
+     "use get (C-GET), move (C-MOVE to the router) or auto"),
 ]
 
 
@@ -259,3 +261,10 @@ def test_retention_keys(tmp_path):
     assert load_config(write_document(tmp_path / "router.yaml", document)).router.forwarding.keep_done_s == 600
     defaults = load_config(write_document(tmp_path / "defaults.yaml", base_document())).router
     assert (defaults.forwarding.keep_done_s, defaults.audit.keep_days) == (7 * 86400, 365)
+
+
+def test_retrieve_mode_defaults_to_auto(tmp_path):
+    document = base_document()
+    document["servers"][1]["retrieve"] = "move"
+    config = load_config(write_document(tmp_path / "dicomrouter.yaml", document))
+    assert [server.retrieve for server in config.servers][:2] == ["auto", "move"]

@@ -24,7 +24,7 @@ from dicomrouter.http.dicomweb.multipart import (
     related_content_type,
 )
 from dicomrouter.http.dicomweb.qido import QidoError, parse_qido
-from dicomrouter.http.dicomweb.search import qido_search
+from dicomrouter.http.dicomweb.search import qido_search, warning_value
 from dicomrouter.http.dicomweb.stow import DICOM_MEDIA_TYPE, SpillingSink, stow_store
 from dicomrouter.http.dicomweb.wado import (
     Retrieval,
@@ -35,6 +35,8 @@ from dicomrouter.http.dicomweb.wado import (
 )
 from dicomrouter.logging import get_logger
 from dicomrouter.query.federation import Federation
+from dicomrouter.retrieve.move_to_self import MoveToSelf
+from dicomrouter.retrieve.pending import PendingRetrievals
 from dicomrouter.routing.access import Caller
 from dicomrouter.store.receive import ReceiveService
 
@@ -69,10 +71,19 @@ def _error_response(exc: DicomWebError) -> web.Response:
 class DicomWebRoutes:
     """The handlers, given the services they call (one Federation for QIDO, the receive service)."""
 
-    def __init__(self, deps: HttpDeps, receive: ReceiveService, federation: Federation):
+    def __init__(
+        self,
+        deps: HttpDeps,
+        receive: ReceiveService,
+        federation: Federation,
+        pending: PendingRetrievals | None = None,
+        capabilities: Any = None,
+    ):
         self.deps = deps
         self.receive = receive
         self.federation = federation
+        self.pending = pending or PendingRetrievals()  # where C-MOVEs to the router wait
+        self.capabilities = capabilities  # remembers which servers refuse C-GET
 
     def add_to(self, app: web.Application) -> None:
         get, post = app.router.add_get, app.router.add_post
@@ -163,7 +174,8 @@ class DicomWebRoutes:
         spill_folder = (
             Path(config.router.spool) / "tmp"
         )  # large instances wait there, not in memory
-        return caller, Retrieval(config, sources, spill_folder)
+        mover = MoveToSelf(config, self.pending, self.capabilities)
+        return caller, Retrieval(config, sources, spill_folder, mover)
 
     async def retrieve(self, request: web.Request) -> web.StreamResponse:
         accept = request.headers.get("Accept", "*/*")
@@ -183,8 +195,9 @@ class DicomWebRoutes:
         )
         outcome = "cancelled"
         try:
-            await response.prepare(request)
             async for instance in retrieval.instances():
+                if not response.prepared:  # headers wait for the first instance: see below
+                    await response.prepare(request)
                 try:
                     head = writer.part(DICOM_MEDIA_TYPE) + part10_prefix(instance)
                     if isinstance(instance.dataset, bytes):
@@ -196,9 +209,25 @@ class DicomWebRoutes:
                         await response.write(chunk)
                 finally:
                     instance.discard()
+            if not response.prepared and retrieval.errors:
+                # Nothing came: the status can still say so (C-MOVE never delivered, refused...).
+                outcome = "failed"
+                return _error_response(_retrieval_failed(retrieval.errors))
+            if retrieval.errors:
+                # Headers are sent: a body cut short (no closing boundary, connection closed) is
+                # how the client learns the study is incomplete; the log and audit say why.
+                outcome = "partial"
+                log.warning(
+                    "wado_incomplete", path=request.path, reason="; ".join(retrieval.errors)
+                )
+                if request.transport is not None:
+                    request.transport.close()
+                return response
+            if not response.prepared:
+                await response.prepare(request)
             await response.write(writer.close())
             await response.write_eof()
-            outcome = "partial" if retrieval.errors else "success"
+            outcome = "success"
         finally:
             retrieval.close()
             log.info(
@@ -231,6 +260,8 @@ class DicomWebRoutes:
             datasets = await asyncio.to_thread(_metadata_of, retrieval)
         finally:
             retrieval.close()
+        if not datasets and retrieval.errors:
+            return _error_response(_retrieval_failed(retrieval.errors))
         self._audit(
             caller,
             "get",
@@ -338,6 +369,15 @@ class DicomWebRoutes:
         )
 
 
+def _retrieval_failed(errors: list[str]) -> DicomWebError:
+    """502 naming what each failed source said."""
+    return DicomWebError(
+        502,
+        "nothing retrieved: " + "; ".join(errors),
+        [warning_value(error) for error in errors],
+    )
+
+
 def _accepts_dicom_multipart(accept: str) -> bool:
     for item in accept.split(","):
         media_type, params = content_type_parameters(item.strip() or "*/*")
@@ -374,11 +414,14 @@ def _metadata_of(retrieval: Retrieval) -> list[dict]:
 
 
 def dicomweb_routes(
-    receive: ReceiveService, federation: Federation
+    receive: ReceiveService,
+    federation: Federation,
+    pending: PendingRetrievals | None = None,
+    capabilities: Any = None,
 ) -> Callable[[web.Application, HttpDeps], None]:
     """The route module app.py passes to make_http_app."""
 
     def add_routes(app: web.Application, deps: HttpDeps) -> None:
-        DicomWebRoutes(deps, receive, federation).add_to(app)
+        DicomWebRoutes(deps, receive, federation, pending, capabilities).add_to(app)
 
     return add_routes

@@ -38,6 +38,7 @@ from dicomrouter.net.find_client import STUDY_ROOT_FIND, PeerFind, PeerFindError
 from dicomrouter.net.get_client import STUDY_ROOT_GET, ReceivedInstance
 from dicomrouter.net.upper_layer import FileSlice
 from dicomrouter.retrieve.collect import collect_instances
+from dicomrouter.retrieve.move_to_self import MoveToSelf
 from dicomrouter.retrieve.plan import SourcePlan, plan_retrieve
 from dicomrouter.routing.access import Caller
 from dicomrouter.scp.store import file_meta  # the one writer of a received instance's file meta
@@ -240,7 +241,14 @@ def plan_wado(
 class Retrieval:
     """Instances of a planned retrieval, yielded as the sources send them; `close()` stops it."""
 
-    def __init__(self, config: Config, sources: list[WadoSource], spill_folder: Path):
+    def __init__(
+        self,
+        config: Config,
+        sources: list[WadoSource],
+        spill_folder: Path,
+        mover: MoveToSelf | None = None,
+    ):
+        self.mover = mover  # for the servers that only move (their `retrieve:`)
         self.config = config
         self.sources = sources
         self.spill_folder = spill_folder
@@ -347,6 +355,7 @@ class Retrieval:
                     self._hand_on,
                     self._stopped.is_set,
                     self.spill_folder,
+                    mover=self.mover,
                 )
                 self.errors += errors
                 if cancelled:
