@@ -17,6 +17,7 @@ from dicomrouter.config import Config
 from dicomrouter.health import HealthWatch
 from dicomrouter.housekeeping import CatalogPruner
 from dicomrouter.http import api as http_api
+from dicomrouter.http import cors as http_cors
 from dicomrouter.http import health as http_health
 from dicomrouter.http import metrics as http_metrics
 from dicomrouter.http import page as http_page
@@ -237,7 +238,7 @@ def build_app(config: Config, host: str | None = None, port: int | None = None, 
         )
         # DICOMweb's QIDO-RS has its own federation (and catalog learner) beside the C-FIND SCP's.
         dicomweb = dicomweb_routes(receive, Federation(catalog), pending, capabilities)
-        http = HttpFront(make_http_app(deps, [*HTTP_ROUTE_MODULES, dicomweb]), config.router.http)
+        http = HttpFront(make_http_app(deps, [*HTTP_ROUTE_MODULES, dicomweb, http_cors.add_routes]), config.router.http)
     app = RouterApp(
         holder, catalog, spool, queue, forwarder, receive, front, audit, committer=committer, http=http,
         metrics=metrics, watch_file=watch_file,

@@ -85,6 +85,9 @@ class HttpSettings:
     port: int = 8080
     tls: TLSConfig | None = None
     health_interval_s: float = 30.0  # C-ECHO each destination the forwarder has not talked to lately
+    # Web origins (scheme://host[:port], or "*") whose pages may call /dicom-web (CORS): a viewer
+    # served from another origin than the router's HTTP port.
+    cors_origins: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -358,7 +361,8 @@ _ROUTER_KEYS = (
 )
 _STORAGE_COMMITMENT_KEYS = ("max_wait", "poll_interval", "report_retry_initial", "report_retry_max")
 _AUDIT_KEYS = ("keep_days", "rejection_summary_interval")
-_HTTP_KEYS = ("host", "port", "tls", "health_interval")
+_HTTP_KEYS = ("host", "port", "tls", "health_interval", "cors_origins")
+_ORIGIN = re.compile(r"https?://[^/\s:?#]+(:\d{1,5})?")
 _LOG_KEYS = ("level", "format")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("console", "json")
@@ -699,7 +703,21 @@ class _Parser:
             port=self.get_port(data, "port", "router.http.port", required=False) or d.port,
             tls=self.parse_tls(data.get("tls"), "router.http.tls", listening=True),
             health_interval_s=self.get_seconds(data, "health_interval", "router.http.health_interval", d.health_interval_s),
+            cors_origins=self.get_origins(data),
         )
+
+    def get_origins(self, data: Mapping[str, Any]) -> tuple[str, ...]:
+        key = "router.http.cors_origins"
+        origins = self.get_str_list(data, "cors_origins", key) or ()
+        for index, origin in enumerate(origins):
+            if origin != "*" and not _ORIGIN.fullmatch(origin):
+                self.error(
+                    f"{key}[{index}]",
+                    f"{origin!r} is not a web origin",
+                    "give scheme, host and port only, as the browser sends them "
+                    "(https://viewer.example:3000, no path or trailing slash), or '*' for any",
+                )
+        return tuple(origin.lower() for origin in origins)
 
     def parse_log(self, data: Mapping[str, Any]) -> LogSettings:
         self.check_keys(data, _LOG_KEYS, "router.log")

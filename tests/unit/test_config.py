@@ -268,3 +268,16 @@ def test_retrieve_mode_defaults_to_auto(tmp_path):
     document["servers"][1]["retrieve"] = "move"
     config = load_config(write_document(tmp_path / "dicomrouter.yaml", document))
     assert [server.retrieve for server in config.servers][:2] == ["auto", "move"]
+
+
+def test_http_cors_origins_are_checked_and_kept(tmp_path):
+    document = base_document()
+    document["router"]["http"] = {"cors_origins": ["https://Viewer.example:3000", "*"]}
+    path = write_document(tmp_path / "ok.yaml", document)
+    assert load_config(path).router.http.cors_origins == ("https://viewer.example:3000", "*")
+    document["router"]["http"] = {"cors_origins": ["https://viewer.example/ohif/"]}
+    path = write_document(tmp_path / "bad.yaml", document)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert "router.http.cors_origins[0]" in str(info.value)
+    assert "no path" in str(info.value)
