@@ -59,6 +59,18 @@ def test_qido_series_of_a_study_and_instances_of_a_series():
     assert "SOPClassUID" in instances.identifier
 
 
+def test_qido_study_search_asks_modalities_in_study_for_modality():
+    """OHIF's study list asks includefield=00080060 and filters on Modality: a STUDY-level C-FIND
+    has no Modality (Orthanc answers it empty, and OHIF v2's list then fails), ModalitiesInStudy
+    holds the study's modalities."""
+    query = parse_qido("studies", [("includefield", "00081030,00080060"), ("Modality", "CT")])
+    assert "Modality" not in query.identifier
+    assert query.identifier.ModalitiesInStudy == "CT"
+    assert query.matching == ("ModalitiesInStudy",)
+    series = parse_qido("series", [("includefield", "00080060"), ("Modality", "MR")])
+    assert series.identifier.Modality == "MR"
+
+
 def test_qido_all_fields_below_study_level_ask_for_study_attributes():
     query = parse_qido("instances", [("includefield", "all")])
     assert query.include_all and "PatientName" in query.identifier

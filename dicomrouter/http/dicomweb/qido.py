@@ -61,6 +61,9 @@ STUDY_FIELDS_BELOW = (
     "AccessionNumber",
     "StudyDescription",
 )
+# Series attributes a study search names, asked as their study counterpart: a Study Root C-FIND
+# at the STUDY level has no Modality (a PACS answers it empty), its ModalitiesInStudy lists them.
+STUDY_LEVEL_NAMES = {0x00080060: "ModalitiesInStudy"}
 UID_VRS = ("UI",)
 _HEX_TAG = re.compile(r"^[0-9A-Fa-f]{8}$")
 CONTROL_PARAMETERS = ("limit", "offset", "fuzzymatching", "includefield")
@@ -168,14 +171,15 @@ def parse_qido(
             fuzzy = value.strip().lower() == "true"
         elif name == "includefield":
             for item in value.split(","):
-                if item.strip() == "all":
+                item = _at_level(level, item.strip())
+                if item == "all":
                     include_all = True
-                elif item.strip() and _path_tag(item) not in identifier:
-                    _set(identifier, item.strip(), None)
+                elif item and _path_tag(item) not in identifier:
+                    _set(identifier, item, None)
         elif name.startswith("_"):
             continue  # vendor parameters some viewers add (e.g. "_" cache busters)
         else:
-            matching.append(_set(identifier, name, value))
+            matching.append(_set(identifier, _at_level(level, name), value))
     if include_all:
         for keyword in (*STUDY_FIELDS_BELOW, *DEFAULT_FIELDS["STUDY"]) if level != "STUDY" else ():
             if tag_for_keyword(keyword) not in identifier:
@@ -187,6 +191,13 @@ def parse_qido(
     if any(ord(ch) > 127 for elem in identifier for ch in str(elem.value or "")):
         identifier.SpecificCharacterSet = "ISO_IR 192"  # non-ASCII matching values go as UTF-8
     return QidoQuery(level, identifier, limit, offset, fuzzy, include_all, tuple(matching))
+
+
+def _at_level(level: str, name: str) -> str:
+    """`name`, or the study attribute that stands for it in a study search (Modality)."""
+    if level == "STUDY" and name and name != "all" and "." not in name:
+        return STUDY_LEVEL_NAMES.get(parse_tag(name), name)
+    return name
 
 
 def _path_tag(path: str) -> int:
