@@ -88,6 +88,15 @@ async def preflight(request: web.Request) -> web.Response:
     return web.Response(status=204, headers=headers)
 
 
+@web.middleware
+async def answer_preflight(request: web.Request, handler) -> web.StreamResponse:
+    """OPTIONS under /dicom-web is answered here (a route for it would turn every unknown GET
+    path there into 405 instead of 404)."""
+    if request.method == "OPTIONS" and _is_dicomweb(request):
+        return await preflight(request)
+    return await handler(request)
+
+
 def add_routes(app: web.Application, deps: HttpDeps) -> None:
-    app.router.add_route("OPTIONS", PREFIX + "/{tail:.*}", preflight)
+    app.middlewares.append(answer_preflight)
     app.on_response_prepare.append(add_cors_headers)

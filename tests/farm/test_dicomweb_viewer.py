@@ -145,3 +145,12 @@ def test_a_viewer_lists_studies_of_both_pacs_and_gets_metadata_and_frames(
         (part,) = message.get_payload()
         assert "transfer-syntax=1.2.840.10008.1.2.1" in part["Content-Type"]
         assert part.get_payload(decode=True) == ds.PixelData  # 256 x 256 x 16 bits, as stored
+
+    # Rendered images are not served: a plain 404 (with CORS, so the viewer sees it), never a 500.
+    instance = (
+        f"{viewer_router}/studies/{mr['study']}/series/{mr['series']}/instances/{ds.SOPInstanceUID}"
+    )
+    for path in (f"{instance}/rendered", f"{instance}/thumbnail", f"{instance}/frames/1/rendered"):
+        reply = viewer.get(path, headers={"Accept": "image/jpeg"}, timeout=30)
+        assert reply.status_code == 404, path
+        assert reply.headers["Access-Control-Allow-Origin"] == VIEWER_ORIGIN

@@ -86,6 +86,12 @@ def test_preflight_and_answers_carry_cors_for_the_configured_origin_only(tmp_pat
         assert failed.headers["Access-Control-Allow-Origin"] == VIEWER_ORIGIN
         assert "Warning" in failed.headers["Access-Control-Expose-Headers"]
 
+        # Paths the router does not serve stay 404 for every method but OPTIONS.
+        unknown = requests.get(
+            f"{url}/dicom-web/studies/1.2.3/rendered", headers={"Origin": VIEWER_ORIGIN}, timeout=10
+        )
+        assert unknown.status_code == 404
+
         # The admin API stays same-origin, even for an allowed origin with an admin's token.
         api = requests.get(
             f"{url}/api/servers",
