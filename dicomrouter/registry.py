@@ -230,7 +230,10 @@ def add_server(document: ConfigDocument, fields: dict[str, Any]) -> str:
         key: value for key, value in fields.items() if value is not None
     }
     entry = CommentedMap()
-    for key in ("name", "ae_title", "host", "port", "environment", "active", "primary", "deleted", "comments", "web_url"):
+    for key in (
+        "name", "ae_title", "host", "port", "environment", "active", "primary", "deleted", "comments", "web_url",
+        "retrieve",
+    ):
         if key in fields:
             entry[key] = fields[key]
     if entry["primary"]:

@@ -70,6 +70,7 @@ def server_dict(server: ServerConfig, studies: int | None) -> dict[str, Any]:
         },
         "move_routing": dict(server.move_routing),
         "worklist": server.worklist,
+        "retrieve": server.retrieve,
     }
 
 

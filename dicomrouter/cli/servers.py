@@ -16,7 +16,7 @@ from dicomrouter.cli.common import (
     server_argument,
     yes_no,
 )
-from dicomrouter.config import ENVIRONMENTS, Config
+from dicomrouter.config import ENVIRONMENTS, RETRIEVE_MODES, Config
 from dicomrouter.status import server_dict
 
 
@@ -86,6 +86,12 @@ def _server_options(func):
         click.option("--environment", type=click.Choice(ENVIRONMENTS)),
         click.option("--comments"),
         click.option("--web-url", "web_url"),
+        click.option(
+            "--retrieve",
+            type=click.Choice(RETRIEVE_MODES),
+            help="How the router retrieves from it: C-GET, C-MOVE to the router, or auto "
+            "(C-GET, C-MOVE where it refuses C-GET).",
+        ),
     ]
     for option in reversed(options):
         func = option(func)

@@ -232,6 +232,16 @@ def test_edit_changes_only_given_fields(config_path):
     server = servers_json(config_path)["Prod PACS 1"]
     assert (server["port"], server["comments"]) == (4999, "moved")
     assert (server["ae_title"], server["host"], server["environment"]) == ("PROD_PACS_1", "127.0.0.1", "prod")
+    assert server["retrieve"] == "auto"
+
+
+def test_edit_sets_how_the_router_retrieves(config_path):
+    result = run(config_path, "servers", "edit", "Prod PACS 1", "--retrieve", "move")
+    assert result.exit_code == 0, result.output
+    assert servers_json(config_path)["Prod PACS 1"]["retrieve"] == "move"
+    assert load_config(config_path).server("Prod PACS 1").retrieve == "move"
+    refused = run(config_path, "servers", "edit", "Prod PACS 1", "--retrieve", "c-move")
+    assert refused.exit_code == 2 and "'c-move' is not one of" in refused.output
 
 
 def test_edit_rename_and_refusals(config_path):
