@@ -23,6 +23,7 @@ from tests.conftest import upgrade_catalog
 from tests.farm.test_dicomweb import CLIENTS, _add_web_clients, _multipart_parts
 from tests.support.find_peers import server_entry
 from tests.support.find_support import edit_config, upload_study
+from tests.support.get_refusing_peer import GetRefusingPeer
 from tests.support.orthanc_fixtures import (
     ROUTER_AE,
     SOP_CLASSES,
@@ -41,6 +42,7 @@ HOST = "127.0.0.1"
 STORING_AE = "MODALITY"
 NO_GET_AE = "DCMQR_NOGET"
 LOST_AE = "DCMQR_LOST"
+REFUSER_AE = "GET_REFUSER"
 MOVING_ORTHANC = 1  # Test PACS 2 of the farm: `retrieve: move` (the primary is Test PACS 1)
 
 
@@ -80,7 +82,8 @@ class MoveRouter:
 @pytest.fixture
 def move_router(tmp_path, clean_orthanc_farm, router_port, workstation_port):
     """The router in front of the farm (Test PACS 2 `retrieve: move`), dcmqrscp without C-GET
-    (`retrieve: auto`) and dcmqrscp knowing the router at a port nobody listens on."""
+    (`retrieve: auto`), dcmqrscp knowing the router at a port nobody listens on, and a fault
+    peer answering C-GET "not supported" (`retrieve: auto`)."""
     require("/usr/bin/dcmqrscp")
     dead_port = free_ports(1)[0]
     no_get = Dcmqrscp(
@@ -95,6 +98,7 @@ def move_router(tmp_path, clean_orthanc_farm, router_port, workstation_port):
         [(ROUTER_AE, HOST, dead_port), (STORING_AE, HOST, free_ports(1)[0])],
         options=["--disable-get"],
     )
+    refuser = GetRefusingPeer(REFUSER_AE, [], {ROUTER_AE: (HOST, router_port)}, free_ports(1)[0])
     path = write_router_config(
         tmp_path / "dicomrouter.yaml", clean_orthanc_farm, router_port, workstation_port
     )
@@ -109,6 +113,7 @@ def move_router(tmp_path, clean_orthanc_farm, router_port, workstation_port):
         next(s for s in document["servers"] if s["name"] == moving)["retrieve"] = "move"
         document["servers"].append(server_entry("DCMTK no GET", NO_GET_AE, no_get.port))
         document["servers"].append(server_entry("DCMTK lost", LOST_AE, lost.port, retrieve="move"))
+        document["servers"].append(server_entry("GET refuser", REFUSER_AE, refuser.port))
 
     edit_config(path, configure)
     upgrade_catalog(path)
@@ -116,6 +121,7 @@ def move_router(tmp_path, clean_orthanc_farm, router_port, workstation_port):
     try:
         no_get.start()
         lost.start()
+        refuser.start()
         router.start()
         wait_for_port(change.http_port)
         yield (
@@ -124,11 +130,13 @@ def move_router(tmp_path, clean_orthanc_farm, router_port, workstation_port):
             ),
             no_get,
             lost,
+            refuser,
         )
     finally:
         router.stop()
         no_get.stop()
         lost.stop()
+        refuser.stop()
 
 
 def _store_in_dcmqrscp(pacs: Dcmqrscp, folder: Path, study_uid: str, sizes: list[int]) -> list:
@@ -190,7 +198,7 @@ def _wado(router: MoveRouter, path: str) -> requests.Response:
 
 
 def test_orthanc_configured_move_streams_the_study_byte_for_byte(move_router, clean_orthanc_farm):
-    router, _, _ = move_router
+    router, *_ = move_router
     pacs = clean_orthanc_farm[MOVING_ORTHANC]
     study = upload_study(pacs, patient_id="MOVEORTHANC", series=2, images=3)
 
@@ -218,7 +226,7 @@ def test_orthanc_configured_move_streams_the_study_byte_for_byte(move_router, cl
 
 
 def test_auto_falls_back_to_move_once_for_a_pacs_refusing_get(move_router, tmp_path):
-    router, no_get, _ = move_router
+    router, no_get, *_ = move_router
     study_uid = generate_uid()
     # Two instances over max_in_memory_dataset (1 MiB): they wait in spool/tmp, as with C-GET.
     sent = _store_in_dcmqrscp(no_get, tmp_path / "sent", study_uid, [16, 1024, 16, 1024])
@@ -241,7 +249,7 @@ def test_auto_falls_back_to_move_once_for_a_pacs_refusing_get(move_router, tmp_p
 
 
 def test_an_instance_no_retrieval_asked_for_is_refused_not_stored(move_router, tmp_path):
-    router, no_get, _ = move_router
+    router, no_get, *_ = move_router
     ds = make_test_instance(patient_id="UNASKED")
     path = write_instance(tmp_path / "unasked.dcm", ds)
     # The PACS's own AE title from its host: a known caller, but no move of the router's pending.
@@ -264,7 +272,7 @@ def test_an_instance_no_retrieval_asked_for_is_refused_not_stored(move_router, t
 
 
 def test_a_pacs_that_cannot_call_back_ends_in_a_clear_error(move_router, tmp_path):
-    router, _, lost = move_router
+    router, _, lost, _ = move_router
     study_uid = generate_uid()
     _store_in_dcmqrscp(lost, tmp_path / "sent", study_uid, [16, 16])
 
@@ -281,7 +289,7 @@ def test_a_pacs_that_cannot_call_back_ends_in_a_clear_error(move_router, tmp_pat
 def test_a_study_cut_short_mid_stream_ends_without_its_closing_boundary(
     move_router, clean_orthanc_farm
 ):
-    router, _, _ = move_router
+    router, *_ = move_router
     pacs = clean_orthanc_farm[MOVING_ORTHANC]
     study = upload_study(pacs, patient_id="MOVEHALF", series=1, images=2)
     refused = make_test_instance(study_uid=study["study"], modality="MR", rows=8, cols=8)
@@ -296,4 +304,23 @@ def test_a_study_cut_short_mid_stream_ends_without_its_closing_boundary(
     incomplete = router.wait_for_events("wado_incomplete", 1)
     assert f"{pacs.spec.name} answered 0xC000 to the C-MOVE" in incomplete[0]["reason"]
     assert router.wait_for_events("wado_sent", 1)[-1]["outcome"] == "partial"
+    assert router.leftovers() == []
+
+
+def test_auto_falls_back_when_the_get_itself_is_answered_not_supported(move_router):
+    router, *_, refuser = move_router
+    study_uid, series_uid = generate_uid(), generate_uid()
+    refuser.datasets = [
+        make_test_instance(
+            study_uid=study_uid, series_uid=series_uid, instance_number=n, rows=8, cols=8
+        )
+        for n in (1, 2, 3)
+    ]
+    instances = router.client().retrieve_study(study_uid)
+    assert sorted((ds.SOPInstanceUID, ds.PixelData) for ds in instances) == sorted(
+        (ds.SOPInstanceUID, ds.PixelData) for ds in refuser.datasets
+    )
+    refused = router.wait_for_events("retrieve_get_refused", 1)
+    assert refused[0]["server"] == "GET refuser" and "0x0122" in refused[0]["reason"]
+    assert (refuser.gets, refuser.moves) == (1, 1)
     assert router.leftovers() == []
