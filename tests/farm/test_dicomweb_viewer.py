@@ -7,6 +7,8 @@ import email.parser
 
 import pytest
 import requests
+from dicomweb_client.api import DICOMwebClient
+from pydicom import Dataset
 from pydicom.uid import generate_uid
 
 from dicomrouter.http.auth import new_token
@@ -154,3 +156,35 @@ def test_a_viewer_lists_studies_of_both_pacs_and_gets_metadata_and_frames(
         reply = viewer.get(path, headers={"Accept": "image/jpeg"}, timeout=30)
         assert reply.status_code == 404, path
         assert reply.headers["Access-Control-Allow-Origin"] == VIEWER_ORIGIN
+
+
+def test_metadata_references_large_values_by_bulk_data_uri_and_serves_them(
+    viewer_router, clean_orthanc_farm
+):
+    """A 12-bit VOI LUT (8 KiB of LUT Data) used to be left out of /metadata; a viewer now finds
+    a BulkDataURI there and gets the bytes as the PACS holds them (dicomweb-client as the client)."""
+    ds = make_test_instance(patient_id=unique("VLUT"), modality="CR", rows=256, cols=256)
+    lut = Dataset()
+    lut.LUTDescriptor = [4096, 0, 12]
+    lut.add_new(0x00283006, "OW", b"".join(n.to_bytes(2, "little") for n in range(4096)))
+    lut.LUTExplanation = "LINEAR"
+    ds.VOILUTSequence = [lut]
+    clean_orthanc_farm[1].upload(instance_bytes(ds))
+    client = DICOMwebClient(viewer_router, headers={"Authorization": f"Bearer {TOKEN}"})
+
+    metadata = client.retrieve_instance_metadata(
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID
+    )
+    (item,) = metadata["00283010"]["Value"]
+    uri = item["00283006"]["BulkDataURI"]
+    assert uri == (
+        f"{viewer_router}/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
+        f"/instances/{ds.SOPInstanceUID}/bulkdata/00283010/0/00283006"
+    )
+    assert _values(item, "00283002") == [4096, 0, 12]  # small values stay inline
+    assert "7FE00010" not in metadata  # pixel data: frame by frame, not bulk data
+    assert client.retrieve_bulkdata(uri) == [lut[0x00283006].value]
+    single = _viewer().get(uri, headers={"Accept": "application/octet-stream"}, timeout=60)
+    assert single.status_code == 200 and single.content == lut[0x00283006].value
+    missing = _viewer().get(uri.replace("/0/", "/3/"), timeout=60)
+    assert missing.status_code == 404

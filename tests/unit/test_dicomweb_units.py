@@ -279,3 +279,38 @@ def test_frames_native_and_encapsulated_as_stored():
     assert parse_frame_list("1,3") == [1, 3]
     with pytest.raises(DicomWebError):
         parse_frame_list("0")
+
+
+def test_bulk_data_paths_name_values_inside_sequences_and_serve_their_bytes():
+    from pydicom import dcmread
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    from dicomrouter.http.dicomweb.bulkdata import bulk_data_uris, bulk_value, parse_path
+    from dicomrouter.http.dicomweb.errors import DicomWebError
+
+    lut = Dataset()
+    lut.add_new(0x00283006, "OW", bytes(range(256)) * 8)
+    ds = Dataset()
+    ds.PatientID = "P"
+    ds.VOILUTSequence = [Dataset(), lut]
+    result = dataset_json(
+        ds, bulk_data_uris(ds, "http://r/dicom-web/studies/1/series/2/instances/3")
+    )
+    uri = result["00283010"]["Value"][1]["00283006"]["BulkDataURI"]
+    assert uri == "http://r/dicom-web/studies/1/series/2/instances/3/bulkdata/00283010/1/00283006"
+
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    buffer = io.BytesIO()
+    ds.save_as(buffer, implicit_vr=False, little_endian=True)
+    fresh = dcmread(io.BytesIO(buffer.getvalue()), force=True)
+    assert parse_path("00283010/1/00283006") == [0x00283010, 1, 0x00283006]
+    assert bulk_value(fresh, parse_path("00283010/1/00283006")) == bytes(range(256)) * 8
+    for bad in ("00283010/x", "00283010/1", "zz"):
+        with pytest.raises(DicomWebError) as info:
+            parse_path(bad)
+        assert info.value.status == 400
+    with pytest.raises(DicomWebError) as info:
+        bulk_value(fresh, parse_path("00283010/5/00283006"))
+    assert info.value.status == 404

@@ -5,17 +5,25 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from pydicom import dcmread
 
 from dicomrouter.http.auth import require_client
 from dicomrouter.http.deps import HttpDeps
 from dicomrouter.http.dicomweb import PREFIX
+from dicomrouter.http.dicomweb.bulkdata import BULK_SEGMENT, bulk_data_uris, bulk_value, parse_path
 from dicomrouter.http.dicomweb.dicomjson import MEDIA_TYPE, dataset_json, encode_json
 from dicomrouter.http.dicomweb.errors import DicomWebError
-from dicomrouter.http.dicomweb.frames import extract_frames, frame_media_type, parse_frame_list
+from dicomrouter.http.dicomweb.frames import (
+    OCTET_STREAM,
+    extract_frames,
+    frame_media_type,
+    parse_frame_list,
+)
 from dicomrouter.http.dicomweb.multipart import (
     MultipartError,
     MultipartWriter,
@@ -106,6 +114,11 @@ class DicomWebRoutes:
         get(
             f"{PREFIX}/studies/{STUDY}/series/{SERIES}/instances/{INSTANCE}/frames/{{frames}}",
             self.frames,
+            allow_head=False,
+        )
+        get(
+            f"{PREFIX}/studies/{STUDY}/series/{SERIES}/instances/{INSTANCE}/{BULK_SEGMENT}/{{path:.+}}",
+            self.bulkdata,
             allow_head=False,
         )
         post(f"{PREFIX}/studies", self.store)
@@ -257,7 +270,7 @@ class DicomWebRoutes:
         except DicomWebError as exc:
             return _error_response(exc)
         try:
-            datasets = await asyncio.to_thread(_metadata_of, retrieval)
+            datasets = await asyncio.to_thread(_metadata_of, retrieval, base_url(request))
         finally:
             retrieval.close()
         if not datasets and retrieval.errors:
@@ -297,6 +310,35 @@ class DicomWebRoutes:
         media_type = frame_media_type(syntax)
         body = b"".join(writer.part(media_type) + frame for frame in frames) + writer.close()
         content_type = related_content_type(writer.boundary, media_type.split(";")[0])
+        return web.Response(body=body, headers={"Content-Type": content_type})
+
+    async def bulkdata(self, request: web.Request) -> web.StreamResponse:
+        """A value /metadata referenced by its BulkDataURI, as the instance holds it."""
+        try:
+            path = parse_path(request.match_info["path"])
+            caller, retrieval = await self._plan(request)
+        except DicomWebError as exc:
+            return _error_response(exc)
+        try:
+            value = await asyncio.to_thread(_bulk_of, retrieval, path)
+        except DicomWebError as exc:
+            return _error_response(exc)
+        finally:
+            retrieval.close()
+        self._audit(
+            caller,
+            "get",
+            "success",
+            study_uid=request.match_info["study"],
+            counts={"bytes": len(value)},
+            detail=f"DICOMweb {request.path}"[:500],
+        )
+        accept = request.headers.get("Accept", "*/*")
+        if "multipart/" not in accept and OCTET_STREAM in accept:
+            return web.Response(body=value, content_type=OCTET_STREAM)  # single part, as asked
+        writer = MultipartWriter()
+        body = writer.part(OCTET_STREAM) + value + writer.close()
+        content_type = related_content_type(writer.boundary, OCTET_STREAM)
         return web.Response(body=body, headers={"Content-Type": content_type})
 
     # STOW-RS
@@ -403,14 +445,31 @@ def _frames_of(retrieval: Retrieval, numbers: list[int]) -> tuple[str, list[byte
     )
 
 
-def _metadata_of(retrieval: Retrieval) -> list[dict]:
+def _metadata_of(retrieval: Retrieval, base: str) -> list[dict]:
     result = []
     for instance in retrieval:
         try:
-            result.append(dataset_json(decode_instance(instance)))
+            dataset = decode_instance(instance)
         finally:
             instance.discard()
+        instance_url = (
+            f"{base}/studies/{dataset.StudyInstanceUID}/series/{dataset.SeriesInstanceUID}"
+            f"/instances/{dataset.SOPInstanceUID}"
+        )
+        result.append(dataset_json(dataset, bulk_data_uris(dataset, instance_url)))
     return result
+
+
+def _bulk_of(retrieval: Retrieval, path: list[int]) -> bytes:
+    for instance in retrieval:
+        try:
+            part10 = part10_prefix(instance) + b"".join(dataset_chunks(instance))
+        finally:
+            instance.discard()
+        return bulk_value(dcmread(BytesIO(part10)), path)
+    raise DicomWebError(
+        404, "the instance was not retrieved" + "".join(f"; {e}" for e in retrieval.errors)
+    )
 
 
 def dicomweb_routes(
