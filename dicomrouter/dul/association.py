@@ -476,6 +476,33 @@ class Association:
         elements: Iterable[tuple[int, bytes]] = (),
     ) -> None:
         """The response to `request` with `status` (an Error Comment only on a failure or warning)."""
+        self.send_message(request.context_id, self.response_command(request, status, comment, dataset, elements), dataset)
+
+    def response_pdus(self, request: Request, status: int, comment: str = "", dataset: bytes | None = None) -> bytes:
+        """A response (a pending C-FIND answer, say) as the PDUs to send with `send_pdus`."""
+        max_pdu = self.peer_max_pdu
+        command = self.response_command(request, status, comment, dataset)
+        parts = iter_pdata_pdus(request.context_id, command, True, max_pdu)
+        if dataset is None:
+            return b"".join(parts)
+        return b"".join((*parts, *iter_pdata_pdus(request.context_id, dataset, False, max_pdu)))
+
+    def send_pdus(self, pdus: bytes) -> None:
+        """Whole messages' PDUs (from `response_pdus`) in one send: many small answers, one system call."""
+        connection = self.connection
+        with connection.send_lock:
+            connection.sock.settimeout(self.limits.network_timeout_s)
+            connection.send_locked(pdus)
+
+    def response_command(
+        self,
+        request: Request,
+        status: int,
+        comment: str = "",
+        dataset: bytes | None = None,
+        elements: Iterable[tuple[int, bytes]] = (),
+    ) -> bytes:
+        """The command set of the response to `request`."""
         command = request.command
         # An N-ACTION names its class and instance as Requested; the response calls them Affected.
         sop_class = command.elements.get(AFFECTED_SOP_CLASS) or command.elements.get(REQUESTED_SOP_CLASS, b"")
@@ -492,7 +519,7 @@ class Association:
             values.append((ERROR_COMMENT, comment_value(comment)))
         if sop_instance is not None:
             values.append((AFFECTED_SOP_INSTANCE, sop_instance))
-        self.send_message(request.context_id, encode_command(values), dataset)
+        return encode_command(values)
 
     def send_request(
         self, context_id: int, elements: list[tuple[int, bytes]], dataset: bytes | FileSlice | None = None

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
-from io import BytesIO
+from collections.abc import Callable, Iterator
 
 from pydicom import Dataset
-from pynetdicom.dsutils import decode, encode
+from pynetdicom.dsutils import encode
 from pynetdicom.sop_class import (
     ModalityWorklistInformationFind,
     PatientRootQueryRetrieveInformationModelFind,
@@ -17,6 +16,7 @@ from pynetdicom.sop_class import (
 
 from dicomrouter.config import RouterSettings, ServerConfig, calling_ae_for
 from dicomrouter.dul.dimse import us
+from dicomrouter.net.encoding import RawAnswer
 from dicomrouter.net.peer import PeerUnavailable, peer_tls_context
 from dicomrouter.net.upper_layer import (
     EXPLICIT_VR_LE,
@@ -108,6 +108,16 @@ class PeerFind:
     def answers(self) -> Iterator[Dataset]:
         """Yield each pending identifier; raise PeerFindError when the peer fails or is too slow.
 
+        See `raw_answers`; this reads each one with pydicom.
+        """
+        for answer in self.raw_answers():
+            yield answer.dataset()
+
+    def raw_answers(self, associated: Callable[[], None] | None = None) -> Iterator[RawAnswer]:
+        """Yield each pending identifier as the peer encoded it; raise PeerFindError as `answers`.
+
+        `associated` is called once the association is established, before the request is sent.
+
         Returns quietly after a cancel (answers that arrive after it are dropped). The
         association stays open until `close()`, so the caller can act on the last answer
         before paying for the release.
@@ -133,6 +143,8 @@ class PeerFind:
         identifier = encode(self.identifier, implicit, True)
         if identifier is None:
             raise PeerFindError("failed", "cannot encode the query identifier")
+        if associated is not None:
+            associated()
         with self._lock:
             self._context_id = context_id
             if self.cancelled:
@@ -161,7 +173,7 @@ class PeerFind:
                 status = message.status
                 if status in PENDING:
                     if isinstance(message.dataset, bytes) and not self.cancelled:
-                        yield decode(BytesIO(message.dataset), implicit, True)
+                        yield RawAnswer(message.dataset, implicit)
                     continue
                 self._clean = True  # the exchange is over, whatever its outcome
                 if status in (0x0000, CANCELLED):

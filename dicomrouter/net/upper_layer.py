@@ -57,6 +57,8 @@ PDATA_SLACK = 4096
 COMMAND_LIMIT = MAX_COMMAND_SET  # a command set is a few hundred bytes
 IDENTIFIER_LIMIT = 1024 * 1024  # a C-FIND answer or a C-MOVE/C-GET response identifier
 MIN_PEER_PDU = 1024  # a peer taking less per P-DATA-TF is refused (real ones take 4 KiB and more)
+# Received at a time: a PACS answering a C-FIND sends many small PDUs back to back.
+READ_AHEAD = 64 * 1024
 # A-ABORT source 2 (service provider), reason 6: "invalid PDU parameter value"
 PEER_ABORT_REASON_INVALID_VALUE = 6
 
@@ -268,9 +270,9 @@ class UpperLayer:
         # C-CANCEL never changes how long the reading thread waits.
         self.sock.settimeout(send_timeout_s)
         # The one PDU reader (dul/connection.py), shared with the acceptor.
-        self._stream = PduStream(
-            self.sock, ASSOCIATION_PDU_LIMIT
-        )  # P-DATA capped once we announce our maximum
+        self._stream = PduStream(  # P-DATA capped once we announce our maximum
+            self.sock, ASSOCIATION_PDU_LIMIT, read_ahead=READ_AHEAD
+        )
         self._send_lock = threading.Lock()
         self.closed = False
         # Over TLS, until the peer's first PDU: a failure is TLS refusing us (TLS 1.3 says so late)

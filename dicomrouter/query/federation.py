@@ -29,15 +29,18 @@ from pydicom import Dataset
 
 from dicomrouter.config import RouterSettings, ServerConfig
 from dicomrouter.logging import get_logger
+from dicomrouter.net.encoding import EXPLICIT_VR_LE, IMPLICIT_VR_LE, RawAnswer, encode_dataset
 from dicomrouter.net.find_client import PeerFind, PeerFindError
 from dicomrouter.query.learn import RecentlyLearned, learn_from_answers
 from dicomrouter.query.merge import (
     answer_key,
     distinct_within_server,
     instance_count,
+    keyword_tags,
     merge_copies,
     most_complete_first,
     prepare_query,
+    raw_answer_key,
 )
 
 log = get_logger(__name__)
@@ -50,6 +53,9 @@ CANCEL_POLL_S = 0.01  # how often a waiting query looks for the caller's C-CANCE
 LEARN_QUIET_S = 0.2
 LEARN_MAX_WAIT_S = 5.0
 FAILED_STATES = ("unreachable", "rejected", "timeout", "failed", "aborted")
+# The query goes to the servers once every association is established, or this long after a server
+# accepted (see FederatedFind._wait_for_associations).
+ASSOCIATIONS_WAIT_S = 0.05
 
 
 @dataclass
@@ -78,12 +84,55 @@ class ServerReport:
         }
 
 
-@dataclass
+RETRIEVE_AE_TITLE = 0x00080054
+
+
 class FederatedAnswer:
-    identifier: Dataset
-    servers: list[str]  # every server found holding it; grows while the query runs
-    # Instances each server's copy holds (NumberOf...RelatedInstances), when the answers say.
-    counts: dict[str, int | None] = field(default_factory=dict)
+    """One merged answer: `identifier` as a data set, or `encode` it for the wire.
+
+    An answer only one server gave is kept as that server's bytes (`raw`), with the keys to strip
+    and the Retrieve AE Title to set: the C-FIND front sends it spliced, never decoded.
+    """
+
+    def __init__(
+        self,
+        identifier: Dataset | None,
+        servers: list[str],
+        counts: dict[str, int | None] | None = None,
+        *,
+        raw: RawAnswer | None = None,
+        strip: frozenset[str] = frozenset(),
+        retrieve_ae: str | None = None,
+    ):
+        self._identifier = identifier
+        self.servers = servers  # every server found holding it; grows while the query runs
+        # Instances each server's copy holds (NumberOf...RelatedInstances), when the answers say.
+        self.counts: dict[str, int | None] = counts if counts is not None else {}
+        self._raw = raw
+        self._strip = strip
+        self._retrieve_ae = retrieve_ae
+
+    @property
+    def identifier(self) -> Dataset:
+        if self._identifier is None:
+            assert self._raw is not None
+            self._identifier = merge_copies([self._raw.dataset()], self._strip, self._retrieve_ae)
+        return self._identifier
+
+    def encode(self, transfer_syntax: str) -> bytes | None:
+        """The answer in `transfer_syntax`, None when it cannot be encoded."""
+        if (
+            self._identifier is None
+            and self._raw is not None
+            and transfer_syntax in (IMPLICIT_VR_LE, EXPLICIT_VR_LE)
+        ):
+            strip = keyword_tags(self._strip)
+            added = [(RETRIEVE_AE_TITLE, "AE", self._retrieve_ae)] if self._retrieve_ae else []
+            if strip is not None:
+                encoded = self._raw.encode(transfer_syntax == IMPLICIT_VR_LE, strip, added)
+                if encoded is not None:
+                    return encoded
+        return encode_dataset(self.identifier, transfer_syntax)
 
     @property
     def copies_differ(self) -> bool:
@@ -123,7 +172,7 @@ class FindSummary:
 @dataclass
 class _Entry:
     arrived: float
-    copies: dict[int, Dataset] = field(default_factory=dict)  # rank -> answer
+    copies: dict[int, RawAnswer] = field(default_factory=dict)  # rank -> answer
 
 
 class Federation:
@@ -176,7 +225,7 @@ class Federation:
         with self._failures_lock:
             self.failures[server_name] += 1
 
-    def learn(self, level: str, answers: list[tuple[str, Dataset]]) -> None:
+    def learn(self, level: str, answers: list[tuple[str, RawAnswer]]) -> None:
         """Record where the answered studies are, off the caller's path."""
         if self._learner is not None and answers and level not in ("PATIENT", "WORKLIST"):
             self._learner.submit(
@@ -244,9 +293,11 @@ class FederatedFind:
         self.peers = [PeerFind(s, router, query_model, query, timeout_s) for s in servers]
         self.reports = [ServerReport(s.name) for s in servers]
         self.summary: FindSummary | None = None
-        self._queue: queue.SimpleQueue[tuple[int, Dataset | None]] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[tuple[int, RawAnswer | None]] = queue.SimpleQueue()
         self._started = 0.0
         self._reports_lock = threading.Lock()
+        self._associating = set(range(len(servers)))  # ranks still associating
+        self._associated = threading.Event()
 
     def start(self) -> None:
         self._started = time.monotonic()
@@ -265,7 +316,7 @@ class FederatedFind:
         peer, report = self.peers[rank], self.reports[rank]
         state, reason = "ok", ""
         try:
-            for answer in peer.answers():
+            for answer in peer.raw_answers(associated=lambda: self._wait_for_associations(rank)):
                 if report.first_answer_ms is None:
                     report.first_answer_ms = self._ms()
                 self._queue.put((rank, answer))
@@ -277,9 +328,28 @@ class FederatedFind:
             log.exception("find_peer_crashed", server=peer.server.name)
             state, reason = "failed", f"internal error: {exc.__class__.__name__}"
         finally:
+            self._association_done(rank)
             self._finish_peer(rank, state, reason)
             self._queue.put((rank, None))  # after the report: the consumer may summarize next
             peer.close()  # the release is off the caller's path
+
+    def _association_done(self, rank: int) -> None:
+        """The server accepted the association, or never will."""
+        with self._reports_lock:
+            self._associating.discard(rank)
+            if not self._associating:
+                self._associated.set()
+
+    def _wait_for_associations(self, rank: int) -> None:
+        """Hold this server's query until every server has accepted (at most ASSOCIATIONS_WAIT_S).
+
+        The slowest server's own time starts when its request arrives. Its handshake competes for
+        the CPU with the fast servers answering and with the router reading their answers, and a
+        handshake slowed by them adds to the whole query; the fast servers lose only the moments
+        the handshakes take.
+        """
+        self._association_done(rank)
+        self._associated.wait(ASSOCIATIONS_WAIT_S)
 
     def _finish_peer(self, rank: int, state: str, reason: str) -> None:
         with self._reports_lock:
@@ -292,8 +362,16 @@ class FederatedFind:
         for peer in self.peers:
             peer.cancel()
 
-    def answers(self, is_cancelled: Callable[[], bool] | None = None) -> Iterator[FederatedAnswer]:
-        """Merged answers as they become final; then `summary` tells how it went."""
+    def answers(
+        self,
+        is_cancelled: Callable[[], bool] | None = None,
+        before_wait: Callable[[], None] | None = None,
+    ) -> Iterator[FederatedAnswer]:
+        """Merged answers as they become final; then `summary` tells how it went.
+
+        `before_wait` is called each time no answer is at hand and the query is about to wait for
+        one (the C-FIND front sends what it has gathered then).
+        """
         window = self.federation.merge_window_s
         deadline = self._started + self.timeout_s
         running = set(range(len(self.peers)))
@@ -302,7 +380,7 @@ class FederatedFind:
         pending: OrderedDict[object, _Entry] = OrderedDict()
         complete: set[object] = set()
         sent: dict[object, FederatedAnswer] = {}
-        seen: list[tuple[str, Dataset]] = []
+        seen: list[tuple[str, RawAnswer]] = []
         outcome = None
         released = 0
         self.federation._query_started()
@@ -330,9 +408,14 @@ class FederatedFind:
                 if is_cancelled is not None:
                     wait = min(wait, CANCEL_POLL_S)
                 try:
-                    item = self._queue.get(timeout=wait)
+                    item = self._queue.get_nowait()
                 except queue.Empty:
-                    continue
+                    if before_wait is not None:
+                        before_wait()
+                    try:
+                        item = self._queue.get(timeout=wait)
+                    except queue.Empty:
+                        continue
                 while item is not None:
                     self._take(item, running, pending, complete, sent, seen)
                     # Stop reading as soon as an answer is due: fast peers must not hold it up.
@@ -394,7 +477,7 @@ class FederatedFind:
         name = self.peers[rank].server.name
         self.reports[rank].answers += 1
         seen.append((name, answer))
-        key = answer_key(self.level, answer)
+        key = raw_answer_key(self.level, answer)
         if key is None:
             key = (None, len(seen))  # no unique key: cannot be matched, its own entity
         elif self._occurrences is not None:
@@ -420,10 +503,20 @@ class FederatedFind:
         # In server order (the primary first), whichever answered first; later holders follow.
         names = [self.peers[rank].server.name for rank in ranks]
         counts = [instance_count(self.level, entry.copies[rank]) for rank in ranks]
+        if len(ranks) == 1:  # the common case: sent as the server encoded it
+            copy = entry.copies[ranks[0]]
+            return FederatedAnswer(
+                None,
+                names,
+                dict(zip(names, counts, strict=True)),
+                raw=copy,
+                strip=self._strip,
+                retrieve_ae=self.retrieve_ae,
+            )
         # The most complete copy wins (a partial copy must not hide the whole one), then server order.
-        order = most_complete_first(counts) if len(ranks) > 1 else [0]
+        order = most_complete_first(counts)
         identifier = merge_copies(
-            [entry.copies[ranks[index]] for index in order], self._strip, self.retrieve_ae
+            [entry.copies[ranks[index]].dataset() for index in order], self._strip, self.retrieve_ae
         )
         if len(set(counts)) > 1:
             log.info(

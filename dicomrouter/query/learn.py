@@ -9,9 +9,11 @@ from collections.abc import Callable, Sequence
 from pydicom import Dataset
 
 from dicomrouter.logging import get_logger
+from dicomrouter.net.encoding import RawAnswer
 
 log = get_logger(__name__)
 
+STUDY_INSTANCE_UID = 0x0020000D
 # What a C-FIND answer can tell the catalog about a study (catalog.upserts.ensure_study reads these).
 STUDY_KEYWORDS = (
     "StudyInstanceUID",
@@ -79,7 +81,7 @@ LEARN_BATCH = 20
 
 def learn_from_answers(
     catalog,
-    answers: Sequence[tuple[str, Dataset]],
+    answers: Sequence[tuple[str, RawAnswer]],
     recent: RecentlyLearned | None = None,
     before_write: Callable[[], None] | None = None,
 ) -> None:
@@ -90,15 +92,15 @@ def learn_from_answers(
     per_server: dict[str, dict[str, dict[str, object]]] = {}
     for server_name, answer in answers:
         try:
-            uid = str(answer.get("StudyInstanceUID", "") or "").strip()
-            # Claim before reading the rest: a repeated query skips nearly every answer here.
+            uid = answer.text(STUDY_INSTANCE_UID)
+            # Claim before decoding the rest: a repeated query skips nearly every answer here.
             if not uid or (
                 recent is not None
                 and uid not in per_server.get(server_name, {})
                 and not recent.claim(server_name, uid)
             ):
                 continue
-            attrs = study_attributes(answer)
+            attrs = study_attributes(answer.dataset())
         except Exception:  # an undecodable answer teaches nothing
             continue
         if attrs is None:

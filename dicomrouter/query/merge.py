@@ -9,6 +9,7 @@ from pydicom.config import IGNORE
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataelem import DataElement, RawDataElement
 
+from dicomrouter.net.encoding import RawAnswer, element_text
 from dicomrouter.net.find_client import FIND_MODELS, PATIENT_ROOT_FIND, WORKLIST_FIND
 
 # The keys that name one entity at each level (PS3.4 C.6; Patient ID is unique per issuer).
@@ -160,15 +161,7 @@ def distinct_within_server(level: str) -> bool:
     return level == "WORKLIST"
 
 
-def _raw_text(answer: Dataset, tag: int) -> str:
-    """A key's value without pydicom's conversion (charset lookup, validation): it is hot."""
-    elem = answer.get_item(tag)
-    if elem is None:
-        return ""
-    value = elem.value
-    if isinstance(value, bytes):
-        return value.decode("latin-1").strip(" \x00")
-    return "" if value is None else str(value).strip(" \x00")
+_raw_text = element_text
 
 
 _KEY_TAGS = {
@@ -182,15 +175,29 @@ SPECIFIC_CHARACTER_SET = 0x00080005
 _COUNT_TAGS = {level: tag_for_keyword(keyword) for level, keyword in COUNT_KEYWORDS.items()}
 
 
-def instance_count(level: str, answer: Dataset) -> int | None:
+def instance_count(level: str, answer: Dataset | RawAnswer) -> int | None:
     """The answer's count of instances at its level (NumberOfStudyRelatedInstances, ...), if given."""
     tag = _COUNT_TAGS.get(level)
     if tag is None:
         return None
     try:
-        return int(_raw_text(answer, tag))
+        return int(answer.text(tag) if isinstance(answer, RawAnswer) else _raw_text(answer, tag))
     except ValueError:  # absent or not a number
         return None
+
+
+def raw_answer_key(level: str, answer: RawAnswer) -> tuple[object, ...] | None:
+    """`answer_key` of an answer still in its bytes (read from them at the levels with UIDs)."""
+    if level == "WORKLIST" or not answer.plain:
+        return answer_key(level, answer.dataset())
+    values = tuple(answer.text(tag) for tag in _KEY_TAGS[level])
+    return values if values[0] else None
+
+
+def keyword_tags(keywords: frozenset[str]) -> tuple[int, ...] | None:
+    """The tags of top-level keywords; None when one is not (a `Sequence.Keyword` path)."""
+    tags = tuple(tag_for_keyword(keyword) for keyword in keywords)
+    return None if any(tag is None for tag in tags) else tags  # type: ignore[return-value]
 
 
 def most_complete_first(counts: Sequence[int | None]) -> list[int]:
@@ -225,9 +232,9 @@ def merge_copies(
     else:
         merged = Dataset()
         merged.update(preferred)
-    charset = _text(preferred.get("SpecificCharacterSet")) or "ISO_IR 6"
+    charset = _raw_text(preferred, SPECIFIC_CHARACTER_SET) or "ISO_IR 6"
     for other in copies[1:]:
-        same_charset = (_text(other.get("SpecificCharacterSet")) or "ISO_IR 6") == charset
+        same_charset = (_raw_text(other, SPECIFIC_CHARACTER_SET) or "ISO_IR 6") == charset
         for tag in other.keys():
             if tag in merged and not _is_empty(merged.get_item(tag)):
                 continue

@@ -8,7 +8,7 @@ as they come.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from threading import Event
 from typing import Any
@@ -19,9 +19,9 @@ from dicomrouter.audit import AssociationAudit
 from dicomrouter.dul.association import Association, Request
 from dicomrouter.dul.dimse import C_FIND_RQ
 from dicomrouter.logging import get_logger
-from dicomrouter.net.encoding import decode_identifier, encode_dataset
+from dicomrouter.net.encoding import decode_identifier
 from dicomrouter.net.find_client import CANCELLED, FIND_MODELS, WORKLIST_FIND
-from dicomrouter.query.federation import Federation
+from dicomrouter.query.federation import FederatedAnswer, Federation
 from dicomrouter.query.merge import InvalidIdentifier, check_identifier
 from dicomrouter.reload import ConfigHolder
 from dicomrouter.routing.access import Caller
@@ -39,7 +39,7 @@ UNABLE_TO_PROCESS = 0xC000
 CANNOT_ENCODE = 0xC312
 NOT_PERMITTED = 0xC001  # the caller may read no server (a C000-range "unable to process")
 
-FindResponse = tuple[int | Dataset, Dataset | None]
+FindResponse = tuple[int | Dataset, FederatedAnswer | None]
 
 
 @dataclass
@@ -53,6 +53,7 @@ class FindEvent:
     transfer_syntax: str
     audit: AssociationAudit
     cancelled: Event
+    before_wait: Callable[[], None] | None = None  # called before waiting for the next answer
 
     def identifier(self) -> Dataset:
         return decode_identifier(self.encoded_identifier, self.transfer_syntax)
@@ -120,10 +121,10 @@ def _answer_find(
         run = federation.start(
             targets.servers, config.router, query_model, identifier, level, retrieve_ae, calling_ae=caller.ae_title
         )
-        for answer in run.answers(is_cancelled=event.cancelled.is_set):
+        for answer in run.answers(is_cancelled=event.cancelled.is_set, before_wait=event.before_wait):
             answers += 1
             audit_row["counts"] = {"answers": answers}
-            yield PENDING, answer.identifier
+            yield PENDING, answer
     except Exception:
         log.exception("find_failed", calling_ae=caller.ae_title, query_level=level)
         audit_row.update(outcome="failed", detail=f"internal error in the router; {query}")
@@ -159,13 +160,14 @@ class FindService(IdentifierService):
         return "worklist" if request.context.abstract_syntax == WORKLIST_FIND else "find"
 
     def answer(self, request: Request, association: Association) -> None:
+        batch = ResponseBatch(association)
         event = FindEvent(
             association.caller, association.called_ae, request.context.abstract_syntax, request.held(),
-            request.context.transfer_syntax, association.audit, request.cancelled,
+            request.context.transfer_syntax, association.audit, request.cancelled, before_wait=batch.flush,
         )
         responses = handle_find(event, self.holder, self.federation)
         try:
-            for status, identifier in responses:
+            for status, answer in responses:
                 if not association.open:
                     return
                 comment = ""
@@ -173,15 +175,52 @@ class FindService(IdentifierService):
                     comment = str(status.get("ErrorComment", "") or "")
                     status = int(status.Status)
                 if status not in PENDING_STATUSES:
-                    association.respond(request, status, comment)
+                    batch.add(association.response_pdus(request, status, comment))
+                    batch.flush()
                     return
-                encoded = encode_dataset(identifier, request.context.transfer_syntax) if identifier is not None else None
+                encoded = answer.encode(request.context.transfer_syntax) if answer is not None else None
                 if encoded is None:
-                    association.respond(request, CANNOT_ENCODE, "cannot encode an answer")
+                    batch.add(association.response_pdus(request, CANNOT_ENCODE, "cannot encode an answer"))
+                    batch.flush()
                     return
-                association.respond(request, status, dataset=encoded)
+                batch.add(association.response_pdus(request, status, dataset=encoded))
         finally:
             responses.close()
         if association.open:
-            association.respond(request, 0x0000)
+            batch.add(association.response_pdus(request, 0x0000))
+            batch.flush()
 
+
+class ResponseBatch:
+    """Responses waiting to go out together: answers that are ready at once share one send (one
+    system call, one wake-up of the caller). Sent whenever the federation would wait, when
+    MAX_BYTES are gathered, or when the oldest has waited MAX_WAIT_S; the first answer at once."""
+
+    MAX_BYTES = 32 * 1024
+    MAX_WAIT_S = 0.002
+
+    def __init__(self, association: Association):
+        self.association = association
+        self._parts: list[bytes] = []
+        self._size = 0
+        self._oldest = 0.0
+        self._sent_any = False
+
+    def add(self, pdus: bytes) -> None:
+        now = time.monotonic()
+        if not self._parts:
+            self._oldest = now
+        self._parts.append(pdus)
+        self._size += len(pdus)
+        if self._size >= self.MAX_BYTES or now - self._oldest >= self.MAX_WAIT_S or not self._sent_any:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._parts:
+            return
+        data = b"".join(self._parts)
+        self._parts.clear()
+        self._size = 0
+        self._sent_any = True
+        if self.association.open:
+            self.association.send_pdus(data)
