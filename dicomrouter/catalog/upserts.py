@@ -68,15 +68,22 @@ def required(attrs: Mapping[str, Any], keyword: str) -> str:
 
 def dialect_insert(session: Session, model: type[Base]) -> PgInsert | SqliteInsert:
     """INSERT with ON CONFLICT support for the session's database."""
-    return _insert_for(session.get_bind().dialect.name, model)
+    return _insert_for(_dialect_name(session), model)
 
 
 def server_id_of(session: Session, name: str) -> int:
     """The servers key for `name`; UnknownServer when it was never synced."""
-    server_id = session.scalar(select(Server.id).where(Server.name == name))
+    server_id = session.scalar(_SERVER_ID, {"name": name})
     if server_id is None:
         raise UnknownServer(f"server {name!r} is not in the catalog; sync_servers(config) first")
     return server_id
+
+
+_SERVER_ID = select(Server.__table__.c.id).where(Server.__table__.c.name == bindparam("name"))
+
+
+def _dialect_name(session: Session) -> str:
+    return session.get_bind().dialect.name
 
 
 def get_or_create(
@@ -88,13 +95,12 @@ def get_or_create(
     INSERT does nothing and its SELECT sees the winner's row; filling uses COALESCE, so
     the first non-empty value stays.
     """
-    columns = [model.id] + [getattr(model, name) for name in values]  # type: ignore[attr-defined]
-    query = select(*columns).where(*(getattr(model, k) == v for k, v in key.items()))
-    row = session.execute(query).one_or_none()
+    dialect = _dialect_name(session)
+    query, insert = _get_or_create_statements(dialect, model, tuple(key), tuple(values))
+    row = session.execute(query, key).one_or_none()
     if row is None:
-        insert = dialect_insert(session, model).values(**key, **values)
-        session.execute(insert.on_conflict_do_nothing(index_elements=list(key)))
-        row = session.execute(query).one()
+        session.execute(insert, {**key, **values})
+        row = session.execute(query, key).one()
     missing = {
         name: func.coalesce(getattr(model, name), value)
         for name, value in values.items()
@@ -103,6 +109,18 @@ def get_or_create(
     if missing:
         session.execute(update(model).where(model.id == row.id).values(**missing))  # type: ignore[attr-defined]
     return row
+
+
+@cache
+def _get_or_create_statements(
+    dialect: str, model: type[Base], key: tuple[str, ...], values: tuple[str, ...]
+):
+    """get_or_create's SELECT and INSERT for one shape of key and values, built once."""
+    table = model.__table__.c  # Core columns: the statements skip the ORM's bulk-insert machinery
+    condition = (table[k] == bindparam(k) for k in key)
+    query = select(table.id, *(table[name] for name in values)).where(*condition)
+    insert = _insert_for(dialect, model).values({name: bindparam(name) for name in (*key, *values)})
+    return query, insert.on_conflict_do_nothing(index_elements=list(key))
 
 
 def ensure_patient(session: Session, attrs: Mapping[str, Any]) -> int | None:
@@ -147,7 +165,7 @@ def touch_study_location(
 ) -> None:
     """Upsert study_locations: keep first_seen, move last_seen on, keep the best evidence."""
     session.execute(
-        _study_location_upsert(session.get_bind().dialect.name),
+        _study_location_upsert(_dialect_name(session)),
         {"study_id": study_id, "server_id": server_id, "first_seen": now, "last_seen": now, "learned_by": learned_by},
     )
 
@@ -184,7 +202,7 @@ def record_stored(session: Session, server_name: str, items: list[StoredInstance
     """
     server_id = server_id_of(session, server_name)
     now = utcnow()
-    dialect = session.get_bind().dialect.name
+    dialect = _dialect_name(session)
     for _, group in groupby(items, key=lambda item: required(item.attrs, "StudyInstanceUID")):
         in_study = list(group)
         modalities = set().union(*(modality_set(i.attrs.get("Modality")) for i in in_study))
@@ -230,10 +248,11 @@ _REFRESHED = ("series_id", "sop_class_uid", "transfer_syntax_uid", "size_bytes",
 
 
 def _insert_for(dialect: str, model: type[Base]) -> PgInsert | SqliteInsert:
+    # On the table, not the mapped class: Session.execute then runs it as a plain Core executemany.
     if dialect == "postgresql":
-        return pg_insert(model)
+        return pg_insert(model.__table__)
     if dialect == "sqlite":
-        return sqlite_insert(model)
+        return sqlite_insert(model.__table__)
     raise NotImplementedError(f"the catalog supports SQLite and PostgreSQL, not {dialect}")
 
 
