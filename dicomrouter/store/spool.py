@@ -52,6 +52,22 @@ class Spool:
         self.tmp.mkdir(mode=0o700, exist_ok=True)
         self.objects.mkdir(mode=0o700, exist_ok=True)
         self._known_dirs: set[Path] = set()
+        self._prepare_folders()
+
+    def _prepare_folders(self) -> None:
+        """Every objects/XX folder (XX: the hash's first byte) made once, here: a store then never
+        pays for a mkdir and an fsync of objects/ (a fresh spool's first few hundred stores did)."""
+        created = False
+        for byte in range(256):
+            folder = self.objects / f"{byte:02x}"
+            try:
+                folder.mkdir(mode=0o700)
+                created = True
+            except FileExistsError:
+                pass
+            self._known_dirs.add(folder)
+        if created:
+            _fsync_dir(self.objects)
 
     def write(self, content: bytes) -> SpooledFile:
         """Write, fsync, rename, fsync the folder; return where the file now safely lives.
