@@ -220,7 +220,8 @@ def build_app(config: Config, host: str | None = None, port: int | None = None, 
         holder, queue, spool, AckRecorder(catalog, queue), audit, metrics=metrics, capabilities=capabilities
     )
     receive = ReceiveService(
-        lambda: holder.current, spool, queue, sessions, forwarder.notify, audit=audit.record, capabilities=capabilities
+        lambda: holder.current, spool, queue, sessions, forwarder.notify, audit=audit.record, capabilities=capabilities,
+        handoff=forwarder,
     )
     channels = ReportChannels()
     committer = Committer(lambda: holder.current, CommitmentStore(sessions, queue.node_id), channels, audit)

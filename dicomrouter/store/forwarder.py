@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -30,6 +31,7 @@ from dicomrouter.store.spool import Spool
 log = get_logger(__name__)
 
 CLAIM_BATCH = 16
+DIRECT_MAX = CLAIM_BATCH  # jobs handed straight to a lane and not yet sent; more wait in the queue
 IDLE_RELEASE_S = 5.0  # release an idle association so it does not hold a PACS slot
 
 
@@ -171,6 +173,11 @@ class DestinationLane:
         self.consecutive_failures = 0
         self.backlog = False  # the last claim came back full: let every worker send
         self.signalled = False
+        # Jobs the receive path inserted already claimed for this node (see Forwarder.take_direct):
+        # sent from here without a claim transaction each. (monotonic time claimed, job)
+        self.direct: deque[tuple[float, ClaimedJob]] = deque()
+        self.claim_wanted = True  # a pending job was queued: the next turn claims from the catalog
+        self.last_claim = 0.0
         self.threads: list[threading.Thread] = []
         # Outage and recovery, for the log: since when unreachable (wall clock, shared with the
         # catalog), then, once it answers again, what the backlog drain has delivered.
@@ -180,8 +187,47 @@ class DestinationLane:
 
     def notify(self) -> None:
         with self.wakeup:
+            self.claim_wanted = True
             self.signalled = True
             self.wakeup.notify_all()
+
+    def accepts_direct(self) -> bool:
+        """Whether a job queued now may be claimed for this lane in its own insert: the lane is sending
+        (not paused, failing, draining a backlog or suspended) and has little waiting."""
+        forwarder = self.forwarder
+        return (
+            not forwarder.stopping.is_set()
+            and self.consecutive_failures == 0
+            and not self.backlog
+            and self.paused_until <= time.monotonic()
+            and len(self.direct) < DIRECT_MAX
+            and bool(self.threads)
+            and not forwarder.suspensions.is_suspended(self.name, forwarder.settings.poll_interval_s)
+        )
+
+    def give(self, jobs: list[ClaimedJob], claimed_at: float) -> None:
+        with self.wakeup:
+            self.direct.extend((claimed_at, job) for job in jobs)
+            self.signalled = True
+            self.wakeup.notify_all()
+
+    def _take_direct(self) -> tuple[list[ClaimedJob], float]:
+        """Up to CLAIM_BATCH jobs handed over by the receive path, and when the oldest was claimed."""
+        with self.wakeup:
+            taken = [self.direct.popleft() for _ in range(min(CLAIM_BATCH, len(self.direct)))]
+        return [job for _, job in taken], (taken[0][0] if taken else 0.0)
+
+    def _hand_back_direct(self, delay_s: float, reason: str) -> None:
+        """Not sending now (paused, suspended, gone from the config): jobs handed over go back to the queue."""
+        jobs, _ = self._take_direct()
+        while jobs:
+            self.forwarder.queue.postpone(jobs, delay_s, reason)
+            jobs, _ = self._take_direct()
+
+    def _claim_due(self, poll_interval_s: float) -> bool:
+        """Claim from the catalog only when a pending job was queued, a backlog is draining, or a poll
+        interval passed: jobs handed over directly need no claim transaction, nor an empty one after them."""
+        return self.claim_wanted or self.backlog or time.monotonic() - self.last_claim >= poll_interval_s
 
     def wait(self, seconds: float, use_signal: bool = True) -> None:
         """Sleep up to `seconds`, or not at all when work was signalled since the last wait.
@@ -278,6 +324,7 @@ class DestinationLane:
         while not forwarder.stopping.is_set():
             server = forwarder.holder.current.server(self.name)
             if server is None or server.deleted:
+                self._hand_back_direct(0.0, "handed back: destination not configured")
                 self.wait(forwarder.settings.poll_interval_s, use_signal=index == 0)
                 continue
             if client is None or client.peer != server:
@@ -286,10 +333,12 @@ class DestinationLane:
                 client = EncodedStoreClient(server, forwarder.holder.current.router, forwarder.learn_capabilities)
             pause = self.paused_until - time.monotonic()
             if pause > 0:
+                self._hand_back_direct(pause, "handed back: destination paused")
                 self.wait(min(pause, forwarder.settings.poll_interval_s), use_signal=index == 0)
                 continue
             if forwarder.suspensions.is_suspended(self.name, forwarder.settings.poll_interval_s):
                 # In maintenance (`queue suspend`): its jobs wait, no attempt is spent.
+                self._hand_back_direct(0.0, "handed back: destination suspended")
                 client.close()
                 self.wait(forwarder.settings.poll_interval_s, use_signal=index == 0)
                 continue
@@ -298,15 +347,19 @@ class DestinationLane:
                     client.close()
                 self.wait(forwarder.settings.poll_interval_s, use_signal=index == 0)
                 continue
-            try:
-                jobs = forwarder.queue.claim(self.name, CLAIM_BATCH)
-            except Exception:
-                log.exception("claim_failed", destination=self.name)
-                self.wait(forwarder.settings.poll_interval_s, use_signal=index == 0)
-                continue
-            self.backlog = len(jobs) == CLAIM_BATCH
-            if self.backlog:
-                self.notify()
+            jobs, claimed_at = self._take_direct()
+            if not jobs and self._claim_due(forwarder.settings.poll_interval_s):
+                self.claim_wanted = False  # before the claim: a job queued meanwhile asks again
+                self.last_claim = claimed_at = time.monotonic()
+                try:
+                    jobs = forwarder.queue.claim(self.name, CLAIM_BATCH)
+                except Exception:
+                    log.exception("claim_failed", destination=self.name)
+                    self.wait(forwarder.settings.poll_interval_s, use_signal=index == 0)
+                    continue
+                self.backlog = len(jobs) == CLAIM_BATCH
+                if self.backlog:
+                    self.notify()
             if not jobs:
                 if self.draining is not None:
                     try:
@@ -319,7 +372,7 @@ class DestinationLane:
                 continue
             idle_since = time.monotonic()
             try:
-                self.send_batch(client, server, jobs, claimed_at=time.monotonic())
+                self.send_batch(client, server, jobs, claimed_at=claimed_at)
             except Exception:
                 # The worker must outlive any one batch (a database hiccup in fail/postpone, an
                 # unreadable spool folder): what it still holds is claimed and comes back after
@@ -451,6 +504,19 @@ class Forwarder:
         lane = self.lanes.get(destination)
         if lane is not None:
             lane.notify()
+
+    def take_direct(self, destination: str) -> bool:
+        """Whether the receive path may insert a job for `destination` already claimed by this node and
+        hand it over with `give`: one catalog transaction per instance instead of two."""
+        lane = self.lanes.get(destination)
+        return lane is not None and lane.accepts_direct()
+
+    def give(self, destination: str, jobs: list[ClaimedJob], claimed_at: float) -> None:
+        """Jobs committed as claimed by this node (`take_direct`), for the lane to send. Without a lane
+        (gone meanwhile) they stay claimed until their lease runs out, then any node sends them."""
+        lane = self.lanes.get(destination)
+        if lane is not None:
+            lane.give(jobs, claimed_at)
 
     def audit_dead_letter(self, job: ClaimedJob, reason: str) -> None:
         """A job given up on: an audit row (the job itself stays, `queue retry` revives it)."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -30,6 +30,7 @@ PENDING, CLAIMED, DONE, DEAD = "pending", "claimed", "done", "dead"
 
 # Statements on the C-STORE path, built once so SQLAlchemy reuses their compiled form.
 _INSERT_JOB = insert(ForwardJob.__table__)
+_INSERT_JOB_RETURNING_ID = insert(ForwardJob.__table__).returning(ForwardJob.__table__.c.id)
 _OPEN_JOBS = select(ForwardJob.destination).where(
     ForwardJob.sha256 == bindparam("sha256"),
     ForwardJob.destination.in_(bindparam("destinations", expanding=True)),
@@ -129,13 +130,23 @@ class ForwardQueue:
 
     # -- producing
 
-    def enqueue(self, session: Session | Connection, jobs: Sequence[NewJob]) -> None:
-        """Add jobs inside the caller's transaction (committed together with the receive)."""
+    def enqueue(
+        self, session: Session | Connection, jobs: Sequence[NewJob], claim_for: Collection[str] = ()
+    ) -> list[ClaimedJob]:
+        """Add jobs inside the caller's transaction (committed together with the receive).
+
+        Jobs for a destination in `claim_for` go in already claimed by this node, as `claim` would
+        leave them, and come back as ClaimedJobs for the caller to hand to the forwarder once
+        committed: no claim transaction for them. If this process dies first, their lease runs
+        out and any node sends them, as with any claim.
+        """
         if not jobs:
-            return
+            return []
         now = utcnow()
-        rows = [
-            {
+        lease_until = now + timedelta(seconds=self.settings.lease_s)
+        rows, claimed = [], []
+        for job in jobs:
+            row = {
                 "sop_instance_uid": job.sop_instance_uid,
                 "spool_path": job.spool_path,
                 "sha256": job.sha256,
@@ -150,10 +161,23 @@ class ForwardQueue:
                 "called_ae": job.called_ae,
                 "header": job.header,
                 "study_uid": job.header.get("StudyInstanceUID"),
+                "claimed_by": None,
+                "lease_until": None,
             }
-            for job in jobs
-        ]
-        session.execute(_INSERT_JOB, rows)
+            if job.destination in claim_for:
+                row.update(state=CLAIMED, claimed_by=self.node_id, lease_until=lease_until)
+                job_id = session.execute(_INSERT_JOB_RETURNING_ID, row).scalar_one()
+                claimed.append(
+                    ClaimedJob(
+                        job_id, job.sop_instance_uid, job.spool_path, job.sha256, job.size_bytes,
+                        job.destination, 0, job.header,
+                    )
+                )
+            else:
+                rows.append(row)
+        if rows:
+            session.execute(_INSERT_JOB, rows)
+        return claimed
 
     def destinations_with_open_jobs(self, session: Session | Connection, sha256: str, destinations: Sequence[str]) -> set[str]:
         """The destinations that already have a job queued for these exact bytes (not dead, not done)."""

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import re
+import time
 import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from pydicom import dcmread
 from pydicom.dataelem import RawDataElement
@@ -24,7 +25,7 @@ from dicomrouter.dicom_file import MAX_FILE_META_BYTES, META_HEAD_BYTES, dataset
 from dicomrouter.logging import get_logger
 from dicomrouter.routing.access import Caller, may_write
 from dicomrouter.routing.store_rules import choose_destinations, rule_keywords
-from dicomrouter.store.queue import ForwardQueue, NewJob
+from dicomrouter.store.queue import ClaimedJob, ForwardQueue, NewJob
 from dicomrouter.store.spool import PartialFile, Spool, SpooledFile, SpoolError, SpoolFull
 
 log = get_logger(__name__)
@@ -262,7 +263,9 @@ class ReceiveService:
         notify: Callable[[str], None],
         audit: Callable[..., None] | None = None,
         capabilities: Any = None,
+        handoff: Handoff | None = None,
     ):
+        self.handoff = handoff  # the forwarder: jobs it takes straight away are inserted claimed
         self.capabilities = capabilities  # store.capabilities.DestinationCapabilities: what destinations refuse
         self.config = config
         self.spool = spool
@@ -364,7 +367,7 @@ class ReceiveService:
             bound.error("store_refused", reason=str(exc))
             return ReceiveResult(OUT_OF_RESOURCES, str(exc), study_uid=study_uid, servers=names)
         try:
-            queued, refusal = self._queue_jobs(config, caller, called_ae, spooled, header, names)
+            queued, handed, refusal = self._queue_jobs(config, caller, called_ae, spooled, header, names)
         except Exception as exc:
             self.spool.remove(spooled.path)
             bound.exception("store_refused", reason="catalog unavailable")
@@ -377,7 +380,8 @@ class ReceiveService:
         if not queued:
             self.spool.remove(spooled.path)  # every destination already has these exact bytes
         for name in queued:
-            self.notify(name)
+            if name not in handed:
+                self.notify(name)
         bound.debug("stored", destinations=names, queued=queued, route=decision.reason, bytes=spooled.size)
         return ReceiveResult(
             SUCCESS, destinations=queued, sop_instance_uid=sop_instance_uid, study_uid=study_uid, servers=names
@@ -396,15 +400,21 @@ class ReceiveService:
                 refusing.append(server.name)
         return refusing
 
-    def _queue_jobs(self, config, caller, called_ae, spooled, header, names) -> tuple[tuple[str, ...], str | None]:
+    def _queue_jobs(
+        self, config, caller, called_ae, spooled, header, names
+    ) -> tuple[tuple[str, ...], set[str], str | None]:
+        """(destinations queued, those of them handed straight to the forwarder, refusal)."""
         sop_uid = header["SOPInstanceUID"]
         queued: list[str] = []
+        handoff = self.handoff
+        direct = {name for name in names if handoff.take_direct(name)} if handoff is not None else set()
+        claimed_at = time.monotonic()  # no later than the lease's start: the forwarder's half-lease rule holds
         # A Core connection, not an ORM session: this transaction runs for every C-STORE.
         with self.engine.begin() as session:
             copies = delivered_copies(session, sop_uid)
             different = {n: sha for n, sha in copies.items() if n in names and sha != spooled.sha256}
             if different and config.router.duplicate_policy == "reject":
-                return (), (
+                return (), set(), (
                     f"SOP Instance UID {sop_uid} is already on {', '.join(different)} with different content "
                     "(router.duplicate_policy: reject)"
                 )
@@ -417,7 +427,12 @@ class ReceiveService:
                     NewJob(sop_uid, str(spooled.path), spooled.sha256, spooled.size, name, caller.ae_title, called_ae, header)
                 )
                 queued.append(name)
-            self.queue.enqueue(session, jobs)
+            claimed = self.queue.enqueue(session, jobs, claim_for=direct)
+        handed: set[str] = set()
+        for job in claimed:  # committed: the forwarder may send them now
+            assert handoff is not None
+            handoff.give(job.destination, [job], claimed_at)
+            handed.add(job.destination)
         if different:
             self.audit(
                 operation="store",
@@ -428,4 +443,12 @@ class ReceiveService:
                 outcome="overwrite",
                 detail=f"SOP Instance UID {sop_uid} received with different content; overwriting",
             )
-        return tuple(queued), None
+        return tuple(queued), handed, None
+
+
+class Handoff(Protocol):
+    """What the receive path asks of the forwarder (store.forwarder.Forwarder)."""
+
+    def take_direct(self, destination: str) -> bool: ...
+
+    def give(self, destination: str, jobs: list[ClaimedJob], claimed_at: float) -> None: ...
