@@ -9,12 +9,11 @@ import pytest
 import requests
 from dicomweb_client.api import DICOMwebClient
 from pydicom import Dataset
-from pydicom.uid import generate_uid
 
 from dicomrouter.http.auth import new_token
 from dicomrouter.pacsfarm import free_ports
 from tests.conftest import upgrade_catalog
-from tests.support.find_support import edit_config, unique
+from tests.support.find_support import edit_config, unique, upload_study
 from tests.support.orthanc_fixtures import instance_bytes, make_test_instance, write_router_config
 from tests.support.router_process import RouterProcess, wait_for_port
 
@@ -59,25 +58,6 @@ def _viewer() -> requests.Session:
     return session
 
 
-def _upload(server, patient_id: str, modality: str, images: int = 2) -> dict:
-    study_uid, series_uid = generate_uid(), generate_uid()
-    datasets = [
-        make_test_instance(
-            study_uid=study_uid,
-            series_uid=series_uid,
-            patient_id=patient_id,
-            modality=modality,
-            instance_number=number,
-            rows=256,
-            cols=256,
-        )
-        for number in range(1, images + 1)
-    ]
-    for ds in datasets:
-        server.upload(instance_bytes(ds))
-    return {"study": study_uid, "series": series_uid, "datasets": datasets}
-
-
 def _values(answer: dict, tag: str) -> list:
     return answer.get(tag, {}).get("Value", [])
 
@@ -86,8 +66,8 @@ def test_a_viewer_lists_studies_of_both_pacs_and_gets_metadata_and_frames(
     viewer_router, clean_orthanc_farm
 ):
     patient = unique("VIEW")
-    ct = _upload(clean_orthanc_farm[0], patient, "CT")
-    mr = _upload(clean_orthanc_farm[1], patient, "MR")
+    ct = upload_study(clean_orthanc_farm[0], patient_id=patient, images=2, size=256)
+    mr = upload_study(clean_orthanc_farm[1], patient_id=patient, images=2, size=256, modality="MR")
     viewer = _viewer()
 
     # The study list: OHIF v2 asks for StudyDescription and Modality (00080060).
@@ -116,11 +96,11 @@ def test_a_viewer_lists_studies_of_both_pacs_and_gets_metadata_and_frames(
         assert _values(answer, "00201208") == [2]  # NumberOfStudyRelatedInstances (IS: a number)
 
     series = viewer.get(f"{viewer_router}/studies/{mr['study']}/series", timeout=30).json()
-    assert [_values(s, "0020000E")[0] for s in series] == [mr["series"]]
+    assert [_values(s, "0020000E")[0] for s in series] == mr["series"]
     assert _values(series[0], "00080060") == ["MR"]
 
     metadata = viewer.get(
-        f"{viewer_router}/studies/{ct['study']}/series/{ct['series']}/metadata",
+        f"{viewer_router}/studies/{ct['study']}/series/{ct['series'][0]}/metadata",
         headers={"Accept": "application/dicom+json"},
         timeout=60,
     )
@@ -132,11 +112,13 @@ def test_a_viewer_lists_studies_of_both_pacs_and_gets_metadata_and_frames(
         assert all(_values(instance, tag) for tag in PIXEL_MODULE), instance
         assert _values(instance, "00280010") == [256] and "7FE00010" not in instance
 
+    instance = (
+        f"{viewer_router}/studies/{mr['study']}/series/{mr['series'][0]}/instances/{mr['sops'][1]}"
+    )
+    pixels = make_test_instance(rows=256, cols=256, instance_number=2).PixelData
     for accept in (OHIF_V2_FRAME_ACCEPT, OHIF_V3_FRAME_ACCEPT):
-        ds = mr["datasets"][1]
         reply = viewer.get(
-            f"{viewer_router}/studies/{mr['study']}/series/{mr['series']}"
-            f"/instances/{ds.SOPInstanceUID}/frames/1",
+            f"{instance}/frames/1",
             headers={"Accept": accept},
             timeout=60,
         )
@@ -146,12 +128,9 @@ def test_a_viewer_lists_studies_of_both_pacs_and_gets_metadata_and_frames(
         message = email.parser.BytesParser().parsebytes(head + reply.content)
         (part,) = message.get_payload()
         assert "transfer-syntax=1.2.840.10008.1.2.1" in part["Content-Type"]
-        assert part.get_payload(decode=True) == ds.PixelData  # 256 x 256 x 16 bits, as stored
+        assert part.get_payload(decode=True) == pixels  # 256 x 256 x 16 bits, as stored
 
     # Rendered images are not served: a plain 404 (with CORS, so the viewer sees it), never a 500.
-    instance = (
-        f"{viewer_router}/studies/{mr['study']}/series/{mr['series']}/instances/{ds.SOPInstanceUID}"
-    )
     for path in (f"{instance}/rendered", f"{instance}/thumbnail", f"{instance}/frames/1/rendered"):
         reply = viewer.get(path, headers={"Accept": "image/jpeg"}, timeout=30)
         assert reply.status_code == 404, path

@@ -41,7 +41,9 @@ class FrontUnderTest:
 
 
 @contextmanager
-def running_front(config_path: Path, port: int, with_catalog: bool = True) -> Iterator[FrontUnderTest]:
+def running_front(
+    config_path: Path, port: int, with_catalog: bool = True
+) -> Iterator[FrontUnderTest]:
     """The DICOM front with C-ECHO and the find bindings, in this process (until app.py wires them)."""
     config = load_config(config_path)
     catalog = None
@@ -75,7 +77,9 @@ class FindRun:
 
     @property
     def status(self) -> int | None:
-        match = re.search(r"DIMSE Status\s*:\s*0x([0-9a-fA-F]{4})", self.output.split("Received Final")[-1])
+        match = re.search(
+            r"DIMSE Status\s*:\s*0x([0-9a-fA-F]{4})", self.output.split("Received Final")[-1]
+        )
         return int(match.group(1), 16) if match else None
 
 
@@ -93,7 +97,18 @@ def findscu(
     """DCMTK findscu as the workstation; every answer written with -X and read back."""
     out_dir = tmp / f"answers-{next(_counter)}"
     out_dir.mkdir(parents=True)
-    args = ["-d" if debug else "-v", "-aet", aet, "-aec", aec, model, "-X", "-od", str(out_dir), *extra]
+    args = [
+        "-d" if debug else "-v",
+        "-aet",
+        aet,
+        "-aec",
+        aec,
+        model,
+        "-X",
+        "-od",
+        str(out_dir),
+        *extra,
+    ]
     for key in keys:
         args += ["-k", key]
     result = run_dcmtk("findscu", *args, "127.0.0.1", str(port), timeout=timeout)
@@ -113,9 +128,10 @@ def upload_study(
     series: int = 1,
     images: int = 1,
     charset: str | None = None,
+    size: int = 8,
     **attrs,
 ) -> dict[str, list[str] | str]:
-    """Upload one study (series x images) to `server`; returns its UIDs."""
+    """Upload one study (series x images of size x size pixels) to `server`; returns its UIDs."""
     study_uid = study_uid or generate_uid()
     series_uids, sop_uids = [], []
     for series_number in range(1, series + 1):
@@ -129,8 +145,8 @@ def upload_study(
                 patient_name=patient_name,
                 series_number=series_number,
                 instance_number=number,
-                rows=8,
-                cols=8,
+                rows=size,
+                cols=size,
                 **attrs,
             )
             if charset:

@@ -285,17 +285,13 @@ class DicomWebRoutes:
         )
         return web.Response(body=encode_json(datasets), content_type=MEDIA_TYPE)
 
-    async def frames(self, request: web.Request) -> web.StreamResponse:
-        """Frames as stored: raw bytes (application/octet-stream) or the compressed bitstream."""
+    async def _read_instance(
+        self, request: web.Request, read: Callable[[bytes], Any], counts: Callable[[Any], dict]
+    ) -> Any:
+        """`read(part10)` of the one instance the path names, audited; raises DicomWebError."""
+        caller, retrieval = await self._plan(request)
         try:
-            numbers = parse_frame_list(request.match_info["frames"])
-            caller, retrieval = await self._plan(request)
-        except DicomWebError as exc:
-            return _error_response(exc)
-        try:
-            syntax, frames = await asyncio.to_thread(_frames_of, retrieval, numbers)
-        except DicomWebError as exc:
-            return _error_response(exc)
+            result = await asyncio.to_thread(lambda: read(_part10_of(retrieval)))
         finally:
             retrieval.close()
         self._audit(
@@ -303,9 +299,22 @@ class DicomWebRoutes:
             "get",
             "success",
             study_uid=request.match_info["study"],
-            counts={"frames": len(frames)},
+            counts=counts(result),
             detail=f"DICOMweb {request.path}"[:500],
         )
+        return result
+
+    async def frames(self, request: web.Request) -> web.StreamResponse:
+        """Frames as stored: raw bytes (application/octet-stream) or the compressed bitstream."""
+        try:
+            numbers = parse_frame_list(request.match_info["frames"])
+            syntax, frames = await self._read_instance(
+                request,
+                lambda part10: extract_frames(part10, numbers),
+                lambda result: {"frames": len(result[1])},
+            )
+        except DicomWebError as exc:
+            return _error_response(exc)
         writer = MultipartWriter()
         media_type = frame_media_type(syntax)
         body = b"".join(writer.part(media_type) + frame for frame in frames) + writer.close()
@@ -316,23 +325,13 @@ class DicomWebRoutes:
         """A value /metadata referenced by its BulkDataURI, as the instance holds it."""
         try:
             path = parse_path(request.match_info["path"])
-            caller, retrieval = await self._plan(request)
+            value = await self._read_instance(
+                request,
+                lambda part10: bulk_value(dcmread(BytesIO(part10)), path),
+                lambda result: {"bytes": len(result)},
+            )
         except DicomWebError as exc:
             return _error_response(exc)
-        try:
-            value = await asyncio.to_thread(_bulk_of, retrieval, path)
-        except DicomWebError as exc:
-            return _error_response(exc)
-        finally:
-            retrieval.close()
-        self._audit(
-            caller,
-            "get",
-            "success",
-            study_uid=request.match_info["study"],
-            counts={"bytes": len(value)},
-            detail=f"DICOMweb {request.path}"[:500],
-        )
         accept = request.headers.get("Accept", "*/*")
         if "multipart/" not in accept and OCTET_STREAM in accept:
             return web.Response(body=value, content_type=OCTET_STREAM)  # single part, as asked
@@ -433,13 +432,13 @@ def _accepts_dicom_multipart(accept: str) -> bool:
     return False
 
 
-def _frames_of(retrieval: Retrieval, numbers: list[int]) -> tuple[str, list[bytes]]:
+def _part10_of(retrieval: Retrieval) -> bytes:
+    """The one instance a retrieval brings, as a Part 10 file; DicomWebError 404 if none came."""
     for instance in retrieval:
         try:
-            part10 = part10_prefix(instance) + b"".join(dataset_chunks(instance))
+            return part10_prefix(instance) + b"".join(dataset_chunks(instance))
         finally:
             instance.discard()
-        return extract_frames(part10, numbers)
     raise DicomWebError(
         404, "the instance was not retrieved" + "".join(f"; {e}" for e in retrieval.errors)
     )
@@ -458,18 +457,6 @@ def _metadata_of(retrieval: Retrieval, base: str) -> list[dict]:
         )
         result.append(dataset_json(dataset, bulk_data_uris(dataset, instance_url)))
     return result
-
-
-def _bulk_of(retrieval: Retrieval, path: list[int]) -> bytes:
-    for instance in retrieval:
-        try:
-            part10 = part10_prefix(instance) + b"".join(dataset_chunks(instance))
-        finally:
-            instance.discard()
-        return bulk_value(dcmread(BytesIO(part10)), path)
-    raise DicomWebError(
-        404, "the instance was not retrieved" + "".join(f"; {e}" for e in retrieval.errors)
-    )
 
 
 def dicomweb_routes(
