@@ -478,11 +478,13 @@ def summarize(browser: Browser, router_origin: str) -> tuple[list[str], list[str
 
 async def open_study(browser: Browser, page_origin: str, study: dict, png: Path) -> bool:
     """Open `study` in the viewer; True when its first image is drawn (a varied, lit canvas)."""
+    started = time.monotonic()
     await browser.navigate(f"{page_origin}/viewer/{study['uid']}")
     drawn = (
         f"(() => {{ const s = {CANVAS_STATS}; return s && s.lit > 0.2 && s.levels > 16 && s; }})()"
     )
     stats = await browser.wait_for(drawn, 60) or await browser.evaluate(CANVAS_STATS)
+    seconds = time.monotonic() - started  # to within the 0.25 s the page is polled at
     await browser.wait_for(
         "document.querySelectorAll('.ThumbnailEntryContainer canvas, .ImageThumbnail canvas')"
         ".length > 0",
@@ -492,7 +494,8 @@ async def open_study(browser: Browser, page_origin: str, study: dict, png: Path)
     rendered = bool(stats and stats.get("lit", 0) > 0.2 and stats.get("levels", 0) > 16)
     print(
         f"viewer, {study['patient_name']} ({study['description']}, {study['syntax']}): "
-        f"{'image rendered' if rendered else 'NO image'}; canvas {stats}; screenshot {png}"
+        f"{f'image rendered in {seconds:.1f} s' if rendered else 'NO image'}; canvas {stats}; "
+        f"screenshot {png}"
     )
     shown = await browser.evaluate(
         "Array.from(document.querySelectorAll('.ViewportOverlay, .ThumbnailEntryContainer'))"
