@@ -111,11 +111,11 @@ def part10(ds: Dataset) -> bytes:
     return buffer.getvalue()
 
 
-def upload_studies(farm: OrthancFarm) -> list[dict]:
+def upload_studies(farm: OrthancFarm, slices: int) -> list[dict]:
     """One study on each PACS and one on both; returns their descriptions."""
     today = datetime.date.today().strftime("%Y%m%d")
     plans = [
-        ("CHECK^ALPHA", "VC001", "CT", "CT chest (Test PACS 1)", [0], (2, 5), None),
+        ("CHECK^ALPHA", "VC001", "CT", "CT chest (Test PACS 1)", [0], (2, slices), None),
         ("CHECK^BETA", "VC002", "MR", "MR head (Test PACS 2)", [1], (1, 4), None),
         ("CHECK^GAMMA", "VC003", "CT", "CT abdomen (both PACS)", [0, 1], (1, 3), RLE),
     ]
@@ -132,6 +132,7 @@ def upload_studies(farm: OrthancFarm) -> list[dict]:
             "frame_of_reference": generate_uid(),
             "holders": [farm[i].spec.name for i in holders],
             "instances": series_count * images,
+            "series": series_count,
             "syntax": "RLE Lossless" if syntax else "Explicit VR Little Endian",
         }
         for series_number in range(1, series_count + 1):
@@ -230,6 +231,17 @@ def app_config(dicomweb_root: str) -> str:
         "showStudyList": True,
         "extensions": [],
         "servers": {"dicomWeb": [server]},
+        # OHIF's default: the images of the series on screen are fetched ahead of scrolling.
+        "studyPrefetcher": {
+            "enabled": True,
+            "order": "closest",
+            "displaySetCount": 1,
+            "preventCache": False,
+            "prefetchDisplaySetsTimeout": 300,
+            "maxNumPrefetchRequests": 100,
+            "displayProgress": False,
+            "includeActiveDisplaySet": True,
+        },
     }
     return (
         f"window.config = {json.dumps(config, indent=2)};\n"
@@ -282,6 +294,7 @@ class Request:
     resource_type: str = ""
     status: int | None = None
     failure: str | None = None
+    finished: float | None = None  # time.monotonic() when its body had arrived
     accept: str | None = None
     response_type: str | None = None
 
@@ -381,6 +394,10 @@ class Browser:
             if entry:
                 entry.status = params["response"]["status"]
                 entry.response_type = params["response"].get("mimeType")
+        elif method == "Network.loadingFinished":
+            entry = self.requests.get(params["requestId"])
+            if entry:
+                entry.finished = time.monotonic()
         elif method == "Network.loadingFailed":
             entry = self.requests.get(params["requestId"])
             if entry:
@@ -506,6 +523,29 @@ async def open_study(browser: Browser, page_origin: str, study: dict, png: Path)
     return rendered
 
 
+async def report_prefetch(browser: Browser, study: dict, started: float) -> None:
+    """How long until the viewer had every image of the series on screen (OHIF prefetches them)."""
+    # The series on screen, and one thumbnail of each other series.
+    wanted = study["instances"] // study["series"] + study["series"] - 1
+    deadline = time.monotonic() + 30 + wanted  # generous: each frame is one C-GET
+    while True:
+        done = sorted(
+            r.finished
+            for r in browser.requests.values()
+            if r.method == "GET" and study["uid"] in r.url and "/frames/" in r.url
+            if r.status == 200 and r.finished is not None
+        )
+        if len(done) >= wanted or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.25)
+    if done:
+        seconds = done[-1] - started
+        print(
+            f"  prefetch: {len(done)} of {wanted} frames (the series on screen, other series' "
+            f"thumbnails) {seconds:.1f} s after opening the study ({len(done) / seconds:.1f}/s)"
+        )
+
+
 async def run_browser(
     args, dist: Path, dicomweb_root: str, studies: list[dict], folder: Path, page_port: int
 ) -> bool:
@@ -535,7 +575,10 @@ async def run_browser(
             print(f"  row: {row[:150]}")
         for index, study in enumerate(studies):
             png = args.out if index == 0 else args.out.with_name(f"{args.out.stem}-{index + 1}.png")
+            started = time.monotonic()
             ok &= await open_study(browser, page_origin, study, png)
+            if index == 0:
+                await report_prefetch(browser, study, started)
     finally:
         patterns, failures = summarize(browser, router_origin)
         print("requests to the router (method, path shape, Accept -> outcomes):")
@@ -568,6 +611,9 @@ def main() -> int:
     parser.add_argument("--workdir", type=Path, help="keep the farm and router files here")
     parser.add_argument("--no-cors", action="store_true", help="leave router.http.cors_origins out")
     parser.add_argument("--keep", action="store_true", help="wait for Enter before stopping")
+    parser.add_argument(
+        "--slices", type=int, default=5, help="images in each series of the first study (5)"
+    )
     args = parser.parse_args()
     dist = find_bundle(args.ohif)
     args.out = args.out.resolve()
@@ -578,7 +624,7 @@ def main() -> int:
     )
     router = None
     try:
-        studies = upload_studies(farm)
+        studies = upload_studies(farm, args.slices)
         for study in studies:
             print(
                 f"study {study['patient_name']} {study['description']}: {study['instances']} "

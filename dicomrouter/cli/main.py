@@ -72,6 +72,8 @@ def config_check(state: CliState) -> None:
             f"http    {router.http.host}:{router.http.port}{' (TLS)' if router.http.tls else ''}"
         )
         click.echo(f"dicomweb {dicomweb_url(router.http)}  (QIDO-RS, WADO-RS, STOW-RS)")
+        origins = ", ".join(router.http.cors_origins) or "none: same-origin pages only"
+        click.echo(f"cors    {origins}  (web viewers on other origins, router.http.cors_origins)")
     click.echo("")
     rows = [
         (

@@ -248,6 +248,11 @@ def test_config_check_lists_the_dicomweb_url(tmp_path):
     result = CliRunner().invoke(cli, ["--config", str(path), "config", "check"])
     assert result.exit_code == 0, result.output
     assert "dicomweb http://127.0.0.1:8099/dicom-web" in result.output
+    assert "cors    none: same-origin pages only" in result.output
+    document["router"]["http"]["cors_origins"] = ["https://viewer.example"]
+    path = write_document(tmp_path / "cors.yaml", document)
+    result = CliRunner().invoke(cli, ["--config", str(path), "config", "check"])
+    assert "cors    https://viewer.example" in result.output
 
 
 def test_frames_native_and_encapsulated_as_stored():
