@@ -1,20 +1,24 @@
 #!/usr/bin/env python3
-"""Point a real web viewer (OHIF v2's embeddable build) at the router and look at what it shows.
+"""Point a real web viewer (OHIF v2's embeddable build, or OHIF v3's app) at the router and look.
 
 Two Orthancs on free ports hold three studies of 256 x 256 CT/MR images with a visible gradient (one
-on each PACS, one on both); `dicomrouter serve` fronts them with `router.http` and a VIEWER client
-with an HTTP token. A page on another origin serves OHIF (`OHIFViewer.installViewer`) configured
-for the router's DICOMweb root; headless chromium opens the study list, then the first study, and
-saves screenshots. Printed: the studies the list showed, whether the image rendered (pixel
-statistics of the viewport canvas), every request the viewer made to the router with its status,
-and every request that failed (CORS included) or that the router answered with an error.
+on each PACS, one RLE-compressed on both); `dicomrouter serve` fronts them with `router.http`,
+`cors_origins` and a VIEWER client with an HTTP token. A page on another origin serves OHIF
+configured for the router's DICOMweb root; headless chromium opens the study list and each study
+and saves screenshots. Printed: the studies the list showed, whether each image was drawn (pixel
+statistics of the viewport canvas) and how fast, every request the viewer made to the router with
+its status, and every request that failed (CORS included) or that the router answered with an error.
 
-The OHIF bundle is not part of the repository; fetch it once with npm and give its folder:
+OHIF is not part of the repository; fetch it once with npm and give its folder:
 
     mkdir -p /tmp/ohif && cd /tmp/ohif && npm pack @ohif/viewer@4.12.51 && tar xzf ohif-viewer-*.tgz
     .venv/bin/python scripts/viewer_check.py --ohif /tmp/ohif/package --out /tmp/viewer.png
 
-Exit status 0 when the list shows every study and the viewport shows an image, 1 otherwise.
+`npm pack @ohif/app` (v3, about 200 MB unpacked) works the same way. OHIF v2 gets the token as
+`requestOptions.auth` and as its signed-in user's access token; v3 in its viewer URL (`?token=`),
+its study list reached from there.
+
+Exit status 0 when the list shows every study and every study shows its image, 1 otherwise.
 Everything started is stopped at the end (`--keep` waits for Enter first, to look by hand).
 """
 
@@ -249,31 +253,76 @@ def app_config(dicomweb_root: str) -> str:
     )
 
 
-def find_bundle(folder: Path) -> Path:
-    """OHIF's dist folder under `folder` (a package folder, its dist, or an npm project)."""
+def app_config_v3(dicomweb_root: str) -> str:
+    """OHIF v3's config: one DICOMweb data source, the router. Its token comes in the viewer's URL."""
+    source = {
+        "namespace": "@ohif/extension-default.dataSourcesModule.dicomweb",
+        "sourceName": "dicomrouter",
+        "configuration": {
+            "friendlyName": "dicomrouter",
+            "name": "dicomrouter",
+            "qidoRoot": dicomweb_root,
+            "wadoRoot": dicomweb_root,
+            "wadoUriRoot": dicomweb_root,
+            "qidoSupportsIncludeField": True,
+            "imageRendering": "wadors",
+            "thumbnailRendering": "wadors",
+            "enableStudyLazyLoad": True,
+            "supportsFuzzyMatching": False,
+            "supportsWildcard": True,
+            "omitQuotationForMultipartRequest": True,
+        },
+    }
+    config = {
+        "routerBasename": "/",
+        "extensions": [],
+        "modes": [],
+        "showStudyList": True,
+        "maxNumberOfWebWorkers": 3,
+        "showWarningMessageForCrossOrigin": False,
+        "showCPUFallbackMessage": False,
+        "showLoadingIndicator": True,
+        "defaultDataSourceName": "dicomrouter",
+        "dataSources": [source],
+    }
+    return f"window.config = {json.dumps(config, indent=2)};\n"
+
+
+def find_bundle(folder: Path) -> tuple[Path, str]:
+    """OHIF's dist folder under `folder` (a package folder, its dist, or an npm project) and
+    which OHIF it is: v2 (@ohif/viewer, index.umd.js) or v3 (@ohif/app, index.html)."""
     for candidate in (
         folder,
         folder / "dist",
         folder / "package" / "dist",
         folder / "node_modules" / "@ohif" / "viewer" / "dist",
+        folder / "node_modules" / "@ohif" / "app" / "dist",
     ):
         if (candidate / "index.umd.js").is_file():
-            return candidate
+            return candidate, "v2"
+        if (candidate / "index.html").is_file() and (candidate / "app-config.js").is_file():
+            return candidate, "v3"
     raise SystemExit(
-        f"no index.umd.js under {folder}: `npm pack @ohif/viewer@4.12.51` and untar it there"
+        f"no OHIF under {folder}: `npm pack @ohif/viewer@4.12.51` (v2) or "
+        "`npm pack @ohif/app` (v3) and untar it there"
     )
 
 
-async def start_page_server(dist: Path, dicomweb_root: str, port: int) -> web.AppRunner:
+async def start_page_server(
+    dist: Path, version: str, dicomweb_root: str, port: int
+) -> web.AppRunner:
     """OHIF's page on its own origin: every path the viewer routes (/, /viewer/...) gets the page."""
+    config = app_config(dicomweb_root) if version == "v2" else app_config_v3(dicomweb_root)
 
     async def page(request: web.Request) -> web.StreamResponse:
         name = request.path.lstrip("/")
         if name == "app-config.js":
-            return web.Response(text=app_config(dicomweb_root), content_type="text/javascript")
+            return web.Response(text=config, content_type="text/javascript")
         target = (dist / name).resolve()
         if name and target.is_file() and target.is_relative_to(dist.resolve()):
             return web.FileResponse(target)
+        if version == "v3":
+            return web.FileResponse(dist / "index.html")
         return web.Response(text=PAGE, content_type="text/html")
 
     app = web.Application()
@@ -493,18 +542,25 @@ def summarize(browser: Browser, router_origin: str) -> tuple[list[str], list[str
     return lines, failures
 
 
-async def open_study(browser: Browser, page_origin: str, study: dict, png: Path) -> bool:
+def viewer_url(page_origin: str, version: str, study_uid: str) -> str:
+    if version == "v2":
+        return f"{page_origin}/viewer/{study_uid}"
+    # OHIF v3 takes a token on its viewer route and sends it as Bearer with every request.
+    return f"{page_origin}/viewer?StudyInstanceUIDs={study_uid}&token={TOKEN}"
+
+
+async def open_study(browser: Browser, url: str, study: dict, png: Path) -> bool:
     """Open `study` in the viewer; True when its first image is drawn (a varied, lit canvas)."""
     started = time.monotonic()
-    await browser.navigate(f"{page_origin}/viewer/{study['uid']}")
+    await browser.navigate(url)
     drawn = (
         f"(() => {{ const s = {CANVAS_STATS}; return s && s.lit > 0.2 && s.levels > 16 && s; }})()"
     )
     stats = await browser.wait_for(drawn, 60) or await browser.evaluate(CANVAS_STATS)
     seconds = time.monotonic() - started  # to within the 0.25 s the page is polled at
     await browser.wait_for(
-        "document.querySelectorAll('.ThumbnailEntryContainer canvas, .ImageThumbnail canvas')"
-        ".length > 0",
+        "document.querySelectorAll('.ThumbnailEntryContainer canvas, .ImageThumbnail canvas, "
+        'img[src^="data:image"], img[src^="blob:"]\').length > 0',
         10,
     )
     await browser.screenshot(png)
@@ -546,39 +602,61 @@ async def report_prefetch(browser: Browser, study: dict, started: float) -> None
         )
 
 
+async def show_study_list(browser: Browser, studies: list[dict], png: Path) -> bool:
+    """The study list now on screen: True when it names every study (federated QIDO)."""
+    names = [s["patient_name"] for s in studies]
+    shown = "document.body.innerText"
+    listed_js = (
+        f"{json.dumps(names)}.filter(name => {shown}.includes(name)"
+        f" || {shown}.includes(name.replace('^', ', ')))"
+    )
+    await browser.wait_for(f"{listed_js}.length === {len(names)}", 45)
+    listed = await browser.evaluate(listed_js) or []
+    await browser.screenshot(png)
+    print(f"study list: {len(listed)} of {len(names)} studies shown: {listed}; screenshot {png}")
+    rows = await browser.evaluate(
+        "Array.from(document.querySelectorAll('tr, .studylistStudy')).map(r => r.innerText"
+        ".replace(/\\s+/g, ' ').trim()).filter(t => t).slice(0, 8)"
+    )
+    for row in rows or []:
+        print(f"  row: {row[:150]}")
+    return len(listed) == len(names)
+
+
 async def run_browser(
-    args, dist: Path, dicomweb_root: str, studies: list[dict], folder: Path, page_port: int
+    args,
+    dist: Path,
+    version: str,
+    dicomweb_root: str,
+    studies: list[dict],
+    folder: Path,
+    page_port: int,
 ) -> bool:
-    runner = await start_page_server(dist, dicomweb_root, page_port)
+    runner = await start_page_server(dist, version, dicomweb_root, page_port)
     page_origin = f"http://127.0.0.1:{page_port}"
     router_origin = dicomweb_root.split("/dicom-web")[0]
     browser = await Browser.launch(folder / "chromium-profile", 1400, 900)
+    list_png = args.out.with_name(args.out.stem + "-studylist.png")
     ok = True
     try:
-        print(f"viewer page: {page_origin}/  (DICOMweb root {dicomweb_root})")
-        await browser.navigate(f"{page_origin}/")
-        names = [s["patient_name"] for s in studies]
-        listed_js = f"{json.dumps(names)}.filter(name => document.body.innerText.includes(name))"
-        await browser.wait_for(f"{listed_js}.length === {len(names)}", 45)
-        listed = await browser.evaluate(listed_js) or []
-        list_png = args.out.with_name(args.out.stem + "-studylist.png")
-        await browser.screenshot(list_png)
-        print(
-            f"study list: {len(listed)} of {len(names)} studies shown: {listed}; screenshot {list_png}"
-        )
-        ok &= len(listed) == len(names)
-        rows = await browser.evaluate(
-            "Array.from(document.querySelectorAll('tr, .studylistStudy')).map(r => r.innerText"
-            ".replace(/\\s+/g, ' ').trim()).filter(t => t).slice(0, 8)"
-        )
-        for row in rows or []:
-            print(f"  row: {row[:150]}")
+        print(f"OHIF {version} page: {page_origin}/  (DICOMweb root {dicomweb_root})")
+        if version == "v2":
+            await browser.navigate(f"{page_origin}/")
+            ok &= await show_study_list(browser, studies, list_png)
         for index, study in enumerate(studies):
             png = args.out if index == 0 else args.out.with_name(f"{args.out.stem}-{index + 1}.png")
             started = time.monotonic()
-            ok &= await open_study(browser, page_origin, study, png)
+            url = viewer_url(page_origin, version, study["uid"])
+            ok &= await open_study(browser, url, study, png)
             if index == 0:
                 await report_prefetch(browser, study, started)
+        if version == "v3":
+            # Its study list has no token of its own: reach it from the viewer, in the app.
+            await browser.evaluate(
+                "window.history.pushState({}, '', '/');"
+                " window.dispatchEvent(new PopStateEvent('popstate'))"
+            )
+            ok &= await show_study_list(browser, studies, list_png)
     finally:
         patterns, failures = summarize(browser, router_origin)
         print("requests to the router (method, path shape, Accept -> outcomes):")
@@ -615,7 +693,7 @@ def main() -> int:
         "--slices", type=int, default=5, help="images in each series of the first study (5)"
     )
     args = parser.parse_args()
-    dist = find_bundle(args.ohif)
+    dist, version = find_bundle(args.ohif)
     args.out = args.out.resolve()
     folder = Path(tempfile.mkdtemp(prefix="viewer-check-", dir=args.workdir))
     dicom_port, http_port = free_ports(2)
@@ -639,7 +717,7 @@ def main() -> int:
         router.start()
         wait_for_port(http_port)
         root = f"http://127.0.0.1:{http_port}/dicom-web"
-        ok = asyncio.run(run_browser(args, dist, root, studies, folder, page_port))
+        ok = asyncio.run(run_browser(args, dist, version, root, studies, folder, page_port))
         problems = [
             line
             for line in router.log_text().splitlines()
