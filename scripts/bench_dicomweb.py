@@ -221,8 +221,8 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def large_study_rss(folder: Path, orthanc, router: RouterProcess, url: str, megabytes: int) -> str:
-    """WADO-RS of one study of 32 MiB instances (`megabytes` in all) while sampling the router's RSS."""
+def store_large_study(folder: Path, orthanc, megabytes: int) -> tuple[str, int]:
+    """One study of 32 MiB instances (`megabytes` in all) in the PACS: (its UID, instances)."""
     count = max(1, megabytes // 32)
     (folder / "large").mkdir()
     files = make_instances(folder / "large", count, 4096)
@@ -231,6 +231,11 @@ def large_study_rss(folder: Path, orthanc, router: RouterProcess, url: str, mega
     run_storescu(orthanc.spec.dicom_port, orthanc.spec.ae_title, files)
     shutil.rmtree(folder / "large")
     orthanc.wait_for_instance_count(before_count + count, timeout=900)
+    return study_uid, count
+
+
+def large_study_rss(router: RouterProcess, url: str, study_uid: str, count: int, how: str) -> str:
+    """WADO-RS of the large study while sampling the router's RSS."""
     pid = router.process.pid
     before = rss_mb(pid)
     samples = [before]
@@ -247,7 +252,7 @@ def large_study_rss(folder: Path, orthanc, router: RouterProcess, url: str, mega
     sampler.join()
     growth = max(samples) - before
     return (
-        f"large study: {count} x 32 MiB ({count * 32} MiB) by WADO-RS in {elapsed:.1f} s "
+        f"large study: {count} x 32 MiB ({count * 32} MiB) by WADO-RS {how} in {elapsed:.1f} s "
         f"({count * 32 / elapsed:.0f} MiB/s); router RSS {before:.0f} MB before, peak {max(samples):.0f} MB "
         f"(+{growth:.0f} MB; goal < 100 MB: {'PASS' if growth < 100 else 'FAIL'})"
     )
@@ -337,6 +342,10 @@ def main() -> int:
                         f"run {run}  " + "  ".join(f"{k} {v:.3f}s" for k, v in measured.items()),
                         flush=True,
                     )
+            large = []
+            if args.large_mb:
+                large_uid, large_count = store_large_study(folder, orthanc, args.large_mb)
+                large.append(large_study_rss(router, url, large_uid, large_count, "(C-GET)"))
             if not args.no_move:
                 switch_to_move(router, config)
                 for run in range(args.runs + 1):  # run 0 warms up
@@ -346,12 +355,9 @@ def main() -> int:
                         print(f"run {run}  wado via C-MOVE {elapsed:.3f}s", flush=True)
                 if '"move_to_self_done"' not in router.log_text():
                     raise SystemExit("WADO-RS did not go through C-MOVE to the router")
+                if args.large_mb:
+                    large.append(large_study_rss(router, url, large_uid, large_count, "via C-MOVE"))
             rss = peak_rss_mb(router.process.pid)
-            large = (
-                large_study_rss(folder, orthanc, router, url, args.large_mb)
-                if args.large_mb
-                else ""
-            )
         finally:
             if router is not None:
                 router.stop()
@@ -359,8 +365,8 @@ def main() -> int:
                 workstation.stop()
             farm.stop_all()
     median = {key: statistics.median(values) for key, values in times.items() if values}
-    if large:
-        print(large)
+    for line in large:
+        print(line)
     print(
         f"\nstudy: {args.count} instances, {megabytes:.0f} MB; median of {args.runs} runs; router peak RSS {rss:.0f} MB"
     )

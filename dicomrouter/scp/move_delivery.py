@@ -70,6 +70,7 @@ class MoveDeliveryService:
             spool=self.spool,  # a large one is written to the spool's tmp/ as it arrives
             may_stream=request.context.transfer_syntax != DEFLATED_EXPLICIT_VR_LE,
             candidates=candidates,
+            hashed=False,
         )
         return incoming
 

@@ -115,6 +115,7 @@ class IncomingInstance:
     partial: PartialFile | None = None
     failure: ReceiveResult | None = None  # it could not be kept: the rest is read and dropped
     on_stream: Callable[[int], None] | None = None
+    hashed: bool = True  # False: passed on, never spooled (no sha256 on the way)
 
     def write(self, fragment: memoryview, pdu_length: int) -> None:
         self.size += len(fragment)
@@ -141,7 +142,7 @@ class IncomingInstance:
 
     def _start_streaming(self) -> None:
         """Move what arrived so far into a spool file; the rest is written there as it comes."""
-        partial = self.spool.open_partial()
+        partial = self.spool.open_partial(self.hashed)
         self.partial = partial
         if self.on_stream is not None:
             self.on_stream(self.size)

@@ -98,18 +98,20 @@ class Spool:
             raise _spool_error(self.root, exc) from exc
         return SpooledFile(final, sha256, len(content))
 
-    def open_partial(self) -> PartialFile:
-        """A file in tmp/ to write a large instance into while it arrives; `adopt` makes it safe."""
+    def open_partial(self, hashed: bool = True) -> PartialFile:
+        """A file in tmp/ to write a large instance into while it arrives; `adopt` makes it safe.
+        `hashed=False`: one only passed on, never adopted (no sha256 worked out on the way)."""
         token = secrets.token_hex(8)
         path = self.tmp / f"stream-{token}.part"
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except OSError as exc:
             raise _spool_error(self.root, exc) from exc
-        return PartialFile(self.root, path, fd)
+        return PartialFile(self.root, path, fd, hashed)
 
     def adopt(self, partial: PartialFile) -> SpooledFile:
         """fsync a completely written partial file, move it to objects/ under its hash, fsync the folder."""
+        assert partial.hashed, "an unhashed partial file is passed on, never adopted"
         sha256 = partial.hasher.hexdigest()
         final = self.objects / sha256[:2] / f"{sha256}-{secrets.token_hex(6)}.dcm"
         try:
@@ -162,10 +164,11 @@ class Spool:
 class PartialFile:
     """An instance being written to the spool's tmp/ as it arrives, hashed on the way."""
 
-    def __init__(self, root: Path, path: Path, fd: int):
+    def __init__(self, root: Path, path: Path, fd: int, hashed: bool = True):
         self.root = root
         self.path = path
         self.fd: int | None = fd
+        self.hashed = hashed
         self.hasher = hashlib.sha256()
         self.size = 0
         self.adopted = False
@@ -174,7 +177,8 @@ class PartialFile:
         """SpoolFull or SpoolError when the bytes cannot be written (the file is then discarded)."""
         assert self.fd is not None
         view = memoryview(data)
-        self.hasher.update(view)
+        if self.hashed:
+            self.hasher.update(view)
         self.size += len(view)
         try:
             while view:

@@ -266,7 +266,7 @@ def test_a_large_data_set_is_spooled_while_it_arrives(streaming_app):
         big, small = ct_dataset(pixels=256), ct_dataset(pixels=16)  # 128 KiB of pixels, and one kept in memory
         opened = []
         original = app.spool.open_partial
-        app.spool.open_partial = lambda: opened.append(1) or original()
+        app.spool.open_partial = lambda *args: opened.append(1) or original(*args)
         statuses, served_lean = store_with_pynetdicom(app, [big, small])
         assert statuses == [0x0000, 0x0000] and served_lean
         assert opened == [1]  # only the large one was streamed
