@@ -36,6 +36,12 @@ _OPEN_JOBS = select(ForwardJob.destination).where(
     ForwardJob.destination.in_(bindparam("destinations", expanding=True)),
     ForwardJob.state.in_((PENDING, CLAIMED)),
 )
+# The same for the usual single destination: no expanding IN, so its SQL is rendered once, not per C-STORE.
+_OPEN_JOBS_ONE = select(ForwardJob.destination).where(
+    ForwardJob.sha256 == bindparam("sha256"),
+    ForwardJob.destination == bindparam("destination"),
+    ForwardJob.state.in_([literal_column(f"'{PENDING}'"), literal_column(f"'{CLAIMED}'")]),
+)
 _jobs = ForwardJob.__table__.c
 _DUE = or_(
     and_(_jobs.state == PENDING, _jobs.next_attempt_at <= bindparam("now")),
@@ -183,6 +189,8 @@ class ForwardQueue:
         """The destinations that already have a job queued for these exact bytes (not dead, not done)."""
         if not destinations:
             return set()
+        if len(destinations) == 1:
+            return set(session.scalars(_OPEN_JOBS_ONE, {"sha256": sha256, "destination": destinations[0]}))
         return set(session.scalars(_OPEN_JOBS, {"sha256": sha256, "destinations": list(destinations)}))
 
     # -- consuming
