@@ -8,6 +8,8 @@ import socket
 import sys
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dicomrouter.audit import AuditTrail
 from dicomrouter.catalog.db import make_engine, session_factory
@@ -49,6 +51,9 @@ from dicomrouter.store.receive import ReceiveService
 from dicomrouter.store.scratch import clean_scratch
 from dicomrouter.store.spool import Spool
 
+if TYPE_CHECKING:
+    from dicomrouter.supervisor import WorkerRole
+
 log = get_logger(__name__)
 
 # A thread waiting for the GIL gets it after at most this long (Python's default: 5 ms). The
@@ -60,7 +65,12 @@ GIL_SWITCH_INTERVAL_S = 0.001
 def node_id() -> str:
     """Who claims forwarding jobs: unique per process, readable in `queue list`."""
     # The random part keeps two containers that are both PID 1 on one hostname apart.
-    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+    return f"{node_id_prefix(os.getpid())}{secrets.token_hex(3)}"
+
+
+def node_id_prefix(pid: int) -> str:
+    """How the node ids of process `pid` on this host begin (a supervisor releases a dead worker's claims)."""
+    return f"{socket.gethostname()}:{pid}:"
 
 
 def service_registry(
@@ -162,8 +172,8 @@ class RouterApp:
             self._watcher.start()
         return address
 
-    def reload(self, reason: str) -> bool:
-        return self.holder.reload(reason)
+    def reload(self, reason: str, source: Path | None = None) -> bool:
+        return self.holder.reload(reason, source)
 
     def _log_unusable_rules(self, config: Config) -> None:
         for rule in unusable_rules(config):
@@ -202,8 +212,16 @@ class RouterApp:
         log.info("router_stopped")
 
 
-def build_app(config: Config, host: str | None = None, port: int | None = None, watch_file: bool = True) -> RouterApp:
-    """Build (not start) the router for `config`; tests call this without the CLI."""
+def build_app(
+    config: Config,
+    host: str | None = None,
+    port: int | None = None,
+    watch_file: bool = True,
+    worker: WorkerRole | None = None,
+) -> RouterApp:
+    """Build (not start) the router for `config`; tests call this without the CLI. As one `worker` of
+    several it shares the port and the association counts, serves HTTP only as worker 0, and leaves
+    watching the file to its supervisor."""
     engine = make_engine(config.router.catalog)
     require_current_schema(engine)
     sessions = session_factory(engine)
@@ -212,7 +230,7 @@ def build_app(config: Config, host: str | None = None, port: int | None = None, 
     spool = Spool(config.router.spool)
     queue = ForwardQueue(sessions, node_id(), config.router.forwarding)
     # Counted only when something serves them (the HTTP port); the CLI's import counts nothing.
-    metrics = Metrics() if config.router.http is not None else None
+    metrics = Metrics(worker.metrics_dir if worker else None) if config.router.http is not None else None
     audit = AuditTrail(catalog.add_audit_rows, node=node_id(), metrics=metrics)
     capabilities = DestinationCapabilities(sessions, lambda: holder.current)
     holder.on_change(capabilities.config_changed)
@@ -230,10 +248,10 @@ def build_app(config: Config, host: str | None = None, port: int | None = None, 
     pending = PendingRetrievals()
     front = DicomFront(
         holder, service_registry(holder, catalog, receive, capabilities, commitment, pending), host=host, port=port,
-        audit=audit,
+        audit=audit, shared_counts=worker.shared_counts if worker else None, reuse_port=worker is not None,
     )
     http = None
-    if config.router.http is not None:
+    if config.router.http is not None and (worker is None or worker.serves_http):
         deps = HttpDeps(
             holder, audit, catalog=catalog, spool=spool, queue=queue, forwarder=forwarder, front=front, metrics=metrics
         )
@@ -242,7 +260,7 @@ def build_app(config: Config, host: str | None = None, port: int | None = None, 
         http = HttpFront(make_http_app(deps, [*HTTP_ROUTE_MODULES, dicomweb, http_cors.add_routes]), config.router.http)
     app = RouterApp(
         holder, catalog, spool, queue, forwarder, receive, front, audit, committer=committer, http=http,
-        metrics=metrics, watch_file=watch_file,
+        metrics=metrics, watch_file=watch_file and worker is None,
     )
     holder.on_change(app._on_config_change)
     return app

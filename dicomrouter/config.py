@@ -180,6 +180,9 @@ class AuditSettings:
     rejection_summary_interval_s: float = 60.0
 
 
+MAX_WORKERS = 64  # worker processes of one router (the shared association table has a slot per worker)
+
+
 @dataclass(frozen=True)
 class RouterSettings:
     ae_title: str = "DICOMROUTER"
@@ -190,6 +193,8 @@ class RouterSettings:
     accept_unknown_callers: bool = False
     unknown_caller_roles: frozenset[str] = frozenset({"test_read", "test_write"})
     duplicate_policy: str = "overwrite"
+    # Worker processes of `serve`, each a full router on the one port; None: one per CPU.
+    workers: int | None = None
     max_associations: int = 64
     max_pending_per_address: int = 4  # connections from one address still waiting for their A-ASSOCIATE-RQ
     max_pdu_size: int = 262144
@@ -339,6 +344,7 @@ _ROUTER_KEYS = (
     "accept_unknown_callers",
     "unknown_caller_roles",
     "duplicate_policy",
+    "workers",
     "max_associations",
     "max_pending_per_address",
     "max_pdu_size",
@@ -621,6 +627,7 @@ class _Parser:
             accept_unknown_callers=self.get_bool(data, "accept_unknown_callers", "router.accept_unknown_callers", False),
             unknown_caller_roles=self.get_roles(data, "unknown_caller_roles", "router.unknown_caller_roles", d.unknown_caller_roles),
             duplicate_policy=policy,
+            workers=self.get_int(data, "workers", "router.workers", None, 1, MAX_WORKERS) if "workers" in data else None,
             max_associations=self.get_int(data, "max_associations", "router.max_associations", d.max_associations, 1, 10000),
             max_pending_per_address=self.get_int(
                 data, "max_pending_per_address", "router.max_pending_per_address", d.max_pending_per_address, 1, 10000

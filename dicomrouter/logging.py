@@ -8,10 +8,12 @@ import sys
 import structlog
 
 
-def configure_logging(log_format: str = "console", level: str = "info") -> None:
-    """Console lines for a terminal, JSON lines otherwise (or when asked)."""
+def configure_logging(log_format: str = "console", level: str = "info", worker: int | str | None = None) -> None:
+    """Console lines for a terminal, JSON lines otherwise (or when asked). With `worker` (a worker's
+    index, or "supervisor"), every line says which process of a multi-worker router wrote it."""
     shared = [
         structlog.contextvars.merge_contextvars,
+        *([_WorkerKey(worker)] if worker is not None else []),
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
@@ -49,6 +51,17 @@ def configure_logging(log_format: str = "console", level: str = "info") -> None:
     root.setLevel(level.upper())
     # pynetdicom logs every PDU at INFO/DEBUG; its warnings and errors are what admins need.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+
+
+class _WorkerKey:
+    """A processor adding `worker=<id>` to every event of this process (threads included)."""
+
+    def __init__(self, worker: int | str):
+        self.worker = worker
+
+    def __call__(self, _logger: object, _method: str, event_dict: dict) -> dict:
+        event_dict.setdefault("worker", self.worker)
+        return event_dict
 
 
 def get_logger(name: str) -> structlog.stdlib.BoundLogger:

@@ -137,13 +137,21 @@ class Throughput:
 class Metrics:
     """The router's counters and histograms, in a registry of its own (no global state)."""
 
-    def __init__(self) -> None:
+    def __init__(self, multiprocess_dir: str | None = None) -> None:
         # The library's switch is process-wide; `*_created` series only double the output here.
         disable_created_metrics()
         self.registry = CollectorRegistry()
         self.destinations = DestinationStates()
         self.throughput = Throughput()
         r = self.registry
+        if multiprocess_dir is not None:
+            # One of several workers (the supervisor set PROMETHEUS_MULTIPROC_DIR before this process
+            # imported prometheus_client): counts go to files there, and what is served is every
+            # worker's files added up, never this process's own registry as well.
+            from prometheus_client.multiprocess import MultiProcessCollector
+
+            r = CollectorRegistry()
+            MultiProcessCollector(self.registry, path=multiprocess_dir)
         self.associations = Counter(
             "dicomrouter_associations",
             "Associations by admission outcome (accepted, rejected)",

@@ -7,7 +7,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from dicomrouter.config import Config, ConfigError, load_config
+from dicomrouter.config import Config, ConfigError, load_config, parse_config, read_document
 from dicomrouter.logging import get_logger
 
 log = get_logger(__name__)
@@ -28,12 +28,13 @@ class ConfigHolder:
     def on_change(self, listener: Callable[[Config, Config], None]) -> None:
         self._listeners.append(listener)
 
-    def reload(self, reason: str = "requested") -> bool:
-        """Load the file again; keep the old config when the new one is invalid."""
+    def reload(self, reason: str = "requested", source: Path | None = None) -> bool:
+        """Load the file again (or `source`, a copy of it a supervisor checked, read as if it were the
+        file); keep the old config when the new one is invalid."""
         with self._lock:
             old = self._config
             try:
-                new = load_config(old.path)
+                new = load_config(old.path) if source is None else parse_config(read_document(source), old.path)
             except ConfigError as exc:
                 log.error("config_reload_refused", path=str(old.path), reason=reason, problems=exc.render())
                 return False

@@ -13,20 +13,36 @@ bounds what a caller can hold:
 - beyond that, as many again are read briefly and answered A-ASSOCIATE-RJ "local limit exceeded";
   anything more is closed at once. Threads and descriptors are bounded by these three numbers;
 - accept() failing for lack of descriptors (EMFILE) backs off instead of spinning.
+
+With several worker processes (`router.workers`) these numbers hold for all of them together:
+each worker's table also counts what the others hold (dicomrouter/dul/shared_counts.py).
 """
 
 from __future__ import annotations
 
 import errno
+import itertools
 import select
 import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from dicomrouter.dul.connection import Connection
+from dicomrouter.dul.shared_counts import (
+    CLAIM_POLL_S,
+    CLAIM_WAIT_S,
+    ENTRIES_PER_SLOT,
+    PEER_CLOSED,
+    PEER_SILENT,
+    PEER_SPOKE,
+    OtherCounts,
+    SharedCounts,
+    WaitingEntry,
+)
 from dicomrouter.logging import get_logger
 
 log = get_logger(__name__)
@@ -37,6 +53,8 @@ RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 # A connection silent this long may be dropped to make room; a requestor sends its A-ASSOCIATE-RQ
 # within milliseconds of connecting, so a younger one is probably a caller mid-connect.
 SILENT_EVICTION_AGE_S = 0.2
+CLAIM_ATTEMPTS = 3  # claims on other workers' silent connections for one new connection
+NO_OTHERS = OtherCounts()  # a single-process router: nobody else holds anything
 
 
 @dataclass(frozen=True)
@@ -59,10 +77,19 @@ class ConnectionLimits:
 class ConnectionTable:
     """Who is connected, in which state; every decision about room is taken under one lock."""
 
-    def __init__(self, limits: Callable[[], ConnectionLimits], known_address: Callable[[str], bool]):
+    def __init__(
+        self,
+        limits: Callable[[], ConnectionLimits],
+        known_address: Callable[[str], bool],
+        shared: SharedCounts | None = None,
+    ):
         self._limits = limits
         self._known_address = known_address
         self._lock = threading.Lock()
+        # With several workers, what the others hold counts too (dicomrouter/dul/shared_counts.py).
+        self._shared = shared
+        self._ids: dict[Connection, int] = {}  # waiting connections as the shared table names them
+        self._next_id = itertools.count(1)
         self.pending: list[Connection] = []  # oldest first
         self.associated: set[Connection] = set()
         self.refusing: set[Connection] = set()
@@ -71,44 +98,134 @@ class ConnectionTable:
     def limits(self) -> ConnectionLimits:
         return self._limits()
 
+    @property
+    def shared(self) -> bool:
+        return self._shared is not None
+
+    @contextmanager
+    def _deciding(self, address: str = "") -> Iterator[OtherCounts]:
+        """This table to the calling thread and the shared one to this worker; yields what the other
+        workers hold, closes what they claimed from this one, and publishes this worker's counts."""
+        with self._lock:
+            if self._shared is None:
+                yield NO_OTHERS
+                return
+            with self._shared.locked():
+                self._close_claimed(self._shared.take_claims())
+                try:
+                    yield self._shared.others(address)
+                finally:
+                    self._publish()
+
+    def _publish(self) -> None:
+        assert self._shared is not None
+        states = _peer_states([c for c in self.pending if not c.heard_from])
+        waiting = [
+            WaitingEntry(self._ids[c], c.address, c.accepted_at, states.get(c, PEER_SPOKE))
+            for c in self.pending
+            if c in self._ids
+        ]
+        self._shared.publish(waiting, len(self.associated), len(self.refusing))
+
+    def _close_claimed(self, claimed: set[int]) -> None:
+        """Close this worker's connections another worker dropped to make room (if still silent)."""
+        if not claimed:
+            return
+        now = time.monotonic()
+        for connection in [c for c in self.pending if self._ids.get(c) in claimed]:
+            if self._evictable(connection, now, min_age=0.0):
+                self._forget_pending(connection)
+                log.info("connection_dropped", address=connection.address, reason="silent while others waited for room")
+                connection.close()
+
+    def collect_claims(self) -> None:
+        """Close what other workers claimed, now (the listener calls this every CLAIM_POLL_S)."""
+        with self._deciding():
+            pass
+
+    def _forget_pending(self, connection: Connection) -> None:
+        if connection in self.pending:
+            self.pending.remove(connection)
+        self._ids.pop(connection, None)
+
     @staticmethod
-    def _evictable(connection: Connection, now: float) -> bool:
+    def _evictable(connection: Connection, now: float, min_age: float = SILENT_EVICTION_AGE_S) -> bool:
         """Connected a while ago and not a byte sent: not read by its thread yet (a flood delays threads)
         and nothing waiting in the socket either."""
-        if connection.heard_from or now - connection.accepted_at < SILENT_EVICTION_AGE_S:
+        if connection.heard_from:
             return False
-        try:
-            readable, _, _ = select.select([connection.sock], [], [], 0)
-        except (OSError, ValueError):
-            return True  # already closed
-        return not readable
+        state = _peer_states([connection])[connection]
+        return state == PEER_CLOSED or (state == PEER_SILENT and now - connection.accepted_at >= min_age)
 
     def admit(self, connection: Connection) -> tuple[str, list[Connection]]:
         """('pending' | 'refuse' | 'close', connections to drop to make room)."""
+        evicted: list[Connection] = []
+        for _attempt in range(CLAIM_ATTEMPTS):
+            verdict, claim = self._admit_once(connection, evicted)
+            if claim is None:
+                return verdict, evicted
+            self._await_claim(claim)  # then decide again: the claimed one closed, or it spoke meanwhile
+        verdict, _ = self._admit_once(connection, evicted, may_claim=False)
+        return verdict, evicted
+
+    def _admit_once(
+        self, connection: Connection, evicted: list[Connection], may_claim: bool = True
+    ) -> tuple[str, tuple[int, int] | None]:
+        """A verdict, or a claim on another worker's silent connection to wait for and decide again."""
         limits = self.limits
         now = time.monotonic()
-        with self._lock:
-            evicted: list[Connection] = []
+        with self._deciding(connection.address) as others:
             same_address = [c for c in self.pending if c.address == connection.address]
-            if len(same_address) >= limits.max_pending_per_address:
+            if len(same_address) + others.pending_from_address >= limits.max_pending_per_address:
                 victim = next((c for c in same_address if self._evictable(c, now)), None)
                 if victim is None:
-                    return self._refuse_or_close(connection, limits), []
+                    claim = self._claim_elsewhere(now, connection.address) if may_claim else None
+                    return (("claim", claim) if claim else (self._refuse_or_close(connection, limits, others), None))
                 evicted.append(victim)
-                self.pending.remove(victim)
-            if len(self.pending) >= limits.max_pending:
+                self._forget_pending(victim)
+            if len(self.pending) + others.pending >= limits.max_pending or self._slot_full():
                 silent = [c for c in self.pending if self._evictable(c, now)]
                 unknown = [c for c in silent if not self._known_address(c.address)]
+                claim = None
+                if not unknown and may_claim:
+                    claim = self._claim_elsewhere(now, None, unknown_only=True)
+                    if claim is None and not silent:
+                        claim = self._claim_elsewhere(now, None)
+                if claim is not None:
+                    return "claim", claim
                 victim = (unknown or silent or [None])[0]
                 if victim is None:
-                    return self._refuse_or_close(connection, limits), evicted
+                    return self._refuse_or_close(connection, limits, others), None
                 evicted.append(victim)
-                self.pending.remove(victim)
+                self._forget_pending(victim)
             self.pending.append(connection)
-            return "pending", evicted
+            self._ids[connection] = next(self._next_id)
+            return "pending", None
 
-    def _refuse_or_close(self, connection: Connection, limits: ConnectionLimits) -> str:
-        if len(self.refusing) < limits.max_refusing:
+    def _claim_elsewhere(self, now: float, address: str | None, unknown_only: bool = False) -> tuple[int, int] | None:
+        """Ask another worker to drop its oldest silent connection (from `address`; of an address no
+        client or server is configured at, with `unknown_only`). Never when this worker's share is full."""
+        if self._shared is None or self._slot_full():
+            return None
+        accept = (lambda a: not self._known_address(a)) if unknown_only else (lambda _a: True)
+        return self._shared.claim_silent(now - SILENT_EVICTION_AGE_S, address, accept)
+
+    def _await_claim(self, claim: tuple[int, int]) -> None:
+        """Until the claimed connection's worker answered the claim (or CLAIM_WAIT_S passed), locks released."""
+        assert self._shared is not None
+        deadline = time.monotonic() + CLAIM_WAIT_S
+        while time.monotonic() < deadline:
+            time.sleep(CLAIM_POLL_S / 5)
+            with self._lock, self._shared.locked():
+                if not self._shared.claim_pending(claim):
+                    return
+
+    def _slot_full(self) -> bool:
+        """This worker's share of the shared table cannot take one more waiting connection."""
+        return self._shared is not None and len(self.pending) >= ENTRIES_PER_SLOT
+
+    def _refuse_or_close(self, connection: Connection, limits: ConnectionLimits, others: OtherCounts) -> str:
+        if len(self.refusing) + others.refusing < limits.max_refusing:
             self.refusing.add(connection)
             return "refuse"
         return "close"
@@ -116,14 +233,13 @@ class ConnectionTable:
     def associate(self, connection: Connection, known_caller: bool) -> bool:
         """Move a pending connection to the associated ones if there is room for its kind of caller."""
         limits = self.limits
-        with self._lock:
-            room = limits.max_associations - len(self.associated)
+        with self._deciding() as others:
+            room = limits.max_associations - len(self.associated) - others.associated
             if not known_caller:
                 room -= limits.reserved_for_known
             if room <= 0:
                 return False
-            if connection in self.pending:
-                self.pending.remove(connection)
+            self._forget_pending(connection)
             self.associated.add(connection)
             return True
 
@@ -131,30 +247,67 @@ class ConnectionTable:
         """A pending connection being answered with a refusal: it no longer holds a waiting slot. True
         when it may linger for the requestor to close first (there is room among the refusing ones)."""
         limits = self.limits
-        with self._lock:
-            if connection in self.pending:
-                self.pending.remove(connection)
+        with self._deciding() as others:
+            self._forget_pending(connection)
             if connection in self.refusing:
                 return True
-            if len(self.refusing) < limits.max_refusing:
+            if len(self.refusing) + others.refusing < limits.max_refusing:
                 self.refusing.add(connection)
                 return True
             return False
 
     def remove(self, connection: Connection) -> None:
-        with self._lock:
-            if connection in self.pending:
-                self.pending.remove(connection)
+        with self._deciding():
+            self._forget_pending(connection)
             self.associated.discard(connection)
             self.refusing.discard(connection)
 
     def counts(self) -> dict[str, int]:
-        with self._lock:
-            return {"associated": len(self.associated), "pending": len(self.pending), "refusing": len(self.refusing)}
+        """What the router holds now (every worker's connections)."""
+        with self._deciding() as others:
+            return {
+                "associated": len(self.associated) + others.associated,
+                "pending": len(self.pending) + others.pending,
+                "refusing": len(self.refusing) + others.refusing,
+            }
 
     def everyone(self) -> list[Connection]:
         with self._lock:
             return [*self.pending, *self.associated, *self.refusing]
+
+
+def _peer_states(connections: list[Connection]) -> dict[Connection, int]:
+    """PEER_SILENT, PEER_SPOKE (bytes wait in the socket, unread) or PEER_CLOSED (closed without a
+    byte, like a port probe: nobody waits on it), by one poll() for all of them."""
+    states = dict.fromkeys(connections, PEER_SILENT)
+    poller = select.poll()
+    by_fd: dict[int, Connection] = {}
+    for connection in connections:
+        try:
+            fd = connection.sock.fileno()
+        except (OSError, ValueError):
+            fd = -1
+        if fd < 0:
+            states[connection] = PEER_CLOSED
+            continue
+        by_fd[fd] = connection
+        poller.register(fd, select.POLLIN)
+    if by_fd:
+        for fd, _events in poller.poll(0):
+            if fd in by_fd:
+                states[by_fd[fd]] = _readable_state(by_fd[fd].sock)
+    return states
+
+
+def _readable_state(sock: socket.socket) -> int:
+    """A readable socket: bytes to read, or the end of the stream? Peeks at the TCP bytes (under TLS
+    too), never consuming them."""
+    try:
+        return PEER_SPOKE if socket.socket.recv(sock, 1, socket.MSG_PEEK | socket.MSG_DONTWAIT) else PEER_CLOSED
+    except BlockingIOError:
+        return PEER_SILENT
+    except OSError:
+        return PEER_CLOSED  # reset
 
 
 # (connection, ssl-wrapped or plain socket, admitted as pending: True, or to be refused: False) -> None
@@ -172,12 +325,14 @@ class Listener:
         handle: ConnectionHandler,
         tls_context: Callable[[], ssl.SSLContext | None],
         on_refused: Callable[[str], None] = lambda address: None,
+        reuse_port: bool = False,
     ):
         self.table = table
         self._on_refused = on_refused
         self._handle = handle
         self._tls_context = tls_context
-        self._socket = socket.create_server((host, port), backlog=LISTEN_BACKLOG, reuse_port=False)
+        # Workers of one router each listen on the port; the kernel spreads connections among them.
+        self._socket = socket.create_server((host, port), backlog=LISTEN_BACKLOG, reuse_port=reuse_port)
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -189,6 +344,16 @@ class Listener:
     def start(self) -> None:
         self._thread = threading.Thread(target=self._accept_loop, name="dicom-accept", daemon=True)
         self._thread.start()
+        if self.table.shared:
+            threading.Thread(target=self._claims_loop, name="dicom-claims", daemon=True).start()
+
+    def _claims_loop(self) -> None:
+        """Close the silent connections other workers claimed to make room, soon after they did."""
+        while not self._stopping.wait(CLAIM_POLL_S):
+            try:
+                self.table.collect_claims()
+            except Exception:  # never let the table stop this loop
+                log.exception("claims_check_failed")
 
     def _accept_loop(self) -> None:
         backoff = ACCEPT_BACKOFF_S[0]

@@ -30,6 +30,7 @@ from dicomrouter.dul.pdu import (
     associate_rj,
     parse_associate_rq,
 )
+from dicomrouter.dul.shared_counts import SharedCounts
 from dicomrouter.logging import get_logger
 from dicomrouter.net.tls import (
     TLSSetupError,
@@ -59,13 +60,16 @@ class DicomFront:
     host: str | None = None  # override config (tests bind 127.0.0.1:0)
     port: int | None = None
     audit: AuditTrail | NoAudit = field(default_factory=NoAudit)
+    # A worker of several: the port shared with the others, and their association counts.
+    shared_counts: SharedCounts | None = None
+    reuse_port: bool = False
     _listener: Listener | None = field(default=None, init=False)
     _tls: ssl.SSLContext | None = field(default=None, init=False)
     rejections: RejectionAggregator | None = field(default=None, init=False)
     table: ConnectionTable = field(init=False)
 
     def __post_init__(self) -> None:
-        self.table = ConnectionTable(self._limits, self._known_address)
+        self.table = ConnectionTable(self._limits, self._known_address, self.shared_counts)
 
     def _limits(self) -> ConnectionLimits:
         router = self.holder.current.router
@@ -87,7 +91,8 @@ class DicomFront:
         # A flood from one address is one line and row, then a summary per interval.
         self.rejections = RejectionAggregator(self.audit, router.audit.rejection_summary_interval_s).start()
         self._listener = Listener(
-            host, port, self.table, self._serve_connection, lambda: self._tls, self._connection_refused
+            host, port, self.table, self._serve_connection, lambda: self._tls, self._connection_refused,
+            reuse_port=self.reuse_port,
         )
         self._listener.start()
         bound = self._listener.address

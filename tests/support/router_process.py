@@ -39,13 +39,20 @@ def wait_for_port(port: int, timeout: float = 20.0, host: str = "127.0.0.1") -> 
     raise TimeoutError(f"nothing listens on {host}:{port} after {timeout}s")
 
 
-class RouterProcess:
-    """`dicomrouter --config FILE serve` in the background, its log kept in a file."""
+def default_workers() -> int:
+    """Worker processes of the routers tests start: one (fast to start, today's single process) unless
+    DICOMROUTER_TEST_WORKERS says otherwise; tests about workers ask for several themselves."""
+    return int(os.environ.get("DICOMROUTER_TEST_WORKERS", "1"))
 
-    def __init__(self, config_path: Path, port: int, log_path: Path | None = None):
+
+class RouterProcess:
+    """`dicomrouter --config FILE serve` in the background (its own process group), its log kept in a file."""
+
+    def __init__(self, config_path: Path, port: int, log_path: Path | None = None, workers: int | None = None):
         self.config_path = Path(config_path)
         self.port = port
         self.log_path = log_path or self.config_path.with_suffix(".log")
+        self.workers = workers or default_workers()
         self.process: subprocess.Popen | None = None
 
     def cli(self, *args: str, timeout: float = 120, input_text: str | None = None) -> subprocess.CompletedProcess:
@@ -60,11 +67,14 @@ class RouterProcess:
 
     def start(self, timeout: float = 30.0) -> RouterProcess:
         log = open(self.log_path, "ab")
+        log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "dicomrouter", "--config", str(self.config_path), "serve", "--log-format", "json"],
+            [sys.executable, "-m", "dicomrouter", "--config", str(self.config_path), "serve", "--log-format", "json",
+             "--workers", str(self.workers)],
             stdout=log,
             stderr=subprocess.STDOUT,
             env={**os.environ, "TCP_NODELAY": "1"},
+            start_new_session=True,  # kill() ends the supervisor and its workers together
         )
         log.close()
         deadline = time.monotonic() + timeout
@@ -73,11 +83,20 @@ class RouterProcess:
                 raise RuntimeError(f"router exited with {self.process.returncode}:\n{self.log_tail()}")
             try:
                 wait_for_port(self.port, timeout=0.2)
-                return self
             except TimeoutError:
                 continue
+            # Several workers: the port answers when the first listens; wait for all of them.
+            if self.workers == 1 or '"workers_ready"' in self.log_text()[log_offset:]:
+                return self
+            time.sleep(0.05)
         self.kill()
         raise TimeoutError(f"router did not listen on {self.port}:\n{self.log_tail()}")
+
+    def worker_pids(self) -> list[int]:
+        """The worker processes of a supervisor (none for a single-process router)."""
+        assert self.process is not None
+        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
+        return [int(pid) for pid in children.read_text().split()] if children.exists() else []
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -96,9 +115,14 @@ class RouterProcess:
             return None
 
     def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(timeout=10)
+        """SIGKILL the router's whole process group (supervisor and workers)."""
+        if self.process is None:
+            return
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.process.wait(timeout=10)
 
     def reload(self) -> None:
         assert self.process is not None
