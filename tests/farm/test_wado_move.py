@@ -32,6 +32,9 @@ from tests.support.orthanc_fixtures import (
     write_instance,
     write_router_config,
 )
+from tests.support.orthanc_fixtures import (
+    SECONDARY_CAPTURE as SC,
+)
 from tests.support.router_process import RouterProcess, run_dcmtk, wait_for_port
 from tests.support.store_helpers import dataset_bytes
 from tests.support.third_party_peers import Dcmqrscp, require
@@ -107,8 +110,8 @@ def move_router(tmp_path, clean_orthanc_farm, router_port, workstation_port):
 
     def configure(document) -> None:
         change(document)
-        # The router takes no MR: an MR sub-operation fails at the PACS (mid-stream failure).
-        document["router"]["storage_classes"] = [SOP_CLASSES["CT"]]
+        # The router takes no CR: a CR sub-operation fails at the PACS (mid-stream failure).
+        document["router"]["storage_classes"] = [SOP_CLASSES["CT"], SOP_CLASSES["MR"], SC]
         moving = clean_orthanc_farm[MOVING_ORTHANC].spec.name
         next(s for s in document["servers"] if s["name"] == moving)["retrieve"] = "move"
         document["servers"].append(server_entry("DCMTK no GET", NO_GET_AE, no_get.port))
@@ -292,7 +295,7 @@ def test_a_study_cut_short_mid_stream_ends_without_its_closing_boundary(
     router, *_ = move_router
     pacs = clean_orthanc_farm[MOVING_ORTHANC]
     study = upload_study(pacs, patient_id="MOVEHALF", series=1, images=2)
-    refused = make_test_instance(study_uid=study["study"], modality="MR", rows=8, cols=8)
+    refused = make_test_instance(study_uid=study["study"], modality="CR", rows=8, cols=8)
     pacs.upload(instance_bytes(refused))
 
     with router.session().get(
@@ -323,4 +326,25 @@ def test_auto_falls_back_when_the_get_itself_is_answered_not_supported(move_rout
     refused = router.wait_for_events("retrieve_get_refused", 1)
     assert refused[0]["server"] == "GET refuser" and "0x0122" in refused[0]["reason"]
     assert (refuser.gets, refuser.moves) == (1, 1)
+    assert router.leftovers() == []
+
+
+def test_every_transfer_syntax_comes_as_the_pacs_holds_it(move_router, clean_orthanc_farm):
+    """pydicom's transfer-syntax files in the moving Orthanc: the router takes each sub-operation
+    in the syntax the PACS proposes first (the one it holds), and WADO-RS returns it unchanged."""
+    from tests.farm.test_held_syntax import FILES, elements, load_held_study
+
+    router, *_ = move_router
+    pacs = clean_orthanc_farm[MOVING_ORTHANC]
+    study = load_held_study(pacs)
+    reply = _wado(router, f"/studies/{study['study']}")
+    assert reply.status_code == 200, reply.text
+    parts = _multipart_parts(reply)
+    assert len(parts) == len(FILES)
+    for part in parts:
+        received = pydicom.dcmread(io.BytesIO(part), stop_before_pixels=True)
+        syntax = study["instances"][received.SOPInstanceUID][0]
+        assert received.file_meta.TransferSyntaxUID == syntax
+        held = pacs.download_instance(received.SOPInstanceUID)
+        assert elements(part) == elements(held), syntax
     assert router.leftovers() == []
