@@ -244,8 +244,9 @@ def build_app(
     channels = ReportChannels()
     committer = Committer(lambda: holder.current, CommitmentStore(sessions, queue.node_id), channels, audit)
     commitment = CommitmentService(holder, committer.store, channels, committer.wake)
-    # WADO-RS retrievals waiting for a PACS that only moves to call back (retrieve/pending.py).
-    pending = PendingRetrievals()
+    # WADO-RS retrievals waiting for a PACS that only moves to call back (retrieve/pending.py); with
+    # several workers, the one the PACS calls hands the instances to the one waiting (handoff.py).
+    pending = PendingRetrievals(spool.tmp / "moves" / socket.gethostname() if worker else None)
     front = DicomFront(
         holder, service_registry(holder, catalog, receive, capabilities, commitment, pending), host=host, port=port,
         audit=audit, shared_counts=worker.shared_counts if worker else None, reuse_port=worker is not None,

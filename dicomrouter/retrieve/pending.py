@@ -2,7 +2,8 @@
 as Move Destination (retrieve/move_to_self.py), and which of them an arriving instance belongs to.
 
 One registry per app (app.py), shared by the retrieval that sends the C-MOVE and the C-STORE
-service that receives its sub-operations (scp/move_delivery.py). An instance is taken only from
+service that receives its sub-operations (scp/move_delivery.py); with several worker processes,
+an instance another worker received is handed over to this one (retrieve/handoff.py). An instance is taken only from
 the server the move went to, while the move is pending, and only if it is what the move asked
 for (its study, series, instance); anything else is refused, never stored.
 """
@@ -15,12 +16,14 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from io import BytesIO
+from pathlib import Path
 
 from pydicom import Dataset
 from pydicom.filereader import read_dataset
 
 from dicomrouter.net.get_client import ReceivedInstance
 from dicomrouter.net.upper_layer import FileSlice
+from dicomrouter.retrieve.handoff import MoveExchange
 
 SUCCESS = 0x0000
 NOT_WANTED = 0x0124  # Refused: not authorized
@@ -105,10 +108,14 @@ def instance_keys(instance: ReceivedInstance) -> tuple[str, str]:
 class PendingRetrievals:
     """The C-MOVEs to the router now pending, by Message ID (unique among them). Thread-safe."""
 
-    def __init__(self) -> None:
+    def __init__(self, exchange_folder: Path | None = None) -> None:
         self._lock = threading.Lock()
         self._moves: dict[int, PendingMove] = {}
         self._last_id = 0
+        # With several workers: where they announce pending moves to each other.
+        self.exchange = (
+            MoveExchange(exchange_folder, self._deliver_handed) if exchange_folder else None
+        )
 
     def _free_message_id(self) -> int:
         for _ in range(MAX_MESSAGE_ID):
@@ -131,9 +138,12 @@ class PendingRetrievals:
                 server_name, originator_ae, self._free_message_id(), Wanted.of(identifier), hand_on
             )
             self._moves[move.message_id] = move
+        marker = self.exchange.announce(server_name, move.message_id) if self.exchange else None
         try:
             yield move
         finally:
+            if marker is not None:
+                marker.unlink(missing_ok=True)
             with self._lock:
                 self._moves.pop(move.message_id, None)
 
@@ -150,6 +160,22 @@ class PendingRetrievals:
             if m.message_id == originator_id and originator_ae in ("", m.originator_ae)
         ]
         return named or moves
+
+    def other_worker(self, server_name: str, originator_id: int | None) -> str | None:
+        """The address of another worker waiting for a move from `server_name`, or None."""
+        return self.exchange.owner(server_name, originator_id) if self.exchange else None
+
+    def hand_over(
+        self, address: str, server_name: str, originator_id: int | None, instance: ReceivedInstance
+    ) -> tuple[int, str]:
+        """Give `instance` to the worker at `address` (other_worker): the status it answers."""
+        assert self.exchange is not None
+        return self.exchange.hand_over(address, server_name, originator_id, instance)
+
+    def _deliver_handed(
+        self, server_name: str, originator_id: int | None, instance: ReceivedInstance
+    ) -> tuple[int, str]:
+        return self.deliver(instance, self.candidates(server_name, "", originator_id))
 
     def deliver(self, instance: ReceivedInstance, candidates: list[PendingMove]) -> tuple[int, str]:
         """Hand `instance` to the first candidate that asked for it: (C-STORE status, why not).

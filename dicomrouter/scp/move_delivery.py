@@ -38,6 +38,7 @@ class DeliveredInstance(IncomingInstance):
     moves it may belong to."""
 
     candidates: list[PendingMove] = field(default_factory=list)
+    other_worker: str | None = None  # none of this worker's: the one waiting for it (handoff.py)
 
 
 class MoveDeliveryService:
@@ -55,10 +56,10 @@ class MoveDeliveryService:
         checked_store_command(request)
         server = association.caller.server
         originator_ae = request.command.text(MOVE_ORIGINATOR_AE)
-        candidates = self.pending.candidates(
-            server.name, originator_ae, request.command.number(MOVE_ORIGINATOR_ID)
-        )
-        if not candidates:
+        originator_id = request.command.number(MOVE_ORIGINATOR_ID)
+        candidates = self.pending.candidates(server.name, originator_ae, originator_id)
+        other_worker = None if candidates else self.pending.other_worker(server.name, originator_id)
+        if not candidates and other_worker is None:
             raise DimseRefusal(
                 NOT_WANTED,
                 "server AE may only deliver moves the router asked for",
@@ -70,6 +71,7 @@ class MoveDeliveryService:
             spool=self.spool,  # a large one is written to the spool's tmp/ as it arrives
             may_stream=request.context.transfer_syntax != DEFLATED_EXPLICIT_VR_LE,
             candidates=candidates,
+            other_worker=other_worker,
             hashed=False,
         )
         return incoming
@@ -88,7 +90,15 @@ class MoveDeliveryService:
             instance = ReceivedInstance(
                 request.sop_class, sop_instance_uid, request.context.transfer_syntax, received
             )
-            status, comment = self.pending.deliver(instance, incoming.candidates)
+            if incoming.other_worker is not None:
+                status, comment = self.pending.hand_over(
+                    incoming.other_worker,
+                    association.caller.server.name,
+                    request.command.number(MOVE_ORIGINATOR_ID),
+                    instance,
+                )
+            else:
+                status, comment = self.pending.deliver(instance, incoming.candidates)
         if status != SUCCESS:
             association.log.warning(
                 "move_delivery_refused",

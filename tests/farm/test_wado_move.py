@@ -83,7 +83,7 @@ class MoveRouter:
 
 
 @pytest.fixture
-def move_router(tmp_path, clean_orthanc_farm, router_port, workstation_port):
+def move_router(request, tmp_path, clean_orthanc_farm, router_port, workstation_port):
     """The router in front of the farm (Test PACS 2 `retrieve: move`), dcmqrscp without C-GET
     (`retrieve: auto`), dcmqrscp knowing the router at a port nobody listens on, and a fault
     peer answering C-GET "not supported" (`retrieve: auto`)."""
@@ -120,7 +120,7 @@ def move_router(tmp_path, clean_orthanc_farm, router_port, workstation_port):
 
     edit_config(path, configure)
     upgrade_catalog(path)
-    router = RouterProcess(path, router_port)
+    router = RouterProcess(path, router_port, workers=getattr(request, "param", 1))
     try:
         no_get.start()
         lost.start()
@@ -347,4 +347,38 @@ def test_every_transfer_syntax_comes_as_the_pacs_holds_it(move_router, clean_ort
         assert received.file_meta.TransferSyntaxUID == syntax
         held = pacs.download_instance(received.SOPInstanceUID)
         assert elements(part) == elements(held), syntax
+    assert router.leftovers() == []
+
+
+@pytest.mark.parametrize("move_router", [2], indirect=True)
+def test_with_two_workers_the_one_the_pacs_calls_hands_the_instances_over(
+    move_router, clean_orthanc_farm
+):
+    """Only worker 0 serves HTTP; the PACS's callback reaches either worker (one port,
+    SO_REUSEPORT). Retrievals repeat until one callback reached worker 1 (each has an even chance:
+    20 in a row on worker 0 is one in a million) and every one must be whole."""
+    router, *_ = move_router
+    pacs = clean_orthanc_farm[MOVING_ORTHANC]
+    study = upload_study(pacs, patient_id="MOVEWORKERS", series=1, images=3)
+    # Over max_in_memory_dataset: handed over as its spill file's path, not its bytes.
+    large = make_test_instance(study_uid=study["study"], rows=1024, cols=1024)
+    pacs.upload(instance_bytes(large))
+    held = {
+        sop: dataset_bytes(pacs.download_instance(sop))
+        for sop in [*study["sops"], large.SOPInstanceUID]
+    }
+
+    def handed_over() -> bool:
+        return any(
+            line.get("worker") == 1 and line.get("calling_ae") == pacs.spec.ae_title
+            for line in router.events("stores_received")
+        )
+
+    for attempt in range(1, 21):
+        assert _parts_by_sop(_wado(router, f"/studies/{study['study']}")) == held
+        router.wait_for_events("move_to_self_done", attempt)
+        if handed_over():
+            break
+    assert handed_over(), router.router.log_tail()
+    assert not router.events("move_handoff_failed")
     assert router.leftovers() == []
