@@ -59,6 +59,18 @@ def _read_message(conn: socket.socket) -> dict:
     return json.loads(_read_exactly(conn, length))
 
 
+def _alive(marker: Path) -> bool:
+    """Whether the process that wrote `marker` still runs; a dead one's marker is removed."""
+    try:
+        os.kill(int(marker.name.rsplit(".", 1)[-1]), 0)
+    except ProcessLookupError:
+        marker.unlink(missing_ok=True)
+        return False
+    except (ValueError, PermissionError):
+        pass
+    return True
+
+
 # Takes (server name, Move Originator Message ID or None, instance): (C-STORE status, comment).
 Deliver = Callable[[str, "int | None", ReceivedInstance], tuple[int, str]]
 
@@ -144,7 +156,7 @@ class MoveExchange:
         except OSError:
             return None
         mine = str(os.getpid())
-        others = [m for m in markers if m.name.rsplit(".", 1)[-1] != mine]
+        others = [m for m in markers if m.name.rsplit(".", 1)[-1] != mine and _alive(m)]
         named = [m for m in others if m.name.split(".")[1] == str(message_id)]
         for marker in named or others:
             try:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 
 import pydicom
 from pydicom import Dataset
@@ -10,6 +12,7 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from dicomrouter.net.get_client import ReceivedInstance
 from dicomrouter.net.upper_layer import FileSlice
+from dicomrouter.retrieve.handoff import MoveExchange
 from dicomrouter.retrieve.pending import NOT_WANTED, SUCCESS, PendingRetrievals, instance_keys
 from tests.support.orthanc_fixtures import make_test_instance
 
@@ -82,3 +85,49 @@ def test_a_series_move_takes_only_its_series():
     with pending.expect("PACS", "ROUTER", ask, lambda instance: SUCCESS) as move:
         assert pending.deliver(received(other), [move])[0] == NOT_WANTED
         assert pending.deliver(received(wanted), [move])[0] == SUCCESS
+
+
+def test_another_worker_hands_an_instance_over_inline_or_as_its_file(tmp_path):
+    folder = tmp_path / "moves"
+    taken: list[tuple[str, int | None, ReceivedInstance]] = []
+
+    def deliver(server_name, move_id, instance):
+        taken.append((server_name, move_id, instance))
+        return SUCCESS, ""
+
+    owner = MoveExchange(folder, deliver)
+    marker = owner.announce("Test PACS", 7)
+    try:
+        small = received(make_test_instance())
+        sender = MoveExchange(folder, deliver)
+        assert sender.hand_over(owner.address, "Test PACS", 7, small) == (SUCCESS, "")
+        spilled = tmp_path / "large.part"
+        spilled.write_bytes(small.dataset)
+        as_file = ReceivedInstance(
+            small.sop_class_uid,
+            small.sop_instance_uid,
+            small.transfer_syntax,
+            FileSlice(spilled, 0, len(small.dataset)),
+        )
+        assert sender.hand_over(owner.address, "Test PACS", None, as_file)[0] == SUCCESS
+        assert [(name, move_id) for name, move_id, _ in taken] == [
+            ("Test PACS", 7),
+            ("Test PACS", None),
+        ]
+        assert taken[0][2].dataset == small.dataset
+        assert taken[1][2].dataset == FileSlice(spilled, 0, len(small.dataset))
+        # The owner's own marker is not "another worker"; a dead process's marker is removed.
+        assert owner.owner("Test PACS", 7) is None
+        dead = folder / f"{marker.name.rsplit('.', 1)[0]}.{_dead_pid()}"
+        dead.write_text("gone")
+        assert owner.owner("Test PACS", 7) is None and not dead.exists()
+        unreachable = sender.hand_over("\0dicomrouter-moves-nobody", "Test PACS", 7, as_file)
+        assert unreachable[0] == 0xA700 and not spilled.exists()  # discarded, not left behind
+    finally:
+        owner.close()
+
+
+def _dead_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
