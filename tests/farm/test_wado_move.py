@@ -120,7 +120,7 @@ def move_router(request, tmp_path, clean_orthanc_farm, router_port, workstation_
 
     edit_config(path, configure)
     upgrade_catalog(path)
-    router = RouterProcess(path, router_port, workers=getattr(request, "param", 1))
+    router = RouterProcess(path, router_port, workers=getattr(request, "param", None))
     try:
         no_get.start()
         lost.start()
