@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import signal
 import time
 from pathlib import Path
 
@@ -204,9 +203,8 @@ def test_sigkill_mid_stream_loses_nothing_acknowledged(
             lines.append(line)
             successes += "Received Store Response (Success)" in line
             if successes == kill_after:
-                router.process.send_signal(signal.SIGKILL)
+                router.kill()  # the whole process group: supervisor and workers, if any
                 break
-        router.process.wait(timeout=10)
         output = "".join(lines) + sender.communicate(timeout=60)[0]
         acknowledged = successful_sop_uids(output, files)
         assert successes == kill_after, output[-2000:]
