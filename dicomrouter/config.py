@@ -206,6 +206,8 @@ class RouterSettings:
     connect_timeout_s: float = 5.0
     echo_timeout_s: float = 3.0
     find_timeout_s: float = 5.0
+    # An association with a PACS stays open this long after a complete C-FIND, for the next one (0: never)
+    find_keepalive_s: float = 10.0
     max_find_results: int = 10000
     # Storage SOP classes the router accepts: "all", "standard" (those pynetdicom lists), or these UIDs
     storage_classes: str | frozenset[str] = "all"
@@ -356,6 +358,7 @@ _ROUTER_KEYS = (
     "connect_timeout",
     "echo_timeout",
     "find_timeout",
+    "find_keepalive",
     "max_find_results",
     "storage_classes",
     "forwarding",
@@ -466,10 +469,11 @@ class _Parser:
             return low
         return value
 
-    def get_seconds(self, data, name, key, default: float) -> float:
+    def get_seconds(self, data, name, key, default: float, allow_zero: bool = False) -> float:
         value = data.get(name, default)
-        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-            self.error(key, f"{value!r} is not a positive number of seconds", "use a number such as 5 or 0.5")
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0 or (value == 0 and not allow_zero):
+            expected = "a number of seconds (0 or more)" if allow_zero else "a positive number of seconds"
+            self.error(key, f"{value!r} is not {expected}", "use a number such as 5 or 0.5")
             return default
         return float(value)
 
@@ -645,6 +649,9 @@ class _Parser:
             connect_timeout_s=self.get_seconds(data, "connect_timeout", "router.connect_timeout", d.connect_timeout_s),
             echo_timeout_s=self.get_seconds(data, "echo_timeout", "router.echo_timeout", d.echo_timeout_s),
             find_timeout_s=self.get_seconds(data, "find_timeout", "router.find_timeout", d.find_timeout_s),
+            find_keepalive_s=self.get_seconds(
+                data, "find_keepalive", "router.find_keepalive", d.find_keepalive_s, allow_zero=True
+            ),
             max_find_results=self.get_int(data, "max_find_results", "router.max_find_results", d.max_find_results, 1, 10**7),
             storage_classes=self.get_storage_classes(data.get("storage_classes", d.storage_classes)),
             forwarding=forwarding,

@@ -185,7 +185,8 @@ def find_command(state: CliState, level: str, model: str | None, keys: tuple[str
         catalog = open_catalog(config, must_exist=True)
     except click.ClickException:
         catalog = None  # finding works without it; nothing is learned
-    federation = Federation(catalog, merge_window_s=None)  # no one is waiting: merge fully
+    # No one is waiting: merge fully; one query: no association to keep.
+    federation = Federation(catalog, merge_window_s=None, keep_links=False)
     retrieve_ae = None if level == "WORKLIST" else config.router.ae_title
     run = federation.start(targets.servers, config.router, query_model, identifier, level,
                            retrieve_ae, timeout_s=timeout, calling_ae="cli")

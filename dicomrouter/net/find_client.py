@@ -17,6 +17,7 @@ from pynetdicom.sop_class import (
 from dicomrouter.config import RouterSettings, ServerConfig, calling_ae_for
 from dicomrouter.dul.dimse import us
 from dicomrouter.net.encoding import RawAnswer
+from dicomrouter.net.link_pool import LinkPool
 from dicomrouter.net.peer import PeerUnavailable, peer_tls_context
 from dicomrouter.net.upper_layer import (
     EXPLICIT_VR_LE,
@@ -41,6 +42,10 @@ CANCEL_GRACE_S = 1.0
 RELEASE_WAIT_S = 1.0
 
 
+class _StaleLink(Exception):
+    """A reused association failed before its first answer: the PACS had dropped it."""
+
+
 class PeerFindError(Exception):
     """The C-FIND to one peer did not complete; `kind` is a word for tables and counters."""
 
@@ -61,6 +66,7 @@ class PeerFind:
         query_model: str,
         identifier: Dataset,
         timeout_s: float,
+        pool: LinkPool | None = None,
     ):
         self.server = server
         self.router = router
@@ -68,6 +74,16 @@ class PeerFind:
         self.identifier = identifier
         self.timeout_s = timeout_s
         self.calling_ae = calling_ae_for(server, "find", router)
+        # Associations are reused (see link_pool.py) except over TLS (a context per association).
+        self.pool = pool if server.tls is None else None
+        self._pool_key = (
+            server.host,
+            server.port,
+            server.ae_title,
+            self.calling_ae,
+            query_model,
+            router.max_pdu_size,
+        )
         self._lock = threading.Lock()
         self._cancelled = threading.Event()
         self._link: Link | None = None
@@ -75,12 +91,19 @@ class PeerFind:
         self._request_sent = False
         self._cancel_deadline = float("inf")
         self._clean = False  # the exchange ended properly: release rather than abort
+        self._complete = False  # ... with Success: the association may serve the next query
 
     @property
     def cancelled(self) -> bool:
         return self._cancelled.is_set()
 
-    def _associate(self, deadline: float) -> Link:
+    def _associate(self, deadline: float, reuse: bool) -> tuple[Link, bool]:
+        """(link, reused): an idle association from the pool when `reuse`, else a new one."""
+        link = self.pool.take(self._pool_key) if reuse and self.pool is not None else None
+        if link is not None:
+            with self._lock:
+                self._link = link
+            return link, True
         try:
             tls_context = peer_tls_context(self.server)
         except PeerUnavailable as exc:
@@ -103,7 +126,7 @@ class PeerFind:
             raise PeerFindError(exc.kind, exc.reason) from None
         with self._lock:
             self._link = link
-        return link
+        return link, False
 
     def answers(self) -> Iterator[Dataset]:
         """Yield each pending identifier; raise PeerFindError when the peer fails or is too slow.
@@ -123,7 +146,19 @@ class PeerFind:
         before paying for the release.
         """
         deadline = time.monotonic() + self.timeout_s
-        link = self._associate(deadline)
+        link, reused = self._associate(deadline, reuse=True)
+        try:
+            yield from self._exchange(link, deadline, associated, reused)
+        except _StaleLink:
+            # The PACS dropped the idle association meanwhile; nothing was answered on it yet.
+            link.abort()
+            link, _ = self._associate(deadline, reuse=False)
+            yield from self._exchange(link, deadline, None, False)
+
+    def _exchange(
+        self, link: Link, deadline: float, associated: Callable[[], None] | None, reused: bool
+    ) -> Iterator[RawAnswer]:
+        """The request and its answers on `link`; _StaleLink when a `reused` one fails before any."""
         context_id = link.context_for(self.query_model)
         if context_id is None:
             self._clean = True  # an established association: release it
@@ -150,8 +185,14 @@ class PeerFind:
             if self.cancelled:
                 self._clean = True
                 return
-            link.send_message(context_id, request, identifier)
+            try:
+                link.send_message(context_id, request, identifier)
+            except OSError:
+                if reused:
+                    raise _StaleLink() from None
+                raise
             self._request_sent = True
+        heard = False
         while True:
             if self.cancelled:
                 deadline = min(deadline, self._cancel_deadline)
@@ -166,8 +207,11 @@ class PeerFind:
             except UpperLayerError as exc:
                 if self.cancelled:
                     return
+                if reused and not heard:
+                    raise _StaleLink() from None
                 raise PeerFindError(exc.kind, exc.reason) from None
             for message in messages:
+                heard = True
                 if message.command_field != 0x8020:
                     continue
                 status = message.status
@@ -176,6 +220,7 @@ class PeerFind:
                         yield RawAnswer(message.dataset, implicit)
                     continue
                 self._clean = True  # the exchange is over, whatever its outcome
+                self._complete = status == 0x0000 and not self.cancelled
                 if status in (0x0000, CANCELLED):
                     return
                 comment = message.text(0x0902)
@@ -184,12 +229,15 @@ class PeerFind:
                 )
 
     def close(self) -> None:
-        """Release the association after a complete exchange, abort it otherwise."""
+        """Keep the association for the next query after a complete exchange (when pooled),
+        release it after any other proper ending, abort it otherwise."""
         with self._lock:
             link, self._link = self._link, None
         if link is None or link.closed:
             return
-        if self._clean:
+        if self._complete and self.pool is not None:
+            self.pool.give(self._pool_key, link, self.router.find_keepalive_s)
+        elif self._clean:
             link.release(RELEASE_WAIT_S)
         else:
             link.abort()

@@ -31,6 +31,7 @@ from dicomrouter.config import RouterSettings, ServerConfig
 from dicomrouter.logging import get_logger
 from dicomrouter.net.encoding import EXPLICIT_VR_LE, IMPLICIT_VR_LE, RawAnswer, encode_dataset
 from dicomrouter.net.find_client import PeerFind, PeerFindError
+from dicomrouter.net.link_pool import LinkPool
 from dicomrouter.query.learn import RecentlyLearned, learn_from_answers
 from dicomrouter.query.merge import (
     answer_key,
@@ -178,11 +179,19 @@ class _Entry:
 class Federation:
     """Starts federated queries; owns the background thread that teaches the catalog."""
 
-    def __init__(self, catalog=None, merge_window_s: float | None = DEFAULT_MERGE_WINDOW_S):
+    def __init__(
+        self,
+        catalog=None,
+        merge_window_s: float | None = DEFAULT_MERGE_WINDOW_S,
+        keep_links: bool = True,
+    ):
         self.catalog = catalog
         self.merge_window_s = merge_window_s
+        # Associations kept for the next query (router.find_keepalive); a one-shot command keeps none.
+        self.links = LinkPool() if keep_links else None
         self.failures: Counter[str] = Counter()  # server name -> failed queries, since start
         self._failures_lock = threading.Lock()
+        self._last_elapsed_ms: dict[str, float] = {}  # server name -> its last complete answer took
         self._learner = (
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="find-learn") if catalog else None
         )
@@ -225,6 +234,18 @@ class Federation:
         with self._failures_lock:
             self.failures[server_name] += 1
 
+    def note_elapsed(self, server_name: str, elapsed_ms: float) -> None:
+        with self._failures_lock:
+            self._last_elapsed_ms[server_name] = elapsed_ms
+
+    def slowest_first(self, server_names: Sequence[str]) -> list[int]:
+        """Indexes of `server_names`, the one that took longest last time first (unknown ones first)."""
+        with self._failures_lock:
+            last = dict(self._last_elapsed_ms)
+        return sorted(
+            range(len(server_names)), key=lambda i: -last.get(server_names[i], float("inf"))
+        )
+
     def learn(self, level: str, answers: list[tuple[str, RawAnswer]]) -> None:
         """Record where the answered studies are, off the caller's path."""
         if self._learner is not None and answers and level not in ("PATIENT", "WORKLIST"):
@@ -261,6 +282,8 @@ class Federation:
             self._quiet.notify_all()
         if self._learner is not None:
             self._learner.shutdown(wait=wait)
+        if self.links is not None:
+            self.links.release_all()
 
 
 class FederatedFind:
@@ -290,7 +313,9 @@ class FederatedFind:
         self._occurrences: list[Counter[object]] | None = (
             [Counter() for _ in servers] if distinct_within_server(level) else None
         )
-        self.peers = [PeerFind(s, router, query_model, query, timeout_s) for s in servers]
+        self.peers = [
+            PeerFind(s, router, query_model, query, timeout_s, federation.links) for s in servers
+        ]
         self.reports = [ServerReport(s.name) for s in servers]
         self.summary: FindSummary | None = None
         self._queue: queue.SimpleQueue[tuple[int, RawAnswer | None]] = queue.SimpleQueue()
@@ -301,7 +326,8 @@ class FederatedFind:
 
     def start(self) -> None:
         self._started = time.monotonic()
-        for rank in range(len(self.peers)):
+        # Starting a thread waits for it to run: the server likely to answer last gets its query first.
+        for rank in self.federation.slowest_first([peer.server.name for peer in self.peers]):
             threading.Thread(
                 target=self._run_peer,
                 args=(rank,),
@@ -539,6 +565,8 @@ class FederatedFind:
                 rank, "cancelled", ""
             )  # still running: stopped by a cancel or the cap
         for report in self.reports:
+            if report.state == "ok" and report.elapsed_ms is not None:
+                self.federation.note_elapsed(report.name, report.elapsed_ms)
             if report.failed:
                 self.federation.count_failure(report.name)
                 log.warning(

@@ -31,7 +31,7 @@ from dicomrouter.scp.status import status_dataset
 
 log = get_logger(__name__)
 
-PENDING = 0xFF00
+SUCCESS, PENDING = 0x0000, 0xFF00
 PENDING_STATUSES = (0xFF00, 0xFF01)
 OUT_OF_RESOURCES = 0xA700  # every server failed, or more matches than router.max_find_results
 IDENTIFIER_MISMATCH = 0xA900
@@ -144,7 +144,8 @@ def _answer_find(
     elif summary.outcome == "limited":
         comment = f"more than {run.max_results} matches; narrow the query"
         yield status_dataset(OUT_OF_RESOURCES, comment), None
-    # complete or partial: pynetdicom sends Success after the last answer
+    else:  # complete or partial (the audit trail and the log name the servers that failed)
+        yield SUCCESS, None
 
 
 class FindService(IdentifierService):
@@ -158,6 +159,11 @@ class FindService(IdentifierService):
 
     def audit_operation(self, request: Request) -> str:
         return "worklist" if request.context.abstract_syntax == WORKLIST_FIND else "find"
+
+    def stopped(self) -> None:
+        """The front stopped: the associations kept for the next query go now."""
+        if self.federation.links is not None:
+            self.federation.links.release_all()
 
     def answer(self, request: Request, association: Association) -> None:
         batch = ResponseBatch(association)
@@ -175,6 +181,7 @@ class FindService(IdentifierService):
                     comment = str(status.get("ErrorComment", "") or "")
                     status = int(status.Status)
                 if status not in PENDING_STATUSES:
+                    # Sent before the generator is closed: its audit row is written after the answer.
                     batch.add(association.response_pdus(request, status, comment))
                     batch.flush()
                     return

@@ -137,6 +137,7 @@ class DicomFront:
             connection.abort()
         log.info("stopped_listening", aborted_associations=len(leftover))
         self._listener = None
+        self.registry.stopped()
         if self.rejections is not None:
             self.rejections.stop()  # the last summaries, before the audit trail stops
 

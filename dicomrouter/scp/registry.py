@@ -92,6 +92,13 @@ class ServiceRegistry:
                 services[str(sop_class)] = service
         return cls(services, store, {uid: UNCOMPRESSED_SYNTAXES for uid in services})
 
+    def stopped(self) -> None:
+        """Tell the services that keep something between associations (the find's kept links)."""
+        for service in {id(s): s for s in self.services.values()}.values():
+            stopped = getattr(service, "stopped", None)
+            if stopped is not None:
+                stopped()
+
     def negotiate(
         self, request: AssociateRequest, caller: Caller, config: Config
     ) -> tuple[list[ContextResult], dict[int, Service]]:

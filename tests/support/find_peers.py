@@ -36,6 +36,7 @@ class SlowFindPeer:
     cancelled: int = 0
     queries: int = 0
     released: int = 0
+    associations: int = 0
     _server: object = field(default=None, repr=False)
 
     def _handle_find(self, event):
@@ -60,6 +61,9 @@ class SlowFindPeer:
     def _on_released(self, event) -> None:
         self.released += 1
 
+    def _on_accepted(self, event) -> None:
+        self.associations += 1
+
     def start(self) -> SlowFindPeer:
         self.port = self.port or free_ports(1)[0]
         ae = AE(ae_title=self.ae_title)
@@ -70,7 +74,11 @@ class SlowFindPeer:
             ModalityWorklistInformationFind,
         ):
             ae.add_supported_context(model)
-        handlers = [(evt.EVT_C_FIND, self._handle_find), (evt.EVT_RELEASED, self._on_released)]
+        handlers = [
+            (evt.EVT_C_FIND, self._handle_find),
+            (evt.EVT_RELEASED, self._on_released),
+            (evt.EVT_ACCEPTED, self._on_accepted),
+        ]
         self._server = ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=handlers)
         return self
 
@@ -78,6 +86,13 @@ class SlowFindPeer:
         if self._server is not None:
             self._server.shutdown()
             self._server = None
+
+    def abort_associations(self) -> int:
+        """A-ABORT every association open now (a PACS dropping idle ones); how many there were."""
+        associations = list(self._server.active_associations) if self._server is not None else []
+        for association in associations:
+            association.abort()
+        return len(associations)
 
 
 class SilentPeer:
