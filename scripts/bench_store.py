@@ -5,6 +5,11 @@ Starts its own Orthanc servers and router on free ports, in one run, on this mac
 instances/s, MB/s, the router/direct ratio and the router's peak RSS.
 
     .venv/bin/python scripts/bench_store.py --count 500 --size large
+
+With --catalog-instances N it compares the router storing into an empty catalog with the same
+router storing into a catalog pre-filled with N instances (scripts/catalog_fill.py), rounds
+alternating, and times "where is study X" in the filled one; --catalog postgresql does it on a
+fresh database of the PostgreSQL at BENCH_POSTGRES (dropped at the end).
 """
 
 from __future__ import annotations
@@ -89,14 +94,15 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def write_config(folder: Path, router_port: int, orthanc, http_port: int | None = None) -> Path:
+def write_config(folder: Path, router_port: int, orthanc, http_port: int | None = None,
+                 catalog_url: str = "sqlite:///var/catalog.db") -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     http = f"\n  http: {{host: 127.0.0.1, port: {http_port}}}" if http_port else ""
     text = f"""router:
   ae_title: DICOMROUTER
   host: 127.0.0.1
   port: {router_port}
-  catalog: sqlite:///var/catalog.db
+  catalog: {catalog_url}
   spool: var/spool
   max_pdu_size: {os.environ.get("BENCH_MAX_PDU", 262144)}
   forwarding:
@@ -129,10 +135,11 @@ def scrape_every_second(url: str, stop: threading.Event, counter: list[int]) -> 
 
 
 def routed_run(folder: Path, files: list[str], target, router_port: int, http_port: int | None = None,
-               profile: str | None = None) -> tuple[float, float, float, float, int]:
+               profile: str | None = None, catalog_url: str = "sqlite:///var/catalog.db",
+               already_held: int = 0) -> tuple[float, float, float, float, int]:
     """storescu -> a fresh router -> `target`: (seconds to all stored, seconds to all acknowledged, router CPU s,
-    peak RSS MB, scrapes made)."""
-    router = RouterProcess(write_config(folder, router_port, target, http_port), router_port)
+    peak RSS MB, scrapes made). `already_held`: instances `target` held before."""
+    router = RouterProcess(write_config(folder, router_port, target, http_port, catalog_url), router_port)
     router.start()
     profiler = None
     if profile:
@@ -153,7 +160,7 @@ def routed_run(folder: Path, files: list[str], target, router_port: int, http_po
         started = time.monotonic()
         run_storescu(router_port, "DICOMROUTER", files)
         acknowledged_s = time.monotonic() - started
-        routed_s = wait_count(target, len(files)) - started
+        routed_s = wait_count(target, already_held + len(files)) - started
         rss = peak_rss_mb(router.process.pid)
         router_cpu_s = cpu_seconds(router.process.pid) - cpu_before
     finally:
@@ -176,8 +183,18 @@ def main() -> None:
         "--scrape", action="store_true",
         help="also run a router with its HTTP port scraped at /metrics every second, and compare",
     )
+    parser.add_argument("--catalog-instances", type=int, default=0, metavar="N",
+                        help="compare an empty catalog with one pre-filled with N instances")
+    parser.add_argument("--catalog", choices=("sqlite", "postgresql"), default="sqlite",
+                        help="the catalog database for --catalog-instances")
+    parser.add_argument("--rounds", type=int, default=3, help="empty/filled pairs for --catalog-instances")
     args = parser.parse_args()
     os.environ["TCP_NODELAY"] = "1"
+    if args.catalog_instances:
+        from bench_catalog import compare_catalogs
+
+        compare_catalogs(args)
+        return
     with tempfile.TemporaryDirectory(prefix="bench-store-") as tmp:
         folder = Path(tmp)
         (folder / "in").mkdir()
