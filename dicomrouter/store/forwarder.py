@@ -555,8 +555,7 @@ class Forwarder:
         """True once no job is pending or claimed (dead letters do not count); for tests and import."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            counts = self.queue.counts()
-            if not counts.get("pending") and not counts.get("claimed"):
+            if not self.queue.destinations_with_work():  # open jobs only: never counts the finished ones
                 return True
             time.sleep(0.05)
         return False

@@ -105,6 +105,7 @@ def statements_of(engine: sa.Engine) -> list[tuple[str, object]]:
             [audit_values("store", "success", calling_ae="MOD", study_uid="1.2.3")]
         )
         queue.open_count("pacs1")
+        queue.destinations_with_work()  # what Forwarder.wait_until_idle polls
         QueueGaugeReader(sessions).read()
         catalog.where_study("1.2.3")
         catalog.instances_per_server("1.2.3")
