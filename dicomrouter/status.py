@@ -151,11 +151,13 @@ class StudyWhereabouts:
 
 def study_whereabouts(catalog: Catalog, study_uid: str) -> StudyWhereabouts:
     """Blocking: the catalog's locations of the study and its deliveries not yet done."""
-    from dicomrouter.store.queue_report import study_backlogs
+    from dicomrouter.catalog.queries import instance_counts, study_location_rows
+    from dicomrouter.store.queue_report import study_backlogs_in
 
-    rows = catalog.where_study(study_uid)
-    instances = catalog.instances_per_server(study_uid)
-    unfinished = [
-        b for b in study_backlogs(catalog.sessions, study_uid=study_uid) if b.waiting or b.dead
-    ]
-    return StudyWhereabouts(study_uid, rows, instances, unfinished)
+    def work(session) -> StudyWhereabouts:  # one transaction: one snapshot, one connection checkout
+        rows = study_location_rows(session, study_uid)
+        instances = instance_counts(session, study_uid)
+        unfinished = [b for b in study_backlogs_in(session, study_uid=study_uid) if b.waiting or b.dead]
+        return StudyWhereabouts(study_uid, rows, instances, unfinished)
+
+    return catalog.read(work)

@@ -83,40 +83,11 @@ class Catalog:
 
     def where_study(self, study_uid: str) -> list[StudyLocationRow]:
         """The servers known to hold the study, first learned first (deleted ones included)."""
-
-        def work(session: Session) -> list[StudyLocationRow]:
-            query = (
-                select(
-                    Server.name,
-                    StudyLocation.learned_by,
-                    StudyLocation.first_seen,
-                    StudyLocation.last_seen,
-                )
-                .join(StudyLocation.server)
-                .join(StudyLocation.study)
-                .where(Study.study_uid == study_uid)
-                .order_by(StudyLocation.first_seen, Server.name)
-            )
-            return [StudyLocationRow(*row) for row in session.execute(query)]
-
-        return self._read(work)
+        return self._read(lambda session: study_location_rows(session, study_uid))
 
     def instances_per_server(self, study_uid: str) -> dict[str, int]:
         """How many instances of the study each server acknowledged (servers that hold none left out)."""
-
-        def work(session: Session) -> dict[str, int]:
-            query = (
-                select(Server.name, func.count(InstanceLocation.id))
-                .join(InstanceLocation.server)
-                .join(InstanceLocation.instance)
-                .join(Instance.series)
-                .join(Series.study)
-                .where(Study.study_uid == study_uid)
-                .group_by(Server.name)
-            )
-            return {name: count for name, count in session.execute(query)}
-
-        return self._read(work)
+        return self._read(lambda session: instance_counts(session, study_uid))
 
     def record_study_seen(
         self,
@@ -273,6 +244,10 @@ class Catalog:
                 time.sleep(min(0.05 * 2**attempt, 1.0) * random.uniform(0.5, 1.5))
         raise AssertionError("unreachable")
 
+    def read(self, work: Callable[[Session], T]) -> T:
+        """Run read-only `work` in one transaction: several queries, one snapshot, one round of connecting."""
+        return self._read(work)
+
     def _read(self, work: Callable[[Session], T]) -> T:
         """Run read-only `work`; on SQLite it does not take the write lock."""
         with self.sessions() as session:
@@ -281,6 +256,32 @@ class Catalog:
 
 
 # --------------------------------------------------------------------- helpers
+
+
+def study_location_rows(session: Session, study_uid: str) -> list[StudyLocationRow]:
+    """Catalog.where_study inside the caller's transaction."""
+    query = (
+        select(Server.name, StudyLocation.learned_by, StudyLocation.first_seen, StudyLocation.last_seen)
+        .join(StudyLocation.server)
+        .join(StudyLocation.study)
+        .where(Study.study_uid == study_uid)
+        .order_by(StudyLocation.first_seen, Server.name)
+    )
+    return [StudyLocationRow(*row) for row in session.execute(query)]
+
+
+def instance_counts(session: Session, study_uid: str) -> dict[str, int]:
+    """Catalog.instances_per_server inside the caller's transaction."""
+    query = (
+        select(Server.name, func.count(InstanceLocation.id))
+        .join(InstanceLocation.server)
+        .join(InstanceLocation.instance)
+        .join(Instance.series)
+        .join(Series.study)
+        .where(Study.study_uid == study_uid)
+        .group_by(Server.name)
+    )
+    return {name: count for name, count in session.execute(query)}
 
 
 def audit_values(

@@ -133,6 +133,12 @@ def study_backlogs(
     sessions: sessionmaker[Session], study_uid: str | None = None, limit: int = 200
 ) -> list[StudyBacklog]:
     """Per (destination, study): jobs waiting or dead, oldest first; with `study_uid`, that study's jobs in every state."""
+    with _read(sessions) as session:
+        return study_backlogs_in(session, study_uid, limit)
+
+
+def study_backlogs_in(session: Session, study_uid: str | None = None, limit: int = 200) -> list[StudyBacklog]:
+    """study_backlogs inside the caller's transaction."""
     states = (PENDING, CLAIMED, DEAD) + ((DONE,) if study_uid else ())
     query = (
         select(
@@ -148,8 +154,7 @@ def study_backlogs(
     )
     if study_uid:
         query = query.where(ForwardJob.study_uid == study_uid)
-    with _read(sessions) as session:
-        rows = session.execute(query).all()
+    rows = session.execute(query).all()
     backlogs: dict[tuple[str, str | None], StudyBacklog] = {}
     for destination, study, state, count, oldest, last_error in rows:
         backlog = backlogs.setdefault((destination, study), StudyBacklog(destination, study))
