@@ -403,10 +403,11 @@ def fill_catalog(
                 connection.exec_driver_sql("VACUUM (ANALYZE)")
                 connection.exec_driver_sql("CHECKPOINT")
         else:  # no ANALYZE: a router never runs one, its queries must be good without statistics
-            with (
-                engine.connect() as connection
-            ):  # a running router's WAL is small: fold the fill's in
-                connection.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+            connection = engine.raw_connection()  # outside a transaction, as a checkpoint must be
+            try:  # a running router's WAL is small: fold the fill's in
+                connection.driver_connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            finally:
+                connection.close()
     finally:
         engine.dispose()
     return written
