@@ -18,14 +18,18 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import bench_store
-from catalog_fill import fill_catalog
+from catalog_fill import fill_catalog, random_uid
 from sqlalchemy import create_engine, text
 
 from dicomrouter.catalog.db import make_engine, session_factory
-from dicomrouter.catalog.queries import Catalog
+from dicomrouter.catalog.queries import Catalog, StoredInstance, audit_values
 from dicomrouter.catalog.schema import upgrade
+from dicomrouter.catalog.upserts import record_stored
+from dicomrouter.config import ForwardingConfig, parse_config
 from dicomrouter.pacsfarm import OrthancFarm, free_ports
 from dicomrouter.status import study_whereabouts
+from dicomrouter.store.queue import ForwardQueue, NewJob
+from dicomrouter.store.receive import delivered_copies
 
 PRIMARY = "Bench PACS"  # the server name bench_store.write_config gives the destination
 POSTGRES_ADMIN = os.environ.get(
@@ -86,6 +90,105 @@ def time_where(url: str, samples: int = 300) -> dict[str, float]:
     }
 
 
+def _cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def catalog_path_cpu_ms(url: str, count: int = 2000, batch: int = 16) -> float:
+    """CPU ms per instance (this process and its PostgreSQL backend) of the catalog's part of stores.
+
+    What the router does in the catalog for each instance, without the network, Orthanc or the
+    spool: the receive transaction (copies delivered, open jobs, the job), claims of `batch` jobs,
+    the acknowledgement (hierarchy, locations, job done, spool path check) and an audit row.
+    CPU time, not wall time, so that other work on the machine matters less.
+    """
+    postgres = "postgresql" in url
+    engine = make_engine(url, pool_size=1, max_overflow=0) if postgres else make_engine(url)
+    rng = random.Random(count)
+    try:
+        sessions = session_factory(engine)
+        catalog = Catalog(sessions)
+        document = {
+            "router": {"ae_title": "DICOMROUTER", "port": 11112, "catalog": url, "spool": "spool"},
+            "servers": [
+                {
+                    "name": PRIMARY,
+                    "ae_title": "BENCH",
+                    "host": "127.0.0.1",
+                    "port": 4242,
+                    "environment": "test",
+                    "primary": True,
+                }
+            ],
+        }
+        catalog.sync_servers(parse_config(document, Path("bench.yaml")))
+        queue = ForwardQueue(sessions, "bench", ForwardingConfig())
+        with engine.connect() as connection:
+            backend = connection.scalar(text("SELECT pg_backend_pid()")) if postgres else None
+        before = time.process_time() + (_cpu_s(backend) if backend else 0.0)
+        study = series = ""
+        for start in range(0, count, batch):
+            items = []
+            for index in range(start, min(start + batch, count)):
+                study = random_uid(rng) if index % 100 == 0 else study
+                series = random_uid(rng) if index % 25 == 0 else series
+                sop_uid, sha256 = random_uid(rng), f"{rng.getrandbits(256):064x}"
+                header = {
+                    "SOPClassUID": "1.2.840.10008.5.1.4.1.1.2",
+                    "TransferSyntaxUID": "1.2.840.10008.1.2.1",
+                    "StudyInstanceUID": study,
+                    "SOPInstanceUID": sop_uid,
+                }
+                job = NewJob(
+                    sop_uid,
+                    f"/spool/{sop_uid}.dcm",
+                    sha256,
+                    526_000,
+                    PRIMARY,
+                    "MODALITY",
+                    "DICOMROUTER",
+                    header,
+                )
+                with engine.begin() as connection:
+                    delivered_copies(connection, sop_uid)
+                    queue.destinations_with_open_jobs(connection, sha256, [PRIMARY])
+                    queue.enqueue(connection, [job])
+                attrs = {
+                    **header,
+                    "SeriesInstanceUID": series,
+                    "PatientID": "BENCH",
+                    "Modality": "CT",
+                }
+                items.append(
+                    StoredInstance(
+                        attrs, header["SOPClassUID"], header["TransferSyntaxUID"], 526_000, sha256
+                    )
+                )
+            items.sort(
+                key=lambda i: (
+                    i.attrs["StudyInstanceUID"],
+                    i.attrs["SeriesInstanceUID"],
+                    i.attrs["SOPInstanceUID"],
+                )
+            )
+            jobs = queue.claim(PRIMARY, batch)
+
+            def acknowledge(session, jobs=jobs, items=items) -> list[str]:
+                record_stored(session, PRIMARY, items)
+                queue.complete(session, [job.id for job in jobs])
+                return queue.unreferenced_paths(session, [job.spool_path for job in jobs])
+
+            catalog.write(acknowledge)
+            catalog.add_audit_rows(
+                [audit_values("store", "success", calling_ae="MODALITY", study_uid=study)]
+            )
+        after = time.process_time() + (_cpu_s(backend) if backend else 0.0)
+    finally:
+        engine.dispose()
+    return (after - before) / count * 1000
+
+
 def compare_catalogs(args) -> None:
     """Run the comparison bench_store.py's arguments ask for, and print it."""
     size = bench_store.SIZES[args.size]
@@ -110,6 +213,14 @@ def compare_catalogs(args) -> None:
         print(f"  filled in {fill_s:.0f} s ({os.getloadavg()[0]:.1f} load)", flush=True)
         upgrade(empty_url)
         where_before = time_where(filled_url)
+        path_cpu: dict[str, list[float]] = {"empty": [], "filled": []}
+        for kind in ("empty", "filled", "filled", "empty", "empty", "filled"):
+            path_cpu[kind].append(catalog_path_cpu_ms(empty_url if kind == "empty" else filled_url))
+            print(
+                f"catalog path, {kind:6s}: {path_cpu[kind][-1]:.3f} ms CPU per instance"
+                f" (load {os.getloadavg()[0]:.1f})",
+                flush=True,
+            )
         runs = args.rounds * 2
         batches = [
             bench_store.make_instances(_mkdir(folder / f"in{i}"), args.count, size)
@@ -173,6 +284,11 @@ def compare_catalogs(args) -> None:
     print(
         f"ratio filled/empty throughput             : {empty_s / filled_s:.3f}x"
         f"  (per round: {', '.join(f'{p:.3f}' for p in pairs)})"
+    )
+    empty_cpu, filled_cpu = min(path_cpu["empty"]), min(path_cpu["filled"])
+    print(
+        f"catalog path CPU per instance (best of 3): empty {empty_cpu:.3f} ms, filled {filled_cpu:.3f} ms,"
+        f" ratio empty/filled {empty_cpu / filled_cpu:.3f}x"
     )
     for label, where in (("before the runs", where_before), ("after the runs", where_after)):
         print(
