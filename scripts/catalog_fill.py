@@ -4,7 +4,8 @@
 The shape: `instances` instances in studies of ~100 (4 series of ~25), patients with two
 studies each, every instance on the primary server and half of them on a second one, one
 delivered (done) forward job per instance, one audit row per store association (a series) and
-some C-FINDs. UIDs are random, like real ones, so the unique indexes grow as they would.
+some C-FINDs. UIDs are random, like real ones, so the unique indexes grow as they would; rows
+of one study are neighbours, as they are when a modality sends a study at once.
 Rows go in through the DBAPI: executemany on SQLite, COPY on PostgreSQL (minutes -> seconds).
 
     .venv/bin/python scripts/catalog_fill.py sqlite:///var/catalog.db 1000000 "Bench PACS"
@@ -208,9 +209,9 @@ def fill_catalog(
                 (
                     first["series"] + i,
                     random_uid(rng),
-                    first["studies"] + i % study_count,
+                    first["studies"] + min(i // SERIES_PER_STUDY, study_count - 1),
                     "CT",
-                    i // study_count + 1,
+                    i % SERIES_PER_STUDY + 1,
                 )
                 for i in range(series_count)
             ),
@@ -233,7 +234,7 @@ def fill_catalog(
                 (
                     first["instances"] + i,
                     random_uid(rng),
-                    first["series"] + i % series_count,
+                    first["series"] + min(i // INSTANCES_PER_SERIES, series_count - 1),
                     CT_IMAGE,
                     EXPLICIT_LE,
                     526_000,
@@ -283,12 +284,13 @@ def fill_catalog(
             # Spread over the last 6 days: within the default keep_done (7 d), as a busy site holds them.
             span_s = 6 * 86400
             for i in range(instances):
-                series = i % series_count
+                series = min(i // INSTANCES_PER_SERIES, series_count - 1)
                 at = now - timedelta(seconds=span_s - span_s * i // instances)
+                study_uid = study_uids[min(series // SERIES_PER_STUDY, study_count - 1)]
                 header = {
                     "SOPClassUID": CT_IMAGE,
                     "TransferSyntaxUID": EXPLICIT_LE,
-                    "StudyInstanceUID": study_uids[series % study_count],
+                    "StudyInstanceUID": study_uid,
                     "Modality": "CT",
                 }
                 yield (
@@ -310,6 +312,7 @@ def fill_catalog(
                     "MODALITY",
                     "DICOMROUTER",
                     header,
+                    study_uid,
                 )
 
         timed(
@@ -333,6 +336,7 @@ def fill_catalog(
                 "calling_ae",
                 "called_ae",
                 "header",
+                "study_uid",
             ),
             done_jobs(),
         )
@@ -352,7 +356,7 @@ def fill_catalog(
                         "bench",
                         "store",
                         primary,
-                        study_uids[i % study_count],
+                        study_uids[min(i // SERIES_PER_STUDY, study_count - 1)],
                         "success",
                         None,
                         {"success": INSTANCES_PER_SERIES},
