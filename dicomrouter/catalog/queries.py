@@ -8,11 +8,11 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, NamedTuple, TypeVar
 
-from sqlalchemy import delete, exists, func, insert, select
+from sqlalchemy import Connection, delete, exists, func, insert, select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicomrouter.catalog.db import SQLITE_BEGIN
+from dicomrouter.catalog.db import SQLITE_BEGIN, engine_of
 from dicomrouter.catalog.models import (
     LEARNED_BY,
     AuditEvent,
@@ -232,10 +232,18 @@ class Catalog:
         """Run `work` in one write transaction (retried on deadlock); for services joining writes."""
         return self._write(work)
 
-    def _write(self, work: Callable[[Session], T]) -> T:
+    def write_core(self, work: Callable[[Connection], T]) -> T:
+        """`write` on a Core connection instead of an ORM session, for work that runs statements only
+        (the ack writer's batches: a session's bookkeeping cost as much as some of its statements)."""
+        return self._write(work, core=True)
+
+    def _write(self, work: Callable[[Any], T], core: bool = False) -> T:
         """Run `work` in a transaction, retrying deadlocks and lock timeouts."""
         for attempt in range(1, self.attempts + 1):
             try:
+                if core:
+                    with engine_of(self.sessions).begin() as connection:
+                        return work(connection)
                 with self.sessions.begin() as session:
                     return work(session)
             except OperationalError as exc:

@@ -9,7 +9,7 @@ from functools import cache
 from itertools import groupby
 from typing import Any
 
-from sqlalchemy import ColumnElement, bindparam, case, func, select, update
+from sqlalchemy import ColumnElement, Connection, bindparam, case, func, select, update
 from sqlalchemy.dialects.postgresql import Insert as PgInsert
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import Insert as SqliteInsert
@@ -82,7 +82,9 @@ def server_id_of(session: Session, name: str) -> int:
 _SERVER_ID = select(Server.__table__.c.id).where(Server.__table__.c.name == bindparam("name"))
 
 
-def _dialect_name(session: Session) -> str:
+def _dialect_name(session: Session | Connection) -> str:
+    if isinstance(session, Connection):
+        return session.dialect.name
     return session.get_bind().dialect.name
 
 
@@ -193,7 +195,7 @@ def _study_location_upsert(dialect: str):
     )
 
 
-def record_stored(session: Session, server_name: str, items: list[StoredInstance]) -> None:
+def record_stored(session: Session | Connection, server_name: str, items: list[StoredInstance]) -> None:
     """Upsert the hierarchy and locations for instances `server_name` acknowledged.
 
     `items` must be sorted by study, series and SOP instance UID: every writer then takes

@@ -32,7 +32,7 @@ class AckRecorder:
             self.queue.complete(session, [job.id for job in jobs])
             return self.queue.unreferenced_paths(session, [job.spool_path for job in jobs])
 
-        return self.catalog.write(work)
+        return self.catalog.write_core(work)
 
     def complete_only(self, jobs: list[ClaimedJob]) -> list[str]:
         """Complete delivered jobs without touching the catalog's hierarchy (it refused them)."""
