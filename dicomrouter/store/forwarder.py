@@ -138,7 +138,7 @@ class AckWriter:
         self._count_deliveries(server, jobs if removable is not None else [])
         for path in removable or []:
             try:
-                self.spool.remove(Path(path))
+                self.spool.remove(path)
             except OSError as exc:
                 log.error("spool_remove_failed", path=str(path), reason=str(exc))
         log.debug("delivered", destination=server.name, instances=len(jobs))

@@ -133,9 +133,9 @@ class Spool:
             _fsync_dir(self.objects)
             self._known_dirs.add(folder)
 
-    def remove(self, path: Path) -> None:
+    def remove(self, path: str | Path) -> None:
         """Delete a spool file once every destination acknowledged it."""
-        _unlink_quietly(Path(path))
+        _unlink_quietly(path)
 
     def clean_partial_writes(self, older_than_s: float = 600.0) -> int:
         """Remove half-written files left by a crash; they were never acknowledged.
@@ -205,8 +205,8 @@ def _spool_error(root: Path, exc: OSError) -> SpoolError:
     return SpoolError(f"cannot write to spool {root}: {exc}")
 
 
-def _unlink_quietly(path: Path) -> None:
+def _unlink_quietly(path: str | Path) -> None:
     try:
-        path.unlink()
+        os.unlink(path)  # not Path(...).unlink(): the ack writer removes one per delivered instance
     except FileNotFoundError:
         pass
