@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
 import sqlite3
 import threading
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +32,14 @@ def make_engine(url: str | URL, **kwargs: Any) -> Engine:
     if url.get_backend_name() != "sqlite":
         kwargs.setdefault("pool_pre_ping", True)
         return create_engine(url, **kwargs)
-    _prepare_sqlite_file(url)
+    database = _prepare_sqlite_file(url)
     engine = create_engine(url, **kwargs)
     # SQLite has one writer at a time and its busy handler backs off in sleeps of up to 100 ms;
-    # writers of this process queue on a lock instead, so they take turns without sleeping.
-    write_lock = threading.Lock()
+    # writers of this process queue on a lock instead, so they take turns without sleeping, and so
+    # do the worker processes of one router (a record lock on a file beside the database).
+    write_lock = WriteLock(database)
+    if write_lock.fd is not None:
+        weakref.finalize(engine, os.close, write_lock.fd)
     event.listen(engine, "connect", _on_sqlite_connect)
     event.listen(engine, "begin", lambda connection: _on_sqlite_begin(connection, write_lock))
     event.listen(engine, "commit", lambda connection: _release_write_lock(connection, write_lock))
@@ -56,16 +62,49 @@ def is_sqlite(bind: Engine | Connection) -> bool:
     return bind.dialect.name == "sqlite"
 
 
-def _prepare_sqlite_file(url: URL) -> None:
+def _prepare_sqlite_file(url: URL) -> Path | None:
     """The database file owner-only before SQLite creates it; SQLite gives its WAL the same mode."""
     database = url.database
     if not database or database == ":memory:" or database.startswith("file:"):
-        return
+        return None
     path = Path(database).expanduser().absolute()
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     create_private_file(path)
     for companion in ("-wal", "-shm"):
         owner_only(path.with_name(path.name + companion))
+    return path
+
+
+class WriteLock:
+    """One writer at a time: threads of this process on a lock, processes (a router's workers, the
+    CLI) on a POSIX record lock on `<database>-writers`, which blocks in the kernel and wakes at once
+    instead of sleeping like SQLite's busy handler. Record locks belong to the process, so two engines
+    of one process never wait on each other here (SQLite's busy timeout still orders them), and the
+    kernel drops the lock of a process that dies. Only an optimisation: SQLite's own lock stays the
+    guarantee, so a lost record lock (another descriptor of the file closed) costs waits, not data."""
+
+    def __init__(self, database: Path | None):
+        self._threads = threading.Lock()
+        self.fd: int | None = None
+        if database is not None:
+            path = database.with_name(database.name + "-writers")
+            self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+    def acquire(self) -> None:
+        self._threads.acquire()
+        if self.fd is not None:
+            try:
+                fcntl.lockf(self.fd, fcntl.LOCK_EX)
+            except OSError:  # EDEADLK, EINTR...: SQLite's busy timeout takes over
+                pass
+
+    def release(self) -> None:
+        if self.fd is not None:
+            try:
+                fcntl.lockf(self.fd, fcntl.LOCK_UN)
+            except OSError:
+                pass
+        self._threads.release()
 
 
 def _on_sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -97,7 +136,7 @@ def _enable_wal(cursor: Any) -> None:
             time.sleep(0.02)
 
 
-def _on_sqlite_begin(connection: Connection, write_lock: threading.Lock) -> None:
+def _on_sqlite_begin(connection: Connection, write_lock: WriteLock) -> None:
     mode = str(connection.get_execution_options().get(SQLITE_BEGIN, "IMMEDIATE")).upper()
     if mode not in _BEGIN_MODES:
         raise ValueError(f"{SQLITE_BEGIN}={mode!r}; use one of {', '.join(_BEGIN_MODES)}")
@@ -111,6 +150,6 @@ def _on_sqlite_begin(connection: Connection, write_lock: threading.Lock) -> None
         raise
 
 
-def _release_write_lock(connection: Connection, write_lock: threading.Lock) -> None:
+def _release_write_lock(connection: Connection, write_lock: WriteLock) -> None:
     if connection.info.pop("holds_write_lock", False):
         write_lock.release()
