@@ -2,9 +2,11 @@
 """Store throughput: DCMTK storescu -> Orthanc directly, against storescu -> router -> Orthanc.
 
 Starts its own Orthanc servers and router on free ports, in one run, on this machine, and prints
-instances/s, MB/s, the router/direct ratio and the router's peak RSS.
+instances/s, MB/s, the router/direct ratio, and the router's CPU per instance and peak RSS, both
+over all its processes (the supervisor and every worker).
 
     .venv/bin/python scripts/bench_store.py --count 500 --size large
+    .venv/bin/python scripts/bench_store.py --senders 4 --count 300   # four modalities at once, 75 each
 
 With --catalog-instances N it compares the router storing into an empty catalog with the same
 router storing into a catalog pre-filled with N instances (scripts/catalog_fill.py), rounds
@@ -15,6 +17,7 @@ fresh database of the PostgreSQL at BENCH_POSTGRES (dropped at the end).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -22,6 +25,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -73,6 +77,12 @@ def run_storescu(port: int, called_ae: str, files: list[str]) -> None:
         raise SystemExit(f"storescu failed: {result.stderr[-2000:]}")
 
 
+def run_senders(port: int, called_ae: str, batches: list[list[str]]) -> None:
+    """One storescu per batch, all at once (modalities sending together); returns when all are done."""
+    with ThreadPoolExecutor(len(batches)) as pool:
+        list(pool.map(lambda files: run_storescu(port, called_ae, files), batches))
+
+
 def wait_count(server, count: int, timeout: float = 600) -> float:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -83,15 +93,87 @@ def wait_count(server, count: int, timeout: float = 600) -> float:
 
 
 def peak_rss_mb(pid: int) -> float:
+    """One process's peak RSS (VmHWM)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return float("nan")
 
 
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants (a supervisor and its workers), from /proc."""
+    pids, index = [pid], 0
+    while index < len(pids):
+        try:
+            for task in Path(f"/proc/{pids[index]}/task").iterdir():
+                pids += [int(child) for child in (task / "children").read_text().split()]
+        except OSError:
+            pass
+        index += 1
+    return pids
+
+
 def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    """User and system CPU of one process so far (0 once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_kib(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+class RouterUsage:
+    """CPU and resident memory of every process of the router (supervisor and workers) together,
+    sampled every SAMPLE_S: the peak of the summed RSS (shared pages count once per process, as `ps`
+    shows them), and the CPU each process used since `start` (a worker that ended counts until its
+    last sample)."""
+
+    SAMPLE_S = 0.1
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.peak_rss_kib = 0
+        self.processes = 0
+        self._cpu_start: dict[int, float] = {}
+        self._cpu_last: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample_until_stopped, daemon=True)
+
+    def start(self) -> RouterUsage:
+        for pid in process_tree(self.pid):
+            self._cpu_start[pid] = self._cpu_last[pid] = cpu_seconds(pid)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        pids = process_tree(self.pid)
+        self.processes = max(self.processes, len(pids))
+        self.peak_rss_kib = max(self.peak_rss_kib, sum(rss_kib(pid) for pid in pids))
+        for pid in pids:
+            self._cpu_start.setdefault(pid, 0.0)  # started during the run: all its CPU counts
+            self._cpu_last[pid] = max(self._cpu_last.get(pid, 0.0), cpu_seconds(pid))
+
+    def _sample_until_stopped(self) -> None:
+        while not self._stop.wait(self.SAMPLE_S):
+            self._sample()
+
+    def stop(self) -> tuple[float, float]:
+        """(CPU seconds, peak RSS MB) of all the router's processes during the run."""
+        self._sample()
+        self._stop.set()
+        self._thread.join(timeout=5)
+        cpu = sum(self._cpu_last[pid] - self._cpu_start[pid] for pid in self._cpu_last)
+        return cpu, self.peak_rss_kib / 1024
 
 
 def write_config(folder: Path, router_port: int, orthanc, http_port: int | None = None,
@@ -134,17 +216,38 @@ def scrape_every_second(url: str, stop: threading.Event, counter: list[int]) -> 
         counter[0] += 1
 
 
+def associations_per_worker(log_text: str) -> dict[str, int]:
+    """How the kernel spread the associations over the workers (SO_REUSEPORT hashes each connection)."""
+    spread: dict[str, int] = {}
+    for line in log_text.splitlines():
+        if line.startswith("{") and '"association_accepted"' in line:
+            worker = str(json.loads(line).get("worker", "-"))
+            spread[worker] = spread.get(worker, 0) + 1
+    return dict(sorted(spread.items()))
+
+
+def split(files: list[str], senders: int) -> list[list[str]]:
+    """`files` in `senders` batches of (nearly) equal size, in order (one study each from make_batches)."""
+    sizes = [len(files) // senders + (index < len(files) % senders) for index in range(senders)]
+    starts = [sum(sizes[:index]) for index in range(senders)]
+    return [files[start:start + size] for start, size in zip(starts, sizes, strict=True)]
+
+
 def routed_run(folder: Path, files: list[str], target, router_port: int, http_port: int | None = None,
                profile: str | None = None, catalog_url: str = "sqlite:///var/catalog.db",
-               already_held: int = 0) -> tuple[float, float, float, float, int]:
-    """storescu -> a fresh router -> `target`: (seconds to all stored, seconds to all acknowledged, router CPU s,
-    peak RSS MB, scrapes made). `already_held`: instances `target` held before."""
-    router = RouterProcess(write_config(folder, router_port, target, http_port, catalog_url), router_port)
+               already_held: int = 0, senders: int = 1, workers: int | None = None,
+               details: dict | None = None) -> tuple[float, float, float, float, int]:
+    """storescu (`senders` at once, `files` split among them) -> a fresh router of `workers` processes
+    -> `target`: (seconds to all stored, seconds to all acknowledged, router CPU s and peak RSS MB over all
+    its processes, scrapes made). `already_held`: instances `target` held before. `details` gets the number
+    of router processes and the associations each worker took."""
+    router = RouterProcess(write_config(folder, router_port, target, http_port, catalog_url), router_port,
+                           workers=workers)
     router.start()
     profiler = None
     if profile:
-        profiler = subprocess.Popen(["py-spy", "record", "--gil", "--threads", "--format", "raw", "-r", "200",
-                                     "-o", profile, "-p", str(router.process.pid)],
+        profiler = subprocess.Popen(["py-spy", "record", "--gil", "--threads", "--subprocesses", "--format", "raw",
+                                     "-r", "200", "-o", profile, "-p", str(router.process.pid)],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(1)
     stop, scrapes = threading.Event(), [0]
@@ -156,13 +259,12 @@ def routed_run(folder: Path, files: list[str], target, router_port: int, http_po
                 target=scrape_every_second, args=(f"http://127.0.0.1:{http_port}/metrics", stop, scrapes), daemon=True
             )
             scraper.start()
-        cpu_before = cpu_seconds(router.process.pid)
+        usage = RouterUsage(router.process.pid).start()
         started = time.monotonic()
-        run_storescu(router_port, "DICOMROUTER", files)
+        run_senders(router_port, "DICOMROUTER", split(files, senders))
         acknowledged_s = time.monotonic() - started
         routed_s = wait_count(target, already_held + len(files)) - started
-        rss = peak_rss_mb(router.process.pid)
-        router_cpu_s = cpu_seconds(router.process.pid) - cpu_before
+        router_cpu_s, rss = usage.stop()
     finally:
         stop.set()
         if scraper:
@@ -171,13 +273,19 @@ def routed_run(folder: Path, files: list[str], target, router_port: int, http_po
             profiler.send_signal(2)
             profiler.wait(timeout=30)
         router.stop()
+    if details is not None:
+        details.update(processes=usage.processes, spread=associations_per_worker(router.log_text()))
     return routed_s, acknowledged_s, router_cpu_s, rss, scrapes[0]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--count", type=int, default=300)
+    parser.add_argument("--count", type=int, default=300, help="instances in all (split among the senders)")
     parser.add_argument("--size", choices=sorted(SIZES), default="large")
+    parser.add_argument("--senders", type=int, default=1,
+                        help="storescu associations at once, each its own study (direct and through the router)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                        help="the router's worker processes (default: one per CPU, as serve; 1: a single process)")
     parser.add_argument("--profile", metavar="FILE", help="py-spy the router into FILE (collapsed stacks)")
     parser.add_argument(
         "--scrape", action="store_true",
@@ -197,8 +305,10 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory(prefix="bench-store-") as tmp:
         folder = Path(tmp)
-        (folder / "in").mkdir()
-        files = make_instances(folder / "in", args.count, SIZES[args.size])
+        files = []
+        for index, count in enumerate(len(batch) for batch in split([""] * args.count, args.senders)):
+            (folder / f"in{index}").mkdir()
+            files += make_instances(folder / f"in{index}", count, SIZES[args.size])  # a study per sender
         megabytes = sum(os.path.getsize(f) for f in files) / 1e6
         router_port = free_ports(1)[0]
         farm = OrthancFarm.on_free_ports(folder / "orthanc", ("test",) * (3 if args.scrape else 2),
@@ -207,22 +317,28 @@ def main() -> None:
             farm.start_all()
             direct_target, routed_target = farm[0], farm[1]
             started = time.monotonic()
-            run_storescu(direct_target.spec.dicom_port, direct_target.spec.ae_title, files)
+            run_senders(direct_target.spec.dicom_port, direct_target.spec.ae_title, split(files, args.senders))
             direct_s = wait_count(direct_target, len(files)) - started
 
-            routed = routed_run(folder / "router", files, routed_target, router_port, profile=args.profile)
+            details: dict = {}
+            routed = routed_run(folder / "router", files, routed_target, router_port, profile=args.profile,
+                                senders=args.senders, workers=args.workers, details=details)
             scraped = None
             if args.scrape:
                 http_port, scraped_port = free_ports(2)
-                scraped = routed_run(folder / "scraped", files, farm[2], scraped_port, http_port=http_port)
+                scraped = routed_run(folder / "scraped", files, farm[2], scraped_port, http_port=http_port,
+                                     senders=args.senders, workers=args.workers)
     routed_s, acknowledged_s, router_cpu_s, rss, _ = routed
-    print(f"instances: {len(files)} x {args.size} ({megabytes / len(files) * 1000:.0f} KB each, {megabytes:.0f} MB)")
+    print(f"instances: {len(files)} x {args.size} ({megabytes / len(files) * 1000:.0f} KB each, {megabytes:.0f} MB)"
+          f" from {args.senders} storescu at once; router: {args.workers} worker(s), {details['processes']} process(es),"
+          f" associations per worker {details['spread']}")
     print(f"direct  storescu -> Orthanc          : {direct_s:6.2f} s  {len(files) / direct_s:7.1f} inst/s  {megabytes / direct_s:6.1f} MB/s")
     print(f"router  storescu -> router -> Orthanc: {routed_s:6.2f} s  {len(files) / routed_s:7.1f} inst/s  {megabytes / routed_s:6.1f} MB/s")
     print(f"        (storescu done, all acknowledged after {acknowledged_s:.2f} s)")
     print(f"ratio router/direct throughput       : {direct_s / routed_s:.2f}x")
-    print(f"router CPU                           : {router_cpu_s:6.2f} s  ({router_cpu_s / len(files) * 1000:.1f} ms per instance)")
-    print(f"router peak RSS                      : {rss:.0f} MB")
+    print(f"router CPU, all processes            : {router_cpu_s:6.2f} s  ({router_cpu_s / len(files) * 1000:.2f} ms per instance)")
+    print(f"router peak RSS, all processes       : {rss:.0f} MB")
+    print(f"load average (1, 5, 15 min)          : {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     if scraped is not None:
         scraped_s, _, scraped_cpu_s, _, scrapes = scraped
         print(f"router, /metrics scraped every second: {scraped_s:6.2f} s  {len(files) / scraped_s:7.1f} inst/s"
