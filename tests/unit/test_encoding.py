@@ -13,21 +13,26 @@ from pynetdicom.dsutils import decode, encode
 from dicomrouter.net.encoding import RawAnswer, decode_answer, encode_answer
 
 
-def received_answer(implicit: bool, **extra) -> Dataset:
-    """An answer as the find client has it: decoded lazily, the router's Retrieve AE added."""
+def answer_bytes(implicit: bool, **extra) -> bytes:
+    """A study answer as a PACS sends it (an empty element among them)."""
     ds = Dataset()
     ds.SpecificCharacterSet = "ISO_IR 100"
     ds.QueryRetrieveLevel = "STUDY"
+    ds.AccessionNumber = ""
     ds.PatientName = "Müller^Anna"
     ds.PatientID = "P1"
     ds.StudyDate = "20240101"
     ds.StudyInstanceUID = "1.2.3.4.5"
-    ds.ModalitiesInStudy = ["CT", "MR"]
     ds.NumberOfStudyRelatedInstances = "12"
-    ds.Rows = 5
     for keyword, value in extra.items():
         setattr(ds, keyword, value)
-    answer = decode(BytesIO(encode(ds, implicit, True)), implicit, True)
+    return encode(ds, implicit, True)
+
+
+def received_answer(implicit: bool, **extra) -> Dataset:
+    """An answer as the find client has it: decoded lazily, the router's Retrieve AE added."""
+    data = answer_bytes(implicit, ModalitiesInStudy=["CT", "MR"], Rows=5, **extra)
+    answer = decode(BytesIO(data), implicit, True)
     answer[0x00080054] = DataElement(0x00080054, "AE", "DICOMROUTER")
     return answer
 
@@ -51,21 +56,6 @@ def test_an_added_text_element_goes_through_pydicom():
     answer = received_answer(False)
     answer.InstitutionName = "Hôpital"
     assert decode(BytesIO(encode_answer(answer, False)), False, True).InstitutionName == "Hôpital"
-
-
-def answer_bytes(implicit: bool, **extra) -> bytes:
-    ds = Dataset()
-    ds.SpecificCharacterSet = "ISO_IR 100"
-    ds.QueryRetrieveLevel = "STUDY"
-    ds.AccessionNumber = ""
-    ds.PatientName = "Müller^Anna"
-    ds.PatientID = "P1"
-    ds.StudyDate = "20240101"
-    ds.StudyInstanceUID = "1.2.3.4.5"
-    ds.NumberOfStudyRelatedInstances = "12"
-    for keyword, value in extra.items():
-        setattr(ds, keyword, value)
-    return encode(ds, implicit, True)
 
 
 @pytest.mark.parametrize("implicit", [True, False])
