@@ -479,13 +479,18 @@ class Association:
         self.send_message(request.context_id, self.response_command(request, status, comment, dataset, elements), dataset)
 
     def response_pdus(self, request: Request, status: int, comment: str = "", dataset: bytes | None = None) -> bytes:
-        """A response (a pending C-FIND answer, say) as the PDUs to send with `send_pdus`."""
-        max_pdu = self.peer_max_pdu
-        command = self.response_command(request, status, comment, dataset)
-        parts = iter_pdata_pdus(request.context_id, command, True, max_pdu)
-        if dataset is None:
-            return b"".join(parts)
-        return b"".join((*parts, *iter_pdata_pdus(request.context_id, dataset, False, max_pdu)))
+        """A response as the PDUs to send with `send_pdus`."""
+        command = self.command_pdus(request, status, comment, with_dataset=dataset is not None)
+        return command if dataset is None else command + self.dataset_pdus(request, dataset)
+
+    def command_pdus(self, request: Request, status: int, comment: str = "", with_dataset: bool = False) -> bytes:
+        """A response's command set as PDUs: the same for every pending answer to one C-FIND, made once."""
+        command = self.response_command(request, status, comment, b"" if with_dataset else None)
+        return b"".join(iter_pdata_pdus(request.context_id, command, True, self.peer_max_pdu))
+
+    def dataset_pdus(self, request: Request, dataset: bytes) -> bytes:
+        """A response's data set as PDUs (after its `command_pdus`)."""
+        return b"".join(iter_pdata_pdus(request.context_id, dataset, False, self.peer_max_pdu))
 
     def send_pdus(self, pdus: bytes) -> None:
         """Whole messages' PDUs (from `response_pdus`) in one send: many small answers, one system call."""

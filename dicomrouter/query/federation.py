@@ -104,6 +104,7 @@ class FederatedAnswer:
         raw: RawAnswer | None = None,
         strip: frozenset[str] = frozenset(),
         retrieve_ae: str | None = None,
+        strip_tags: tuple[int, ...] | None = None,
     ):
         self._identifier = identifier
         self.servers = servers  # every server found holding it; grows while the query runs
@@ -112,6 +113,8 @@ class FederatedAnswer:
         self._raw = raw
         self._strip = strip
         self._retrieve_ae = retrieve_ae
+        # `strip` as tags (None: a key inside a sequence, which only pydicom strips); once per query
+        self._strip_tags = strip_tags if strip_tags is not None else keyword_tags(strip)
 
     @property
     def identifier(self) -> Dataset:
@@ -127,7 +130,7 @@ class FederatedAnswer:
             and self._raw is not None
             and transfer_syntax in (IMPLICIT_VR_LE, EXPLICIT_VR_LE)
         ):
-            strip = keyword_tags(self._strip)
+            strip = self._strip_tags
             added = [(RETRIEVE_AE_TITLE, "AE", self._retrieve_ae)] if self._retrieve_ae else []
             if strip is not None:
                 encoded = self._raw.encode(transfer_syntax == IMPLICIT_VR_LE, strip, added)
@@ -309,6 +312,7 @@ class FederatedFind:
         self.max_results = max_results
         self.calling_ae = calling_ae
         query, self._strip = prepare_query(identifier, level)
+        self._strip_tags = keyword_tags(self._strip)
         # Per server, how many of its answers had each key so far (when they are all distinct).
         self._occurrences: list[Counter[object]] | None = (
             [Counter() for _ in servers] if distinct_within_server(level) else None
@@ -538,6 +542,7 @@ class FederatedFind:
                 raw=copy,
                 strip=self._strip,
                 retrieve_ae=self.retrieve_ae,
+                strip_tags=self._strip_tags,
             )
         # The most complete copy wins (a partial copy must not hide the whole one), then server order.
         order = most_complete_first(counts)

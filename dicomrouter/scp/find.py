@@ -172,6 +172,7 @@ class FindService(IdentifierService):
             request.context.transfer_syntax, association.audit, request.cancelled, before_wait=batch.flush,
         )
         responses = handle_find(event, self.holder, self.federation)
+        pending_commands: dict[int, bytes] = {}  # status -> its command PDUs (one per answer otherwise)
         try:
             for status, answer in responses:
                 if not association.open:
@@ -190,7 +191,10 @@ class FindService(IdentifierService):
                     batch.add(association.response_pdus(request, CANNOT_ENCODE, "cannot encode an answer"))
                     batch.flush()
                     return
-                batch.add(association.response_pdus(request, status, dataset=encoded))
+                command = pending_commands.get(status)
+                if command is None:
+                    command = pending_commands[status] = association.command_pdus(request, status, with_dataset=True)
+                batch.add(command + association.dataset_pdus(request, encoded))
         finally:
             responses.close()
         if association.open:
