@@ -8,7 +8,6 @@ import json
 import os
 import signal
 import sqlite3
-import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,8 +17,15 @@ from pydicom import dcmread
 from pydicom.uid import generate_uid
 
 from tests.support.orthanc_fixtures import make_test_instance, write_instance
-from tests.support.router_process import RouterProcess, dcmtk, dcmtk_env
-from tests.support.store_helpers import edit_config, fast_retries, storescu, successful_sop_uids
+from tests.support.router_process import RouterProcess
+from tests.support.store_helpers import (
+    edit_config,
+    fast_retries,
+    read_until_acknowledged,
+    start_storescu,
+    storescu,
+    successful_sop_uids,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -108,42 +114,6 @@ def workers_router(farm_config, router_port):
         router.kill()  # whatever outlived the drain
 
 
-def start_sender(port: int, files: list[str]) -> subprocess.Popen:
-    """storescu -v: one association, each response printed as it arrives."""
-    return subprocess.Popen(
-        [
-            dcmtk("storescu"),
-            "-v",
-            "-aet",
-            "WORKSTATION",
-            "-aec",
-            "DICOMROUTER",
-            "127.0.0.1",
-            str(port),
-            *files,
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        errors="replace",
-        env=dcmtk_env(),
-    )
-
-
-def read_until_acknowledged(sender: subprocess.Popen, count: int) -> list[str]:
-    """storescu's lines up to its `count`th Success (the sender keeps sending meanwhile)."""
-    lines, successes = [], 0
-    assert sender.stdout is not None
-    for line in sender.stdout:
-        lines.append(line)
-        successes += "Received Store Response (Success)" in line
-        if successes == count:
-            return lines
-    raise AssertionError(
-        f"storescu ended after {successes} acknowledgements:\n{''.join(lines)[-2000:]}"
-    )
-
-
 def test_concurrent_senders_every_instance_arrives_once(
     workers_router, clean_orthanc_farm, farm_config, tmp_path
 ):
@@ -189,7 +159,7 @@ def test_sigkill_of_one_worker_mid_association_loses_nothing_acknowledged(
     replaces it, gives its claims back, and every acknowledged instance reaches the PACS."""
     farm = clean_orthanc_farm
     files = instances(tmp_path / "kill-one", 150, rows=256)
-    sender = start_sender(workers_router.port, files)
+    sender = start_storescu(workers_router.port, files)
     lines = read_until_acknowledged(sender, KILL_AFTER)
     serving = events(workers_router, "association_accepted", calling_ae="WORKSTATION")[-1]["worker"]
     pid = next(
@@ -228,7 +198,7 @@ def test_sigkill_of_the_process_group_then_restart_loses_nothing_acknowledged(
     instance reaches the PACS (the dead workers' claims end with their lease)."""
     farm = clean_orthanc_farm
     files = instances(tmp_path / "kill-all", 150, rows=256)
-    sender = start_sender(workers_router.port, files)
+    sender = start_storescu(workers_router.port, files)
     lines = read_until_acknowledged(sender, KILL_AFTER)
     pids = workers_router.worker_pids()
     assert len(pids) == WORKERS

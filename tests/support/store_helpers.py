@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,7 @@ from pydicom import dcmread
 from pydicom.uid import generate_uid
 from ruamel.yaml import YAML
 
-from tests.support.router_process import run_dcmtk
+from tests.support.router_process import dcmtk, dcmtk_env, run_dcmtk
 
 FAST_FORWARDING = {"retry_initial": 0.5, "retry_max": 2, "poll_interval": 0.2, "lease": 10}
 
@@ -32,6 +33,30 @@ def fast_retries(data: dict[str, Any]) -> None:
 def storescu(port: int, files: list[str], calling_ae: str = "WORKSTATION", called_ae: str = "DICOMROUTER", *extra: str):
     """DCMTK storescu with one association; -v to see each response."""
     return run_dcmtk("storescu", "-v", "-aet", calling_ae, "-aec", called_ae, *extra, "127.0.0.1", str(port), *files, timeout=300)
+
+
+def start_storescu(port: int, files: list[str]) -> subprocess.Popen:
+    """DCMTK storescu -v in the background, one association; it prints each response as it arrives."""
+    return subprocess.Popen(
+        [dcmtk("storescu"), "-v", "-aet", "WORKSTATION", "-aec", "DICOMROUTER", "127.0.0.1", str(port), *files],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",
+        env=dcmtk_env(),
+    )
+
+
+def read_until_acknowledged(sender: subprocess.Popen, count: int) -> list[str]:
+    """The sender's lines up to its `count`th Success (it keeps sending meanwhile)."""
+    lines, successes = [], 0
+    assert sender.stdout is not None
+    for line in sender.stdout:
+        lines.append(line)
+        successes += "Received Store Response (Success)" in line
+        if successes == count:
+            return lines
+    raise AssertionError(f"storescu ended after {successes} acknowledgements:\n{''.join(lines)[-2000:]}")
 
 
 def successful_sop_uids(storescu_output: str, files: list[str]) -> set[str]:
