@@ -226,7 +226,8 @@ def build_app(
     require_current_schema(engine)
     sessions = session_factory(engine)
     catalog = Catalog(sessions)
-    holder = ConfigHolder(config)
+    holder = ConfigHolder(config, worker.share if worker else lambda config: config)
+    config = holder.current
     spool = Spool(config.router.spool)
     queue = ForwardQueue(sessions, node_id(), config.router.forwarding)
     # Counted only when something serves them (the HTTP port); the CLI's import counts nothing.

@@ -16,8 +16,10 @@ log = get_logger(__name__)
 class ConfigHolder:
     """Holds the current Config; handlers read `.current` once per association or request."""
 
-    def __init__(self, config: Config):
-        self._config = config
+    def __init__(self, config: Config, adapt: Callable[[Config], Config] = lambda config: config):
+        # `adapt`: what this process makes of every config it takes (a worker's share of the router's lanes).
+        self._adapt = adapt
+        self._config = adapt(config)
         self._lock = threading.Lock()
         self._listeners: list[Callable[[Config, Config], None]] = []
 
@@ -35,6 +37,7 @@ class ConfigHolder:
             old = self._config
             try:
                 new = load_config(old.path) if source is None else parse_config(read_document(source), old.path)
+                new = self._adapt(new)
             except ConfigError as exc:
                 log.error("config_reload_refused", path=str(old.path), reason=reason, problems=exc.render())
                 return False

@@ -10,7 +10,8 @@ it checks the config and the catalog once, then starts each worker as a fresh in
 - only worker 0 serves `router.http`: the status page and the API read one process's state; the
   counters of /metrics are every worker's (prometheus_client's multiprocess mode, in a folder the
   supervisor owns);
-- forwarding is spread by the queue's claims, each worker being one node;
+- forwarding is spread by the queue's claims, each worker being one node, each running its share of
+  `workers_per_destination` (at least one lane), so a PACS sees about as many associations as before;
 - a worker that dies is logged and replaced, at once the first time, then after a growing pause
   while it keeps dying (a crash loop does not spin); its share of the association table is cleared;
 - SIGHUP (or the file changing) is checked here first: a config that fails validation changes no
@@ -30,7 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from dicomrouter.config import Config, ConfigError, parse_config, read_document
@@ -52,6 +53,7 @@ WORKER_BOOT_FAILED = 3  # a worker's exit code when it could not start (port, sc
 SNAPSHOT_ENV = "DICOMROUTER_CONFIG_SNAPSHOT"
 READY_FD_ENV = "DICOMROUTER_READY_FD"
 METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+WORKERS_ENV = "DICOMROUTER_WORKERS"
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,7 @@ class WorkerRole:
     shared_counts: SharedCounts | None
     config_snapshot: Path | None
     metrics_dir: str | None
+    workers: int = 1  # how many the supervisor runs
 
     @property
     def serves_http(self) -> bool:
@@ -75,6 +78,20 @@ class WorkerRole:
             SharedCounts.inherited(index),
             Path(snapshot) if snapshot else None,
             os.environ.get(METRICS_DIR_ENV),
+            int(os.environ.get(WORKERS_ENV, "1")),
+        )
+
+    def share(self, config: Config) -> Config:
+        """This worker's part of what the router does at once: `workers_per_destination` is for the router
+        as a whole (a PACS may take few associations), so each worker runs its share of the lanes, at
+        least one (the jobs it receives are its own to send first)."""
+        forwarding = config.router.forwarding
+        lanes = max(1, -(-forwarding.workers_per_destination // self.workers))
+        return replace(
+            config,
+            router=replace(
+                config.router, forwarding=replace(forwarding, workers_per_destination=lanes)
+            ),
         )
 
     def load_config(self, config_path: Path) -> Config:
@@ -85,7 +102,11 @@ class WorkerRole:
     def reload_reason(self) -> str:
         """Why the supervisor asked for the reload it signalled last (SIGHUP, file changed)."""
         try:
-            return self.config_snapshot.with_suffix(".reason").read_text() if self.config_snapshot else "SIGHUP"
+            return (
+                self.config_snapshot.with_suffix(".reason").read_text()
+                if self.config_snapshot
+                else "SIGHUP"
+            )
         except OSError:
             return "SIGHUP"
 
@@ -203,6 +224,7 @@ class Supervisor:
             SNAPSHOT_ENV: str(self._snapshot),
             READY_FD_ENV: str(ready_write),
             METRICS_DIR_ENV: str(self._runtime / "metrics"),
+            WORKERS_ENV: str(self.count),
         }
         command = [
             sys.executable,
@@ -345,7 +367,9 @@ class Supervisor:
                 workers="none reloaded",
             )
             return False
-        self._snapshot.with_suffix(".reason").write_text(reason)  # for the workers' config_reloaded lines
+        self._snapshot.with_suffix(".reason").write_text(
+            reason
+        )  # for the workers' config_reloaded lines
         os.replace(candidate, self._snapshot)
         if new.router.workers not in (None, self.config.router.workers):
             log.warning(
