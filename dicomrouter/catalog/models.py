@@ -222,6 +222,13 @@ class ForwardJob(Base):
             sqlite_where=text("state = 'done'"),
             postgresql_where=text("state = 'done'"),
         ),
+        # Open jobs by content, for the duplicate check every C-STORE makes (migration 0009).
+        Index(
+            "ix_forward_jobs_open_sha256",
+            "sha256",
+            sqlite_where=text("state IN ('pending', 'claimed')"),
+            postgresql_where=text("state IN ('pending', 'claimed')"),
+        ),
         CheckConstraint(_in("state", JOB_STATES), name="state"),
     )
 

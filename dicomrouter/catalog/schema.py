@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 MIGRATIONS = Path(__file__).resolve().with_name("migrations")
 # The newest revision in migrations/versions (tests/unit/test_catalog.py keeps the two equal).
-SCHEMA_REVISION = "0008"
+SCHEMA_REVISION = "0009"
 UPGRADE_HINT = "run: dicomrouter --config FILE db upgrade"
 _UPGRADE_LOCK_ID = 0x44434D52  # "DCMR": advisory lock serialising upgrades on PostgreSQL
 

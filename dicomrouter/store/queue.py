@@ -34,9 +34,10 @@ _INSERT_JOB_RETURNING_ID = insert(ForwardJob.__table__).returning(ForwardJob.__t
 _OPEN_JOBS = select(ForwardJob.destination).where(
     ForwardJob.sha256 == bindparam("sha256"),
     ForwardJob.destination.in_(bindparam("destinations", expanding=True)),
-    ForwardJob.state.in_((PENDING, CLAIMED)),
+    ForwardJob.state.in_([literal_column(f"'{PENDING}'"), literal_column(f"'{CLAIMED}'")]),
 )
 # The same for the usual single destination: no expanding IN, so its SQL is rendered once, not per C-STORE.
+# States as literals in both, so the partial index of open jobs by sha256 (migration 0009) serves them.
 _OPEN_JOBS_ONE = select(ForwardJob.destination).where(
     ForwardJob.sha256 == bindparam("sha256"),
     ForwardJob.destination == bindparam("destination"),

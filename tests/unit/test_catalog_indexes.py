@@ -139,3 +139,27 @@ def test_no_statement_scans_a_growing_table(engine: sa.Engine) -> None:
         ):
             scans.append(f"{' '.join(statement.split())[:200]}\n    " + "\n    ".join(plan))
     assert not scans, "statements that read a whole table:\n" + "\n".join(scans)
+
+
+def test_the_duplicate_check_of_each_store_reads_open_jobs_by_content(engine: sa.Engine) -> None:
+    """Not every open job of the destination (a backlog of thousands during an outage)."""
+    seen: list[tuple[str, object]] = []
+
+    def capture(_conn, _cursor, statement, parameters, _context, _executemany) -> None:
+        if statement.lstrip().upper().startswith("SELECT"):
+            seen.append((statement, parameters))
+
+    queue = ForwardQueue(session_factory(engine), "node", ForwardingConfig())
+    sa.event.listen(engine, "before_cursor_execute", capture)
+    try:
+        with engine.connect() as connection:
+            queue.destinations_with_open_jobs(connection, "ab" * 32, ["pacs1"])
+            queue.destinations_with_open_jobs(connection, "ab" * 32, ["pacs1", "pacs2"])
+    finally:
+        sa.event.remove(engine, "before_cursor_execute", capture)
+    assert len(seen) == 2
+    with engine.connect() as connection:
+        cursor = connection.connection.driver_connection.cursor()
+        for statement, parameters in seen:
+            plan = " ".join(row[-1] for row in cursor.execute(f"EXPLAIN QUERY PLAN {statement}", parameters))
+            assert "ix_forward_jobs_open_sha256" in plan, plan
