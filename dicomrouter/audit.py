@@ -38,6 +38,7 @@ class AuditTrail:
         retry_initial_s: float = 0.2,
         retry_max_s: float = 5.0,
         metrics: Metrics | None = None,
+        linger_s: float = 0.2,
     ):
         self.sink = sink
         self.metrics = metrics  # every recorded operation is counted there too
@@ -46,6 +47,11 @@ class AuditTrail:
         self.batch_size = batch_size
         self.retry_initial_s = retry_initial_s
         self.retry_max_s = retry_max_s
+        # Rows come in bursts (an association, then its operations): the writer waits this long after
+        # the first one and writes them together, after the work that recorded them, not during it
+        # (a commit holds the interpreter for milliseconds, right when a C-FIND sends its queries).
+        self.linger_s = linger_s
+        self._flush_waiters = 0
         self._buffer: list[dict[str, Any]] = []
         self._dropped = 0
         self._written = 0
@@ -109,7 +115,12 @@ class AuditTrail:
     def flush(self, timeout_s: float) -> bool:
         """Wait until every row recorded so far is written; False if that took over `timeout_s`."""
         with self._condition:
-            return self._condition.wait_for(lambda: not self._buffer and not self._dropped, timeout_s)
+            self._flush_waiters += 1  # the writer stops lingering
+            self._condition.notify_all()
+            try:
+                return self._condition.wait_for(lambda: not self._buffer and not self._dropped, timeout_s)
+            finally:
+                self._flush_waiters -= 1
 
     def stop(self, timeout_s: float = 5.0) -> None:
         """Write what is buffered (up to `timeout_s`), then stop the writer."""
@@ -129,6 +140,14 @@ class AuditTrail:
         with self._condition:
             while not self._buffer and not self._dropped and not self._stopping.is_set():
                 self._condition.wait()
+            lingering_until = time.monotonic() + self.linger_s
+            while (
+                not self._stopping.is_set()
+                and not self._flush_waiters
+                and len(self._buffer) < self.batch_size
+                and (remaining := lingering_until - time.monotonic()) > 0
+            ):
+                self._condition.wait(remaining)
             if self._stopping.is_set():
                 return None
             return self._buffer[: self.batch_size], self._dropped

@@ -159,3 +159,22 @@ def test_locked_sqlite_catalog_delays_rows_without_losing_them(sqlite_catalog):
         ("echo", None, None),
         ("find", "a,b", {"answers": 2}),
     ]
+
+
+def test_a_burst_of_rows_is_written_together_and_flush_does_not_linger():
+    calls: list[int] = []
+    written = threading.Event()
+
+    def sink(rows) -> None:
+        calls.append(len(rows))
+        written.set()
+
+    trail = AuditTrail(sink, linger_s=30).start()  # only a flush ends the wait here
+    try:
+        for _ in range(5):
+            trail.record("echo", "success", calling_ae="WS1")
+        assert not written.is_set()  # still gathering: the writer waits after the first row
+        assert trail.flush(10)
+        assert calls == [5]
+    finally:
+        trail.stop()
