@@ -158,3 +158,29 @@ def test_a_worker_that_keeps_dying_is_restarted_after_growing_pauses(router):
         "replaced after the pause"
     )
     assert echoscu(router.port, "WORKSTATION").returncode == 0
+
+
+def test_metrics_add_up_every_workers_counts(tmp_path):
+    """Only worker 0 serves HTTP; its /metrics counts the associations of both."""
+    import urllib.request
+
+    from dicomrouter.pacsfarm import free_ports
+
+    http_port = free_ports(1)[0]
+    path, port = write_router_config(
+        tmp_path, router={"http": {"host": "127.0.0.1", "port": http_port}}
+    )
+    with RouterProcess(path, port, workers=WORKERS) as router:
+        echoes = 8
+        assert all(echoscu(port, "WORKSTATION").returncode == 0 for _ in range(echoes))
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{http_port}/metrics", timeout=10
+        ) as response:
+            text = response.read().decode()
+        served_by = {r["worker"] for r in log_events(router, "http_listening")}
+        print(
+            f"\nechoes per worker: {sorted(r['worker'] for r in log_events(router, 'association_accepted'))}"
+        )
+    assert served_by == {0}
+    assert f'dicomrouter_associations_total{{outcome="accepted"}} {echoes}.0' in text, text[:2000]
+    assert f'dicomrouter_requests_total{{operation="echo",outcome="success"}} {echoes}.0' in text
