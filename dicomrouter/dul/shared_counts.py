@@ -10,9 +10,9 @@ the owner closed it, at its next look at the table (at most `CLAIM_POLL_S` later
 longer silent and turned the claim down; then it decides again. So idle sockets on one worker
 cannot lock a modality out of another, and a connection that spoke is never dropped for one.
 
-Every decision and publication happens under one POSIX record lock on the file, taken after the
-worker's own thread lock: the kernel drops it when its holder dies, so a worker killed
-mid-decision never blocks the others. The supervisor clears the slot of a worker that died.
+Every decision and publication happens under one flock() on the file, taken after the worker's own
+thread lock: the kernel drops it when its holder dies, so a worker killed mid-decision never blocks
+the others. The supervisor clears the slot of a worker that died.
 `accepted_at` is `time.monotonic()`: one clock for every process of the machine (CLOCK_MONOTONIC).
 
 Bounded by construction: `MAX_WORKERS` slots of `ENTRIES_PER_SLOT` waiting connections each; a
@@ -76,6 +76,10 @@ class SharedCounts:
         self.slots = slots
         self.own_slot = own_slot
         self._map = mmap.mmap(fd, slots * SLOT_BYTES)
+        # A description of the file of our own: flock() excludes other descriptions (the inherited one is
+        # shared by every worker). Not fcntl() record locks: the kernel takes a thread of a process
+        # waiting on one while another thread holds another lock for a deadlock (EDEADLK).
+        self._lock_fd = os.open(f"/proc/self/fd/{fd}", os.O_RDWR | os.O_CLOEXEC)
 
     @classmethod
     def create(cls, slots: int) -> SharedCounts:
@@ -102,11 +106,11 @@ class SharedCounts:
     @contextmanager
     def locked(self) -> Iterator[None]:
         """The table to this process alone (threads of one process serialise on their own lock)."""
-        fcntl.lockf(self.fd, fcntl.LOCK_EX)
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
         try:
             yield
         finally:
-            fcntl.lockf(self.fd, fcntl.LOCK_UN)
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
     # -- under `locked`
 
