@@ -20,13 +20,17 @@ def _study(uid: str) -> Dataset:
 
 
 def _config(tmp_path, peer: SlowFindPeer, **router):
-    document = base_document(servers=[{**server_entry(peer.ae_title, peer.ae_title, peer.port), "primary": True}])
+    document = base_document(
+        servers=[{**server_entry(peer.ae_title, peer.ae_title, peer.port), "primary": True}]
+    )
     document["router"].update(router)
     return load_config(write_document(tmp_path / "peers.yaml", document))
 
 
 def _query(federation: Federation, config) -> list[str]:
-    run = federation.start(config.usable_servers(), config.router, STUDY_ROOT_FIND, _study(""), "STUDY", "ROUTER")
+    run = federation.start(
+        config.usable_servers(), config.router, STUDY_ROOT_FIND, _study(""), "STUDY", "ROUTER"
+    )
     uids = [answer.identifier.StudyInstanceUID for answer in run.answers()]
     assert run.summary is not None and run.summary.outcome == "complete"
     return uids
@@ -74,7 +78,9 @@ def test_a_kept_association_the_pacs_dropped_is_replaced(tmp_path):
         peer.stop()
 
 
-def test_a_kept_association_that_fails_before_its_first_answer_is_retried_once(tmp_path, monkeypatch):
+def test_a_kept_association_that_fails_before_its_first_answer_is_retried_once(
+    tmp_path, monkeypatch
+):
     peer = SlowFindPeer("RACES", [_study("1.8")]).start()
     federation = Federation(None)
     try:
