@@ -5,7 +5,6 @@ from __future__ import annotations
 import email.parser
 import hashlib
 import io
-import json
 import os
 import subprocess
 import sys
@@ -287,7 +286,9 @@ def test_stow_without_write_role_is_403_and_nothing_is_spooled(web_router):
     unauthenticated = requests.post(f"{web_router.url}/studies", data=b"", timeout=10)
     assert unauthenticated.status_code == 401
     # A test-only client storing to the (test) primary is fine; the audit names the refusals.
-    audit = json.loads(web_router.router.cli("audit", "--json").stdout or "[]")
+    audit = web_router.router.audit_until(
+        lambda rows: any(row.get("outcome") == "refused" and row.get("calling_ae") == "READER" for row in rows)
+    )
     assert any(
         row.get("outcome") == "refused" and row.get("calling_ae") == "READER" for row in audit
     )

@@ -163,7 +163,7 @@ def test_orthanc_modality_gets_success_once_the_destination_holds_everything(
     assert [row["transaction_uid"] for row in listing] == [transaction_uid]
     assert listing[0]["state"] == "reported" and listing[0]["event_type"] == 1
     print("reported on the", listing[0]["reported_how"])
-    audit = json.loads(commitment_router.cli("audit", "--operation", "commitment", "--json").stdout)
+    audit = commitment_router.audit_until(lambda rows: len(rows) >= 2, "--operation", "commitment")
     assert sorted(e["outcome"] for e in audit) == ["committed", "requested"]
 
 
@@ -228,7 +228,9 @@ def test_short_max_wait_reports_the_undelivered_instances_failed(
     assert all(
         "still waiting at max_wait for delivery to Test PACS 1" in e["reason"] for e in failed
     )
-    audit = json.loads(commitment_router.cli("audit", "--operation", "commitment", "--json").stdout)
+    audit = commitment_router.audit_until(
+        lambda rows: any(e["outcome"] == "failed" for e in rows), "--operation", "commitment"
+    )
     assert any(e["outcome"] == "failed" and uids[0] in (e["detail"] or "") for e in audit), audit
 
 

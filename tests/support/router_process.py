@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -64,6 +65,16 @@ class RouterProcess:
             timeout=timeout,
             input=input_text,
         )
+
+    def audit_until(self, done, *filters: str, timeout_s: float = 20.0) -> list[dict]:
+        """`audit --json` rows (with `filters`) once `done(rows)` holds: the router writes its audit
+        rows in the background, a moment after what they record."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            rows = json.loads(self.cli("audit", "--json", *filters).stdout or "[]")
+            if done(rows) or time.monotonic() > deadline:
+                return rows
+            time.sleep(0.1)
 
     def start(self, timeout: float = 30.0) -> RouterProcess:
         log = open(self.log_path, "ab")
