@@ -309,6 +309,7 @@ def main() -> int:
             url = f"http://127.0.0.1:{http_port}/dicom-web"
             session = requests.Session()
             session.auth = (WORKSTATION_AE, TOKEN)
+            stored_in_orthanc = len(files)
             for run in range(args.runs + 1):  # run 0 warms up
                 measured = {
                     "findscu": timed(lambda: run_findscu(router_port)),
@@ -335,6 +336,11 @@ def main() -> int:
                         measured[key] = timed(lambda body=body: run_stow(url, body))
                         body.unlink()
                     shutil.rmtree(batch)
+                    # Every step starts with the forwarding of the one before done: otherwise the next
+                    # retrieval or store competes with 158 MB going to the same Orthanc.
+                    stored_in_orthanc += len(new_files)
+                    orthanc.wait_for_instance_count(stored_in_orthanc, timeout=300)
+                    os.sync()  # and their pages written back, not flushed during the next retrieval
                 if run:
                     for key, value in measured.items():
                         times[key].append(value)
