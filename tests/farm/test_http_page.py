@@ -66,9 +66,12 @@ def test_admin_api_needs_the_admin_role(admin_router, clean_orthanc_farm, tmp_pa
     assert {s["name"] for s in servers} == {server.spec.name for server in clean_orthanc_farm}
     queue = http_request(url + "/api/queue", admin).json()
     assert {"destination": DEST, "pending": 0, "sending": 0, "dead": 0}.items() <= queue[0].items()
-    events = http_request(
-        url + "/api/audit?operation=association&ae=WORKSTATION&limit=5", admin
-    ).json()
+    # The router writes its audit rows in the background, a moment after what they record.
+    events = wait_until(
+        lambda: http_request(
+            url + "/api/audit?operation=association&ae=WORKSTATION&limit=5", admin
+        ).json()
+    )
     assert events and all(
         e["operation"] == "association" and e["calling_ae"] == "WORKSTATION" for e in events
     )
@@ -81,7 +84,11 @@ def test_admin_api_needs_the_admin_role(admin_router, clean_orthanc_farm, tmp_pa
     assert study["servers"][0]["server"] == DEST and study["servers"][0]["instances"] == 2
     assert study["deliveries"] == []
     assert http_request(url + "/api/studies/1.2.3.4", admin).status == 404
-    refusals = http_request(url + "/api/audit?operation=http&limit=50", admin).json()
+    refusals = wait_until(
+        lambda: (rows := http_request(url + "/api/audit?operation=http&limit=50", admin).json())
+        and {e["outcome"] for e in rows} >= {"unauthorized", "forbidden"}
+        and rows
+    )
     assert {e["outcome"] for e in refusals} == {"unauthorized", "forbidden"}
     assert http_request(url + "/api/audit?since=yesterday", admin).status == 400
 
