@@ -250,7 +250,8 @@ def build_app(
     pending = PendingRetrievals(spool.tmp / "moves" / socket.gethostname() if worker else None)
     front = DicomFront(
         holder, service_registry(holder, catalog, receive, capabilities, commitment, pending), host=host, port=port,
-        audit=audit, shared_counts=worker.shared_counts if worker else None, reuse_port=worker is not None,
+        audit=audit, shared_counts=worker.shared_counts if worker else None,
+        listen_socket=worker.listen_socket() if worker else None,
     )
     http = None
     if config.router.http is not None and (worker is None or worker.serves_http):

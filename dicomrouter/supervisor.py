@@ -4,9 +4,11 @@ Like gunicorn's arbiter, in small. The supervisor holds no association and no da
 it checks the config and the catalog once, then starts each worker as a fresh interpreter
 (`python -m dicomrouter serve --worker-index I`, never a fork of this process) and watches them:
 
-- every worker listens on the DICOM port with SO_REUSEPORT (the kernel spreads connections) and
-  counts its associations in a shared table the supervisor created (dicomrouter/dul/shared_counts.py),
-  so the association limits hold for the router as a whole;
+- the supervisor binds the DICOM port once and every worker accepts on that one socket, each
+  connection taken by the worker holding the fewest (dicomrouter/dul/listener.py); each counts its
+  associations in a shared table the supervisor created (dicomrouter/dul/shared_counts.py), so the
+  association limits hold for the router as a whole. A connection arriving while a worker restarts
+  waits in the one backlog for another;
 - only worker 0 serves `router.http`: the status page and the API read one process's state; the
   counters of /metrics are every worker's (prometheus_client's multiprocess mode, in a folder the
   supervisor owns);
@@ -51,6 +53,7 @@ FILE_POLL_S = 1.0
 WORKER_BOOT_FAILED = 3  # a worker's exit code when it could not start (port, schema, HTTP port)
 
 SNAPSHOT_ENV = "DICOMROUTER_CONFIG_SNAPSHOT"
+LISTEN_FD_ENV = "DICOMROUTER_LISTEN_FD"
 READY_FD_ENV = "DICOMROUTER_READY_FD"
 METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 WORKERS_ENV = "DICOMROUTER_WORKERS"
@@ -65,6 +68,7 @@ class WorkerRole:
     config_snapshot: Path | None
     metrics_dir: str | None
     workers: int = 1  # how many the supervisor runs
+    listen_fd: int | None = None  # the DICOM port, bound by the supervisor for every worker
 
     @property
     def serves_http(self) -> bool:
@@ -79,7 +83,12 @@ class WorkerRole:
             Path(snapshot) if snapshot else None,
             os.environ.get(METRICS_DIR_ENV),
             int(os.environ.get(WORKERS_ENV, "1")),
+            int(os.environ[LISTEN_FD_ENV]) if LISTEN_FD_ENV in os.environ else None,
         )
+
+    def listen_socket(self) -> socket.socket | None:
+        """The listening socket every worker accepts on (None: this process binds its own)."""
+        return socket.socket(fileno=self.listen_fd) if self.listen_fd is not None else None
 
     def share(self, config: Config) -> Config:
         """This worker's part of what the router does at once: `workers_per_destination` is for the router
@@ -136,7 +145,8 @@ class Supervisor:
 
     config: Config
     count: int
-    worker_options: list[str]  # serve options passed on (log format and level, host, port)
+    worker_options: list[str]  # serve options passed on (log format and level)
+    listening: socket.socket  # the DICOM port, bound for every worker
     workers: list[Worker] = field(init=False)
     _runtime: Path = field(init=False)
     _snapshot: Path = field(init=False)
@@ -225,6 +235,7 @@ class Supervisor:
             READY_FD_ENV: str(ready_write),
             METRICS_DIR_ENV: str(self._runtime / "metrics"),
             WORKERS_ENV: str(self.count),
+            LISTEN_FD_ENV: str(self.listening.fileno()),
         }
         command = [
             sys.executable,
@@ -239,7 +250,9 @@ class Supervisor:
         ]
         with self._counts.locked():
             self._counts.clear(worker.index)
-        worker.process = subprocess.Popen(command, env=env, pass_fds=(self._counts.fd, ready_write))
+        worker.process = subprocess.Popen(
+            command, env=env, pass_fds=(self._counts.fd, ready_write, self.listening.fileno())
+        )
         os.close(ready_write)
         worker.ready_fd, worker.ready, worker.restart_at = ready_read, False, None
         worker.started_at = time.monotonic()
@@ -328,6 +341,8 @@ class Supervisor:
 
     def _drain(self) -> None:
         """Every worker stops accepting and finishes its associations; what is left after the timeout is killed."""
+        # The port closes once the workers closed their descriptors too: new callers are refused, not queued.
+        self.listening.close()
         running = [
             w.process for w in self.workers if w.process is not None and w.process.poll() is None
         ]
@@ -401,8 +416,10 @@ def _signature(path: Path) -> tuple[int, int, int] | None:
     return (st.st_mtime_ns, st.st_size, st.st_ino)
 
 
-def check_port_free(host: str, port: int) -> None:
-    """Raise OSError when something listens on host:port (workers bind it with SO_REUSEPORT, which
-    another router of the same user would also be allowed to do)."""
-    with socket.create_server((host, port), reuse_port=False):
-        pass
+def bind_port(host: str, port: int) -> socket.socket:
+    """The DICOM port, bound once for every worker (OSError when it is taken)."""
+    from dicomrouter.dul.listener import LISTEN_BACKLOG
+
+    listening = socket.create_server((host, port), backlog=LISTEN_BACKLOG)
+    listening.set_inheritable(True)
+    return listening

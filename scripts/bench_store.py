@@ -217,7 +217,7 @@ def scrape_every_second(url: str, stop: threading.Event, counter: list[int]) -> 
 
 
 def associations_per_worker(log_text: str) -> dict[str, int]:
-    """How the kernel spread the associations over the workers (SO_REUSEPORT hashes each connection)."""
+    """How the associations were spread over the workers."""
     spread: dict[str, int] = {}
     for line in log_text.splitlines():
         if line.startswith("{") and '"association_accepted"' in line:

@@ -50,7 +50,6 @@ def serve_command(
     raise_descriptor_limit(log)
     if role is None and count > 1:
         options = ["--log-format", log_format, "--log-level", log_level]
-        options += [*(["--host", host] if host else []), *(["--port", str(port)] if port else [])]
         raise SystemExit(supervise(config, count, options, host, port))
     run_router(config, host, port, role, log)
 
@@ -59,7 +58,7 @@ def supervise(config, count: int, options: list[str], host: str | None, port: in
     """Check what every worker would refuse to start on, once, then supervise them."""
     from dicomrouter.catalog.db import make_engine
     from dicomrouter.catalog.schema import SchemaNeedsUpgrade, require_current_schema
-    from dicomrouter.supervisor import Supervisor, check_port_free
+    from dicomrouter.supervisor import Supervisor, bind_port
 
     engine = make_engine(config.router.catalog)
     try:
@@ -70,10 +69,10 @@ def supervise(config, count: int, options: list[str], host: str | None, port: in
         engine.dispose()
     listen_host, listen_port = host or config.router.host, port or config.router.port
     try:
-        check_port_free(listen_host, listen_port)
+        listening = bind_port(listen_host, listen_port)
     except OSError as exc:
         raise click.ClickException(f"cannot listen on {listen_host}:{listen_port}: {exc}") from None
-    return Supervisor(config, count, options).run()
+    return Supervisor(config, count, options, listening).run()
 
 
 def run_router(config, host: str | None, port: int | None, role, log) -> None:

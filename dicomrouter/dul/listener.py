@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import errno
 import itertools
+import os
 import select
 import socket
 import ssl
@@ -48,6 +49,8 @@ from dicomrouter.logging import get_logger
 log = get_logger(__name__)
 
 LISTEN_BACKLOG = 512
+# A worker whose turn it is not waits this long before it takes a connection the one named has not.
+ACCEPT_DEFER_S = 0.01
 ACCEPT_BACKOFF_S = (0.05, 1.0)  # first and longest pause after accept() fails for lack of resources
 RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 # A connection silent this long may be dropped to make room; a requestor sends its A-ASSOCIATE-RQ
@@ -262,6 +265,18 @@ class ConnectionTable:
             self.associated.discard(connection)
             self.refusing.discard(connection)
 
+    def next_to_accept(self) -> bool:
+        """Whether this worker should take the next connection on the port it shares with others."""
+        if self._shared is None:
+            return True
+        with self._deciding() as _others:
+            return self._shared.next_to_accept()
+
+    def took_connection(self) -> None:
+        if self._shared is not None:
+            with self._deciding():
+                self._shared.took_connection()
+
     def counts(self) -> dict[str, int]:
         """What the router holds now (every worker's connections)."""
         with self._deciding() as others:
@@ -315,7 +330,14 @@ ConnectionHandler = Callable[[Connection, bool], None]
 
 
 class Listener:
-    """Accepts connections on one port and hands each to `handle` on its own thread."""
+    """Accepts connections on one port and hands each to `handle` on its own thread.
+
+    A worker of several is given the listening socket its supervisor bound (`shared_socket`): every
+    worker waits on it, and the one the shared table names takes each connection
+    (`ConnectionTable.next_to_accept`); the others look again a moment later and take it only if it is
+    still there (that worker was busy). So associations spread evenly, and a connection arriving while
+    a worker restarts waits in the one backlog for the others instead of being reset with it.
+    """
 
     def __init__(
         self,
@@ -325,14 +347,16 @@ class Listener:
         handle: ConnectionHandler,
         tls_context: Callable[[], ssl.SSLContext | None],
         on_refused: Callable[[str], None] = lambda address: None,
-        reuse_port: bool = False,
+        shared_socket: socket.socket | None = None,
     ):
         self.table = table
         self._on_refused = on_refused
         self._handle = handle
         self._tls_context = tls_context
-        # Workers of one router each listen on the port; the kernel spreads connections among them.
-        self._socket = socket.create_server((host, port), backlog=LISTEN_BACKLOG, reuse_port=reuse_port)
+        self._socket = shared_socket or socket.create_server((host, port), backlog=LISTEN_BACKLOG)
+        # Non-blocking: another worker may take the connection between poll() and accept().
+        self._socket.setblocking(False)
+        self._wake_read, self._wake_write = os.pipe()  # stop_accepting interrupts the poll
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -357,9 +381,19 @@ class Listener:
 
     def _accept_loop(self) -> None:
         backoff = ACCEPT_BACKOFF_S[0]
+        poller = select.poll()
+        poller.register(self._socket, select.POLLIN)
+        poller.register(self._wake_read, select.POLLIN)
         while not self._stopping.is_set():
+            poller.poll()
+            if self._stopping.is_set():
+                return
+            if not self.table.next_to_accept() and self._stopping.wait(ACCEPT_DEFER_S):
+                return  # another worker's turn: it has a moment to take the connection
             try:
                 sock, peer = self._socket.accept()
+            except BlockingIOError:
+                continue  # another worker took it
             except OSError as exc:
                 if self._stopping.is_set():
                     return
@@ -372,6 +406,7 @@ class Listener:
                     log.warning("accept_failed", reason=str(exc))
                 continue
             backoff = ACCEPT_BACKOFF_S[0]
+            self.table.took_connection()
             try:
                 self._admit(sock, peer[0])
             except Exception:  # never let one connection stop the port
@@ -417,11 +452,12 @@ class Listener:
                 return
 
     def stop_accepting(self) -> None:
+        """Stop taking connections and close this process's descriptor of the port (never shutdown():
+        a shared socket would stop listening for every worker)."""
         self._stopping.set()
-        try:
-            self._socket.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self._socket.close()
+        os.write(self._wake_write, b"\0")
         if self._thread is not None:
             self._thread.join(5.0)
+        self._socket.close()
+        os.close(self._wake_read)
+        os.close(self._wake_write)

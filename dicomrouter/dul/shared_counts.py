@@ -13,6 +13,9 @@ cannot lock a modality out of another, and a connection that spoke is never drop
 Every decision and publication happens under one flock() on the file, taken after the worker's own
 thread lock: the kernel drops it when its holder dies, so a worker killed mid-decision never blocks
 the others. The supervisor clears the slot of a worker that died.
+
+The workers share one listening socket, too: each slot's *turn* says which worker takes the next
+connection (`next_to_accept`): the one holding the fewest, then the one that took one least recently.
 `accepted_at` is `time.monotonic()`: one clock for every process of the machine (CLOCK_MONOTONIC).
 
 Bounded by construction: `MAX_WORKERS` slots of `ENTRIES_PER_SLOT` waiting connections each; a
@@ -37,7 +40,7 @@ CLAIM_WAIT_S = 0.5  # how long a worker waits for that before it gives up on the
 PEER_SPOKE = 0  # sent bytes (read or not): never dropped to make room
 PEER_SILENT = 1  # not a byte: dropped to make room once older than the silent age
 PEER_CLOSED = 2  # closed without a byte (a port probe): dropped to make room at once
-_HEADER = struct.Struct("<4I")  # associated, refusing, entries used, unused
+_HEADER = struct.Struct("<4I")  # associated, refusing, entries used, turn (0: no worker runs in the slot)
 _ENTRY = struct.Struct(f"<I{ADDRESS_BYTES}sdBB2x")  # id, address, accepted_at, peer, claimed
 SLOT_BYTES = _HEADER.size + ENTRIES_PER_SLOT * _ENTRY.size
 FD_ENV = "DICOMROUTER_SHARED_COUNTS_FD"  # the inherited descriptor, as a worker finds it
@@ -95,9 +98,16 @@ class SharedCounts:
         if fd is None or slots is None:
             return None
         table = cls(int(fd), int(slots), own_slot)
-        with table.locked():
-            table.clear(own_slot)  # a predecessor in this slot may have died mid-publication
+        table.start_serving()
         return table
+
+    def start_serving(self) -> None:
+        """This worker's slot, fresh (a predecessor may have died mid-publication), and marked as served:
+        it takes connections from now on, after those that already did."""
+        assert self.own_slot is not None
+        with self.locked():
+            self.clear(self.own_slot)
+            self.took_connection()
 
     def environment(self) -> dict[str, str]:
         """What a worker started with `pass_fds=(self.fd,)` needs in its environment."""
@@ -195,7 +205,28 @@ class SharedCounts:
                 entry.peer,
                 0,
             )
-        _HEADER.pack_into(self._map, offset, associated, refusing, len(waiting), 0)
+        turn = _HEADER.unpack_from(self._map, offset)[3]
+        _HEADER.pack_into(self._map, offset, associated, refusing, len(waiting), turn)
+
+    def next_to_accept(self) -> bool:
+        """Whether this worker should take the connection waiting on the shared port: the one holding
+        the fewest connections (associated and waiting) takes it, the one that took one least recently
+        among equals. Slots no worker runs in are skipped."""
+        assert self.own_slot is not None
+        ranks = []
+        for slot in range(self.slots):
+            associated, _, used, turn = _HEADER.unpack_from(self._map, slot * SLOT_BYTES)
+            if turn or slot == self.own_slot:
+                ranks.append((associated + used, turn, slot))
+        return min(ranks)[2] == self.own_slot
+
+    def took_connection(self) -> None:
+        """This worker took a connection: its turn goes after everyone else's."""
+        assert self.own_slot is not None
+        offset = self.own_slot * SLOT_BYTES
+        latest = max(_HEADER.unpack_from(self._map, slot * SLOT_BYTES)[3] for slot in range(self.slots))
+        associated, refusing, used, _ = _HEADER.unpack_from(self._map, offset)
+        _HEADER.pack_into(self._map, offset, associated, refusing, used, latest % 0xFFFFFFFE + 1)
 
     def clear(self, slot: int) -> None:
         """Forget what the worker in `slot` held (it died)."""

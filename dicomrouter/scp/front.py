@@ -9,6 +9,7 @@ the standard reason, one log line and one audit row.
 
 from __future__ import annotations
 
+import socket
 import ssl
 import time
 from dataclasses import dataclass, field
@@ -60,9 +61,9 @@ class DicomFront:
     host: str | None = None  # override config (tests bind 127.0.0.1:0)
     port: int | None = None
     audit: AuditTrail | NoAudit = field(default_factory=NoAudit)
-    # A worker of several: the port shared with the others, and their association counts.
+    # A worker of several: the listening socket its supervisor bound for all, and their association counts.
     shared_counts: SharedCounts | None = None
-    reuse_port: bool = False
+    listen_socket: socket.socket | None = None
     _listener: Listener | None = field(default=None, init=False)
     _tls: ssl.SSLContext | None = field(default=None, init=False)
     rejections: RejectionAggregator | None = field(default=None, init=False)
@@ -92,7 +93,7 @@ class DicomFront:
         self.rejections = RejectionAggregator(self.audit, router.audit.rejection_summary_interval_s).start()
         self._listener = Listener(
             host, port, self.table, self._serve_connection, lambda: self._tls, self._connection_refused,
-            reuse_port=self.reuse_port,
+            shared_socket=self.listen_socket,
         )
         self._listener.start()
         bound = self._listener.address

@@ -354,9 +354,9 @@ def test_every_transfer_syntax_comes_as_the_pacs_holds_it(move_router, clean_ort
 def test_with_two_workers_the_one_the_pacs_calls_hands_the_instances_over(
     move_router, clean_orthanc_farm
 ):
-    """Only worker 0 serves HTTP; the PACS's callback reaches either worker (one port,
-    SO_REUSEPORT). Retrievals repeat until one callback reached worker 1 (each has an even chance:
-    20 in a row on worker 0 is one in a million) and every one must be whole."""
+    """Only worker 0 serves HTTP; the PACS's callback reaches either worker (one
+    port). Retrievals repeat until one callback reached worker 1 (with both idle, the
+    workers take connections in turn) and every one must be whole."""
     router, *_ = move_router
     pacs = clean_orthanc_farm[MOVING_ORTHANC]
     study = upload_study(pacs, patient_id="MOVEWORKERS", series=1, images=3)

@@ -141,6 +141,28 @@ def test_association_limits_hold_across_workers(router):
         time.sleep(0.1)
 
 
+def test_associations_are_spread_over_the_workers(router):
+    """One port for all workers: each connection goes to the worker holding the fewest, in turn among
+    equals (SO_REUSEPORT's hash put three of four modalities on one worker about half the time)."""
+    held = hold_associations(router.port, "WORKSTATION", MAX_ASSOCIATIONS)
+    try:
+        assert len(held) == MAX_ASSOCIATIONS
+        accepted = wait_for_events(router, "association_accepted", MAX_ASSOCIATIONS)
+        by_worker = [sum(r["worker"] == index for r in accepted) for index in range(WORKERS)]
+        # Each takes its half; a worker slow to wake (a loaded machine) passes its turn on after 10 ms.
+        assert min(by_worker) >= MAX_ASSOCIATIONS // WORKERS - 1, by_worker
+    finally:
+        for peer in held:
+            peer.close()
+
+
+def test_callers_arriving_while_a_worker_is_down_are_served(router):
+    """The port stays open in the supervisor: what arrives while a worker is gone waits for the other."""
+    os.kill(wait_for_events(router, "worker_ready", 1, index=1)[-1]["pid"], signal.SIGKILL)
+    assert [echoscu(router.port, "WORKSTATION").returncode for _ in range(4)] == [0] * 4
+    assert wait_for_events(router, "worker_died", 1, index=1), router.log_tail()
+
+
 def test_a_worker_that_keeps_dying_is_restarted_after_growing_pauses(router):
     """Killed again as soon as it is back: restarted at once, then after 1 s, then 2 s (no spinning)."""
     pauses = []

@@ -26,13 +26,11 @@ def tables() -> Iterator[tuple[ConnectionTable, ConnectionTable, SharedCounts]]:
     listener would."""
     supervisor = SharedCounts.create(2)
     limits = ConnectionLimits.for_associations(MAX_ASSOCIATIONS, PER_ADDRESS)
+    shared = [SharedCounts(supervisor.fd, 2, slot) for slot in (0, 1)]
+    for counts in shared:  # as each worker does when it starts
+        counts.start_serving()
     first, second = (
-        ConnectionTable(
-            lambda: limits,
-            lambda address: address == "10.0.0.1",
-            SharedCounts(supervisor.fd, 2, slot),
-        )
-        for slot in (0, 1)
+        ConnectionTable(lambda: limits, lambda address: address == "10.0.0.1", counts) for counts in shared
     )
     stop = threading.Event()
 
@@ -139,3 +137,26 @@ def test_each_worker_runs_its_share_of_the_forwarding_lanes(tmp_path, configured
         == config.router.forwarding
     )
     assert isinstance(shared.router.forwarding, ForwardingConfig)
+
+
+def test_the_worker_holding_fewest_takes_the_next_connection_then_turns_alternate(tables, peers):
+    """One listening socket for every worker: the table names who takes the next connection."""
+    first, second, supervisor = tables
+    # Both idle: the one that took a connection least recently (worker 0 started first).
+    assert [first.next_to_accept(), second.next_to_accept()] == [True, False]
+    first.took_connection()
+    assert [first.next_to_accept(), second.next_to_accept()] == [False, True]
+    second.took_connection()
+    assert [first.next_to_accept(), second.next_to_accept()] == [True, False]
+    # Fewest held wins over whose turn it is.
+    assert first.admit(connect(peers))[0] == "pending"
+    assert [first.next_to_accept(), second.next_to_accept()] == [False, True]
+
+
+def test_a_slot_no_worker_runs_in_never_has_the_turn(tables):
+    first, second, supervisor = tables
+    with supervisor.locked():
+        supervisor.clear(1)  # worker 1 died: until its successor starts, worker 0 takes every connection
+    assert first.next_to_accept()
+    first.took_connection()
+    assert first.next_to_accept()
