@@ -43,6 +43,7 @@ from dicomrouter.dul.dimse import (
     parse_command,
     us,
 )
+from dicomrouter.dul.pdata import FileSlice, iter_pdata_pdus, send_message
 from dicomrouter.dul.pdu import (
     A_ABORT,
     A_RELEASE_RQ,
@@ -54,14 +55,12 @@ from dicomrouter.dul.pdu import (
     ContextResult,
 )
 from dicomrouter.logging import get_logger
-from dicomrouter.net.upper_layer import FileSlice, iter_file_pdus, iter_pdata_pdus
 
 log = get_logger(__name__)
 
 PDV_HEADER_LENGTH = 6  # item length (4), presentation context ID, message control header
 RELEASE_WAIT_S = 2.0  # after A-RELEASE-RP the requestor closes the connection (Sta13)
 OPERATION_JOIN_S = 10.0  # at the end, how long a cancelled operation gets to finish
-ONE_SEND_BYTES = 1024 * 1024  # message parts up to this size go out in one send
 UNRECOGNIZED_OPERATION = 0x0211
 PROCESSING_FAILURE = 0xC000
 SUCCESS, PENDING_STATUSES = 0x0000, (0xFF00, 0xFF01)
@@ -453,19 +452,7 @@ class Association:
         connection = self.connection
         with connection.send_lock:
             connection.sock.settimeout(self.limits.network_timeout_s)
-            parts = b"".join(iter_pdata_pdus(context_id, command, True, max_pdu))
-            if dataset is None:
-                connection.send_locked(parts)
-            elif isinstance(dataset, FileSlice):
-                connection.send_locked(parts)
-                for pdu in iter_file_pdus(context_id, dataset, max_pdu):
-                    connection.send_locked(pdu)
-            elif len(dataset) <= ONE_SEND_BYTES:
-                connection.send_locked(parts + b"".join(iter_pdata_pdus(context_id, dataset, False, max_pdu)))
-            else:
-                connection.send_locked(parts)
-                for pdu in iter_pdata_pdus(context_id, dataset, False, max_pdu):
-                    connection.send_locked(pdu)
+            send_message(connection.sock, context_id, command, dataset, max_pdu)
 
     def respond(
         self,

@@ -20,6 +20,7 @@ from pynetdicom.sop_class import (
 
 from dicomrouter.config import RouterSettings, ServerConfig
 from dicomrouter.dul.dimse import us
+from dicomrouter.dul.pdata import FileSlice
 from dicomrouter.logging import get_logger
 from dicomrouter.net.move_client import (
     MoveProgress,
@@ -32,7 +33,6 @@ from dicomrouter.net.upper_layer import (
     EXPLICIT_VR_LE,
     IMPLICIT_VR_LE,
     NO_DATASET,
-    FileSlice,
     Message,
     MessageLimits,
     UpperLayerError,

@@ -14,8 +14,9 @@ from pathlib import Path
 from dicomrouter.config import RouterSettings, ServerConfig, calling_ae_for
 from dicomrouter.dicom_file import META_HEAD_BYTES, dataset_offset
 from dicomrouter.dul.dimse import us
+from dicomrouter.dul.pdata import FileSlice
 from dicomrouter.net.peer import PeerUnavailable, associate_with
-from dicomrouter.net.upper_layer import FileSlice, Link, UpperLayerError, command_set
+from dicomrouter.net.upper_layer import Link, UpperLayerError, command_set
 
 MAX_CONTEXTS = 128  # presentation contexts one association may propose (PS3.8)
 

@@ -15,7 +15,7 @@ import struct
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
@@ -26,6 +26,7 @@ from dicomrouter.dul.dimse import (
     encode_command,
     us,  # noqa: F401  (re-exported: the requestor's modules use it from here)
 )
+from dicomrouter.dul.pdata import FileSlice, send_message
 from dicomrouter.dul.pdu import (
     A_ABORT,
     A_ASSOCIATE_AC,
@@ -176,63 +177,6 @@ def parse_command(data: bytes) -> dict[int, bytes]:
     return elements
 
 
-def _pdu(context_id: int, fragment: bytes | memoryview, command: bool, last: bool) -> bytes:
-    header = (1 if command else 0) | (2 if last else 0)
-    return (
-        struct.pack(">BxIIBB", P_DATA_TF, len(fragment) + 6, len(fragment) + 2, context_id, header)
-        + fragment
-    )
-
-
-def iter_pdata_pdus(
-    context_id: int, data: bytes | memoryview, command: bool, max_pdu: int
-) -> Iterator[bytes]:
-    """One message part (command or data set) as P-DATA-TF PDUs of at most `max_pdu` bytes (0: any)."""
-    chunk = (
-        max(max_pdu - 6, 1) if max_pdu else len(data) or 1
-    )  # a peer announcing under 7 bytes is broken; never loop
-    for start in range(0, max(len(data), 1), chunk):
-        yield _pdu(context_id, data[start : start + chunk], command, start + chunk >= len(data))
-
-
-def pdata_pdus(context_id: int, data: bytes | memoryview, command: bool, max_pdu: int) -> bytes:
-    return b"".join(iter_pdata_pdus(context_id, data, command, max_pdu))
-
-
-@dataclass(frozen=True)
-class FileSlice:
-    """A data set still in a file: `length` bytes from `offset`, read piece by piece as it is sent."""
-
-    path: Path
-    offset: int
-    length: int
-
-
-FILE_CHUNK_WITHOUT_LIMIT = (
-    1024 * 1024
-)  # a peer announcing no maximum PDU length still gets PDUs of 1 MiB
-
-
-def iter_file_pdus(context_id: int, data: FileSlice, max_pdu: int) -> Iterator[bytes]:
-    """A data set's P-DATA-TF PDUs read from its file as they go out (OSError if the file is shorter)."""
-    chunk = max(max_pdu - 6, 1) if max_pdu else FILE_CHUNK_WITHOUT_LIMIT
-    with open(data.path, "rb") as fp:
-        fp.seek(data.offset)
-        remaining = data.length
-        while True:
-            fragment = fp.read(min(chunk, remaining))
-            if len(fragment) != min(chunk, remaining):
-                raise OSError(f"{data.path} ended {remaining - len(fragment)} bytes early")
-            remaining -= len(fragment)
-            yield _pdu(context_id, fragment, False, remaining == 0)
-            if remaining == 0:
-                return
-
-
-# Message parts up to this size go out in one send; larger ones PDU by PDU (no second copy of them).
-ONE_SEND_BYTES = 1024 * 1024
-
-
 # --------------------------------------------------------------------------- the connection
 
 
@@ -292,30 +236,10 @@ class UpperLayer:
             return UpperLayerError("unreachable", self.tls_failure(pending_alert(self.sock, exc)))
         return UpperLayerError("aborted", f"connection lost ({exc})")
 
-    def send_pdata(
-        self, context_id: int, data: bytes | memoryview | FileSlice, command: bool, max_pdu: int
-    ) -> None:
-        """One message part as P-DATA-TF PDUs, fragmented to the peer's maximum length."""
-        with self._send_lock:
-            self.write_pdata(context_id, data, command, max_pdu)
-
     @property
     def send_lock(self) -> threading.Lock:
         """Held across the parts of one message: another thread's PDUs (a C-CANCEL) never land inside it."""
         return self._send_lock
-
-    def write_pdata(
-        self, context_id: int, data: bytes | memoryview | FileSlice, command: bool, max_pdu: int
-    ) -> None:
-        """send_pdata for a caller holding `send_lock`."""
-        if isinstance(data, FileSlice):
-            pdus: Iterable[bytes] = iter_file_pdus(context_id, data, max_pdu)
-        elif len(data) <= ONE_SEND_BYTES:
-            pdus = (pdata_pdus(context_id, data, command, max_pdu),)
-        else:
-            pdus = iter_pdata_pdus(context_id, data, command, max_pdu)
-        for pdu in pdus:
-            self.sock.sendall(pdu)
 
     @property
     def pdata_limit(self) -> int:
@@ -586,9 +510,7 @@ class Link:
         self, context_id: int, command: bytes, dataset: bytes | memoryview | FileSlice | None = None
     ) -> None:
         with self.layer.send_lock:
-            self.layer.write_pdata(context_id, command, True, self.peer_max_pdu)
-            if dataset is not None:
-                self.layer.write_pdata(context_id, dataset, False, self.peer_max_pdu)
+            send_message(self.layer.sock, context_id, command, dataset, self.peer_max_pdu)
 
     def receive_messages(self, timeout_s: float) -> list[Message]:
         """The messages completed by the next PDU (often none); TimeoutError, UpperLayerError."""

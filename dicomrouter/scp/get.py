@@ -34,10 +34,10 @@ from dicomrouter.dul.dimse import (
     text_value,
     us,
 )
+from dicomrouter.dul.pdata import FileSlice
 from dicomrouter.logging import get_logger
 from dicomrouter.net.encoding import decode_identifier
 from dicomrouter.net.get_client import PATIENT_ROOT_GET, STUDY_ROOT_GET, ReceivedInstance
-from dicomrouter.net.upper_layer import FileSlice
 from dicomrouter.reload import ConfigHolder
 from dicomrouter.retrieve.collect import collect_instances
 from dicomrouter.retrieve.mover import UNABLE_TO_PERFORM, MoveTotals

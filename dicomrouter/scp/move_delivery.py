@@ -17,9 +17,9 @@ from dicomrouter.dul.dimse import (
     MOVE_ORIGINATOR_AE,
     MOVE_ORIGINATOR_ID,
 )
+from dicomrouter.dul.pdata import FileSlice
 from dicomrouter.logging import get_logger
 from dicomrouter.net.get_client import ReceivedInstance
-from dicomrouter.net.upper_layer import FileSlice
 from dicomrouter.retrieve.pending import NOT_WANTED, SUCCESS, PendingMove, PendingRetrievals
 from dicomrouter.scp.store import (
     DEFLATED_EXPLICIT_VR_LE,

@@ -62,16 +62,43 @@ def test_message_reader_returns_commands_without_dataset_at_once():
 
 
 def test_a_data_set_in_a_file_goes_out_in_pdus_read_as_they_go(tmp_path):
-    from dicomrouter.net.upper_layer import FileSlice, iter_file_pdus, pdata_pdus, pdvs
+    """A message's PDUs gathered into sendmsg() calls, a data set in a file read a group at a time: the
+    bytes on the wire are those of PDUs built one by one from memory, whatever the socket takes at once."""
+    import socket
+    import threading
 
-    data = bytes(range(256)) * 300  # 76,800 bytes after a 1,000-byte head
+    from dicomrouter.dul.pdata import (
+        GROUP_BYTES,
+        FileSlice,
+        message_groups,
+        pdata_pdus,
+        send_message,
+    )
+    from dicomrouter.net.upper_layer import pdvs
+
+    data = bytes(range(256)) * (3 * GROUP_BYTES // 256 + 77)  # three groups and a bit, after a 1,000-byte head
     path = tmp_path / "instance.dcm"
     path.write_bytes(b"h" * 1000 + data)
-    pdus = list(iter_file_pdus(5, FileSlice(path, 1000, len(data)), max_pdu=16384))  # the PDU body, as negotiated
-    assert all(len(pdu) - 6 <= 16384 for pdu in pdus) and len(pdus) == -(-len(data) // (16384 - 6))
-    assert b"".join(pdus) == pdata_pdus(5, data, False, 16384)  # the same bytes as from memory
-    fragments = [pdvs(pdu[6:])[0] for pdu in pdus]
-    assert [header for _, header, _ in fragments] == [0] * (len(pdus) - 1) + [2]
-    assert b"".join(fragment for _, _, fragment in fragments) == data
+    command = command_set([(0x0100, us(0x0001)), (0x0800, us(0x0000))])
+    expected = pdata_pdus(5, command, True, 16384) + pdata_pdus(5, data, False, 16384)
+    ours, theirs = socket.socketpair()
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # the kernel takes a little at a time
+    received = bytearray()
+    reader = threading.Thread(target=lambda: [received.extend(c) for c in iter(lambda: theirs.recv(65536), b"")])
+    reader.start()
+    send_message(ours, 5, command, FileSlice(path, 1000, len(data)), max_pdu=16384)  # the PDU body, as negotiated
+    ours.close()
+    reader.join()
+    theirs.close()
+    assert bytes(received) == expected
+    pdus, offset = [], 0
+    while offset < len(received):
+        length = int.from_bytes(received[offset + 2 : offset + 6], "big")
+        pdus.append(bytes(received[offset : offset + 6 + length]))
+        offset += 6 + length
+    assert all(len(pdu) - 6 <= 16384 for pdu in pdus) and len(pdus) == 1 + -(-len(data) // (16384 - 6))
+    headers = [pdvs(pdu[6:])[0][1] for pdu in pdus]
+    assert headers == [3] + [0] * (len(pdus) - 2) + [2]  # command (last fragment), then the data set's
     with pytest.raises(OSError):
-        list(iter_file_pdus(5, FileSlice(path, 1000, len(data) + 10), max_pdu=16384))  # the file is shorter
+        for _ in message_groups(5, command, FileSlice(path, 1000, len(data) + 10), max_pdu=16384):
+            pass  # the file is shorter
