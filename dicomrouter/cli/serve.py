@@ -48,9 +48,12 @@ def serve_command(
     configure_logging(log_format, log_level, worker=worker_id)
     log = get_logger("dicomrouter.serve")
     raise_descriptor_limit(log)
-    if role is None and count > 1:
+    if role is None and count > 1:  # the supervisor holds no instance: its allocator stays as it is
         options = ["--log-format", log_format, "--log-level", log_level]
         raise SystemExit(supervise(config, count, options, host, port))
+    from dicomrouter.allocator import keep_large_buffers
+
+    log.debug("allocator_tuned", keeps_large_buffers=keep_large_buffers())
     run_router(config, host, port, role, log)
 
 
