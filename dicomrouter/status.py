@@ -11,8 +11,8 @@ from dicomrouter.config import Config, ServerConfig
 
 # Annotations only: the CLI's quick commands use these helpers without SQLAlchemy or Prometheus.
 if TYPE_CHECKING:
-    from dicomrouter.catalog.models import AuditEvent
-    from dicomrouter.catalog.queries import Catalog
+    from dicomrouter.catalog.plain import Reader
+    from dicomrouter.catalog.reads import AuditRow, StudyLocationRow
     from dicomrouter.metrics import DestinationState
     from dicomrouter.store.queue_report import StudyBacklog
 
@@ -101,7 +101,7 @@ def servers_facts(
     ]
 
 
-def event_dict(event: AuditEvent) -> dict[str, Any]:
+def event_dict(event: AuditRow) -> dict[str, Any]:
     """One audit_events row."""
     return {
         "id": event.id,
@@ -124,7 +124,7 @@ class StudyWhereabouts:
     """Where a study is (servers holding it, instances each) and what of it is still to be delivered."""
 
     study_uid: str
-    rows: list[Any]  # catalog StudyLocationRow
+    rows: list[StudyLocationRow]
     instances: dict[str, int]
     unfinished: list[StudyBacklog]
 
@@ -149,15 +149,13 @@ class StudyWhereabouts:
         }
 
 
-def study_whereabouts(catalog: Catalog, study_uid: str) -> StudyWhereabouts:
-    """Blocking: the catalog's locations of the study and its deliveries not yet done."""
-    from dicomrouter.catalog.queries import instance_counts, study_location_rows
-    from dicomrouter.store.queue_report import study_backlogs_in
+def study_whereabouts(reader: Reader, study_uid: str) -> StudyWhereabouts:
+    """Blocking: the catalog's locations of the study and its deliveries not yet done, in one transaction
+    (the CLI's own reader, or the router's through Catalog.read_plain)."""
+    from dicomrouter.catalog.reads import instance_counts, study_location_rows
+    from dicomrouter.store.queue_report import study_backlogs
 
-    def work(session) -> StudyWhereabouts:  # one transaction: one snapshot, one connection checkout
-        rows = study_location_rows(session, study_uid)
-        instances = instance_counts(session, study_uid)
-        unfinished = [b for b in study_backlogs_in(session, study_uid=study_uid) if b.waiting or b.dead]
-        return StudyWhereabouts(study_uid, rows, instances, unfinished)
-
-    return catalog.read(work)
+    rows = study_location_rows(reader, study_uid)
+    instances = instance_counts(reader, study_uid)
+    unfinished = [b for b in study_backlogs(reader, study_uid=study_uid) if b.waiting or b.dead]
+    return StudyWhereabouts(study_uid, rows, instances, unfinished)

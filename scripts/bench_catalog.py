@@ -68,11 +68,11 @@ def time_where(url: str, samples: int = 300) -> dict[str, float]:
         rng = random.Random(7)
         chosen = [rng.choice(uids) for _ in range(samples)]
         for uid in chosen[:30]:  # warm the connection pool and the statement caches
-            study_whereabouts(catalog, uid)
+            catalog.read_plain(lambda reader, uid=uid: study_whereabouts(reader, uid))
         whereabouts, where_only = [], []
         for uid in chosen:
             started = time.perf_counter()
-            found = study_whereabouts(catalog, uid)
+            found = catalog.read_plain(lambda reader, uid=uid: study_whereabouts(reader, uid))
             whereabouts.append((time.perf_counter() - started) * 1000)
             assert found.rows, f"study {uid} not found"
             started = time.perf_counter()

@@ -52,6 +52,25 @@ def pg_database() -> Iterator[sa.URL]:
         admin.dispose()
 
 
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def catalog_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """An empty database: a SQLite file in a not-yet-existing folder, or a fresh PG schema."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'var' / 'catalog.db'}"
+        return
+    database: sa.URL = request.getfixturevalue("pg_database")
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(database, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+    try:
+        scoped = database.update_query_dict({"options": f"-csearch_path={schema}"})
+        yield scoped.render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as connection:
+            connection.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
+
 
 def upgrade_catalog(config_path: Path) -> None:
     result = subprocess.run(

@@ -13,9 +13,8 @@ import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy.engine import URL, make_url
-
-from dicomrouter.catalog.db import SQLITE_BUSY_TIMEOUT_MS, shown_url
+from dicomrouter.catalog.plain import SQLITE_BUSY_TIMEOUT_MS
+from dicomrouter.catalog.urls import parse_url, shown_url
 from dicomrouter.private_files import create_private_file
 
 
@@ -33,8 +32,8 @@ class BackupResult:
 
 def backup_catalog(url: str, destination: Path, overwrite: bool = False) -> BackupResult:
     """Copy the SQLite catalog at `url` to `destination` (owner-only, one self-contained file)."""
-    parsed = make_url(url)
-    if parsed.get_backend_name() != "sqlite":
+    parsed = parse_url(url)
+    if parsed.backend != "sqlite":
         raise BackupRefused(_not_sqlite(url))
     if not parsed.database or parsed.database == ":memory:" or parsed.database.startswith("file:"):
         raise BackupRefused(f"the catalog {shown_url(url)} is not a database file")
@@ -98,11 +97,8 @@ def _fsync(path: Path) -> None:
 
 
 def _not_sqlite(url: str) -> str:
-    parsed = make_url(url)
     # libpq's own URL, without the password: pg_dump takes it from PGPASSWORD or ~/.pgpass.
-    libpq_url = URL.create(
-        parsed.get_backend_name(), parsed.username, None, parsed.host, parsed.port, parsed.database
-    ).render_as_string(hide_password=False)
+    libpq_url = parse_url(url).without_password()
     return (
         f"the catalog {shown_url(url)} is not SQLite; `db backup` copies only a SQLite catalog. "
         f"Back up a PostgreSQL catalog with PostgreSQL's own tools while the router runs, e.g. "

@@ -8,17 +8,19 @@ import sqlite3
 import threading
 import time
 import weakref
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicomrouter.catalog.plain import SQLITE_BUSY_TIMEOUT_MS, Reader
 from dicomrouter.catalog.urls import shown_url as shown_url  # the CLI imports it from urls
 from dicomrouter.private_files import create_private_file, owner_only
 
-SQLITE_BUSY_TIMEOUT_MS = 30_000
+T = TypeVar("T")
 # Execution option naming how a SQLite transaction begins: IMMEDIATE (default) takes the
 # write lock up front, so a transaction that reads then writes never fails half-way with
 # "database is locked"; DEFERRED suits read-only work and does not block writers.
@@ -55,6 +57,22 @@ def session_factory(engine: Engine) -> sessionmaker[Session]:
 def engine_of(sessions: sessionmaker[Session]) -> Engine:
     """The engine a session factory is bound to (for Core transactions on hot paths)."""
     return sessions.kw["bind"]
+
+
+def reader_of(connection: Connection) -> Reader:
+    """A plain-SQL Reader on `connection`, in its transaction (statements go through its events and errors)."""
+
+    def execute(sql: str, params: Mapping[str, Any]) -> list[tuple]:
+        return [tuple(row) for row in connection.exec_driver_sql(sql, dict(params))]
+
+    paramstyle = connection.dialect.paramstyle
+    return Reader(execute, connection.dialect.name, paramstyle in ("pyformat", "format"))
+
+
+def read_plain(sessions: sessionmaker[Session], work: Callable[[Reader], T]) -> T:
+    """Run plain-SQL read `work` in one transaction of `sessions`; on SQLite it takes no write lock."""
+    with sessions() as session:
+        return work(reader_of(session.connection(execution_options={SQLITE_BEGIN: "DEFERRED"})))
 
 
 def is_sqlite(bind: Engine | Connection) -> bool:

@@ -25,6 +25,9 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
+from dicomrouter.catalog.plain import utc_moment
+from dicomrouter.catalog.states import COMMITMENT_STATES, JOB_STATES
+
 NAMING_CONVENTION = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
     "uq": "uq_%(table_name)s_%(column_0_N_name)s",
@@ -36,7 +39,6 @@ NAMING_CONVENTION = {
 # Strongest evidence first: a study we stored ourselves beats one a server delivered
 # on C-MOVE, which beats one a server merely listed in a C-FIND answer.
 LEARNED_BY = ("stored", "moved", "found")
-JOB_STATES = ("pending", "claimed", "done", "dead")
 
 # 64-bit keys on PostgreSQL; SQLite only auto-increments an INTEGER PRIMARY KEY.
 ID = BigInteger().with_variant(Integer(), "sqlite")
@@ -66,12 +68,8 @@ class UTCDateTime(TypeDecorator[datetime]):
         return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
 
     def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
-        """Attach or convert to UTC."""
-        if value is None:
-            return None
-        if value.tzinfo is None:
-            return value.replace(tzinfo=UTC)
-        return value.astimezone(UTC)
+        """Attach or convert to UTC (as the plain read path does, catalog/plain.py)."""
+        return utc_moment(value)
 
 
 def _in(column: str, values: tuple[str, ...]) -> str:
@@ -315,7 +313,6 @@ class DestinationCapability(Base):
     learned_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
-COMMITMENT_STATES = ("waiting", "reported")
 DESTINATION_COMMITMENT_STATES = ("requested", "committed", "failed")
 
 

@@ -6,24 +6,24 @@ import random
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, TypeVar
 
-from sqlalchemy import Connection, delete, exists, func, insert, select
+from sqlalchemy import Connection, delete, exists, insert, select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicomrouter.catalog.db import SQLITE_BEGIN, engine_of
+from dicomrouter.catalog import reads
+from dicomrouter.catalog.db import SQLITE_BEGIN, engine_of, read_plain
 from dicomrouter.catalog.models import (
     LEARNED_BY,
     AuditEvent,
     Instance,
     InstanceLocation,
-    Series,
     Server,
-    Study,
-    StudyLocation,
     utcnow,
 )
+from dicomrouter.catalog.plain import Reader
+from dicomrouter.catalog.reads import AuditRow, StudyLocationRow
 from dicomrouter.catalog.upserts import (
     ServerSync,
     StoredInstance,
@@ -44,15 +44,6 @@ T = TypeVar("T")
 _TRANSIENT_SQLSTATES = {"40001", "40P01"}  # serialization failure, deadlock detected
 
 
-class StudyLocationRow(NamedTuple):
-    """One server holding a study, as where_study answers it."""
-
-    server_name: str
-    learned_by: str
-    first_seen: datetime
-    last_seen: datetime
-
-
 class Catalog:
     """Catalog reads and writes, each in its own short transaction, safe across threads."""
 
@@ -68,26 +59,17 @@ class Catalog:
 
     def studies_per_server(self) -> dict[str, int]:
         """Number of studies known on every server in the catalog (0 included)."""
-
-        def work(session: Session) -> dict[str, int]:
-            query = (
-                select(Server.name, func.count(StudyLocation.id))
-                .outerjoin(StudyLocation, StudyLocation.server_id == Server.id)
-                .group_by(Server.name)
-            )
-            return {name: count for name, count in session.execute(query)}
-
-        return self._read(work)
+        return self.read_plain(reads.studies_per_server)
 
     # ----------------------------------------------------------------- studies
 
     def where_study(self, study_uid: str) -> list[StudyLocationRow]:
         """The servers known to hold the study, first learned first (deleted ones included)."""
-        return self._read(lambda session: study_location_rows(session, study_uid))
+        return self.read_plain(lambda reader: reads.study_location_rows(reader, study_uid))
 
     def instances_per_server(self, study_uid: str) -> dict[str, int]:
         """How many instances of the study each server acknowledged (servers that hold none left out)."""
-        return self._read(lambda session: instance_counts(session, study_uid))
+        return self.read_plain(lambda reader: reads.instance_counts(reader, study_uid))
 
     def record_study_seen(
         self,
@@ -208,23 +190,13 @@ class Catalog:
         study_uid: str | None = None,
         operation: str | None = None,
         limit: int = 200,
-    ) -> list[AuditEvent]:
+    ) -> list[AuditRow]:
         """The newest `limit` audit events matching every filter given, oldest first."""
-
-        def work(session: Session) -> list[AuditEvent]:
-            query = select(AuditEvent)
-            if since is not None:
-                query = query.where(AuditEvent.at >= since)
-            if calling_ae is not None:
-                query = query.where(AuditEvent.calling_ae == calling_ae)
-            if study_uid is not None:
-                query = query.where(AuditEvent.study_uid == study_uid)
-            if operation is not None:
-                query = query.where(AuditEvent.operation == operation)
-            query = query.order_by(AuditEvent.at.desc(), AuditEvent.id.desc()).limit(limit)
-            return list(reversed(session.scalars(query).all()))
-
-        return self._read(work)
+        return self.read_plain(
+            lambda reader: reads.audit_events(
+                reader, since=since, calling_ae=calling_ae, study_uid=study_uid, operation=operation, limit=limit
+            )
+        )
 
     # ----------------------------------------------------------------- transactions
 
@@ -256,6 +228,10 @@ class Catalog:
         """Run read-only `work` in one transaction: several queries, one snapshot, one round of connecting."""
         return self._read(work)
 
+    def read_plain(self, work: Callable[[Reader], T]) -> T:
+        """Run plain-SQL read `work` (catalog/reads.py, store/queue_report.py) in one transaction."""
+        return read_plain(self.sessions, work)
+
     def _read(self, work: Callable[[Session], T]) -> T:
         """Run read-only `work`; on SQLite it does not take the write lock."""
         with self.sessions() as session:
@@ -264,32 +240,6 @@ class Catalog:
 
 
 # --------------------------------------------------------------------- helpers
-
-
-def study_location_rows(session: Session, study_uid: str) -> list[StudyLocationRow]:
-    """Catalog.where_study inside the caller's transaction."""
-    query = (
-        select(Server.name, StudyLocation.learned_by, StudyLocation.first_seen, StudyLocation.last_seen)
-        .join(StudyLocation.server)
-        .join(StudyLocation.study)
-        .where(Study.study_uid == study_uid)
-        .order_by(StudyLocation.first_seen, Server.name)
-    )
-    return [StudyLocationRow(*row) for row in session.execute(query)]
-
-
-def instance_counts(session: Session, study_uid: str) -> dict[str, int]:
-    """Catalog.instances_per_server inside the caller's transaction."""
-    query = (
-        select(Server.name, func.count(InstanceLocation.id))
-        .join(InstanceLocation.server)
-        .join(InstanceLocation.instance)
-        .join(Instance.series)
-        .join(Series.study)
-        .where(Study.study_uid == study_uid)
-        .group_by(Server.name)
-    )
-    return {name: count for name, count in session.execute(query)}
 
 
 def audit_values(

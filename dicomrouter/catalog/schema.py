@@ -7,10 +7,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sqlalchemy import Connection, Engine, inspect, text
+from sqlalchemy import Engine
 from sqlalchemy.engine import URL
 
-from dicomrouter.catalog.db import SQLITE_BEGIN, is_sqlite, make_engine
+from dicomrouter.catalog.db import SQLITE_BEGIN, is_sqlite, make_engine, reader_of
+from dicomrouter.catalog.plain import database_revision
+from dicomrouter.catalog.revision import SCHEMA_REVISION as SCHEMA_REVISION
+from dicomrouter.catalog.revision import SchemaNeedsUpgrade as SchemaNeedsUpgrade
+from dicomrouter.catalog.revision import require_revision
 
 # Alembic loads only to migrate, or to explain a schema that is not current: the router and
 # every CLI command check the revision on each start, and that check must stay cheap.
@@ -18,14 +22,7 @@ if TYPE_CHECKING:
     from alembic.config import Config
 
 MIGRATIONS = Path(__file__).resolve().with_name("migrations")
-# The newest revision in migrations/versions (tests/unit/test_catalog.py keeps the two equal).
-SCHEMA_REVISION = "0009"
-UPGRADE_HINT = "run: dicomrouter --config FILE db upgrade"
 _UPGRADE_LOCK_ID = 0x44434D52  # "DCMR": advisory lock serialising upgrades on PostgreSQL
-
-
-class SchemaNeedsUpgrade(Exception):
-    """The catalog database is not at the revision this release of dicomrouter needs."""
 
 
 def alembic_config() -> Config:
@@ -99,31 +96,5 @@ def require_current_schema(engine_or_url: Engine | str | URL) -> None:
     """Raise SchemaNeedsUpgrade unless the database is exactly at the head revision."""
     with _engine(engine_or_url) as engine, engine.connect() as connection:
         connection = connection.execution_options(**{SQLITE_BEGIN: "DEFERRED"})
-        if database_revision(connection) == SCHEMA_REVISION:
-            return
-    from alembic.script import ScriptDirectory
-    from alembic.util import CommandError
-
-    current, head = schema_state(engine_or_url)
-    if current == head:
-        return
-    if current is None:
-        raise SchemaNeedsUpgrade(f"the catalog database has no schema yet; {UPGRADE_HINT}")
-    try:
-        ScriptDirectory.from_config(alembic_config()).get_revision(current)
-    except CommandError:
-        raise SchemaNeedsUpgrade(
-            f"the catalog database is at revision {current}, which this release does not know"
-            f" (it expects {head}); a newer dicomrouter migrated it: upgrade dicomrouter"
-        ) from None
-    raise SchemaNeedsUpgrade(
-        f"the catalog database is at revision {current}, this release needs {head}; {UPGRADE_HINT}"
-    )
-
-
-def database_revision(connection: Connection) -> str | None:
-    """The revision recorded in alembic_version, read without Alembic; None for an empty database."""
-    if not inspect(connection).has_table("alembic_version"):
-        return None
-    revisions = connection.execute(text("SELECT version_num FROM alembic_version")).scalars().all()
-    return revisions[0] if len(revisions) == 1 else None
+        current = database_revision(reader_of(connection))
+    require_revision(current)

@@ -7,7 +7,7 @@ from datetime import datetime
 
 import click
 
-from dicomrouter.cli.common import CliState, open_catalog, pass_state, print_table
+from dicomrouter.cli.common import CliState, catalog_reader, pass_state, print_table
 from dicomrouter.status import event_dict, parse_since
 
 
@@ -31,11 +31,13 @@ def audit_command(
     operation: str | None, limit: int, as_json: bool,
 ) -> None:
     """The audit trail: associations, DICOM operations, CLI config changes, dead letters."""
+    from dicomrouter.catalog.reads import audit_events
+
     since_at = _since(since) if since else None
-    catalog = open_catalog(state.config(), must_exist=True)
-    events = catalog.audit_events(
-        since=since_at, calling_ae=calling_ae, study_uid=study_uid, operation=operation, limit=limit
-    )
+    with catalog_reader(state.config()) as reader:
+        events = audit_events(
+            reader, since=since_at, calling_ae=calling_ae, study_uid=study_uid, operation=operation, limit=limit
+        )
     if as_json:
         click.echo(json.dumps([event_dict(e) for e in events], indent=2))
         return

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from dicomrouter.cli.common import CliState, open_catalog, pass_state, print_table
+from dicomrouter.cli.common import CliState, catalog_reader, pass_state, print_table
 
 
 @click.group("db")
@@ -20,10 +20,21 @@ def db_group() -> None:
 @pass_state
 def db_upgrade(state: CliState) -> None:
     """Create or migrate the catalog schema to the version this release needs."""
+    from dicomrouter.catalog.plain import open_reader
+    from dicomrouter.catalog.revision import SCHEMA_REVISION
+
+    config = state.config()
+    try:  # the usual answer, without loading SQLAlchemy and Alembic
+        with open_reader(config.router.catalog):
+            pass
+    except Exception:  # not current, or not readable so: Alembic tells below
+        pass
+    else:
+        click.echo(f"catalog already at {SCHEMA_REVISION}")
+        return
     from dicomrouter.catalog.db import make_engine
     from dicomrouter.catalog.schema import schema_state, upgrade
 
-    config = state.config()
     engine = make_engine(config.router.catalog)
     try:
         before, head = schema_state(engine)
@@ -68,9 +79,8 @@ def where(state: CliState, study_uid: str, as_json: bool) -> None:
     """The servers holding a study, with instance counts, and its deliveries not yet done."""
     from dicomrouter.status import age, study_whereabouts
 
-    config = state.config()
-    catalog = open_catalog(config, must_exist=True)
-    whereabouts = study_whereabouts(catalog, study_uid)
+    with catalog_reader(state.config()) as reader:
+        whereabouts = study_whereabouts(reader, study_uid)
     rows, instances, unfinished = whereabouts.rows, whereabouts.instances, whereabouts.unfinished
     if as_json:
         click.echo(json.dumps(whereabouts.as_dict(), indent=2))

@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 import click
 
-from dicomrouter.cli.common import CliState, open_catalog, pass_state, print_table
+from dicomrouter.cli.common import CliState, catalog_reader, pass_state, print_table
+
+if TYPE_CHECKING:
+    from dicomrouter.catalog.reads import CommitmentRow
 
 
 def _when(value: datetime | None) -> str | None:
     return value.astimezone().strftime("%Y-%m-%d %H:%M:%S") if value else None
 
 
-def _row(request) -> dict:
+def _row(request: CommitmentRow) -> dict:
     return {
         "transaction_uid": request.transaction_uid,
         "calling_ae": request.calling_ae,
@@ -50,10 +54,10 @@ def commitments_group() -> None:
 @pass_state
 def commitments_list(state: CliState, pending: bool, limit: int, as_json: bool) -> None:
     """The newest storage commitment requests, what was reported and why an instance failed."""
-    from dicomrouter.store.commitments import CommitmentStore
+    from dicomrouter.catalog.reads import commitment_requests
 
-    catalog = open_catalog(state.config(), must_exist=True)
-    requests = CommitmentStore(catalog.sessions, "cli").list_requests(pending, limit)
+    with catalog_reader(state.config()) as reader:
+        requests = commitment_requests(reader, pending, limit)
     if as_json:
         click.echo(json.dumps([_row(r) for r in requests], indent=2))
         return

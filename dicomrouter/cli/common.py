@@ -6,7 +6,8 @@ import getpass
 import os
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -19,6 +20,7 @@ from dicomrouter.printable import printable
 # Commands import what they need when they run: `--help` and the commands that only read
 # the config or the catalog must not pay for SQLAlchemy, pydicom, pynetdicom or aiohttp.
 if TYPE_CHECKING:
+    from dicomrouter.catalog.plain import Reader
     from dicomrouter.catalog.queries import Catalog
     from dicomrouter.config import Config, ServerConfig
 
@@ -57,28 +59,66 @@ pass_state = click.make_pass_decorator(CliState)
 def open_catalog(
     config: Config, must_exist: bool = False, consequence: str = "study counts unknown"
 ) -> Catalog | None:
-    """The catalog service for `config`, or None (with a note) when its schema is not ready."""
+    """The catalog service for `config`, or None (with a note) when its schema is not ready.
+
+    For commands that write; those that only read take `catalog_reader`, which spares them SQLAlchemy.
+    """
     from dicomrouter.catalog.db import make_engine, session_factory
     from dicomrouter.catalog.queries import Catalog
-    from dicomrouter.catalog.schema import SchemaNeedsUpgrade, require_current_schema
-    from dicomrouter.catalog.urls import shown_url
+    from dicomrouter.catalog.schema import require_current_schema
 
     engine = make_engine(config.router.catalog)
     try:
         require_current_schema(engine)
-    except SchemaNeedsUpgrade as exc:
+    except Exception as exc:
         engine.dispose()
+        _catalog_unusable(config, exc, must_exist, consequence)
+        return None
+    return Catalog(session_factory(engine))
+
+
+@contextmanager
+def catalog_reader(config: Config) -> Iterator[Reader]:
+    """Plain-SQL reads of the catalog in one transaction, without SQLAlchemy (quick read commands);
+    a ClickException when its schema is not ready or it cannot be opened."""
+    with _catalog_reader(config, must_exist=True, consequence="") as reader:
+        assert reader is not None
+        yield reader
+
+
+@contextmanager
+def optional_catalog_reader(config: Config, consequence: str = "study counts unknown") -> Iterator[Reader | None]:
+    """`catalog_reader` for a command that does without the catalog: None (with a note) when it cannot read it."""
+    with _catalog_reader(config, must_exist=False, consequence=consequence) as reader:
+        yield reader
+
+
+@contextmanager
+def _catalog_reader(config: Config, must_exist: bool, consequence: str) -> Iterator[Reader | None]:
+    from dicomrouter.catalog.plain import open_reader
+
+    with ExitStack() as stack:
+        try:
+            reader = stack.enter_context(open_reader(config.router.catalog))
+        except Exception as exc:
+            _catalog_unusable(config, exc, must_exist, consequence)
+            reader = None
+        yield reader
+
+
+def _catalog_unusable(config: Config, exc: Exception, must_exist: bool, consequence: str) -> None:
+    """Why the catalog cannot be used: an error for a command that needs it, else a note (and go on)."""
+    from dicomrouter.catalog.revision import SchemaNeedsUpgrade
+    from dicomrouter.catalog.urls import shown_url
+
+    if isinstance(exc, SchemaNeedsUpgrade):
         if must_exist:
             raise click.ClickException(f"{exc} (config: {config.path})") from None
         click.echo(f"note: catalog not ready ({exc}); {consequence}", err=True)
-        return None
-    except Exception as exc:  # database unreachable: counts are a nicety, not a must
-        engine.dispose()
-        if must_exist:
-            raise click.ClickException(f"cannot open the catalog {shown_url(config.router.catalog)}: {exc}") from None
+    elif must_exist:
+        raise click.ClickException(f"cannot open the catalog {shown_url(config.router.catalog)}: {exc}") from None
+    else:  # database unreachable: counts are a nicety, not a must
         click.echo(f"note: catalog unavailable ({exc.__class__.__name__}); {consequence}", err=True)
-        return None
-    return Catalog(session_factory(engine))
 
 
 def server_argument(config: Config, text: str) -> ServerConfig:

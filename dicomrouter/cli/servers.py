@@ -10,7 +10,7 @@ from dicomrouter import registry
 from dicomrouter.cli.common import (
     CliState,
     apply_edit,
-    open_catalog,
+    optional_catalog_reader,
     pass_state,
     print_table,
     server_argument,
@@ -21,8 +21,11 @@ from dicomrouter.status import server_dict
 
 
 def _studies(config: Config) -> dict[str, int] | None:
-    catalog = open_catalog(config)
-    return catalog.studies_per_server() if catalog else None
+    """Studies held per server name; None (with a note) when the catalog cannot tell."""
+    from dicomrouter.catalog.reads import studies_per_server
+
+    with optional_catalog_reader(config) as reader:
+        return studies_per_server(reader) if reader is not None else None
 
 
 def _run_edit(state: CliState, change, name: str) -> None:
@@ -156,9 +159,9 @@ def delete(state: CliState, name: str) -> None:
     """Soft-delete (studies recorded on it) or remove (none) a server."""
     config = state.config()
     name = server_argument(config, name).name
-    catalog = open_catalog(config)
+    counts = _studies(config)
     # Without a catalog we cannot know it holds nothing: keep it, soft-deleted.
-    held = catalog.studies_per_server().get(name, 0) if catalog else None
+    held = counts.get(name, 0) if counts is not None else None
     _run_edit(state, lambda doc: registry.delete_server(doc, name, held), name)
 
 

@@ -7,11 +7,22 @@ import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
-from dicomrouter.cli.common import CliState, pass_state, print_table, server_argument
+from dicomrouter.cli.common import (
+    CliState,
+    catalog_reader,
+    pass_state,
+    print_table,
+    server_argument,
+)
 from dicomrouter.status import age
+
+if TYPE_CHECKING:
+    from dicomrouter.catalog.plain import Reader
+    from dicomrouter.store.queue_report import JobRow
 
 
 def utcnow() -> datetime:
@@ -43,14 +54,19 @@ def queue_group() -> None:
 @pass_state
 def queue_list(state: CliState, instances: bool, dead: bool, study_uid: str | None, limit: int, as_json: bool) -> None:
     """What waits to be forwarded: per destination and per study (per instance with --instances)."""
+    with catalog_reader(state.config()) as reader:
+        _print_queue(reader, instances, dead, study_uid, limit, as_json)
+
+
+def _print_queue(
+    reader: Reader, instances: bool, dead: bool, study_uid: str | None, limit: int, as_json: bool
+) -> None:
     from dicomrouter.store import queue_report
 
-    app = _app(state)
-    sessions = app.queue.sessions
-    counts = app.queue.counts()
+    counts = queue_report.job_counts(reader)
     now = utcnow()
     if instances or dead:
-        jobs = queue_report.instance_jobs(sessions, dead=dead, study_uid=study_uid, limit=limit)
+        jobs = queue_report.instance_jobs(reader, dead=dead, study_uid=study_uid, limit=limit)
         if as_json:
             click.echo(json.dumps({"instances": [_job_dict(j) for j in jobs], "counts": counts}, indent=2))
             return
@@ -66,8 +82,8 @@ def queue_list(state: CliState, instances: bool, dead: bool, study_uid: str | No
             ],
         )
     else:
-        destinations = [] if study_uid else queue_report.destination_backlogs(sessions)
-        studies = queue_report.study_backlogs(sessions, study_uid=study_uid, limit=limit)
+        destinations = [] if study_uid else queue_report.destination_backlogs(reader)
+        studies = queue_report.study_backlogs(reader, study_uid=study_uid, limit=limit)
         if as_json:
             click.echo(json.dumps({
                 "destinations": [d.as_dict() for d in destinations],
@@ -110,7 +126,7 @@ def queue_list(state: CliState, instances: bool, dead: bool, study_uid: str | No
     click.echo(f"\nqueue: {summary}")
 
 
-def _job_dict(job) -> dict:
+def _job_dict(job: JobRow) -> dict:
     return {
         "id": job.id, "destination": job.destination, "state": job.state, "attempts": job.attempts,
         "queued_at": job.created_at.isoformat(), "next_attempt_at": job.next_attempt_at.isoformat(),

@@ -29,7 +29,7 @@ def read_servers(deps: HttpDeps) -> list[dict]:
 
 def read_queue(deps: HttpDeps) -> list[dict]:
     """Blocking: per destination, what waits, since when, why, whether it is suspended and answers."""
-    backlogs = {b.destination: b for b in destination_backlogs(deps.queue.sessions)}
+    backlogs = {b.destination: b for b in deps.catalog.read_plain(destination_backlogs)}
     health = _health(deps)
     names = [s.name for s in deps.holder.current.live_servers()]
     names += sorted(set(backlogs) - set(names))
@@ -76,7 +76,9 @@ def add_routes(app: web.Application, deps: HttpDeps) -> None:
     async def study(request: web.Request) -> web.Response:
         require_role(request, "admin")
         study_uid = request.match_info["study_uid"]
-        whereabouts = await asyncio.to_thread(study_whereabouts, deps.catalog, study_uid)
+        whereabouts = await asyncio.to_thread(
+            deps.catalog.read_plain, lambda reader: study_whereabouts(reader, study_uid)
+        )
         if not whereabouts.found:
             raise web.HTTPNotFound(
                 text=f"study {study_uid} is not in the catalog and has no deliveries\n"

@@ -17,6 +17,7 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicomrouter.catalog.db import read_plain
 from dicomrouter.catalog.models import (
     CommitmentRequest,
     DestinationCommitment,
@@ -25,10 +26,11 @@ from dicomrouter.catalog.models import (
     InstanceLocation,
     Server,
 )
+from dicomrouter.catalog.reads import CommitmentRow, commitment_requests
+from dicomrouter.catalog.states import REPORTED, WAITING
 from dicomrouter.config import Config
 from dicomrouter.net.commitment_client import NO_SUCH_INSTANCE, PROCESSING_FAILURE, Referenced
 
-WAITING, REPORTED = "waiting", "reported"
 OPEN_JOB_STATES = ("pending", "claimed")
 
 
@@ -223,12 +225,11 @@ class CommitmentStore:
                 )
             )
 
-    def list_requests(self, pending_only: bool, limit: int = 200) -> list[CommitmentRequest]:
-        with self.sessions() as session:
-            query = select(CommitmentRequest).order_by(CommitmentRequest.id.desc()).limit(limit)
-            if pending_only:
-                query = query.where(CommitmentRequest.state == WAITING)
-            return list(session.scalars(query))
+    def list_requests(self, pending_only: bool, limit: int = 200) -> list[CommitmentRow]:
+        """The newest requests, newest first (as `commitments list` shows them)."""
+        return read_plain(
+            self.sessions, lambda reader: commitment_requests(reader, pending_only, limit)
+        )
 
     # ------------------------------------------------------------------ the router's own requests
 

@@ -22,11 +22,11 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicomrouter.catalog.db import SQLITE_BEGIN, engine_of
+from dicomrouter.catalog.db import SQLITE_BEGIN, engine_of, read_plain
 from dicomrouter.catalog.models import ForwardJob
+from dicomrouter.catalog.states import CLAIMED, DEAD, DONE, PENDING
 from dicomrouter.config import ForwardingConfig
-
-PENDING, CLAIMED, DONE, DEAD = "pending", "claimed", "done", "dead"
+from dicomrouter.store.queue_report import job_counts
 
 # Statements on the C-STORE path, built once so SQLAlchemy reuses their compiled form.
 _INSERT_JOB = insert(ForwardJob.__table__)
@@ -307,17 +307,8 @@ class ForwardQueue:
             ) or 0
 
     def counts(self) -> dict[str, int]:
-        with self.sessions() as session:
-            rows = session.execute(select(ForwardJob.state, func.count()).group_by(ForwardJob.state)).all()
-        return {state: count for state, count in rows}
-
-    def list_jobs(self, dead: bool, limit: int = 200) -> list[ForwardJob]:
-        states = (DEAD,) if dead else (PENDING, CLAIMED)
-        with self.sessions() as session:
-            query = select(ForwardJob).where(ForwardJob.state.in_(states)).order_by(ForwardJob.id).limit(limit)
-            jobs = list(session.scalars(query))
-            session.expunge_all()
-            return jobs
+        """How many jobs are in each state (as `queue list` shows them)."""
+        return read_plain(self.sessions, job_counts)
 
     def retry(self, job_id: int | None = None, all_dead: bool = False) -> int:
         """Put dead (or waiting) jobs back to pending now, attempts reset."""

@@ -1,4 +1,8 @@
-"""What the forwarding queue holds, summed per destination and per study, for `queue list` and `catalog where`."""
+"""What the forwarding queue holds, summed per destination and per study, for `queue list` and `catalog where`.
+
+Plain SQL on a `catalog.plain.Reader`: the CLI reads without SQLAlchemy, the HTTP API and the
+status page through Catalog.read_plain.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +10,13 @@ from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select
-from sqlalchemy.orm import Session, sessionmaker
+from dicomrouter.catalog.plain import Reader, utc_moment
+from dicomrouter.catalog.states import CLAIMED, DEAD, DONE, PENDING
 
-from dicomrouter.catalog.db import SQLITE_BEGIN
-from dicomrouter.catalog.models import ForwardDestination, ForwardJob
-from dicomrouter.store.queue import CLAIMED, DEAD, DONE, PENDING
+
+def _states(*states: str) -> str:
+    """States as SQL literals: SQLite uses a partial index only for a condition written out."""
+    return ", ".join(f"'{state}'" for state in states)
 
 
 @dataclass
@@ -64,104 +69,94 @@ class StudyBacklog:
         return data
 
 
-def _read(sessions: sessionmaker[Session]) -> Session:
-    session = sessions()
-    session.connection(execution_options={SQLITE_BEGIN: "DEFERRED"})
-    return session
+@dataclass(frozen=True)
+class JobRow:
+    """One forwarding job as `queue list --instances` shows it (columns of models.ForwardJob)."""
+
+    id: int
+    destination: str
+    state: str
+    attempts: int
+    created_at: datetime
+    next_attempt_at: datetime
+    header: dict[str, Any]
+    sop_instance_uid: str
+    last_error: str | None
+    claimed_by: str | None
 
 
 def _older(a: datetime | None, b: datetime | None) -> datetime | None:
     return min((x for x in (a, b) if x is not None), default=None)
 
 
-def destination_backlogs(sessions: sessionmaker[Session]) -> list[DestinationBacklog]:
+def job_counts(reader: Reader) -> dict[str, int]:
+    """How many jobs are in each state (states without any left out)."""
+    return dict(reader.rows("SELECT state, count(*) FROM forward_jobs GROUP BY state"))
+
+
+def destination_backlogs(reader: Reader) -> list[DestinationBacklog]:
     """Every destination with jobs not delivered, or an outage on record, by name."""
-    with _read(sessions) as session:
-        rows = session.execute(
-            select(
-                ForwardJob.destination,
-                ForwardJob.state,
-                func.count(),
-                func.min(ForwardJob.created_at),
-                func.min(ForwardJob.next_attempt_at),
+    rows = reader.rows(
+        "SELECT destination, state, count(*), min(created_at), min(next_attempt_at) FROM forward_jobs"
+        f" WHERE state IN ({_states(PENDING, CLAIMED, DEAD)}) GROUP BY destination, state"
+    )
+    outages = reader.rows(
+        "SELECT destination, unreachable_since, failed_connects, last_error, next_attempt_at, suspended_at,"
+        " suspended_by FROM forward_destinations"
+    )
+    backlogs: dict[str, DestinationBacklog] = {}
+    for destination, state, count, oldest, next_attempt in rows:
+        backlog = backlogs.setdefault(destination, DestinationBacklog(destination))
+        if state == DEAD:
+            backlog.dead = count
+            continue
+        if state == PENDING:
+            backlog.pending = count
+            backlog.next_attempt = utc_moment(next_attempt)
+        else:
+            backlog.sending = count
+        backlog.oldest = _older(backlog.oldest, utc_moment(oldest))
+    for name, unreachable_since, failed_connects, last_error, next_attempt_at, suspended_at, suspended_by in outages:
+        if unreachable_since is not None:
+            backlog = backlogs.setdefault(name, DestinationBacklog(name))
+            backlog.unreachable_since = utc_moment(unreachable_since)
+            backlog.failed_connects = failed_connects
+            backlog.last_error = last_error
+            # The lane's own next try (the jobs' times are only when each may go again).
+            backlog.next_attempt = utc_moment(next_attempt_at) or backlog.next_attempt
+        if suspended_at is not None:
+            backlog = backlogs.setdefault(name, DestinationBacklog(name))
+            backlog.suspended_at = utc_moment(suspended_at)
+            backlog.suspended_by = suspended_by
+    for backlog in backlogs.values():
+        if backlog.last_error is None:
+            states = (PENDING, CLAIMED) if backlog.waiting else (DEAD,)
+            backlog.last_error = reader.scalar(
+                "SELECT last_error FROM forward_jobs"
+                f" WHERE destination = :destination AND state IN ({_states(*states)}) AND last_error IS NOT NULL"
+                " ORDER BY updated_at DESC LIMIT 1",
+                destination=backlog.destination,
             )
-            .where(ForwardJob.state.in_((PENDING, CLAIMED, DEAD)))
-            .group_by(ForwardJob.destination, ForwardJob.state)
-        ).all()
-        outages = {row.destination: row for row in session.scalars(select(ForwardDestination))}
-        backlogs: dict[str, DestinationBacklog] = {}
-        for destination, state, count, oldest, next_attempt in rows:
-            backlog = backlogs.setdefault(destination, DestinationBacklog(destination))
-            if state == DEAD:
-                backlog.dead = count
-                continue
-            if state == PENDING:
-                backlog.pending = count
-                backlog.next_attempt = next_attempt
-            else:
-                backlog.sending = count
-            backlog.oldest = _older(backlog.oldest, oldest)
-        for name, outage in outages.items():
-            if outage.unreachable_since is not None:
-                backlog = backlogs.setdefault(name, DestinationBacklog(name))
-                backlog.unreachable_since = outage.unreachable_since
-                backlog.failed_connects = outage.failed_connects
-                backlog.last_error = outage.last_error
-                # The lane's own next try (the jobs' times are only when each may go again).
-                backlog.next_attempt = outage.next_attempt_at or backlog.next_attempt
-            if outage.suspended_at is not None:
-                backlog = backlogs.setdefault(name, DestinationBacklog(name))
-                backlog.suspended_at = outage.suspended_at
-                backlog.suspended_by = outage.suspended_by
-        for backlog in backlogs.values():
-            if backlog.last_error is None:
-                states = (PENDING, CLAIMED) if backlog.waiting else (DEAD,)
-                backlog.last_error = session.scalar(
-                    select(ForwardJob.last_error)
-                    .where(
-                        ForwardJob.destination == backlog.destination,
-                        ForwardJob.state.in_(states),
-                        ForwardJob.last_error.is_not(None),
-                    )
-                    .order_by(ForwardJob.updated_at.desc())
-                    .limit(1)
-                )
     return sorted(backlogs.values(), key=lambda b: b.destination)
 
 
-def study_backlogs(
-    sessions: sessionmaker[Session], study_uid: str | None = None, limit: int = 200
-) -> list[StudyBacklog]:
+def study_backlogs(reader: Reader, study_uid: str | None = None, limit: int = 200) -> list[StudyBacklog]:
     """Per (destination, study): jobs waiting or dead, oldest first; with `study_uid`, that study's jobs in every state."""
-    with _read(sessions) as session:
-        return study_backlogs_in(session, study_uid, limit)
-
-
-def study_backlogs_in(session: Session, study_uid: str | None = None, limit: int = 200) -> list[StudyBacklog]:
-    """study_backlogs inside the caller's transaction."""
     states = (PENDING, CLAIMED, DEAD) + ((DONE,) if study_uid else ())
-    query = (
-        select(
-            ForwardJob.destination,
-            ForwardJob.study_uid,
-            ForwardJob.state,
-            func.count(),
-            func.min(ForwardJob.created_at),
-            func.max(ForwardJob.last_error),
-        )
-        .where(ForwardJob.state.in_(states))
-        .group_by(ForwardJob.destination, ForwardJob.study_uid, ForwardJob.state)
+    rows = reader.rows(
+        "SELECT destination, study_uid, state, count(*), min(created_at), max(last_error) FROM forward_jobs"
+        f" WHERE state IN ({_states(*states)})"
+        + (" AND study_uid = :study_uid" if study_uid else "")
+        + " GROUP BY destination, study_uid, state",
+        **({"study_uid": study_uid} if study_uid else {}),
     )
-    if study_uid:
-        query = query.where(ForwardJob.study_uid == study_uid)
-    rows = session.execute(query).all()
     backlogs: dict[tuple[str, str | None], StudyBacklog] = {}
     for destination, study, state, count, oldest, last_error in rows:
         backlog = backlogs.setdefault((destination, study), StudyBacklog(destination, study))
         field_name = {PENDING: "pending", CLAIMED: "sending", DEAD: "dead", DONE: "done"}[state]
         setattr(backlog, field_name, count)
         if state != DONE:
-            backlog.oldest = _older(backlog.oldest, oldest)
+            backlog.oldest = _older(backlog.oldest, utc_moment(oldest))
             backlog.last_error = backlog.last_error or last_error
     ordered = sorted(
         backlogs.values(), key=lambda b: (b.oldest is None, b.oldest or datetime.max, b.destination)
@@ -169,17 +164,18 @@ def study_backlogs_in(session: Session, study_uid: str | None = None, limit: int
     return ordered[:limit]
 
 
-def instance_jobs(
-    sessions: sessionmaker[Session], dead: bool, study_uid: str | None = None, limit: int = 200
-) -> list[ForwardJob]:
+def instance_jobs(reader: Reader, dead: bool, study_uid: str | None = None, limit: int = 200) -> list[JobRow]:
     """The jobs themselves, one per instance and destination (waiting, or dead), oldest first."""
     states = (DEAD,) if dead else (PENDING, CLAIMED)
-    query = (
-        select(ForwardJob).where(ForwardJob.state.in_(states)).order_by(ForwardJob.id).limit(limit)
+    rows = reader.rows(
+        "SELECT id, destination, state, attempts, created_at, next_attempt_at, header, sop_instance_uid,"
+        f" last_error, claimed_by FROM forward_jobs WHERE state IN ({_states(*states)})"
+        + (" AND study_uid = :study_uid" if study_uid else "")
+        + " ORDER BY id LIMIT :limit",
+        **({"study_uid": study_uid} if study_uid else {}),
+        limit=limit,
     )
-    if study_uid:
-        query = query.where(ForwardJob.study_uid == study_uid)
-    with _read(sessions) as session:
-        jobs = list(session.scalars(query))
-        session.expunge_all()
-    return jobs
+    return [
+        JobRow(*row[:4], utc_moment(row[4]), utc_moment(row[5]), reader.json(row[6]), *row[7:])
+        for row in rows
+    ]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import threading
-import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -54,24 +53,10 @@ TABLES = {
 # --------------------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """An empty database: a SQLite file in a not-yet-existing folder, or a fresh PG schema."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'var' / 'catalog.db'}"
-        return
-    database: sa.URL = request.getfixturevalue("pg_database")
-    schema = f"t_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(database, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
-    try:
-        scoped = database.update_query_dict({"options": f"-csearch_path={schema}"})
-        yield scoped.render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as connection:
-            connection.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
+@pytest.fixture
+def url(catalog_url: str) -> str:
+    """An empty database on SQLite and on PostgreSQL (tests/conftest.py)."""
+    return catalog_url
 
 
 @pytest.fixture
@@ -344,12 +329,69 @@ def test_queue_report_sums_per_destination_and_study(catalog: Catalog) -> None:
         queue.enqueue(session, jobs)
     retry_at = datetime.now(UTC) + timedelta(seconds=30)
     OutageBook(catalog.sessions).note_unreachable("pacs1", "unreachable: refused", retry_at)
-    by_destination = {b.destination: b for b in destination_backlogs(catalog.sessions)}
+    by_destination = {b.destination: b for b in catalog.read_plain(destination_backlogs)}
     assert (by_destination["pacs1"].pending, by_destination["pacs1"].failed_connects) == (5, 1)
     assert by_destination["pacs1"].last_error == "unreachable: refused"
     assert by_destination["pacs1"].next_attempt == retry_at  # the lane's next try, not the jobs' due times
     assert by_destination["pacs2"].unreachable_since is None and by_destination["pacs2"].pending == 1
-    studies = {(b.destination, b.study_uid): b.pending for b in study_backlogs(catalog.sessions)}
+    studies = {(b.destination, b.study_uid): b.pending for b in catalog.read_plain(study_backlogs)}
     assert studies == {("pacs1", "9.1"): 5, ("pacs2", "9.2"): 1}
-    assert [b.study_uid for b in study_backlogs(catalog.sessions, study_uid="9.2")] == ["9.2"]
-    assert len(instance_jobs(catalog.sessions, dead=False, study_uid="9.1", limit=3)) == 3
+    assert [b.study_uid for b in catalog.read_plain(lambda r: study_backlogs(r, study_uid="9.2"))] == ["9.2"]
+    assert len(catalog.read_plain(lambda r: instance_jobs(r, dead=False, study_uid="9.1", limit=3))) == 3
+
+
+def test_plain_reads_give_what_the_models_give(catalog: Catalog, url: str) -> None:
+    """The read commands read without SQLAlchemy: timestamps, JSON and text come back as the ORM's
+    column types give them, on the CLI's own connection as on the router's."""
+    from dataclasses import astuple, fields
+
+    from dicomrouter.catalog import reads
+    from dicomrouter.catalog.models import CommitmentRequest, StudyLocation
+    from dicomrouter.catalog.plain import open_reader
+    from dicomrouter.store.queue_report import JobRow, instance_jobs
+
+    moment = datetime(2025, 3, 1, 12, 30, 15, 120000, tzinfo=UTC)
+    catalog.record_study_seen("pacs2", "9.9", "found")
+    catalog.add_audit(
+        "store", "success", calling_ae="MOD", servers=["pacs1", "pacs2"], study_uid="9.9",
+        counts={"stored": 2, "why": ["a", 1]}, detail="d\x1b", at=moment,
+    )
+    catalog.add_audit("echo", "success", at=moment.astimezone(timezone(timedelta(hours=5))))
+    with catalog.sessions.begin() as session:
+        session.add(ForwardJob(
+            sop_instance_uid="9.9.1", spool_path="x", sha256="0" * 64, size_bytes=1, destination="pacs1",
+            created_at=moment, next_attempt_at=moment + timedelta(microseconds=1), last_error="é",
+            header={"StudyInstanceUID": "9.9", "n": [1, "a"]}, study_uid="9.9",
+        ))
+        session.add(CommitmentRequest(
+            transaction_uid="2.25.9", calling_ae="MOD", called_ae="R", address="a", instances=[["1.2", "9.9.1"]],
+            received_at=moment, deadline_at=moment + timedelta(hours=1), failures={"9.9.1": [274, "why"]},
+            event_type=2, reported_at=moment + timedelta(seconds=3), reported_how="new association",
+        ))
+    with catalog.sessions() as session:
+        events = session.scalars(sa.select(AuditEvent).order_by(AuditEvent.id)).all()
+        jobs = session.scalars(sa.select(ForwardJob)).all()
+        requests = session.scalars(sa.select(CommitmentRequest)).all()
+        locations = session.scalars(sa.select(StudyLocation)).all()
+        expected = (
+            [tuple(getattr(e, f.name) for f in fields(reads.AuditRow)) for e in events],
+            [tuple(getattr(j, f.name) for f in fields(JobRow)) for j in jobs],
+            [tuple(getattr(r, f.name) for f in fields(reads.CommitmentRow)) for r in requests],
+            [("pacs2", "found", location.first_seen, location.last_seen) for location in locations],
+        )
+
+    def read(reader) -> tuple:
+        return (
+            [astuple(e) for e in reads.audit_events(reader)],
+            [astuple(j) for j in instance_jobs(reader, dead=False)],
+            [astuple(r) for r in reads.commitment_requests(reader, pending_only=True)],
+            [tuple(row) for row in reads.study_location_rows(reader, "9.9")],
+        )
+
+    through_router = catalog.read_plain(read)
+    with open_reader(url) as reader:
+        through_cli = read(reader)
+    assert through_router == expected
+    assert through_cli == expected
+    assert [event[1].isoformat() for event in through_cli[0]] == [e.at.isoformat() for e in events]
+    assert through_cli[0][1][-1] is None  # no counts: JSON null

@@ -18,11 +18,12 @@ import sqlalchemy as sa
 from dicomrouter.catalog.db import make_engine, session_factory
 from dicomrouter.catalog.models import Base, utcnow
 from dicomrouter.catalog.queries import Catalog, StoredInstance, audit_values
+from dicomrouter.catalog.reads import audit_events, commitment_requests
 from dicomrouter.catalog.schema import upgrade
 from dicomrouter.config import ForwardingConfig, parse_config
 from dicomrouter.store.queue import ForwardQueue, NewJob
 from dicomrouter.store.queue_gauges import QueueGaugeReader
-from dicomrouter.store.queue_report import study_backlogs
+from dicomrouter.store.queue_report import destination_backlogs, instance_jobs, study_backlogs
 from dicomrouter.store.receive import delivered_copies
 from tests.support.configs import base_document
 
@@ -109,7 +110,12 @@ def statements_of(engine: sa.Engine) -> list[tuple[str, object]]:
         QueueGaugeReader(sessions).read()
         catalog.where_study("1.2.3")
         catalog.instances_per_server("1.2.3")
-        study_backlogs(sessions, study_uid="1.2.3")
+        catalog.read_plain(lambda reader: study_backlogs(reader, study_uid="1.2.3"))
+        # `queue list` (but its summary counts every job by state), `audit`, `commitments list`
+        catalog.read_plain(destination_backlogs)
+        catalog.read_plain(lambda reader: instance_jobs(reader, dead=True, study_uid="1.2.3"))
+        catalog.read_plain(lambda reader: audit_events(reader, since=utcnow(), study_uid="1.2.3"))
+        catalog.read_plain(lambda reader: commitment_requests(reader, pending_only=True))
         queue.prune_done(timedelta(days=7))
         catalog.prune_audit(utcnow() - timedelta(days=30))
     finally:
