@@ -2,20 +2,28 @@
 
 from __future__ import annotations
 
+import struct
 import time
-from io import BytesIO
 
 import pytest
 from pydicom import Dataset
-from pynetdicom import AE
-from pynetdicom.dimse_primitives import C_FIND
-from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind, Verification
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 from structlog.testing import capture_logs
 
+from dicomrouter.net.upper_layer import parse_command
 from tests.support.configs import base_document, write_document
 from tests.support.find_peers import SilentPeer, SlowFindPeer, dead_port, server_entry
 from tests.support.find_support import edit_config, findscu, running_front, unique, upload_study
 from tests.support.orthanc_fixtures import ROUTER_AE, WORKSTATION_AE
+from tests.support.pdus import (
+    A_RELEASE_RP,
+    IMPLICIT_VR_LE,
+    P_DATA_TF,
+    RELEASE_RQ,
+    find_command,
+    p_data,
+)
+from tests.support.raw_peer import RawPeer
 from tests.support.router_process import run_dcmtk
 
 slow = pytest.mark.slow
@@ -211,35 +219,45 @@ def test_malformed_identifier_is_refused_and_the_router_keeps_serving(clean_orth
     no_level = findscu(front.port, f"PatientID={pid}", debug=True, tmp=tmp_path)
     assert no_level.status == 0xA900
 
-    ae = AE(ae_title=WORKSTATION_AE)
-    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
-    ae.add_requested_context(Verification)
-    assoc = ae.associate("127.0.0.1", front.port, ae_title=ROUTER_AE)
-    assert assoc.is_established
-    try:
-        request = C_FIND()
-        request.MessageID = 7
-        request.AffectedSOPClassUID = StudyRootQueryRetrieveInformationModelFind
-        request.Priority = 2
-        request.Identifier = BytesIO(b"\x08\x00\x52\x00\xff\xff\xff\x7fSTUDY garbage")  # length past the end
-        context = next(c for c in assoc.accepted_contexts if c.abstract_syntax == StudyRootQueryRetrieveInformationModelFind)
-        # Pause the requestor's reactor as pynetdicom's own send_c_* do: otherwise it may take the
-        # response first and drop it as an unexpected message.
-        assoc._reactor_checkpoint.clear()
-        while not assoc._is_paused:
-            time.sleep(0.001)
-        try:
-            assoc.dimse.send_msg(request, context.context_id)
-            _, response = assoc.dimse.get_msg(block=True)
-        finally:
-            assoc._reactor_checkpoint.set()
-        assert response.Status == 0xA900
-        assert assoc.send_c_echo().Status == 0x0000
-    finally:
-        assoc.release()
+    with RawPeer(front.port) as peer:
+        peer.associate(
+            WORKSTATION_AE, ROUTER_AE, abstract_syntax=StudyRootQueryRetrieveInformationModelFind,
+            transfer_syntaxes=(IMPLICIT_VR_LE,),
+        )
+        peer.send(p_data(1, find_command(StudyRootQueryRetrieveInformationModelFind, 7), True))
+        peer.send(p_data(1, b"\x08\x00\x52\x00\xff\xff\xff\x7fSTUDY garbage", False))  # length past the end
+        assert final_find_status(peer) == 0xA900
+        # The association goes on: a well-formed query on it is answered.
+        patient_id = pid.encode() + b" " * (len(pid) % 2)
+        identifier = b"\x08\x00\x52\x00\x06\x00\x00\x00STUDY \x10\x00\x20\x00" + struct.pack("<I", len(patient_id))
+        peer.send(p_data(1, find_command(StudyRootQueryRetrieveInformationModelFind, 8), True))
+        peer.send(p_data(1, identifier + patient_id, False))
+        assert final_find_status(peer) == 0x0000
+        peer.send(RELEASE_RQ)
+        assert peer.read_pdu() == (A_RELEASE_RP, bytes(4))
     assert run_dcmtk("echoscu", "-aet", WORKSTATION_AE, "-aec", ROUTER_AE, "127.0.0.1", str(front.port)).returncode == 0
     good = findscu(front.port, "QueryRetrieveLevel=STUDY", f"PatientID={pid}", tmp=tmp_path)
     assert good.values("StudyInstanceUID") == [study["study"]]
+
+
+def final_find_status(peer: RawPeer) -> int:
+    """The status of the first C-FIND-RSP that is not pending (answers and their identifiers skipped)."""
+    command = b""
+    while (answer := peer.read_pdu(timeout=30)) is not None:
+        assert answer[0] == P_DATA_TF, answer
+        body, offset = answer[1], 0
+        while offset < len(body):
+            length, header = int.from_bytes(body[offset : offset + 4], "big"), body[offset + 5]
+            fragment = body[offset + 6 : offset + 4 + length]
+            offset += 4 + length
+            if header & 1:
+                command += fragment
+                if header & 2:
+                    status = struct.unpack("<H", parse_command(command)[0x0900])[0]
+                    command = b""
+                    if status not in (0xFF00, 0xFF01):
+                        return status
+    raise AssertionError("the router closed the association before its final C-FIND-RSP")
 
 
 # --------------------------------------------------------------------------- cancel, limits, worklist
