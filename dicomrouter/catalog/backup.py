@@ -13,7 +13,7 @@ import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
-from dicomrouter.catalog.plain import SQLITE_BUSY_TIMEOUT_MS
+from dicomrouter.catalog.sqlite import SQLITE_BUSY_TIMEOUT_MS
 from dicomrouter.catalog.urls import parse_url, shown_url
 from dicomrouter.private_files import create_private_file
 

@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import fcntl
 import os
-import sqlite3
-import threading
-import time
 import weakref
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -16,7 +12,8 @@ from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicomrouter.catalog.plain import SQLITE_BUSY_TIMEOUT_MS, Reader
+from dicomrouter.catalog.plain import Reader, Writer
+from dicomrouter.catalog.sqlite import WriteLock, configure_connection, database_file
 from dicomrouter.catalog.urls import shown_url as shown_url  # the CLI imports it from urls
 from dicomrouter.private_files import create_private_file, owner_only
 
@@ -69,6 +66,25 @@ def reader_of(connection: Connection) -> Reader:
     return Reader(execute, connection.dialect.name, paramstyle in ("pyformat", "format"))
 
 
+def writer_of(connection: Connection) -> Writer:
+    """A plain-SQL Writer on `connection`, in its transaction (statements go through its events and errors)."""
+
+    def execute(sql: str, params: Mapping[str, Any]) -> list[tuple]:
+        return [tuple(row) for row in connection.exec_driver_sql(sql, dict(params))]
+
+    def run(sql: str, params: list[dict[str, Any]]) -> int:
+        return connection.exec_driver_sql(sql, params if len(params) > 1 else params[0]).rowcount
+
+    paramstyle = connection.dialect.paramstyle
+    return Writer(execute, run, connection.dialect.name, paramstyle in ("pyformat", "format"))
+
+
+def write_plain(sessions: sessionmaker[Session], work: Callable[[Writer], T]) -> T:
+    """Run plain-SQL write `work` in one write transaction of `sessions` (BEGIN IMMEDIATE on SQLite)."""
+    with engine_of(sessions).begin() as connection:
+        return work(writer_of(connection))
+
+
 def read_plain(sessions: sessionmaker[Session], work: Callable[[Reader], T]) -> T:
     """Run plain-SQL read `work` in one transaction of `sessions`; on SQLite it takes no write lock."""
     with sessions() as session:
@@ -82,10 +98,9 @@ def is_sqlite(bind: Engine | Connection) -> bool:
 
 def _prepare_sqlite_file(url: URL) -> Path | None:
     """The database file owner-only before SQLite creates it; SQLite gives its WAL the same mode."""
-    database = url.database
-    if not database or database == ":memory:" or database.startswith("file:"):
+    path = database_file(url.database)
+    if path is None:
         return None
-    path = Path(database).expanduser().absolute()
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     create_private_file(path)
     for companion in ("-wal", "-shm"):
@@ -93,65 +108,8 @@ def _prepare_sqlite_file(url: URL) -> Path | None:
     return path
 
 
-class WriteLock:
-    """One writer at a time: threads of this process on a lock, processes (a router's workers, the
-    CLI) on a POSIX record lock on `<database>-writers`, which blocks in the kernel and wakes at once
-    instead of sleeping like SQLite's busy handler. Record locks belong to the process, so two engines
-    of one process never wait on each other here (SQLite's busy timeout still orders them), and the
-    kernel drops the lock of a process that dies. Only an optimisation: SQLite's own lock stays the
-    guarantee, so a lost record lock (another descriptor of the file closed) costs waits, not data."""
-
-    def __init__(self, database: Path | None):
-        self._threads = threading.Lock()
-        self.fd: int | None = None
-        if database is not None:
-            path = database.with_name(database.name + "-writers")
-            self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-
-    def acquire(self) -> None:
-        self._threads.acquire()
-        if self.fd is not None:
-            try:
-                fcntl.lockf(self.fd, fcntl.LOCK_EX)
-            except OSError:  # EDEADLK, EINTR...: SQLite's busy timeout takes over
-                pass
-
-    def release(self) -> None:
-        if self.fd is not None:
-            try:
-                fcntl.lockf(self.fd, fcntl.LOCK_UN)
-            except OSError:
-                pass
-        self._threads.release()
-
-
 def _on_sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
-    # Leave transaction control to SQLAlchemy (see _on_sqlite_begin) instead of the
-    # sqlite3 module's legacy mode, which never BEGINs before a SELECT or DDL.
-    dbapi_connection.isolation_level = None
-    cursor = dbapi_connection.cursor()
-    try:
-        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
-        _enable_wal(cursor)
-        cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.execute("PRAGMA synchronous=NORMAL")
-    finally:
-        cursor.close()
-
-
-def _enable_wal(cursor: Any) -> None:
-    """Switch to WAL (persistent in the file); retry, as the switch ignores busy_timeout."""
-    if str(cursor.execute("PRAGMA journal_mode").fetchone()[0]).lower() in ("wal", "memory"):
-        return
-    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_MS / 1000
-    while True:
-        try:
-            cursor.execute("PRAGMA journal_mode=WAL")
-            return
-        except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc) or time.monotonic() > deadline:
-                raise
-            time.sleep(0.02)
+    configure_connection(dbapi_connection)
 
 
 def _on_sqlite_begin(connection: Connection, write_lock: WriteLock) -> None:

@@ -1,29 +1,39 @@
-"""Catalog reads in plain SQL over DB-API, so that the CLI's read commands answer without SQLAlchemy.
+"""Catalog reads and writes in plain SQL over DB-API, so that the CLI's commands answer without SQLAlchemy.
 
-Each read is written once, as SQL text with `:name` parameters (catalog/reads.py,
-store/queue_report.py), and runs on a `Reader`: the CLI's own sqlite3 or psycopg connection
-(`open_reader`), or the router's SQLAlchemy connection (`db.reader_of`). Values come back as the
-models' column types give them: timestamps as aware UTC datetimes, JSON decoded.
+Each statement is written once, as SQL text with `:name` parameters (catalog/reads.py,
+catalog/writes.py, store/queue_report.py, store/queue_actions.py), and runs on a `Reader` or a
+`Writer`: the CLI's own sqlite3 or psycopg connection (`open_reader`, `open_writer`), or the
+router's SQLAlchemy connection (`db.reader_of`, `db.writer_of`). Values come back as the models'
+column types give them (timestamps as aware UTC datetimes, JSON decoded) and go in as they store them.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import sqlite3
+import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 from dicomrouter.catalog.revision import require_revision
+from dicomrouter.catalog.sqlite import (
+    SQLITE_BUSY_TIMEOUT_MS,
+    WriteLock,
+    configure_connection,
+    database_file,
+)
 from dicomrouter.catalog.urls import parse_url
 
-SQLITE_BUSY_TIMEOUT_MS = 30_000
-
+T = TypeVar("T")
 Execute = Callable[[str, Mapping[str, Any]], list[tuple]]
+Run = Callable[[str, list[dict[str, Any]]], int]  # one statement for each parameter set; rows changed
+_TRANSIENT_SQLSTATES = {"40001", "40P01"}  # serialization failure, deadlock detected
 _NAMED = re.compile(r"(?<![:\w]):(\w+)")
 
 
@@ -37,11 +47,7 @@ class Reader:
 
     def rows(self, sql: str, **params: Any) -> list[tuple]:
         """Every row `sql` answers; datetime parameters as the catalog stores them."""
-        if self._pyformat:
-            if "%" in sql:
-                raise ValueError("a literal % in plain SQL: psycopg would read it as a parameter")
-            sql = _NAMED.sub(r"%(\1)s", sql)
-        return self._execute(sql, {name: self._bind(value) for name, value in params.items()})
+        return self._execute(self._statement(sql), self._parameters(params))
 
     def scalar(self, sql: str, **params: Any) -> Any:
         """The first column of the first row, or None."""
@@ -53,6 +59,16 @@ class Reader:
         if self.dialect == "sqlite" and isinstance(value, str | bytes):
             return json.loads(value)
         return value
+
+    def _statement(self, sql: str) -> str:
+        if self._pyformat:
+            if "%" in sql:
+                raise ValueError("a literal % in plain SQL: psycopg would read it as a parameter")
+            sql = _NAMED.sub(r"%(\1)s", sql)
+        return sql
+
+    def _parameters(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        return {name: self._bind(value) for name, value in params.items()}
 
     def _bind(self, value: Any) -> Any:
         if not isinstance(value, datetime):
@@ -66,6 +82,41 @@ class Reader:
             if self.dialect == "sqlite"
             else value
         )
+
+
+class Writer(Reader):
+    """Plain SQL reads and writes in the transaction of the connection it runs on."""
+
+    def __init__(self, execute: Execute, run: Run, dialect: str, pyformat: bool) -> None:
+        super().__init__(execute, dialect, pyformat)
+        self._run = run
+
+    def run(self, sql: str, **params: Any) -> int:
+        """Run a statement that answers no rows; returns how many rows it changed."""
+        return self._run(self._statement(sql), [self._parameters(params)])
+
+    def run_many(self, sql: str, rows: list[Mapping[str, Any]]) -> None:
+        """Run a statement once per parameter set (DB-API executemany)."""
+        if rows:
+            self._run(self._statement(sql), [self._parameters(row) for row in rows])
+
+    @staticmethod
+    def json_value(value: Any) -> str:
+        """A JSON column's value as SQLAlchemy's JSON type stores it: encoded text, None as JSON null."""
+        return json.dumps(value)
+
+
+def transient(error: BaseException) -> bool:
+    """A DB-API error worth running the transaction again for: deadlock, serialization failure, busy SQLite."""
+    if getattr(error, "sqlstate", None) in _TRANSIENT_SQLSTATES:
+        return True
+    message = str(error).lower()
+    return "database is locked" in message or "database is busy" in message
+
+
+def pause_before_retry(attempt: int) -> None:
+    """Back off before running a transaction again, longer after each failed `attempt`, with jitter."""
+    time.sleep(min(0.05 * 2**attempt, 1.0) * random.uniform(0.5, 1.5))
 
 
 def utc_moment(value: datetime | str | None) -> datetime | None:
@@ -112,6 +163,83 @@ def open_reader(url: str) -> Iterator[Reader]:
         require_revision(database_revision(reader))
         yield reader
     finally:
+        close()
+
+
+class Transactions:
+    """Plain SQL transactions one after another on one connection of the CLI's (`open_writer`)."""
+
+    def __init__(self, connection: Any, dialect: str, pyformat: bool, write_lock: WriteLock | None) -> None:
+        self._connection = connection
+        self._write_lock = write_lock
+        cursor = connection.cursor()
+
+        def execute(sql: str, params: Mapping[str, Any]) -> list[tuple]:
+            cursor.execute(sql, params)
+            return cursor.fetchall()
+
+        def run(sql: str, params: list[dict[str, Any]]) -> int:
+            if len(params) == 1:
+                cursor.execute(sql, params[0])
+            else:
+                cursor.executemany(sql, params)
+            return cursor.rowcount
+
+        self._cursor = cursor
+        self.writer = Writer(execute, run, dialect, pyformat)
+
+    def read(self, work: Callable[[Reader], T]) -> T:
+        """Run read-only `work` in one transaction; on SQLite a deferred one, which takes no write lock."""
+        return self._transaction(work, "DEFERRED")
+
+    def write(self, work: Callable[[Writer], T], attempts: int = 1) -> T:
+        """Run `work` in one write transaction, as the router's engine does: on SQLite the writers' lock
+        first, then BEGIN IMMEDIATE. Up to `attempts` times while it fails on a deadlock or lock timeout."""
+        for attempt in range(1, attempts + 1):
+            try:
+                if self._write_lock is None:
+                    return self._transaction(work, "IMMEDIATE")
+                self._write_lock.acquire()
+                try:
+                    return self._transaction(work, "IMMEDIATE")
+                finally:
+                    self._write_lock.release()
+            except Exception as exc:
+                if attempt == attempts or not transient(exc):
+                    raise
+                pause_before_retry(attempt)
+        raise AssertionError("unreachable")
+
+    def _transaction(self, work: Callable[[Writer], T], sqlite_begin: str) -> T:
+        if self.writer.dialect == "sqlite":
+            self._cursor.execute(f"BEGIN {sqlite_begin}")  # the connection is in autocommit mode
+        try:
+            result = work(self.writer)
+        except BaseException:
+            self._connection.rollback()
+            raise
+        self._connection.commit()
+        return result
+
+
+@contextmanager
+def open_writer(url: str) -> Iterator[Transactions]:
+    """Plain SQL transactions on a connection of their own to the catalog at `url`, its schema
+    checked first (SchemaNeedsUpgrade); a SQLite file that does not exist is not created."""
+    connection, dialect, pyformat, close = _connect(url)
+    write_lock = None
+    try:
+        if dialect == "sqlite":
+            database = database_file(parse_url(url).database)
+            if database is not None and database.exists():
+                configure_connection(connection)
+                write_lock = WriteLock(database)
+        transactions = Transactions(connection, dialect, pyformat, write_lock)
+        require_revision(transactions.read(database_revision))
+        yield transactions
+    finally:
+        if write_lock is not None:
+            write_lock.close()
         close()
 
 

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import random
-import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, delete, exists, insert, select
+from sqlalchemy import Connection, delete, exists, select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicomrouter.catalog import reads
-from dicomrouter.catalog.db import SQLITE_BEGIN, engine_of, read_plain
+from dicomrouter.catalog import reads, writes
+from dicomrouter.catalog.db import SQLITE_BEGIN, engine_of, read_plain, writer_of
 from dicomrouter.catalog.models import (
     LEARNED_BY,
     AuditEvent,
@@ -22,7 +20,7 @@ from dicomrouter.catalog.models import (
     Server,
     utcnow,
 )
-from dicomrouter.catalog.plain import Reader
+from dicomrouter.catalog.plain import Reader, pause_before_retry, transient
 from dicomrouter.catalog.reads import AuditRow, StudyLocationRow
 from dicomrouter.catalog.upserts import (
     ServerSync,
@@ -36,12 +34,12 @@ from dicomrouter.catalog.upserts import (
     touch_study_location,
 )
 from dicomrouter.catalog.values import modality_set
+from dicomrouter.catalog.writes import audit_values
 from dicomrouter.config import Config
 
 __all__ = ["Catalog", "ServerSync", "StoredInstance", "StudyLocationRow", "UnknownServer", "audit_values"]
 
 T = TypeVar("T")
-_TRANSIENT_SQLSTATES = {"40001", "40P01"}  # serialization failure, deadlock detected
 
 
 class Catalog:
@@ -152,19 +150,12 @@ class Catalog:
     def add_audit(self, operation: str, outcome: str, **fields: Any) -> int:
         """Append one audit event (fields as `audit_values` takes them) and return its id."""
         values = audit_values(operation, outcome, **fields)
-
-        def work(session: Session) -> int:
-            event = AuditEvent(**values)
-            session.add(event)
-            session.flush()
-            return event.id
-
-        return self._write(work)
+        return self._write(lambda connection: writes.add_audit(writer_of(connection), values), core=True)
 
     def add_audit_rows(self, rows: Sequence[Mapping[str, Any]]) -> None:
         """Append many audit events (each as `audit_values` makes them) in one transaction."""
         if rows:
-            self._write(lambda session: session.execute(insert(AuditEvent), [dict(r) for r in rows]))
+            self._write(lambda connection: writes.add_audit_rows(writer_of(connection), rows), core=True)
 
     def prune_audit(self, before: datetime, batch: int = 5000) -> int:
         """Delete audit rows older than `before`, `batch` per transaction; returns how many."""
@@ -221,7 +212,7 @@ class Catalog:
             except OperationalError as exc:
                 if attempt == self.attempts or not _transient(exc):
                     raise
-                time.sleep(min(0.05 * 2**attempt, 1.0) * random.uniform(0.5, 1.5))
+                pause_before_retry(attempt)
         raise AssertionError("unreachable")
 
     def read(self, work: Callable[[Session], T]) -> T:
@@ -242,41 +233,6 @@ class Catalog:
 # --------------------------------------------------------------------- helpers
 
 
-def audit_values(
-    operation: str,
-    outcome: str,
-    *,
-    calling_ae: str | None = None,
-    called_ae: str | None = None,
-    address: str | None = None,
-    node: str | None = None,
-    servers: Sequence[str] | str | None = None,
-    study_uid: str | None = None,
-    detail: str | None = None,
-    counts: Mapping[str, Any] | None = None,
-    at: datetime | None = None,
-) -> dict[str, Any]:
-    """The column values of one audit_events row."""
-    if servers is not None and not isinstance(servers, str):
-        servers = ",".join(servers)
-    return {
-        "at": at or utcnow(),
-        "calling_ae": calling_ae,
-        "called_ae": called_ae,
-        "address": address,
-        "node": node,
-        "operation": operation,
-        "servers": servers or None,
-        "study_uid": study_uid,
-        "outcome": outcome,
-        "detail": detail,
-        "counts": dict(counts) if counts is not None else None,
-    }
-
-
 def _transient(exc: OperationalError) -> bool:
     """A deadlock, serialization failure or busy SQLite: worth running the transaction again."""
-    if getattr(exc.orig, "sqlstate", None) in _TRANSIENT_SQLSTATES:
-        return True
-    message = str(exc.orig).lower()
-    return "database is locked" in message or "database is busy" in message
+    return transient(exc.orig)

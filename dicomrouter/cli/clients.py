@@ -129,7 +129,7 @@ def remove_client(state: CliState, ae_title: str) -> None:
 @pass_state
 def token_client(state: CliState, ae_title: str) -> None:
     """Make a new HTTP token for a client: printed once, only its sha256 is stored (replaces any old one)."""
-    from dicomrouter.http.auth import new_token
+    from dicomrouter.http.tokens import new_token
 
     if state.config().client(ae_title) is None:
         raise click.ClickException(f"no client with AE title {ae_title!r} (dicomrouter clients add {ae_title} ...)")

@@ -6,11 +6,11 @@ import getpass
 import os
 import socket
 import sys
-from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import click
 
@@ -20,11 +20,13 @@ from dicomrouter.printable import printable
 # Commands import what they need when they run: `--help` and the commands that only read
 # the config or the catalog must not pay for SQLAlchemy, pydicom, pynetdicom or aiohttp.
 if TYPE_CHECKING:
-    from dicomrouter.catalog.plain import Reader
+    from dicomrouter.catalog.plain import Reader, Transactions
     from dicomrouter.catalog.queries import Catalog
     from dicomrouter.config import Config, ServerConfig
 
+T = TypeVar("T")
 EXIT_CONFIG = 2
+AUDIT_ATTEMPTS = 5  # as the router's Catalog: a deadlock or lock timeout runs the insert again
 
 
 class ConfigProblem(click.ClickException):
@@ -61,7 +63,8 @@ def open_catalog(
 ) -> Catalog | None:
     """The catalog service for `config`, or None (with a note) when its schema is not ready.
 
-    For commands that write; those that only read take `catalog_reader`, which spares them SQLAlchemy.
+    For commands that talk DICOM too; the others take `catalog_reader` or `catalog_writer`, which spare
+    them SQLAlchemy.
     """
     from dicomrouter.catalog.db import make_engine, session_factory
     from dicomrouter.catalog.queries import Catalog
@@ -81,7 +84,9 @@ def open_catalog(
 def catalog_reader(config: Config) -> Iterator[Reader]:
     """Plain-SQL reads of the catalog in one transaction, without SQLAlchemy (quick read commands);
     a ClickException when its schema is not ready or it cannot be opened."""
-    with _catalog_reader(config, must_exist=True, consequence="") as reader:
+    from dicomrouter.catalog.plain import open_reader
+
+    with _catalog_connection(config, open_reader, must_exist=True, consequence="") as reader:
         assert reader is not None
         yield reader
 
@@ -89,21 +94,35 @@ def catalog_reader(config: Config) -> Iterator[Reader]:
 @contextmanager
 def optional_catalog_reader(config: Config, consequence: str = "study counts unknown") -> Iterator[Reader | None]:
     """`catalog_reader` for a command that does without the catalog: None (with a note) when it cannot read it."""
-    with _catalog_reader(config, must_exist=False, consequence=consequence) as reader:
+    from dicomrouter.catalog.plain import open_reader
+
+    with _catalog_connection(config, open_reader, must_exist=False, consequence=consequence) as reader:
         yield reader
 
 
 @contextmanager
-def _catalog_reader(config: Config, must_exist: bool, consequence: str) -> Iterator[Reader | None]:
-    from dicomrouter.catalog.plain import open_reader
+def catalog_writer(config: Config) -> Iterator[Transactions]:
+    """Plain-SQL write transactions on the catalog, without SQLAlchemy (quick commands that change it);
+    a ClickException when its schema is not ready or it cannot be opened."""
+    from dicomrouter.catalog.plain import open_writer
 
+    with _catalog_connection(config, open_writer, must_exist=True, consequence="") as transactions:
+        assert transactions is not None
+        yield transactions
+
+
+@contextmanager
+def _catalog_connection(
+    config: Config, open_connection: Callable[[str], AbstractContextManager[T]], must_exist: bool, consequence: str
+) -> Iterator[T | None]:
+    """`open_connection(catalog URL)`, or None (or a ClickException: `must_exist`) when it cannot be opened."""
     with ExitStack() as stack:
         try:
-            reader = stack.enter_context(open_reader(config.router.catalog))
+            connection = stack.enter_context(open_connection(config.router.catalog))
         except Exception as exc:
             _catalog_unusable(config, exc, must_exist, consequence)
-            reader = None
-        yield reader
+            connection = None
+        yield connection
 
 
 def _catalog_unusable(config: Config, exc: Exception, must_exist: bool, consequence: str) -> None:
@@ -140,20 +159,26 @@ def cli_identity() -> str:
 
 def audit_config_change(config: Config, message: str, servers: Sequence[str] = ()) -> None:
     """One audit row for an edit the CLI made; the edit stands even when the row cannot be written."""
-    from dicomrouter.catalog.db import engine_of
+    from dicomrouter.catalog.plain import open_writer
 
-    catalog = open_catalog(config, consequence="the change is not in the audit trail")
-    if catalog is None:
-        return
-    try:
-        catalog.add_audit(
-            "config", "changed", node=cli_identity(), servers=list(servers) or None,
-            detail=f"{message} ({config.path})",
-        )
-    except Exception as exc:
-        click.echo(f"note: audit row not written ({exc.__class__.__name__}); the change was made", err=True)
-    finally:
-        engine_of(catalog.sessions).dispose()
+    consequence = "the change is not in the audit trail"
+    with _catalog_connection(config, open_writer, must_exist=False, consequence=consequence) as catalog:
+        if catalog is None:
+            return
+        try:
+            write_audit(
+                catalog, "config", "changed", servers=list(servers) or None, detail=f"{message} ({config.path})"
+            )
+        except Exception as exc:
+            click.echo(f"note: audit row not written ({exc.__class__.__name__}); the change was made", err=True)
+
+
+def write_audit(catalog: Transactions, operation: str, outcome: str, **fields) -> None:
+    """One audit row for what the CLI did (node: who ran it), retried like the router's audit writes."""
+    from dicomrouter.catalog import writes
+
+    values = writes.audit_values(operation, outcome, node=cli_identity(), **fields)
+    catalog.write(lambda writer: writes.add_audit(writer, values), attempts=AUDIT_ATTEMPTS)
 
 
 def apply_edit(state: CliState, change, servers: Sequence[str] = ()) -> None:

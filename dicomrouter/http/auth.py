@@ -4,35 +4,24 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import hmac
-import secrets
 
 from aiohttp import web
 
 from dicomrouter.config import Config
 from dicomrouter.http.deps import DEPS
+from dicomrouter.http.tokens import new_token as new_token  # tests and older imports
+from dicomrouter.http.tokens import token_sha256
 from dicomrouter.logging import get_logger
 from dicomrouter.routing.access import Caller
 
 log = get_logger(__name__)
 
 REALM = "dicomrouter"
-TOKEN_BYTES = 32
 
 # Resolved once per request: the client (or None) and why there is none.
 _CALLER = web.RequestKey("dicomrouter.caller", Caller | None)
 _PROBLEM = web.RequestKey("dicomrouter.auth_problem", str)
-
-
-def new_token() -> tuple[str, str]:
-    """A random token and its sha256 (hex): the token is shown once, only the hash is kept."""
-    token = secrets.token_urlsafe(TOKEN_BYTES)
-    return token, token_sha256(token)
-
-
-def token_sha256(token: str) -> str:
-    return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
 def _matches(token: str, expected_sha256: str | None) -> bool:

@@ -25,8 +25,8 @@ from dicomrouter.store.acks import AckRecorder
 from dicomrouter.store.capabilities import DestinationCapabilities
 from dicomrouter.store.outages import OutageBook
 from dicomrouter.store.queue import ClaimedJob, ForwardQueue, backoff_s, utcnow
-from dicomrouter.store.queue_actions import Suspensions
 from dicomrouter.store.spool import Spool
+from dicomrouter.store.suspensions import Suspensions
 
 log = get_logger(__name__)
 

@@ -22,10 +22,11 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicomrouter.catalog.db import SQLITE_BEGIN, engine_of, read_plain
+from dicomrouter.catalog.db import SQLITE_BEGIN, engine_of, read_plain, reader_of, write_plain
 from dicomrouter.catalog.models import ForwardJob
 from dicomrouter.catalog.states import CLAIMED, DEAD, DONE, PENDING
 from dicomrouter.config import ForwardingConfig
+from dicomrouter.store import queue_actions
 from dicomrouter.store.queue_report import job_counts
 
 # Statements on the C-STORE path, built once so SQLAlchemy reuses their compiled form.
@@ -78,9 +79,6 @@ _COMPLETE = (
 # `state = 'done'` spelled out, not bound: only then do SQLite and PostgreSQL's generic plans see
 # that the partial index ix_forward_jobs_done_updated_at (finished jobs only) answers it.
 _FINISHED = _jobs.state == literal_column(f"'{DONE}'")
-_PATHS_STILL_NEEDED = select(_jobs.spool_path).where(
-    _jobs.spool_path.in_(bindparam("paths", expanding=True)), _jobs.state.in_((PENDING, CLAIMED, DEAD))
-)
 
 
 def utcnow() -> datetime:
@@ -222,13 +220,13 @@ class ForwardQueue:
         if ids:
             session.execute(_COMPLETE, {"ids": ids, "node": self.node_id, "now": utcnow()})
 
-    def unreferenced_paths(self, session: Session, paths: Iterable[str]) -> list[str]:
-        """Spool paths that no open or dead job needs any more (safe to delete)."""
-        paths = sorted(set(paths))
+    def unreferenced_paths(self, session: Session | Connection, paths: Iterable[str]) -> list[str]:
+        """Spool paths that no open or dead job needs any more (safe to delete), in the caller's transaction."""
+        paths = list(paths)
         if not paths:
             return []
-        still_needed = set(session.scalars(_PATHS_STILL_NEEDED, {"paths": paths}))
-        return [p for p in paths if p not in still_needed]
+        connection = session if isinstance(session, Connection) else session.connection()
+        return queue_actions.unreferenced_paths(reader_of(connection), paths)
 
     def fail(self, job: ClaimedJob, error: str, status: int | None, permanent: bool) -> str:
         """Count an attempt: retry later with backoff, or dead-letter. Returns the new state."""
@@ -312,21 +310,11 @@ class ForwardQueue:
 
     def retry(self, job_id: int | None = None, all_dead: bool = False) -> int:
         """Put dead (or waiting) jobs back to pending now, attempts reset."""
-        condition = ForwardJob.state == DEAD if all_dead else ForwardJob.id == job_id
-        with self.sessions.begin() as session:
-            result = session.execute(
-                update(ForwardJob)
-                .where(condition, ForwardJob.state.in_((DEAD, PENDING)))
-                .values(state=PENDING, attempts=0, next_attempt_at=utcnow(), updated_at=utcnow())
-            )
-            return result.rowcount or 0
+        return write_plain(self.sessions, lambda writer: queue_actions.retry(writer, job_id, all_dead))
 
     def purge_dead(self) -> list[str]:
-        """Delete dead jobs; returns their spool paths (the caller deletes unreferenced files)."""
-        with self.sessions.begin() as session:
-            paths = list(session.scalars(select(ForwardJob.spool_path).where(ForwardJob.state == DEAD)))
-            session.execute(delete(ForwardJob).where(ForwardJob.state == DEAD))
-            return self.unreferenced_paths(session, paths)
+        """Delete dead jobs; returns their spool paths that no other job needs (the caller deletes the files)."""
+        return write_plain(self.sessions, queue_actions.purge_dead)
 
     def prune_done(self, older_than: timedelta, batch: int = 5000) -> int:
         """Delete jobs finished more than `older_than` ago, `batch` per transaction (short write locks)."""

@@ -14,7 +14,7 @@ from dicomrouter.catalog.plain import Reader, utc_moment
 from dicomrouter.catalog.states import CLAIMED, DEAD, DONE, PENDING
 
 
-def _states(*states: str) -> str:
+def sql_states(*states: str) -> str:
     """States as SQL literals: SQLite uses a partial index only for a condition written out."""
     return ", ".join(f"'{state}'" for state in states)
 
@@ -89,16 +89,30 @@ def _older(a: datetime | None, b: datetime | None) -> datetime | None:
     return min((x for x in (a, b) if x is not None), default=None)
 
 
-def job_counts(reader: Reader) -> dict[str, int]:
-    """How many jobs are in each state (states without any left out)."""
-    return dict(reader.rows("SELECT state, count(*) FROM forward_jobs GROUP BY state"))
+def job_counts(reader: Reader, done_cap: int | None = None) -> dict[str, int]:
+    """How many jobs are in each state (states without any left out), by state name; with `done_cap`,
+    finished jobs are counted up to `done_cap` + 1 only (what the catalog keeps of them can be millions)."""
+    counts = dict(
+        reader.rows(
+            f"SELECT state, count(*) FROM forward_jobs WHERE state IN ({sql_states(PENDING, CLAIMED, DEAD)})"
+            " GROUP BY state"
+        )
+    )
+    # Through an index of `state` either way; bounded, it reads at most done_cap + 1 of its entries.
+    counts[DONE] = reader.scalar(
+        f"SELECT count(*) FROM (SELECT 1 FROM forward_jobs WHERE state = '{DONE}'"
+        + (" LIMIT :limit" if done_cap is not None else "")
+        + ") AS finished",
+        **({"limit": done_cap + 1} if done_cap is not None else {}),
+    )
+    return {state: count for state, count in sorted(counts.items()) if count}
 
 
 def destination_backlogs(reader: Reader) -> list[DestinationBacklog]:
     """Every destination with jobs not delivered, or an outage on record, by name."""
     rows = reader.rows(
         "SELECT destination, state, count(*), min(created_at), min(next_attempt_at) FROM forward_jobs"
-        f" WHERE state IN ({_states(PENDING, CLAIMED, DEAD)}) GROUP BY destination, state"
+        f" WHERE state IN ({sql_states(PENDING, CLAIMED, DEAD)}) GROUP BY destination, state"
     )
     outages = reader.rows(
         "SELECT destination, unreachable_since, failed_connects, last_error, next_attempt_at, suspended_at,"
@@ -133,7 +147,7 @@ def destination_backlogs(reader: Reader) -> list[DestinationBacklog]:
             states = (PENDING, CLAIMED) if backlog.waiting else (DEAD,)
             backlog.last_error = reader.scalar(
                 "SELECT last_error FROM forward_jobs"
-                f" WHERE destination = :destination AND state IN ({_states(*states)}) AND last_error IS NOT NULL"
+                f" WHERE destination = :destination AND state IN ({sql_states(*states)}) AND last_error IS NOT NULL"
                 " ORDER BY updated_at DESC LIMIT 1",
                 destination=backlog.destination,
             )
@@ -145,7 +159,7 @@ def study_backlogs(reader: Reader, study_uid: str | None = None, limit: int = 20
     states = (PENDING, CLAIMED, DEAD) + ((DONE,) if study_uid else ())
     rows = reader.rows(
         "SELECT destination, study_uid, state, count(*), min(created_at), max(last_error) FROM forward_jobs"
-        f" WHERE state IN ({_states(*states)})"
+        f" WHERE state IN ({sql_states(*states)})"
         + (" AND study_uid = :study_uid" if study_uid else "")
         + " GROUP BY destination, study_uid, state",
         **({"study_uid": study_uid} if study_uid else {}),
@@ -169,7 +183,7 @@ def instance_jobs(reader: Reader, dead: bool, study_uid: str | None = None, limi
     states = (DEAD,) if dead else (PENDING, CLAIMED)
     rows = reader.rows(
         "SELECT id, destination, state, attempts, created_at, next_attempt_at, header, sop_instance_uid,"
-        f" last_error, claimed_by FROM forward_jobs WHERE state IN ({_states(*states)})"
+        f" last_error, claimed_by FROM forward_jobs WHERE state IN ({sql_states(*states)})"
         + (" AND study_uid = :study_uid" if study_uid else "")
         + " ORDER BY id LIMIT :limit",
         **({"study_uid": study_uid} if study_uid else {}),

@@ -30,8 +30,9 @@ def imported_by(*arguments: str) -> set[str]:
     return run_importing(*arguments)[0]
 
 
-def run_importing(*arguments: str) -> tuple[set[str], str]:
-    """(the top-level packages `dicomrouter ARGUMENTS` imports, what it printed); it must succeed."""
+def run_importing(*arguments: str, returncode: int = 0) -> tuple[set[str], str]:
+    """(the top-level packages `dicomrouter ARGUMENTS` imports, what it printed, errors included); it must
+    exit with `returncode`."""
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
@@ -43,13 +44,14 @@ def run_importing(*arguments: str) -> tuple[set[str], str]:
         env=env,
         timeout=120,
     )
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == returncode, result.stderr[-3000:]
     modules = set()
     for line in result.stderr.splitlines():
         if line.startswith("import time:") and not line.endswith("| package"):
             modules.add(line.rsplit("|", 1)[1].strip().split(".")[0])
     assert "dicomrouter" in modules, "no -X importtime output: cannot tell what was imported"
-    return modules, result.stdout
+    errors = "".join(line + "\n" for line in result.stderr.splitlines() if not line.startswith("import time:"))
+    return modules, result.stdout + errors
 
 
 @pytest.fixture
@@ -149,3 +151,54 @@ def test_db_backup_imports_no_sqlalchemy(config_path: Path) -> None:
 
 def test_schema_revision_is_the_newest_migration() -> None:
     assert SCHEMA_REVISION == head_revision()
+
+
+# Commands that change the catalog, in an order in which each has something to do, and what each must
+# print: they write in plain SQL too (catalog/plain.py open_writer), audit rows included.
+WRITE_COMMANDS = [
+    (["queue", "suspend", "Prod PACS 1"], "Prod PACS 1 suspended"),
+    (["queue", "resume", "Prod PACS 1"], "Prod PACS 1 resumed"),
+    (["queue", "purge", "--dead", "--yes"], "purged 1 dead letter(s), 1 spool file(s) removed"),
+    (["queue", "retry", "--all-dead"], None),  # nothing dead any more: exit 1, "no such dead or waiting job"
+    (["queue", "retry", "{pending_id}"], "1 job(s) queued again"),
+    (["queue", "reroute", "--from", "Prod PACS 1", "--to", "Test PACS 1"], "1 job(s) rerouted from Prod PACS 1"),
+    (["servers", "deactivate", "Prod PACS 1"], "server 'Prod PACS 1' is now inactive"),
+    (["servers", "activate", "Prod PACS 1"], "server 'Prod PACS 1' is now active"),
+    (["clients", "token", "WORKSTATION"], "token for WORKSTATION"),
+]
+
+
+def test_write_commands_import_no_sqlalchemy(filled_config: Path, tmp_path: Path) -> None:
+    url = load_config(filled_config).router.catalog
+    engine = make_engine(url)
+    try:
+        with session_factory(engine).begin() as session:
+            session.add(
+                ForwardJob(
+                    sop_instance_uid="1.2.3.4.6", spool_path=str(tmp_path / "dead.dcm"), sha256="1" * 64,
+                    size_bytes=1, destination="Prod PACS 1", header={}, state="dead",
+                )
+            )
+            pending_id = session.query(ForwardJob.id).filter_by(state="pending").scalar()
+    finally:
+        engine.dispose()
+    (tmp_path / "dead.dcm").write_bytes(b"x")
+    for arguments, shown in WRITE_COMMANDS:
+        arguments = [argument.format(pending_id=pending_id) for argument in arguments]
+        if shown is None:
+            modules, printed = run_importing("--config", str(filled_config), *arguments, returncode=1)
+            assert "no such dead or waiting job" in printed
+        else:
+            modules, printed = run_importing("--config", str(filled_config), *arguments)
+            assert shown in printed, arguments
+        assert not modules & (DICOM_STACK | {"sqlalchemy", "alembic"}), arguments
+    assert not (tmp_path / "dead.dcm").exists()
+    engine = make_engine(url)
+    try:
+        audit = Catalog(session_factory(engine)).audit_events(operation="queue") + Catalog(
+            session_factory(engine)
+        ).audit_events(operation="config")
+    finally:
+        engine.dispose()
+    assert sorted(row.outcome for row in audit) == ["changed"] * 3 + ["rerouted", "resumed", "suspended"]
+    assert all(row.node.startswith("cli ") and row.counts is None for row in audit)
