@@ -25,6 +25,7 @@ from dicomrouter.dicom_file import MAX_FILE_META_BYTES, META_HEAD_BYTES, dataset
 from dicomrouter.logging import get_logger
 from dicomrouter.routing.access import Caller, may_write
 from dicomrouter.routing.store_rules import choose_destinations, rule_keywords
+from dicomrouter.store.dataset_walk import walk_instance, walk_instance_file, wanted_tags
 from dicomrouter.store.queue import ClaimedJob, ForwardQueue, NewJob
 from dicomrouter.store.spool import PartialFile, Spool, SpooledFile, SpoolError, SpoolFull
 
@@ -147,7 +148,19 @@ def check_inflation(encoded: bytes, max_inflated: int = 2 * 1024**3) -> None:
 
 
 def read_header(encoded: bytes, keywords: Iterable[str], max_inflated: int = 2 * 1024**3) -> dict[str, Any]:
-    """Parse the whole dataset (pixels stay bytes); check it is whole; return what we route by."""
+    """Check the data set is whole and every value reads back; return what we route by.
+
+    Our walk (store.dataset_walk) answers for the usual instance; pydicom's full parse for the rest.
+    """
+    wanted_keywords = {*CATALOG_KEYWORDS, *keywords}
+    walked = walk_instance(encoded, wanted_tags(wanted_keywords))
+    if walked is not None:
+        return _header(walked, wanted_keywords, walked.transfer_syntax)
+    return read_header_pydicom(encoded, keywords, max_inflated)
+
+
+def read_header_pydicom(encoded: bytes, keywords: Iterable[str], max_inflated: int = 2 * 1024**3) -> dict[str, Any]:
+    """read_header by pydicom: parse the whole dataset (pixels stay bytes), convert every value."""
     check_inflation(encoded, max_inflated)
     dataset = dcmread(BytesIO(encoded), force=False)
     check_complete(dataset)
@@ -157,12 +170,17 @@ def read_header(encoded: bytes, keywords: Iterable[str], max_inflated: int = 2 *
 
 def header_values(dataset, keywords: Iterable[str]) -> dict[str, Any]:
     """What the catalog records and the rules look at, as plain values."""
+    return _header(dataset, {*CATALOG_KEYWORDS, *keywords}, str(dataset.file_meta.TransferSyntaxUID))
+
+
+def _header(dataset, keywords: Iterable[str], transfer_syntax: str) -> dict[str, Any]:
+    """`dataset.get(keyword)` of each keyword, as plain values (a pydicom Dataset or a dataset_walk.Walked)."""
     header: dict[str, Any] = {}
-    for keyword in {*CATALOG_KEYWORDS, *keywords}:
+    for keyword in keywords:
         value = dataset.get(keyword)
         if value is not None and value != "":
             header[keyword] = _plain(value)
-    header["TransferSyntaxUID"] = str(dataset.file_meta.TransferSyntaxUID)
+    header["TransferSyntaxUID"] = transfer_syntax
     return header
 
 
@@ -195,8 +213,17 @@ def check_file_elements(dataset, file_size: int) -> None:
 
 
 def read_header_from_file(path: Path, file_size: int, keywords: Iterable[str]) -> dict[str, Any]:
-    """read_header for a large instance on disk: every element parsed and checked, pixel data included,
-    but values over DEFERRED_VALUE_BYTES stay in the file (only their bounds are checked)."""
+    """read_header for a large instance on disk: every element checked, pixel data included, but
+    values over DEFERRED_VALUE_BYTES stay in the file (only their bounds are checked)."""
+    wanted_keywords = {*CATALOG_KEYWORDS, *keywords}
+    walked = walk_instance_file(path, file_size, wanted_tags(wanted_keywords), DEFERRED_VALUE_BYTES)
+    if walked is not None:
+        return _header(walked, wanted_keywords, walked.transfer_syntax)
+    return read_header_from_file_pydicom(path, file_size, keywords)
+
+
+def read_header_from_file_pydicom(path: Path, file_size: int, keywords: Iterable[str]) -> dict[str, Any]:
+    """read_header_from_file by pydicom (dcmread with defer_size)."""
     with open(path, "rb") as fp:
         prefix = fp.read(META_PEEK_BYTES)  # the file meta the front wrote is a few hundred bytes
         meta_end = dataset_offset(prefix)
