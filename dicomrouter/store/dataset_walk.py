@@ -32,14 +32,8 @@ from typing import Any
 from pydicom import config as pydicom_config
 from pydicom import hooks as pydicom_hooks
 from pydicom.charset import convert_encodings, default_encoding, python_encoding
-from pydicom.datadict import (
-    DicomDictionary,
-    _dictionary_vr_fast,
-    private_dictionary_VR,
-    tag_for_keyword,
-)
+from pydicom.datadict import DicomDictionary, private_dictionary_VR, tag_for_keyword
 from pydicom.dataelem import RawDataElement, convert_raw_data_element
-from pydicom.filewriter import _AMBIGUOUS_US_SS_TAGS
 from pydicom.tag import BaseTag
 from pydicom.uid import (
     AllTransferSyntaxes,
@@ -51,6 +45,12 @@ from pydicom.valuerep import AMBIGUOUS_VR, EXPLICIT_VR_LENGTH_32
 from pydicom.values import converters
 
 from dicomrouter.dicom_file import MAX_FILE_META_BYTES, META_HEAD_BYTES, dataset_offset
+
+try:  # pydicom 3.0's reading rules, private to it: a release without them turns the walk off, not the router
+    from pydicom.datadict import _dictionary_vr_fast
+    from pydicom.filewriter import _AMBIGUOUS_US_SS_TAGS
+except ImportError:  # pragma: no cover - depends on the installed pydicom
+    _dictionary_vr_fast = _AMBIGUOUS_US_SS_TAGS = None
 
 UNDEFINED_LENGTH = 0xFFFFFFFF
 ITEM = 0xFFFEE000
@@ -143,7 +143,8 @@ def pydicom_defaults() -> bool:
     config = pydicom_config
     hooks = pydicom_hooks.hooks
     return (
-        config.settings.reading_validation_mode == config.WARN
+        _dictionary_vr_fast is not None
+        and config.settings.reading_validation_mode == config.WARN
         and config.replace_un_with_known_vr
         and config.settings.infer_sq_for_un_vr
         and config.assume_implicit_vr_switch
