@@ -28,7 +28,7 @@ class SpooledFile:
     size: int
 
 
-def _fsync_dir(folder: Path) -> None:
+def _fsync_dir(folder: str | Path) -> None:
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -51,7 +51,9 @@ class Spool:
         owner_only(self.root)
         self.tmp.mkdir(mode=0o700, exist_ok=True)
         self.objects.mkdir(mode=0o700, exist_ok=True)
-        self._known_dirs: set[Path] = set()
+        self._known_dirs: set[str] = set()  # objects/XX folders known to exist, by XX
+        self._objects = str(self.objects)
+        self._tmp = str(self.tmp)
         self._prepare_folders()
 
     def _prepare_folders(self) -> None:
@@ -65,7 +67,7 @@ class Spool:
                 created = True
             except FileExistsError:
                 pass
-            self._known_dirs.add(folder)
+            self._known_dirs.add(folder.name)
         if created:
             _fsync_dir(self.objects)
 
@@ -77,8 +79,9 @@ class Spool:
         """
         sha256 = hashlib.sha256(content).hexdigest()
         token = secrets.token_hex(6)
-        final = self.objects / sha256[:2] / f"{sha256}-{token}.dcm"
-        tmp = self.tmp / f"{sha256}-{token}.part"
+        # Paths as strings on this path: pathlib's parsing and hashing cost more than the write of a small instance.
+        final = f"{self._objects}/{sha256[:2]}/{sha256}-{token}.dcm"
+        tmp = f"{self._tmp}/{sha256}-{token}.part"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
@@ -89,14 +92,14 @@ class Spool:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            self._ensure_folder(final.parent)
+            folder = self._ensure_folder(sha256[:2])
             os.replace(tmp, final)
-            _fsync_dir(final.parent)
+            _fsync_dir(folder)
         except OSError as exc:
             _unlink_quietly(tmp)
             _unlink_quietly(final)  # renamed but not durable: no job will point at it
             raise _spool_error(self.root, exc) from exc
-        return SpooledFile(final, sha256, len(content))
+        return SpooledFile(Path(final), sha256, len(content))
 
     def open_partial(self, hashed: bool = True) -> PartialFile:
         """A file in tmp/ to write a large instance into while it arrives; `adopt` makes it safe.
@@ -117,9 +120,9 @@ class Spool:
         try:
             os.fsync(partial.fd)
             partial.close()
-            self._ensure_folder(final.parent)
+            folder = self._ensure_folder(sha256[:2])
             os.replace(partial.path, final)
-            _fsync_dir(final.parent)
+            _fsync_dir(folder)
         except OSError as exc:
             partial.discard()
             _unlink_quietly(final)  # renamed but not durable: no job will point at it
@@ -127,11 +130,14 @@ class Spool:
         partial.adopted = True
         return SpooledFile(final, sha256, partial.size)
 
-    def _ensure_folder(self, folder: Path) -> None:
-        if folder not in self._known_dirs:
-            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    def _ensure_folder(self, prefix: str) -> str:
+        """objects/`prefix`, made (and objects/ fsynced) if it went missing; its path."""
+        folder = f"{self._objects}/{prefix}"
+        if prefix not in self._known_dirs:
+            os.makedirs(folder, mode=0o700, exist_ok=True)
             _fsync_dir(self.objects)
-            self._known_dirs.add(folder)
+            self._known_dirs.add(prefix)
+        return folder
 
     def remove(self, path: str | Path) -> None:
         """Delete a spool file once every destination acknowledged it."""
