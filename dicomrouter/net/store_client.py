@@ -6,6 +6,7 @@ files with it, the relay data sets it holds in memory; neither is ever decoded o
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from pathlib import Path
 from dicomrouter.config import RouterSettings, ServerConfig, calling_ae_for
 from dicomrouter.dicom_file import META_HEAD_BYTES, dataset_offset
 from dicomrouter.dul.dimse import us
-from dicomrouter.dul.pdata import FileSlice
+from dicomrouter.dul.pdata import GROUP_BYTES, FileSlice
 from dicomrouter.net.peer import PeerUnavailable, associate_with
 from dicomrouter.net.upper_layer import Link, UpperLayerError, command_set
 
@@ -133,16 +134,17 @@ class EncodedStoreClient:
             raise StoreFailed(f"no C-STORE response from {self.peer.name} ({exc})") from exc
 
     def send_file(
-        self, path: Path, sop_class: str, sop_instance: str, transfer_syntax: str
+        self, path: Path | str, sop_class: str, sop_instance: str, transfer_syntax: str
     ) -> StoreOutcome:
-        """C-STORE a spool file (a DICOM file as received): its data set, after the file meta."""
+        """C-STORE a spool file (a DICOM file as received): its data set, after the file meta.
+
+        A file up to one send group is read whole, at once; a larger one piece by piece as it goes
+        out (a 2 GB instance costs one group of memory, not 2 GB)."""
         try:
-            size = path.stat().st_size
-            with open(path, "rb") as fp:
-                head = fp.read(
-                    META_HEAD_BYTES
-                )  # the group length says where the meta ends: nothing more is read
-            start = dataset_offset(head)
+            with open(path, "rb", buffering=0) as fp:
+                size = os.fstat(fp.fileno()).st_size
+                head = fp.read(size if size <= GROUP_BYTES else META_HEAD_BYTES)
+            start = dataset_offset(head)  # the group length says where the meta ends
             if start > size:
                 raise ValueError(f"the file meta claims {start} bytes, the file has {size}")
         except OSError as exc:
@@ -150,10 +152,9 @@ class EncodedStoreClient:
         except ValueError as exc:
             # Never sent: a spool file that is not a whole DICOM file will not become one.
             raise ContextRejected(f"spool file {path} is unusable: {exc}") from exc
-        # Read piece by piece as it goes out: a 2 GB instance costs one PDU of memory, not 4 GB.
-        return self.send_encoded(
-            sop_class, sop_instance, transfer_syntax, FileSlice(path, start, size - start)
-        )
+        if len(head) == size:
+            return self.send_encoded(sop_class, sop_instance, transfer_syntax, memoryview(head)[start:])
+        return self.send_encoded(sop_class, sop_instance, transfer_syntax, FileSlice(Path(path), start, size - start))
 
     def close(self, abort: bool = False) -> None:
         link, self._link = self._link, None

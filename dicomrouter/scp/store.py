@@ -14,14 +14,16 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from io import BytesIO
+from weakref import WeakKeyDictionary
 
 from pydicom.filereader import read_dataset
 
+from dicomrouter.config import Config
 from dicomrouter.dul.association import Association, DimseRefusal, DroppedDataset, Request
 from dicomrouter.dul.dimse import AFFECTED_SOP_INSTANCE, C_STORE_RQ
 from dicomrouter.logging import get_logger
 from dicomrouter.reload import ConfigHolder
-from dicomrouter.routing.store_rules import store_refusal
+from dicomrouter.routing.store_rules import StoreRefusal, store_refusal
 from dicomrouter.scp.registry import valid_uid
 from dicomrouter.store.receive import (
     DUPLICATE_REFUSED,
@@ -187,6 +189,16 @@ class StoreService:
     def __init__(self, holder: ConfigHolder, receive: ReceiveService):
         self.holder = holder
         self.receive = receive
+        # The refusal at the command depends on the config, the caller and the called AE only: worked out
+        # once per association and config, not for each of its thousand C-STOREs.
+        self._refusals: WeakKeyDictionary[Association, tuple[Config, StoreRefusal | None]] = WeakKeyDictionary()
+
+    def _refusal(self, config: Config, association: Association) -> StoreRefusal | None:
+        cached = self._refusals.get(association)
+        if cached is None or cached[0] is not config:
+            cached = (config, store_refusal(config, association.caller, association.called_ae))
+            self._refusals[association] = cached
+        return cached[1]
 
     def open_dataset(self, request: Request, association: Association) -> IncomingInstance:
         sop_class, sop_instance = checked_store_command(request)
@@ -194,7 +206,7 @@ class StoreService:
         config = self.holder.current
         if caller.kind == "server":
             raise DimseRefusal(REFUSED_NOT_AUTHORIZED, "server AE may only deliver relayed moves")
-        refusal = store_refusal(config, caller, association.called_ae)
+        refusal = self._refusal(config, association)
         if refusal is not None:
             raise DimseRefusal(REFUSED_NOT_AUTHORIZED, refusal.reason, servers=refusal.servers)
         router = config.router

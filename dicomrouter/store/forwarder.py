@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from pathlib import Path
 
 from dicomrouter.audit import AuditTrail, DeliveryAudit, NoAudit
 from dicomrouter.config import Config, ServerConfig
@@ -395,8 +395,8 @@ class DestinationLane:
             if forwarder.stopping.is_set() or time.monotonic() > send_until:
                 forwarder.queue.postpone(jobs[position:], 0.0, "handed back: stopping or claim lease half spent")
                 break
-            path = Path(job.spool_path)
-            if not path.exists():
+            path = job.spool_path
+            if not os.path.exists(path):
                 forwarder.queue.fail(job, f"spool file {path} is missing", None, permanent=True)
                 forwarder.count_failure(self.name, "spool_missing", "spool file missing", reachable=None)
                 log.error("dead_letter", job_id=job.id, destination=self.name, reason="spool file missing")
