@@ -201,6 +201,7 @@ class RouterApp:
             self.front.stop(drain_timeout_s)
         if self.http is not None:
             self.http.stop()
+        self.receive.close()  # the DICOM and HTTP fronts, which receive, have stopped
         if self._health_watch is not None:
             self._health_watch.stop()
         if self._pruner is not None:

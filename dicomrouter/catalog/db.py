@@ -23,6 +23,9 @@ T = TypeVar("T")
 # "database is locked"; DEFERRED suits read-only work and does not block writers.
 SQLITE_BEGIN = "sqlite_begin"
 _BEGIN_MODES = ("DEFERRED", "IMMEDIATE", "EXCLUSIVE")
+# Engine execution option holding a SQLite engine's WriteLock, for transactions run outside the
+# engine on its connections (catalog.direct): they take turns with the engine's on the same lock.
+SQLITE_WRITE_LOCK = "sqlite_write_lock"
 
 
 def make_engine(url: str | URL, **kwargs: Any) -> Engine:
@@ -39,6 +42,7 @@ def make_engine(url: str | URL, **kwargs: Any) -> Engine:
     write_lock = WriteLock(database)
     if write_lock.fd is not None:
         weakref.finalize(engine, os.close, write_lock.fd)
+    engine.update_execution_options(**{SQLITE_WRITE_LOCK: write_lock})
     event.listen(engine, "connect", _on_sqlite_connect)
     event.listen(engine, "begin", lambda connection: _on_sqlite_begin(connection, write_lock))
     event.listen(engine, "commit", lambda connection: _release_write_lock(connection, write_lock))
@@ -89,6 +93,11 @@ def read_plain(sessions: sessionmaker[Session], work: Callable[[Reader], T]) -> 
     """Run plain-SQL read `work` in one transaction of `sessions`; on SQLite it takes no write lock."""
     with sessions() as session:
         return work(reader_of(session.connection(execution_options={SQLITE_BEGIN: "DEFERRED"})))
+
+
+def write_lock_of(engine: Engine) -> WriteLock | None:
+    """The writers' lock of a SQLite engine made by make_engine (None for any other engine)."""
+    return engine.get_execution_options().get(SQLITE_WRITE_LOCK)
 
 
 def is_sqlite(bind: Engine | Connection) -> bool:

@@ -55,6 +55,13 @@ class WriteLock:
                 pass
         self._threads.release()
 
+    def __enter__(self) -> WriteLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.release()
+
     def close(self) -> None:
         """Close the lock file (a process's other descriptors of it lose their record locks too)."""
         if self.fd is not None:

@@ -23,23 +23,24 @@ from sqlalchemy import (
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomrouter.catalog.db import SQLITE_BEGIN, engine_of, read_plain, reader_of, write_plain
+from dicomrouter.catalog.direct import DirectTransaction
 from dicomrouter.catalog.models import ForwardJob
 from dicomrouter.catalog.states import CLAIMED, DEAD, DONE, PENDING
 from dicomrouter.config import ForwardingConfig
 from dicomrouter.store import queue_actions
 from dicomrouter.store.queue_report import job_counts
 
-# Statements on the C-STORE path, built once so SQLAlchemy reuses their compiled form.
-_INSERT_JOB = insert(ForwardJob.__table__)
-_INSERT_JOB_RETURNING_ID = insert(ForwardJob.__table__).returning(ForwardJob.__table__.c.id)
-_OPEN_JOBS = select(ForwardJob.destination).where(
-    ForwardJob.sha256 == bindparam("sha256"),
-    ForwardJob.destination.in_(bindparam("destinations", expanding=True)),
-    ForwardJob.state.in_([literal_column(f"'{PENDING}'"), literal_column(f"'{CLAIMED}'")]),
+# Statements on the C-STORE path, run on a DB-API connection (catalog.direct) with their SQL compiled once.
+_NEW_JOB_COLUMNS = (
+    "sop_instance_uid", "spool_path", "sha256", "size_bytes", "destination", "state", "attempts",
+    "next_attempt_at", "created_at", "updated_at", "calling_ae", "called_ae", "header", "study_uid",
+    "claimed_by", "lease_until",
 )
-# The same for the usual single destination: no expanding IN, so its SQL is rendered once, not per C-STORE.
-# States as literals in both, so the partial index of open jobs by sha256 (migration 0009) serves them.
-_OPEN_JOBS_ONE = select(ForwardJob.destination).where(
+_INSERT_JOB = insert(ForwardJob.__table__).values({name: bindparam(name) for name in _NEW_JOB_COLUMNS})
+_INSERT_JOB_RETURNING_ID = _INSERT_JOB.returning(ForwardJob.__table__.c.id)
+# One destination per statement: no expanding IN, whose SQL would be rendered per C-STORE. States as
+# literals, so the partial index of open jobs by sha256 (migration 0009) serves it.
+_OPEN_JOBS = select(ForwardJob.destination).where(
     ForwardJob.sha256 == bindparam("sha256"),
     ForwardJob.destination == bindparam("destination"),
     ForwardJob.state.in_([literal_column(f"'{PENDING}'"), literal_column(f"'{CLAIMED}'")]),
@@ -136,7 +137,7 @@ class ForwardQueue:
     # -- producing
 
     def enqueue(
-        self, session: Session | Connection, jobs: Sequence[NewJob], claim_for: Collection[str] = ()
+        self, transaction: DirectTransaction, jobs: Sequence[NewJob], claim_for: Collection[str] = ()
     ) -> list[ClaimedJob]:
         """Add jobs inside the caller's transaction (committed together with the receive).
 
@@ -171,7 +172,7 @@ class ForwardQueue:
             }
             if job.destination in claim_for:
                 row.update(state=CLAIMED, claimed_by=self.node_id, lease_until=lease_until)
-                job_id = session.execute(_INSERT_JOB_RETURNING_ID, row).scalar_one()
+                ((job_id,),) = transaction.execute(_INSERT_JOB_RETURNING_ID, row)
                 claimed.append(
                     ClaimedJob(
                         job_id, job.sop_instance_uid, job.spool_path, job.sha256, job.size_bytes,
@@ -181,16 +182,18 @@ class ForwardQueue:
             else:
                 rows.append(row)
         if rows:
-            session.execute(_INSERT_JOB, rows)
+            transaction.execute_many(_INSERT_JOB, rows)
         return claimed
 
-    def destinations_with_open_jobs(self, session: Session | Connection, sha256: str, destinations: Sequence[str]) -> set[str]:
+    def destinations_with_open_jobs(
+        self, transaction: DirectTransaction, sha256: str, destinations: Sequence[str]
+    ) -> set[str]:
         """The destinations that already have a job queued for these exact bytes (not dead, not done)."""
-        if not destinations:
-            return set()
-        if len(destinations) == 1:
-            return set(session.scalars(_OPEN_JOBS_ONE, {"sha256": sha256, "destination": destinations[0]}))
-        return set(session.scalars(_OPEN_JOBS, {"sha256": sha256, "destinations": list(destinations)}))
+        return {
+            name
+            for destination in destinations
+            for (name,) in transaction.execute(_OPEN_JOBS, {"sha256": sha256, "destination": destination})
+        }
 
     # -- consuming
 

@@ -15,10 +15,11 @@ from pydicom import dcmread
 from pydicom.dataelem import RawDataElement
 from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.uid import DeflatedExplicitVRLittleEndian
-from sqlalchemy import Connection, bindparam, func, select
+from sqlalchemy import bindparam, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomrouter.catalog.db import engine_of
+from dicomrouter.catalog.direct import DirectConnections, DirectTransaction
 from dicomrouter.catalog.models import Instance, InstanceLocation, Server
 from dicomrouter.config import Config
 from dicomrouter.dicom_file import MAX_FILE_META_BYTES, META_HEAD_BYTES, dataset_offset
@@ -236,7 +237,7 @@ def read_header_from_file_pydicom(path: Path, file_size: int, keywords: Iterable
         return header_values(dataset, keywords)
 
 
-# Built once: SQLAlchemy then reuses their cache keys instead of recomputing them per C-STORE.
+# Run on a DB-API connection with its SQL compiled once (catalog.direct), as every C-STORE runs it.
 _DELIVERED_COPIES = (
     select(Server.name, func.coalesce(InstanceLocation.sha256, Instance.sha256))
     .join(InstanceLocation, InstanceLocation.server_id == Server.id)
@@ -245,10 +246,9 @@ _DELIVERED_COPIES = (
 )
 
 
-def delivered_copies(session: Session | Connection, sop_instance_uid: str) -> dict[str, str | None]:
+def delivered_copies(transaction: DirectTransaction, sop_instance_uid: str) -> dict[str, str | None]:
     """server name -> sha256 of the copy that server acknowledged (per location, not the last copy anywhere)."""
-    rows = session.execute(_DELIVERED_COPIES, {"sop_uid": sop_instance_uid}).all()
-    return {name: sha for name, sha in rows}
+    return {name: sha for name, sha in transaction.execute(_DELIVERED_COPIES, {"sop_uid": sop_instance_uid})}
 
 
 @dataclass(frozen=True)
@@ -298,9 +298,13 @@ class ReceiveService:
         self.spool = spool
         self.queue = queue
         self.sessions = sessions
-        self.engine = engine_of(sessions)
+        self.direct = DirectConnections(engine_of(sessions))  # the queueing transaction's connections
         self.notify = notify
         self.audit = audit or (lambda **_: None)
+
+    def close(self) -> None:
+        """Close the catalog connections kept for queueing (once nothing is received any more)."""
+        self.direct.close()
 
     def receive(
         self, caller: Caller, called_ae: str, sop_instance_uid: str | None, encoded: bytes
@@ -436,9 +440,9 @@ class ReceiveService:
         handoff = self.handoff
         direct = {name for name in names if handoff.take_direct(name)} if handoff is not None else set()
         claimed_at = time.monotonic()  # no later than the lease's start: the forwarder's half-lease rule holds
-        # A Core connection, not an ORM session: this transaction runs for every C-STORE.
-        with self.engine.begin() as session:
-            copies = delivered_copies(session, sop_uid)
+        # On a DB-API connection, not through the engine: this transaction runs for every C-STORE.
+        with self.direct.begin() as transaction:
+            copies = delivered_copies(transaction, sop_uid)
             different = {n: sha for n, sha in copies.items() if n in names and sha != spooled.sha256}
             if different and config.router.duplicate_policy == "reject":
                 return (), set(), (
@@ -446,7 +450,7 @@ class ReceiveService:
                     "(router.duplicate_policy: reject)"
                 )
             jobs = []
-            already_queued = self.queue.destinations_with_open_jobs(session, spooled.sha256, names)
+            already_queued = self.queue.destinations_with_open_jobs(transaction, spooled.sha256, names)
             for name in names:
                 if copies.get(name) == spooled.sha256 or name in already_queued:
                     continue
@@ -454,7 +458,7 @@ class ReceiveService:
                     NewJob(sop_uid, str(spooled.path), spooled.sha256, spooled.size, name, caller.ae_title, called_ae, header)
                 )
                 queued.append(name)
-            claimed = self.queue.enqueue(session, jobs, claim_for=direct)
+            claimed = self.queue.enqueue(transaction, jobs, claim_for=direct)
         handed: set[str] = set()
         for job in claimed:  # committed: the forwarder may send them now
             assert handoff is not None

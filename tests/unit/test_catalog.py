@@ -314,6 +314,8 @@ def test_outage_book_keeps_the_start_of_an_outage_until_the_destination_answers(
 
 
 def test_queue_report_sums_per_destination_and_study(catalog: Catalog) -> None:
+    from dicomrouter.catalog.db import engine_of
+    from dicomrouter.catalog.direct import DirectConnections
     from dicomrouter.config import ForwardingConfig
     from dicomrouter.store.outages import OutageBook
     from dicomrouter.store.queue import ForwardQueue, NewJob
@@ -325,8 +327,10 @@ def test_queue_report_sums_per_destination_and_study(catalog: Catalog) -> None:
         NewJob(f"1.{i}", f"/spool/{i}", f"h{i}", 1, "pacs1", None, None, {**header, "StudyInstanceUID": "9.1"})
         for i in range(5)
     ] + [NewJob("2.1", "/spool/x", "hx", 1, "pacs2", None, None, {**header, "StudyInstanceUID": "9.2"})]
-    with catalog.sessions.begin() as session:
-        queue.enqueue(session, jobs)
+    direct = DirectConnections(engine_of(catalog.sessions))
+    with direct.begin() as transaction:
+        queue.enqueue(transaction, jobs)
+    direct.close()
     retry_at = datetime.now(UTC) + timedelta(seconds=30)
     OutageBook(catalog.sessions).note_unreachable("pacs1", "unreachable: refused", retry_at)
     by_destination = {b.destination: b for b in catalog.read_plain(destination_backlogs)}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import pytest
 import sqlalchemy as sa
 
 from dicomrouter.catalog.db import make_engine, session_factory
+from dicomrouter.catalog.direct import DirectConnections
 from dicomrouter.catalog.models import Base, utcnow
 from dicomrouter.catalog.queries import Catalog, StoredInstance, audit_values
 from dicomrouter.catalog.reads import audit_events, commitment_requests
@@ -45,13 +47,26 @@ def engine(tmp_path: Path) -> Iterator[sa.Engine]:
     engine.dispose()
 
 
-def statements_of(engine: sa.Engine) -> list[tuple[str, object]]:
-    """The statements the store path, `catalog where` and the pruner run, with their parameters."""
-    seen: list[tuple[str, object]] = []
+@contextmanager
+def traced(engine: sa.Engine) -> Iterator[list[str]]:
+    """Every statement SQLite runs on the engine's connections, as run (parameters in), whether
+    through the engine or on a DB-API connection taken from it (catalog.direct)."""
+    seen: list[str] = []
 
-    def capture(_conn, _cursor, statement, parameters, _context, executemany) -> None:
-        seen.append((statement, parameters[0] if executemany else parameters))
+    def trace(dbapi_connection, _record) -> None:
+        dbapi_connection.set_trace_callback(seen.append)
 
+    engine.dispose()  # connections made from now on are traced
+    sa.event.listen(engine, "connect", trace)
+    try:
+        yield seen
+    finally:
+        sa.event.remove(engine, "connect", trace)
+        engine.dispose()
+
+
+def statements_of(engine: sa.Engine) -> list[str]:
+    """The statements the store path, `catalog where` and the pruner run."""
     sessions = session_factory(engine)
     catalog = Catalog(sessions)
     servers = [
@@ -75,13 +90,13 @@ def statements_of(engine: sa.Engine) -> list[tuple[str, object]]:
         "SOPInstanceUID": "1.2.3.4.5",
     }
     attrs = {**header, "SeriesInstanceUID": "1.2.3.4", "PatientID": "P1", "Modality": "CT"}
-    sa.event.listen(engine, "before_cursor_execute", capture)
-    try:
-        with engine.begin() as connection:  # the receive transaction
-            delivered_copies(connection, "1.2.3.4.5")
-            queue.destinations_with_open_jobs(connection, "ab" * 32, ["pacs1"])
+    direct = DirectConnections(engine)
+    with traced(engine) as seen:
+        with direct.begin() as transaction:  # the receive transaction
+            delivered_copies(transaction, "1.2.3.4.5")
+            queue.destinations_with_open_jobs(transaction, "ab" * 32, ["pacs1"])
             queue.enqueue(
-                connection,
+                transaction,
                 [
                     NewJob(
                         "1.2.3.4.5", "/spool/a.dcm", "ab" * 32, 10, "pacs1", "MOD", "ROUTER", header
@@ -118,14 +133,15 @@ def statements_of(engine: sa.Engine) -> list[tuple[str, object]]:
         catalog.read_plain(lambda reader: commitment_requests(reader, pending_only=True))
         queue.prune_done(timedelta(days=7))
         catalog.prune_audit(utcnow() - timedelta(days=30))
-    finally:
-        sa.event.remove(engine, "before_cursor_execute", capture)
+    direct.close()
     return seen
 
 
 def test_no_statement_scans_a_growing_table(engine: sa.Engine) -> None:
     scans = []
-    for statement, parameters in statements_of(engine):
+    statements = statements_of(engine)
+    assert any("INSERT INTO forward_jobs" in statement for statement in statements)  # the store path was traced
+    for statement in statements:
         if (
             not statement.lstrip()
             .upper()
@@ -134,11 +150,8 @@ def test_no_statement_scans_a_growing_table(engine: sa.Engine) -> None:
             continue
         with engine.connect() as connection:
             cursor = connection.connection.driver_connection.cursor()
-            plan = [
-                row[-1] for row in cursor.execute(f"EXPLAIN QUERY PLAN {statement}", parameters)
-            ]
-        values = parameters.values() if isinstance(parameters, dict) else parameters
-        reads_history = "done" in values or "'done'" in statement
+            plan = [row[-1] for row in cursor.execute(f"EXPLAIN QUERY PLAN {statement}")]
+        reads_history = "'done'" in statement
         if any(
             FULL_SCAN.search(step) or (reads_history and BY_STATE_ONLY.search(step))
             for step in plan
@@ -149,23 +162,16 @@ def test_no_statement_scans_a_growing_table(engine: sa.Engine) -> None:
 
 def test_the_duplicate_check_of_each_store_reads_open_jobs_by_content(engine: sa.Engine) -> None:
     """Not every open job of the destination (a backlog of thousands during an outage)."""
-    seen: list[tuple[str, object]] = []
-
-    def capture(_conn, _cursor, statement, parameters, _context, _executemany) -> None:
-        if statement.lstrip().upper().startswith("SELECT"):
-            seen.append((statement, parameters))
-
     queue = ForwardQueue(session_factory(engine), "node", ForwardingConfig())
-    sa.event.listen(engine, "before_cursor_execute", capture)
-    try:
-        with engine.connect() as connection:
-            queue.destinations_with_open_jobs(connection, "ab" * 32, ["pacs1"])
-            queue.destinations_with_open_jobs(connection, "ab" * 32, ["pacs1", "pacs2"])
-    finally:
-        sa.event.remove(engine, "before_cursor_execute", capture)
-    assert len(seen) == 2
+    direct = DirectConnections(engine)
+    with traced(engine) as seen, direct.begin() as transaction:
+        queue.destinations_with_open_jobs(transaction, "ab" * 32, ["pacs1"])
+        queue.destinations_with_open_jobs(transaction, "ab" * 32, ["pacs1", "pacs2"])
+    direct.close()
+    selects = [statement for statement in seen if statement.lstrip().upper().startswith("SELECT")]
+    assert len(selects) == 3  # one per destination
     with engine.connect() as connection:
         cursor = connection.connection.driver_connection.cursor()
-        for statement, parameters in seen:
-            plan = " ".join(row[-1] for row in cursor.execute(f"EXPLAIN QUERY PLAN {statement}", parameters))
+        for statement in selects:
+            plan = " ".join(row[-1] for row in cursor.execute(f"EXPLAIN QUERY PLAN {statement}"))
             assert "ix_forward_jobs_open_sha256" in plan, plan

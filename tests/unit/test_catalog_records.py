@@ -167,13 +167,16 @@ def test_concurrent_recording_of_the_same_new_study(catalog: Catalog, engine: sa
 
 def test_each_server_keeps_the_hash_of_its_own_copy(catalog: Catalog, engine: sa.Engine) -> None:
     """A corrected re-send is judged per server: the instance row only holds the last copy."""
+    from dicomrouter.catalog.direct import DirectConnections
     from dicomrouter.store.receive import delivered_copies
 
     old, corrected = "aa" * 32, "bb" * 32
+    direct = DirectConnections(engine)
     catalog.record_instance_stored("pacs1", attrs("8"), None, "1.2.840.10008.1.2.1", 100, old)
     catalog.record_instance_stored("pacs2", attrs("8"), None, "1.2.840.10008.1.2.1", 100, corrected)
-    with session_factory(engine)() as session:
-        assert delivered_copies(session, "1.2.3.8.1.1") == {"pacs1": old, "pacs2": corrected}
+    with direct.begin() as transaction:
+        assert delivered_copies(transaction, "1.2.3.8.1.1") == {"pacs1": old, "pacs2": corrected}
     catalog.record_instance_stored("pacs1", attrs("8"), None, "1.2.840.10008.1.2.1", 100, corrected)
-    with session_factory(engine)() as session:
-        assert delivered_copies(session, "1.2.3.8.1.1") == {"pacs1": corrected, "pacs2": corrected}
+    with direct.begin() as transaction:
+        assert delivered_copies(transaction, "1.2.3.8.1.1") == {"pacs1": corrected, "pacs2": corrected}
+    direct.close()
