@@ -31,6 +31,7 @@ from sqlalchemy import Engine, func, select  # noqa: E402
 from dicomrouter.catalog.db import make_engine  # noqa: E402
 from dicomrouter.catalog.models import Base  # noqa: E402
 from dicomrouter.catalog.schema import upgrade  # noqa: E402
+from dicomrouter.catalog.writes import AUDIT_COLUMNS, audit_values  # noqa: E402
 
 INSTANCES_PER_SERIES = 25
 SERIES_PER_STUDY = 4
@@ -342,59 +343,39 @@ def fill_catalog(
         )
 
         def audit_rows() -> Iterator[tuple]:
-            # One row per store association (a series) and one C-FIND per study.
+            # One row per store association (a series) and one C-FIND per study; as the router writes them.
             rows = series_count + study_count
             for i in range(rows):
                 at = now - timedelta(seconds=6 * 86400 * (rows - i) // rows)
                 if i < series_count:
-                    yield (
-                        first["audit_events"] + i,
-                        at,
-                        "MODALITY",
-                        "DICOMROUTER",
-                        "10.0.0.5",
-                        "bench",
+                    values = audit_values(
                         "store",
-                        primary,
-                        study_uids[min(i // SERIES_PER_STUDY, study_count - 1)],
                         "success",
-                        None,
-                        {"success": INSTANCES_PER_SERIES},
+                        calling_ae="MODALITY",
+                        called_ae="DICOMROUTER",
+                        address="10.0.0.5",
+                        node="bench",
+                        servers=primary,
+                        study_uid=study_uids[min(i // SERIES_PER_STUDY, study_count - 1)],
+                        counts={"success": INSTANCES_PER_SERIES},
+                        at=at,
                     )
                 else:
-                    yield (
-                        first["audit_events"] + i,
-                        at,
-                        "WORKSTATION",
-                        "DICOMROUTER",
-                        "10.0.0.9",
-                        "bench",
+                    values = audit_values(
                         "find",
-                        ",".join(names),
-                        None,
                         "success",
-                        "STUDY",
-                        {"answers": 1},
+                        calling_ae="WORKSTATION",
+                        called_ae="DICOMROUTER",
+                        address="10.0.0.9",
+                        node="bench",
+                        servers=names,
+                        detail="STUDY",
+                        counts={"answers": 1},
+                        at=at,
                     )
+                yield (first["audit_events"] + i, *(values[column] for column in AUDIT_COLUMNS))
 
-        timed(
-            "audit_events",
-            (
-                "id",
-                "at",
-                "calling_ae",
-                "called_ae",
-                "address",
-                "node",
-                "operation",
-                "servers",
-                "study_uid",
-                "outcome",
-                "detail",
-                "counts",
-            ),
-            audit_rows(),
-        )
+        timed("audit_events", ("id", *AUDIT_COLUMNS), audit_rows())
         if engine.dialect.name == "postgresql":
             with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
                 for table in first:  # COPY with explicit ids leaves the sequences behind

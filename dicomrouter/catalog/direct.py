@@ -5,8 +5,8 @@ execution context, result objects) than in the database. Here the Core statement
 once per engine into SQL text, the order of their parameters and their parameters' converters,
 and run on connections this object keeps between transactions. The connections come from the
 engine, so they are set up as the engine's are (SQLite pragmas and busy timeout, psycopg's
-adapters); on SQLite a transaction begins IMMEDIATE under the engine's writers' lock, as an
-engine transaction does.
+adapters), and each transaction runs as catalog/dbapi.py runs the CLI's plain-SQL ones too: on
+SQLite BEGIN IMMEDIATE under the engine's writers' lock, as an engine transaction does.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager, nullcontext, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +22,7 @@ from sqlalchemy import Dialect, Engine
 from sqlalchemy.sql.base import Executable
 
 from dicomrouter.catalog.db import is_sqlite, write_lock_of
+from dicomrouter.catalog.dbapi import SQLITE_WRITE, close_quietly, transaction
 from dicomrouter.catalog.sqlite import WriteLock
 
 # Connections kept idle beyond this are closed when given back: as many as stores ran at once
@@ -114,22 +115,16 @@ class DirectConnections:
     @contextmanager
     def begin(self) -> Iterator[DirectTransaction]:
         """A write transaction, committed when the block ends (rolled back if it raises)."""
-        # The writers' lock first: SQLite's writers of a process then take turns on one connection.
-        with self._write_lock or nullcontext():
-            connection = self._take()
-            try:
-                if self._sqlite:
-                    connection.execute("BEGIN IMMEDIATE")  # psycopg begins with the first statement
-                cursor = connection.cursor()
-                yield DirectTransaction(cursor, self.prepared)
-                cursor.close()
-                connection.commit()
-            except BaseException:
-                with suppress(Exception):
-                    connection.rollback()
-                with suppress(Exception):
-                    connection.close()
-                raise
+        # The writers' lock before the connection: SQLite's writers of a process take turns on one.
+        with transaction(
+            self._take,
+            begin=SQLITE_WRITE if self._sqlite else None,  # psycopg begins with the first statement
+            write_lock=self._write_lock,
+            discard=close_quietly,
+        ) as connection:
+            cursor = connection.cursor()
+            yield DirectTransaction(cursor, self.prepared)
+            cursor.close()
         self._give_back(connection)
 
     def prepared(self, statement: Executable, many: bool) -> Prepared:
@@ -146,8 +141,7 @@ class DirectConnections:
         with self._lock:
             idle, self._idle = self._idle, []
         for connection, _ in idle:
-            with suppress(Exception):
-                connection.close()
+            close_quietly(connection)
 
     def _take(self) -> Any:
         with self._lock:
@@ -157,8 +151,7 @@ class DirectConnections:
                 self.engine.dialect.do_ping(connection)
                 connection.rollback()
             except Exception:
-                with suppress(Exception):
-                    connection.close()
+                close_quietly(connection)
                 connection = None
         if connection is not None:
             return connection

@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 from urllib.parse import quote
 
+from dicomrouter.catalog.dbapi import SQLITE_READ, SQLITE_WRITE, transaction
 from dicomrouter.catalog.revision import require_revision
 from dicomrouter.catalog.sqlite import (
     SQLITE_BUSY_TIMEOUT_MS,
@@ -185,41 +186,28 @@ class Transactions:
                 cursor.executemany(sql, params)
             return cursor.rowcount
 
-        self._cursor = cursor
         self.writer = Writer(execute, run, dialect, pyformat)
 
     def read(self, work: Callable[[Reader], T]) -> T:
         """Run read-only `work` in one transaction; on SQLite a deferred one, which takes no write lock."""
-        return self._transaction(work, "DEFERRED")
+        return self._transaction(work, SQLITE_READ, None)
 
     def write(self, work: Callable[[Writer], T], attempts: int = 1) -> T:
         """Run `work` in one write transaction, as the router's engine does: on SQLite the writers' lock
         first, then BEGIN IMMEDIATE. Up to `attempts` times while it fails on a deadlock or lock timeout."""
         for attempt in range(1, attempts + 1):
             try:
-                if self._write_lock is None:
-                    return self._transaction(work, "IMMEDIATE")
-                self._write_lock.acquire()
-                try:
-                    return self._transaction(work, "IMMEDIATE")
-                finally:
-                    self._write_lock.release()
+                return self._transaction(work, SQLITE_WRITE, self._write_lock)
             except Exception as exc:
                 if attempt == attempts or not transient(exc):
                     raise
                 pause_before_retry(attempt)
         raise AssertionError("unreachable")
 
-    def _transaction(self, work: Callable[[Writer], T], sqlite_begin: str) -> T:
-        if self.writer.dialect == "sqlite":
-            self._cursor.execute(f"BEGIN {sqlite_begin}")  # the connection is in autocommit mode
-        try:
-            result = work(self.writer)
-        except BaseException:
-            self._connection.rollback()
-            raise
-        self._connection.commit()
-        return result
+    def _transaction(self, work: Callable[[Writer], T], sqlite_begin: str, write_lock: WriteLock | None) -> T:
+        begin = sqlite_begin if self.writer.dialect == "sqlite" else None  # the connection is in autocommit mode
+        with transaction(lambda: self._connection, begin=begin, write_lock=write_lock):
+            return work(self.writer)
 
 
 @contextmanager

@@ -173,21 +173,10 @@ class Catalog:
             if count < batch:
                 return deleted
 
-    def audit_events(
-        self,
-        *,
-        since: datetime | None = None,
-        calling_ae: str | None = None,
-        study_uid: str | None = None,
-        operation: str | None = None,
-        limit: int = 200,
-    ) -> list[AuditRow]:
-        """The newest `limit` audit events matching every filter given, oldest first."""
-        return self.read_plain(
-            lambda reader: reads.audit_events(
-                reader, since=since, calling_ae=calling_ae, study_uid=study_uid, operation=operation, limit=limit
-            )
-        )
+    def audit_events(self, **filters: Any) -> list[AuditRow]:
+        """The newest audit events matching every filter given, oldest first: reads.audit_events's
+        filters (since, calling_ae, study_uid, operation) and limit."""
+        return self.read_plain(lambda reader: reads.audit_events(reader, **filters))
 
     # ----------------------------------------------------------------- transactions
 

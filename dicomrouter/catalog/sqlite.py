@@ -71,7 +71,7 @@ class WriteLock:
 
 def configure_connection(dbapi_connection: sqlite3.Connection) -> None:
     """Settings every catalog connection gets: explicit BEGINs, busy timeout, WAL, foreign keys."""
-    # Leave transaction control to the caller (SQLAlchemy's begin event, or plain.Transactions)
+    # Leave transaction control to the caller (SQLAlchemy's begin event, or dbapi.transaction)
     # instead of the sqlite3 module's legacy mode, which never BEGINs before a SELECT or DDL.
     dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()

@@ -13,7 +13,7 @@ from typing import Any
 
 from dicomrouter.catalog.plain import Writer
 
-_AUDIT_COLUMNS = (
+AUDIT_COLUMNS = (  # in the order audit_values gives them
     "at",
     "calling_ae",
     "called_ae",
@@ -27,8 +27,8 @@ _AUDIT_COLUMNS = (
     "counts",
 )
 _INSERT_AUDIT = (
-    f"INSERT INTO audit_events ({', '.join(_AUDIT_COLUMNS)})"
-    f" VALUES ({', '.join(f':{column}' for column in _AUDIT_COLUMNS)})"
+    f"INSERT INTO audit_events ({', '.join(AUDIT_COLUMNS)})"
+    f" VALUES ({', '.join(f':{column}' for column in AUDIT_COLUMNS)})"
 )
 
 
@@ -77,7 +77,7 @@ def add_audit_rows(writer: Writer, rows: Sequence[Mapping[str, Any]]) -> None:
 def _stored(writer: Writer, values: Mapping[str, Any]) -> dict[str, Any]:
     # Like the ORM: a missing column is NULL, `counts` JSON even when None (JSON null).
     return {
-        **dict.fromkeys(_AUDIT_COLUMNS),
+        **dict.fromkeys(AUDIT_COLUMNS),
         **values,
         "counts": writer.json_value(values.get("counts")),
     }
