@@ -20,18 +20,12 @@ class Recorded:
         if name == self.fail:
             raise RuntimeError(name)
 
-    def acquire(self) -> None:
+    def __enter__(self) -> Recorded:  # the writers' lock, as `with` takes it
         self._call("lock")
-
-    def release(self) -> None:
-        self._call("unlock")
-
-    def __enter__(self) -> Recorded:
-        self.acquire()
         return self
 
     def __exit__(self, *_exc: object) -> None:
-        self.release()
+        self._call("unlock")
 
     def take(self) -> Recorded:
         self._call("take")
