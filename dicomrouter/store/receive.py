@@ -329,20 +329,21 @@ class ReceiveService:
         self, caller: Caller, called_ae: str, sop_instance_uid: str | None, received: InMemory | Streamed
     ) -> ReceiveResult:
         config = self.config()
-        bound = log.bind(calling_ae=caller.ae_title, address=caller.address, sop_instance_uid=(sop_instance_uid or "")[:80])
+        # Passed with each line, not bound: binding a logger costs more than a small store's other bookkeeping.
+        about = {"calling_ae": caller.ae_title, "address": caller.address, "sop_instance_uid": (sop_instance_uid or "")[:80]}
         if sop_instance_uid is not None and not valid_uid(sop_instance_uid):
-            bound.warning("store_refused", reason="invalid SOP Instance UID")
+            log.warning("store_refused", **about, reason="invalid SOP Instance UID")
             return ReceiveResult(DATASET_MISMATCH, "Affected SOP Instance UID is not a valid UID")
         try:
             header = received.header(rule_keywords(config))
         except MemoryError:
-            bound.error("store_refused", reason="out of memory while parsing")
+            log.error("store_refused", **about, reason="out of memory while parsing")
             return ReceiveResult(OUT_OF_RESOURCES, "out of memory while parsing the dataset")
         except Exception as exc:
             # Untrusted bytes: pydicom raises struct.error, RecursionError (deep sequences),
             # zlib.error (deflate), UnicodeDecodeError... all mean the same thing to the sender.
             reason = f"{exc.__class__.__name__}: {exc}"[:200]
-            bound.warning("store_refused", reason=f"unreadable dataset: {reason}")
+            log.warning("store_refused", **about, reason=f"unreadable dataset: {reason}")
             # The Error Comment holds 64 characters: the reason itself, the exception's class in the log.
             return ReceiveResult(CANNOT_UNDERSTAND, f"unreadable data set: {exc}"[:200])
         study = header.get("StudyInstanceUID")
@@ -354,7 +355,7 @@ class ReceiveService:
                     DATASET_MISMATCH, "the dataset has no valid SOP Instance or SOP Class UID", study_uid=study_uid
                 )
         if header.get("SOPInstanceUID") != sop_instance_uid:
-            bound.warning("store_refused", reason="SOP Instance UID in dataset differs from the request")
+            log.warning("store_refused", **about, reason="SOP Instance UID in dataset differs from the request")
             return ReceiveResult(
                 DATASET_MISMATCH, "SOPInstanceUID in the dataset does not match the request", study_uid=study_uid
             )
@@ -362,14 +363,14 @@ class ReceiveService:
             value = header.get(keyword)
             if not isinstance(value, str) or not valid_uid(value):
                 reason = f"no valid (single) {keyword} in the dataset"
-                bound.warning("store_refused", reason=reason)
+                log.warning("store_refused", **about, reason=reason)
                 return ReceiveResult(DATASET_MISMATCH, reason, study_uid=None, servers=())
         if not valid_uid(header.get("SOPClassUID")):
-            bound.warning("store_refused", reason="no valid SOP Class UID in the dataset")
+            log.warning("store_refused", **about, reason="no valid SOP Class UID in the dataset")
             return ReceiveResult(DATASET_MISMATCH, "the dataset has no valid SOPClassUID", study_uid=study_uid)
         decision = choose_destinations(config, caller.ae_title, called_ae, header)
         if decision.refused:  # an inactive server called by its AE title: refused, as an echo or move to it
-            bound.warning("store_refused", reason=decision.refused, status="0x0124")
+            log.warning("store_refused", **about, reason=decision.refused, status="0x0124")
             return ReceiveResult(REFUSED_NOT_AUTHORIZED, decision.refused, study_uid=study_uid)
         names = tuple(s.name for s in decision.destinations)
         forbidden = [s for s in decision.destinations if not may_write(caller, s)]
@@ -379,7 +380,7 @@ class ReceiveService:
                 f"{caller.ae_title} may not write to {', '.join(s.name for s in forbidden)}"
                 f" (needs {needs}; {decision.reason})"
             )
-            bound.warning("store_refused", reason=reason, status="0x0124")
+            log.warning("store_refused", **about, reason=reason, status="0x0124")
             return ReceiveResult(REFUSED_NOT_AUTHORIZED, reason, study_uid=study_uid, servers=names)
         refusing = self._refusing_destinations(decision.destinations, header)
         if refusing:
@@ -387,33 +388,33 @@ class ReceiveService:
                 f"{', '.join(refusing)} does not accept SOP class {header['SOPClassUID']} in "
                 f"{header['TransferSyntaxUID']} ({decision.reason})"
             )
-            bound.warning("store_refused", reason=reason, status="0x0122")
+            log.warning("store_refused", **about, reason=reason, status="0x0122")
             return ReceiveResult(SOP_CLASS_NOT_SUPPORTED, reason, study_uid=study_uid, servers=names)
         try:
             spooled = received.spool()
         except SpoolFull as exc:
-            bound.error("store_refused", reason=str(exc))
+            log.error("store_refused", **about, reason=str(exc))
             return ReceiveResult(OUT_OF_RESOURCES, str(exc), study_uid=study_uid, servers=names)
         except SpoolError as exc:
-            bound.error("store_refused", reason=str(exc))
+            log.error("store_refused", **about, reason=str(exc))
             return ReceiveResult(OUT_OF_RESOURCES, str(exc), study_uid=study_uid, servers=names)
         try:
             queued, handed, refusal = self._queue_jobs(config, caller, called_ae, spooled, header, names)
         except Exception as exc:
             self.spool.remove(spooled.path)
-            bound.exception("store_refused", reason="catalog unavailable")
+            log.exception("store_refused", **about, reason="catalog unavailable")
             comment = f"cannot queue the instance: {exc.__class__.__name__}"
             return ReceiveResult(OUT_OF_RESOURCES, comment, study_uid=study_uid, servers=names)
         if refusal:
             self.spool.remove(spooled.path)
-            bound.warning("store_refused", reason=refusal)
+            log.warning("store_refused", **about, reason=refusal)
             return ReceiveResult(DUPLICATE_REFUSED, refusal, study_uid=study_uid, servers=names)
         if not queued:
             self.spool.remove(spooled.path)  # every destination already has these exact bytes
         for name in queued:
             if name not in handed:
                 self.notify(name)
-        bound.debug("stored", destinations=names, queued=queued, route=decision.reason, bytes=spooled.size)
+        log.debug("stored", **about, destinations=names, queued=queued, route=decision.reason, bytes=spooled.size)
         return ReceiveResult(
             SUCCESS, destinations=queued, sop_instance_uid=sop_instance_uid, study_uid=study_uid, servers=names
         )

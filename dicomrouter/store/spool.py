@@ -23,7 +23,7 @@ class SpoolFull(SpoolError):
 
 @dataclass(frozen=True)
 class SpooledFile:
-    path: Path
+    path: str  # where the file now safely lives
     sha256: str
     size: int
 
@@ -99,7 +99,7 @@ class Spool:
             _unlink_quietly(tmp)
             _unlink_quietly(final)  # renamed but not durable: no job will point at it
             raise _spool_error(self.root, exc) from exc
-        return SpooledFile(Path(final), sha256, len(content))
+        return SpooledFile(final, sha256, len(content))
 
     def open_partial(self, hashed: bool = True) -> PartialFile:
         """A file in tmp/ to write a large instance into while it arrives; `adopt` makes it safe.
@@ -128,7 +128,7 @@ class Spool:
             _unlink_quietly(final)  # renamed but not durable: no job will point at it
             raise _spool_error(self.root, exc) from exc
         partial.adopted = True
-        return SpooledFile(final, sha256, partial.size)
+        return SpooledFile(str(final), sha256, partial.size)
 
     def _ensure_folder(self, prefix: str) -> str:
         """objects/`prefix`, made (and objects/ fsynced) if it went missing; its path."""

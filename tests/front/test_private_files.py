@@ -50,9 +50,9 @@ def test_spool_folders_and_files_are_owner_only(tmp_path):
     try:
         spool = Spool(tmp_path / "var" / "spool")
         stored = spool.write(b"\x00" * 200)
-        for folder in (spool.root, spool.tmp, spool.objects, stored.path.parent):
+        for folder in (spool.root, spool.tmp, spool.objects, Path(stored.path).parent):
             assert mode(folder) == 0o700, folder
-        assert mode(stored.path) == 0o600
+        assert mode(Path(stored.path)) == 0o600
         with scratch_folder(spool.root) as scratch:
             assert mode(scratch) == 0o700
 
