@@ -75,6 +75,7 @@ class AckWriter:
         self.max_batch = max_batch
         self.linger_s = linger_s  # let deliveries gather: one transaction for many
         self._pending: list[tuple[ServerConfig, list[ClaimedJob]]] = []
+        self._pending_jobs = 0
         self._wakeup = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="ack-writer", daemon=True)
@@ -85,7 +86,11 @@ class AckWriter:
     def submit(self, server: ServerConfig, jobs: list[ClaimedJob]) -> None:
         with self._wakeup:
             self._pending.append((server, jobs))
-            self._wakeup.notify_all()
+            self._pending_jobs += len(jobs)
+            # Wake the writer for the first delivery of a batch and for a full one only: while it lingers
+            # it waits out its deadline anyway (a wake-up per delivery cost a thread switch per instance).
+            if len(self._pending) == 1 or self._pending_jobs >= self.max_batch:
+                self._wakeup.notify_all()
 
     def stop(self, timeout_s: float) -> None:
         """Write what is waiting, then stop."""
@@ -102,14 +107,13 @@ class AckWriter:
                 self.deliveries.flush()
             if not self._pending:
                 return None
-            # Every submit notifies: wait out the whole linger, not just until the next delivery.
             deadline = time.monotonic() + self.linger_s
-            while not self._stopping and sum(len(jobs) for _, jobs in self._pending) < self.max_batch:
+            while not self._stopping and self._pending_jobs < self.max_batch:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
                 self._wakeup.wait(remaining)
-            taken, self._pending = self._pending, []
+            taken, self._pending, self._pending_jobs = self._pending, [], 0
             return taken
 
     def _run(self) -> None:
