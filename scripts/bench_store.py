@@ -113,13 +113,14 @@ def process_tree(pid: int) -> list[int]:
     return pids
 
 
-def cpu_seconds(pid: int) -> float:
-    """User and system CPU of one process so far (0 once it is gone)."""
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """(user, system) CPU of one process so far ((0, 0) once it is gone)."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return 0.0, 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
 def rss_kib(pid: int) -> int:
@@ -144,8 +145,8 @@ class RouterUsage:
         self.pid = pid
         self.peak_rss_kib = 0
         self.processes = 0
-        self._cpu_start: dict[int, float] = {}
-        self._cpu_last: dict[int, float] = {}
+        self._cpu_start: dict[int, tuple[float, float]] = {}
+        self._cpu_last: dict[int, tuple[float, float]] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample_until_stopped, daemon=True)
 
@@ -160,19 +161,21 @@ class RouterUsage:
         self.processes = max(self.processes, len(pids))
         self.peak_rss_kib = max(self.peak_rss_kib, sum(rss_kib(pid) for pid in pids))
         for pid in pids:
-            self._cpu_start.setdefault(pid, 0.0)  # started during the run: all its CPU counts
-            self._cpu_last[pid] = max(self._cpu_last.get(pid, 0.0), cpu_seconds(pid))
+            self._cpu_start.setdefault(pid, (0.0, 0.0))  # started during the run: all its CPU counts
+            self._cpu_last[pid] = max(self._cpu_last.get(pid, (0.0, 0.0)), cpu_seconds(pid))
 
     def _sample_until_stopped(self) -> None:
         while not self._stop.wait(self.SAMPLE_S):
             self._sample()
 
     def stop(self) -> tuple[float, float]:
-        """(CPU seconds, peak RSS MB) of all the router's processes during the run."""
+        """(CPU seconds, peak RSS MB) of all the router's processes during the run; `system_s` the
+        kernel's part of that CPU."""
         self._sample()
         self._stop.set()
         self._thread.join(timeout=5)
-        cpu = sum(self._cpu_last[pid] - self._cpu_start[pid] for pid in self._cpu_last)
+        self.system_s = sum(self._cpu_last[pid][1] - self._cpu_start[pid][1] for pid in self._cpu_last)
+        cpu = sum(sum(self._cpu_last[pid]) - sum(self._cpu_start[pid]) for pid in self._cpu_last)
         return cpu, self.peak_rss_kib / 1024
 
 
@@ -274,7 +277,7 @@ def routed_run(folder: Path, files: list[str], target, router_port: int, http_po
             profiler.wait(timeout=30)
         router.stop()
     if details is not None:
-        details.update(processes=usage.processes, spread=associations_per_worker(router.log_text()))
+        details.update(processes=usage.processes, system_s=usage.system_s, spread=associations_per_worker(router.log_text()))
     return routed_s, acknowledged_s, router_cpu_s, rss, scrapes[0]
 
 
@@ -336,7 +339,8 @@ def main() -> None:
     print(f"router  storescu -> router -> Orthanc: {routed_s:6.2f} s  {len(files) / routed_s:7.1f} inst/s  {megabytes / routed_s:6.1f} MB/s")
     print(f"        (storescu done, all acknowledged after {acknowledged_s:.2f} s)")
     print(f"ratio router/direct throughput       : {direct_s / routed_s:.2f}x")
-    print(f"router CPU, all processes            : {router_cpu_s:6.2f} s  ({router_cpu_s / len(files) * 1000:.2f} ms per instance)")
+    print(f"router CPU, all processes            : {router_cpu_s:6.2f} s  ({router_cpu_s / len(files) * 1000:.2f} ms per instance,"
+          f" of which kernel {details['system_s'] / len(files) * 1000:.2f} ms)")
     print(f"router peak RSS, all processes       : {rss:.0f} MB")
     print(f"load average (1, 5, 15 min)          : {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     if scraped is not None:
