@@ -120,6 +120,18 @@ def pause_before_retry(attempt: int) -> None:
     time.sleep(min(0.05 * 2**attempt, 1.0) * random.uniform(0.5, 1.5))
 
 
+def retry_transient(run: Callable[[], T], attempts: int) -> T:
+    """`run()` (one whole transaction), up to `attempts` times while it fails on a `transient` error."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return run()
+        except Exception as exc:
+            if attempt == attempts or not transient(exc):
+                raise
+            pause_before_retry(attempt)
+    raise AssertionError("unreachable")
+
+
 def utc_moment(value: datetime | str | None) -> datetime | None:
     """A timestamp column's value as an aware UTC datetime: SQLite's naive UTC text, PostgreSQL's timestamptz."""
     if value is None:
@@ -195,14 +207,7 @@ class Transactions:
     def write(self, work: Callable[[Writer], T], attempts: int = 1) -> T:
         """Run `work` in one write transaction, as the router's engine does: on SQLite the writers' lock
         first, then BEGIN IMMEDIATE. Up to `attempts` times while it fails on a deadlock or lock timeout."""
-        for attempt in range(1, attempts + 1):
-            try:
-                return self._transaction(work, SQLITE_WRITE, self._write_lock)
-            except Exception as exc:
-                if attempt == attempts or not transient(exc):
-                    raise
-                pause_before_retry(attempt)
-        raise AssertionError("unreachable")
+        return retry_transient(lambda: self._transaction(work, SQLITE_WRITE, self._write_lock), attempts)
 
     def _transaction(self, work: Callable[[Writer], T], sqlite_begin: str, write_lock: WriteLock | None) -> T:
         begin = sqlite_begin if self.writer.dialect == "sqlite" else None  # the connection is in autocommit mode

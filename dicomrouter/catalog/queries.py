@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, delete, exists, select
+from sqlalchemy import delete, exists, select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -22,6 +22,7 @@ from dicomrouter.catalog.models import (
 )
 from dicomrouter.catalog.plain import Reader, pause_before_retry, transient
 from dicomrouter.catalog.reads import AuditRow, StudyLocationRow
+from dicomrouter.catalog.statements import statements_of
 from dicomrouter.catalog.upserts import (
     ServerSync,
     StoredInstance,
@@ -90,13 +91,14 @@ class Catalog:
         rows = sorted(studies, key=lambda attrs: required(attrs, "StudyInstanceUID"))
 
         def work(session: Session) -> None:
-            server_id = server_id_of(session, server_name)
+            statements = statements_of(session)
+            server_id = server_id_of(statements, server_name)
             now = utcnow()
             for attrs in rows:
                 study_id = ensure_study(
-                    session, attrs, modality_set(attrs.get("ModalitiesInStudy"))
+                    statements, attrs, modality_set(attrs.get("ModalitiesInStudy"))
                 )
-                touch_study_location(session, study_id, server_id, learned_by, now)
+                touch_study_location(statements, study_id, server_id, learned_by, now)
 
         self._write(work)
 
@@ -183,11 +185,6 @@ class Catalog:
     def write(self, work: Callable[[Session], T]) -> T:
         """Run `work` in one write transaction (retried on deadlock); for services joining writes."""
         return self._write(work)
-
-    def write_core(self, work: Callable[[Connection], T]) -> T:
-        """`write` on a Core connection instead of an ORM session, for work that runs statements only
-        (the ack writer's batches: a session's bookkeeping cost as much as some of its statements)."""
-        return self._write(work, core=True)
 
     def _write(self, work: Callable[[Any], T], core: bool = False) -> T:
         """Run `work` in a transaction, retrying deadlocks and lock timeouts."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dicomrouter.catalog.db import engine_of
+from dicomrouter.catalog.direct import DirectConnections, DirectTransaction
 from dicomrouter.catalog.queries import Catalog
 from dicomrouter.catalog.upserts import StoredInstance, record_stored
 from dicomrouter.config import ServerConfig
@@ -14,11 +16,18 @@ def _sort_key(item: StoredInstance) -> tuple[str, str, str]:
 
 
 class AckRecorder:
-    """One transaction per acknowledged batch: locations recorded, jobs completed."""
+    """One transaction per acknowledged batch: locations recorded, jobs completed.
+
+    On a kept DB-API connection with statements compiled once (catalog.direct), as the receive
+    transaction: through a Session or Connection, SQLAlchemy's per-statement machinery cost more
+    than the database's work. Retried on a deadlock or lock timeout as Catalog.write is.
+    """
 
     def __init__(self, catalog: Catalog, queue: ForwardQueue):
         self.catalog = catalog
         self.queue = queue
+        # One writer thread (forwarder.AckWriter): one connection kept.
+        self.direct = DirectConnections(engine_of(catalog.sessions), max_idle=1)
 
     def __call__(self, server: ServerConfig, jobs: list[ClaimedJob]) -> list[str]:
         """Returns the spool paths no job needs any more."""
@@ -27,18 +36,20 @@ class AckRecorder:
             key=_sort_key,
         )
 
-        def work(session) -> list[str]:
-            record_stored(session, server.name, items)
-            self.queue.complete(session, [job.id for job in jobs])
-            return self.queue.unreferenced_paths(session, [job.spool_path for job in jobs])
+        def work(transaction: DirectTransaction) -> list[str]:
+            record_stored(transaction, server.name, items)
+            return self._complete(transaction, jobs)
 
-        return self.catalog.write_core(work)
+        return self.direct.write(work, attempts=self.catalog.attempts)
 
     def complete_only(self, jobs: list[ClaimedJob]) -> list[str]:
         """Complete delivered jobs without touching the catalog's hierarchy (it refused them)."""
+        return self.direct.write(lambda transaction: self._complete(transaction, jobs), attempts=self.catalog.attempts)
 
-        def work(session) -> list[str]:
-            self.queue.complete(session, [job.id for job in jobs])
-            return self.queue.unreferenced_paths(session, [job.spool_path for job in jobs])
+    def close(self) -> None:
+        """Close the kept connection (once the ack writer has stopped)."""
+        self.direct.close()
 
-        return self.catalog.write(work)
+    def _complete(self, transaction: DirectTransaction, jobs: list[ClaimedJob]) -> list[str]:
+        self.queue.complete(transaction, [job.id for job in jobs])
+        return self.queue.unreferenced_paths(transaction, [job.spool_path for job in jobs])

@@ -93,12 +93,14 @@ class AckWriter:
                 self._wakeup.notify_all()
 
     def stop(self, timeout_s: float) -> None:
-        """Write what is waiting, then stop."""
+        """Write what is waiting, then stop and close the recorder's catalog connection."""
         with self._wakeup:
             self._stopping = True
             self._wakeup.notify_all()
         if self._thread.is_alive():
             self._thread.join(timeout=timeout_s)
+        # A batch still being written after the timeout closes its connection as it ends.
+        self.record_acks.close()
 
     def _take(self) -> list[tuple[ServerConfig, list[ClaimedJob]]] | None:
         with self._wakeup:

@@ -22,9 +22,10 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicomrouter.catalog.db import SQLITE_BEGIN, engine_of, read_plain, reader_of, write_plain
+from dicomrouter.catalog.db import SQLITE_BEGIN, engine_of, read_plain, write_plain
 from dicomrouter.catalog.direct import DirectTransaction
 from dicomrouter.catalog.models import ForwardJob
+from dicomrouter.catalog.statements import Statements, statements_of
 from dicomrouter.catalog.states import CLAIMED, DEAD, DONE, PENDING
 from dicomrouter.config import ForwardingConfig
 from dicomrouter.store import queue_actions
@@ -218,18 +219,18 @@ class ForwardQueue:
         jobs.sort(key=lambda job: job.id)
         return jobs
 
-    def complete(self, session: Session, job_ids: Iterable[int]) -> None:
+    def complete(self, bind: Session | Connection | Statements, job_ids: Iterable[int]) -> None:
+        """Mark this node's claims of `job_ids` done, in the caller's transaction."""
         ids = list(job_ids)
         if ids:
-            session.execute(_COMPLETE, {"ids": ids, "node": self.node_id, "now": utcnow()})
+            statements_of(bind).execute(_COMPLETE, {"ids": ids, "node": self.node_id, "now": utcnow()})
 
-    def unreferenced_paths(self, session: Session | Connection, paths: Iterable[str]) -> list[str]:
+    def unreferenced_paths(self, bind: Session | Connection | Statements, paths: Iterable[str]) -> list[str]:
         """Spool paths that no open or dead job needs any more (safe to delete), in the caller's transaction."""
         paths = list(paths)
         if not paths:
             return []
-        connection = session if isinstance(session, Connection) else session.connection()
-        return queue_actions.unreferenced_paths(reader_of(connection), paths)
+        return queue_actions.unreferenced_paths(statements_of(bind).reader(), paths)
 
     def fail(self, job: ClaimedJob, error: str, status: int | None, permanent: bool) -> str:
         """Count an attempt: retry later with backoff, or dead-letter. Returns the new state."""

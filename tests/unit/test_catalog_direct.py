@@ -18,11 +18,14 @@ from dicomrouter.catalog import direct as catalog_direct
 from dicomrouter.catalog import sqlite as catalog_sqlite
 from dicomrouter.catalog.db import make_engine, session_factory
 from dicomrouter.catalog.direct import DirectConnections
-from dicomrouter.catalog.models import ForwardJob
+from dicomrouter.catalog.models import ForwardJob, Server
 from dicomrouter.catalog.schema import upgrade
+from dicomrouter.catalog.upserts import record_stored
 from dicomrouter.config import ForwardingConfig, parse_config
 from dicomrouter.routing.access import Caller
-from dicomrouter.store.queue import ForwardQueue
+from dicomrouter.store import acks as store_acks
+from dicomrouter.store.acks import AckRecorder
+from dicomrouter.store.queue import ForwardQueue, NewJob
 from dicomrouter.store.receive import OUT_OF_RESOURCES, SUCCESS, ReceiveService, delivered_copies
 from dicomrouter.store.spool import Spool
 from tests.support.configs import base_document
@@ -107,6 +110,64 @@ def test_a_failed_transaction_writes_nothing_and_the_next_one_runs(catalog: Cata
     with engine.connect() as connection:
         uids = connection.scalars(sa.select(ForwardJob.sop_instance_uid)).all()
     assert uids == ["1.2.3.2"]
+
+
+def test_an_expanding_in_runs_padded_and_in_runs_of_at_most_max_expanded(
+    catalog: Catalog, engine: sa.Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    servers = Server.__table__.c
+    names = sa.select(servers.name).where(servers.id.in_(sa.bindparam("ids", expanding=True)))
+    direct = DirectConnections(engine)
+    try:
+        with direct.begin() as transaction:
+            ids = [row[0] for row in transaction.execute(sa.select(servers.id).order_by(servers.name), {})]
+            assert sorted(transaction.execute(names, {"ids": ids})) == [("pacs1",), ("pacs2",), ("pacs3",)]  # as 4
+            assert transaction.execute(names, {"ids": ids[1:2]}) == [("pacs2",)]
+            assert transaction.execute(names, {"ids": []}) == []
+            monkeypatch.setattr(catalog_direct, "MAX_EXPANDED", 2)
+            assert sorted(transaction.execute(names, {"ids": ids})) == [("pacs1",), ("pacs2",), ("pacs3",)]  # 2 + 1
+    finally:
+        direct.close()
+
+
+def test_acks_are_recorded_on_kept_connections_retried_when_the_catalog_is_locked(
+    catalog: Catalog, engine: sa.Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    queue = ForwardQueue(catalog.sessions, "node", ForwardingConfig())
+    header = {"SOPClassUID": CT, "TransferSyntaxUID": ExplicitVRLittleEndian, "StudyInstanceUID": "1.2.3",
+              "SeriesInstanceUID": "1.2.3.4", "PatientID": "P1", "Modality": "CT"}
+    new_jobs = [
+        NewJob(f"1.2.3.4.{i}", f"/spool/{i}.dcm", f"{i}" * 64, 10, "pacs1", "MOD", "ROUTER", {**header, "SOPInstanceUID": f"1.2.3.4.{i}"})
+        for i in range(3)
+    ]
+    direct = DirectConnections(engine)
+    with direct.begin() as transaction:
+        jobs = queue.enqueue(transaction, new_jobs, claim_for={"pacs1"})
+    direct.close()
+    locked = iter([sqlite3.OperationalError("database is locked")])  # what psycopg's deadlock is retried as too
+
+    def record_stored_once_locked(*args) -> None:
+        for error in locked:
+            raise error
+        record_stored(*args)
+
+    monkeypatch.setattr(store_acks, "record_stored", record_stored_once_locked)
+    through_engine: list[str] = []
+
+    def count(_connection, _cursor, statement, *_args) -> None:
+        through_engine.append(statement)
+
+    record_acks = AckRecorder(catalog, queue)
+    sa.event.listen(engine, "before_cursor_execute", count)
+    try:
+        paths = record_acks(shared.make_config(["pacs1"]).servers[0], jobs)
+    finally:
+        sa.event.remove(engine, "before_cursor_execute", count)
+        record_acks.close()
+    assert through_engine == [], "the ack writer's transaction runs on its own connection"
+    assert paths == [f"/spool/{i}.dcm" for i in range(3)]
+    assert catalog.instances_per_server("1.2.3") == {"pacs1": 3}
+    assert [state for _, state, _, _ in job_rows(engine)] == ["done"] * 3
 
 
 def encoded_instance() -> tuple[str, bytes]:

@@ -19,10 +19,11 @@ import sqlalchemy as sa
 from dicomrouter.catalog.db import make_engine, session_factory
 from dicomrouter.catalog.direct import DirectConnections
 from dicomrouter.catalog.models import Base, utcnow
-from dicomrouter.catalog.queries import Catalog, StoredInstance, audit_values
+from dicomrouter.catalog.queries import Catalog, audit_values
 from dicomrouter.catalog.reads import audit_events, commitment_requests
 from dicomrouter.catalog.schema import upgrade
 from dicomrouter.config import ForwardingConfig, parse_config
+from dicomrouter.store.acks import AckRecorder
 from dicomrouter.store.queue import ForwardQueue, NewJob
 from dicomrouter.store.queue_gauges import QueueGaugeReader
 from dicomrouter.store.queue_report import destination_backlogs, instance_jobs, study_backlogs
@@ -81,15 +82,18 @@ def statements_of(engine: sa.Engine) -> list[str]:
             "deleted": False,
         }
     ]
-    catalog.sync_servers(parse_config(base_document(servers=servers), Path("router.yaml")))
+    config = parse_config(base_document(servers=servers), Path("router.yaml"))
+    catalog.sync_servers(config)
     queue = ForwardQueue(sessions, "node", ForwardingConfig())
     header = {
         "SOPClassUID": "1.2.840.10008.5.1.4.1.1.2",
         "TransferSyntaxUID": "1.2.840.10008.1.2.1",
         "StudyInstanceUID": "1.2.3",
+        "SeriesInstanceUID": "1.2.3.4",
         "SOPInstanceUID": "1.2.3.4.5",
+        "PatientID": "P1",
+        "Modality": "CT",
     }
-    attrs = {**header, "SeriesInstanceUID": "1.2.3.4", "PatientID": "P1", "Modality": "CT"}
     direct = DirectConnections(engine)
     with traced(engine) as seen:
         with direct.begin() as transaction:  # the receive transaction
@@ -105,18 +109,12 @@ def statements_of(engine: sa.Engine) -> list[str]:
             )
         jobs = queue.claim("pacs1", 16)
         assert jobs
-        stored = StoredInstance(
-            attrs, header["SOPClassUID"], header["TransferSyntaxUID"], 10, "ab" * 32
+        record_acks = AckRecorder(catalog, queue)  # what the ack writer runs per batch
+        record_acks(config.servers[0], jobs)
+        record_acks.close()
+        catalog.record_instance_stored(  # the importer's and the learners' path, through a Session
+            "pacs1", {**header, "SOPInstanceUID": "1.2.3.4.6"}, header["SOPClassUID"], None, 10, None
         )
-
-        def acknowledge(session) -> list[str]:  # what the ack writer does per batch
-            from dicomrouter.catalog.upserts import record_stored
-
-            record_stored(session, "pacs1", [stored])
-            queue.complete(session, [job.id for job in jobs])
-            return queue.unreferenced_paths(session, [job.spool_path for job in jobs])
-
-        catalog.write(acknowledge)
         catalog.add_audit_rows(
             [audit_values("store", "success", calling_ae="MOD", study_uid="1.2.3")]
         )

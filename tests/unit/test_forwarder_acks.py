@@ -37,6 +37,9 @@ class CatalogRefusingOne:
         self.done.set()
         return [job.spool_path for job in jobs]
 
+    def close(self) -> None:
+        pass
+
 
 def job(job_id: int) -> ClaimedJob:
     return ClaimedJob(job_id, f"1.2.3.{job_id}", f"/spool/{job_id}.dcm", "0" * 64, 10, "PACS", 0, {})
