@@ -18,8 +18,8 @@ from typing import Any
 from ruamel.yaml import YAML
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
-from dicomrouter.dul.pdu import ae_title_problem
-from dicomrouter.net.tls import TLSSetupError, check_tls_files
+from dicomrouter.config_location import CONFIG_ENV_VAR, DEFAULT_CONFIG_NAME
+from dicomrouter.dul.ae_title import ae_title_problem
 
 ENVIRONMENTS = ("test", "prod")
 ROLES = ("test_read", "test_write", "prod_read", "prod_write", "admin")
@@ -28,8 +28,6 @@ OPERATIONS = ("echo", "find", "store", "move")
 # C-MOVE when the server refuses C-GET (remembered per server: retrieve/move_to_self.py).
 RETRIEVE_MODES = ("auto", "get", "move")
 DUPLICATE_POLICIES = ("overwrite", "reject")
-DEFAULT_CONFIG_NAME = "dicomrouter.yaml"
-CONFIG_ENV_VAR = "DICOMROUTER_CONFIG"
 
 
 @dataclass(frozen=True)
@@ -592,6 +590,9 @@ class _Parser:
                 "only applies to the router's own port",
                 "remove it here; whether this server requires our certificate is its own setting",
             )
+        # ssl is imported only for a config with TLS files: every CLI command loads the config.
+        from dicomrouter.net.tls import TLSSetupError, check_tls_files
+
         try:
             check_tls_files(tls, listening)
         except TLSSetupError as exc:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import getpass
 import os
-import socket
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager
@@ -150,6 +148,9 @@ def server_argument(config: Config, text: str) -> ServerConfig:
 
 def cli_identity() -> str:
     """Who made a change from the command line, for the audit trail."""
+    import getpass  # here: only commands that change something need it (and socket)
+    import socket
+
     try:
         user = getpass.getuser()
     except Exception:  # no user name in this environment

@@ -13,6 +13,8 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from dicomrouter.dul.ae_title import ae_title_problem
+
 A_ASSOCIATE_RQ, A_ASSOCIATE_AC, A_ASSOCIATE_RJ = 0x01, 0x02, 0x03
 P_DATA_TF, A_RELEASE_RQ, A_RELEASE_RP, A_ABORT = 0x04, 0x05, 0x06, 0x07
 PDU_HEADER_LENGTH = 6
@@ -73,24 +75,6 @@ def ae_title_from(raw: bytes) -> str:
     if problem:
         raise BadAETitle(problem)
     return title.strip(" ")
-
-
-def ae_title_problem(value: object) -> str | None:
-    """Why `value` is not a valid AE title, or None (PS3.5 6.2, AE VR): 1 to 16 characters of printable
-    ASCII without backslash, not all spaces. The one rule for every path: DICOM, HTTP user names, config."""
-    if not isinstance(value, str):
-        return f"{value!r} is not text"
-    if not 1 <= len(value) <= 16:
-        return f"{value!r} has {len(value)} characters; an AE title has 1 to 16"
-    if not value.strip(" "):
-        return "an AE title cannot be all spaces"
-    if "\\" in value:
-        return f"{value!r} contains a backslash"
-    if any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
-        return f"{value!r} contains control characters"
-    if any(ord(ch) > 126 for ch in value):
-        return f"{value!r} contains non-ASCII characters"
-    return None
 
 
 def valid_ae_title(title: str) -> bool:

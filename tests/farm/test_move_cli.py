@@ -8,17 +8,10 @@ import pytest
 from click.testing import CliRunner
 
 from dicomrouter.cli.main import cli
-from dicomrouter.cli.move import move_command, routes_group
 from tests.support.find_support import upload_study
 from tests.support.move_support import received_sop_uids, workstation
 
 pytestmark = pytest.mark.slow
-
-# Until cli/main.py registers them.
-for command in (move_command, routes_group):
-    if command.name not in cli.commands:
-        cli.add_command(command)
-
 
 def run_cli(config_path, *args):
     return CliRunner().invoke(cli, ["--config", str(config_path), *args], catch_exceptions=False)

@@ -12,12 +12,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import click
 import pytest
+from click.testing import CliRunner
 
 from dicomrouter.catalog.db import make_engine, session_factory
 from dicomrouter.catalog.models import CommitmentRequest, ForwardJob, utcnow
 from dicomrouter.catalog.queries import Catalog
 from dicomrouter.catalog.schema import SCHEMA_REVISION, head_revision, upgrade
+from dicomrouter.cli.main import COMMANDS, cli
 from dicomrouter.config import load_config
 from tests.support.configs import base_document, write_document
 
@@ -33,6 +36,12 @@ def imported_by(*arguments: str) -> set[str]:
 def run_importing(*arguments: str, returncode: int = 0) -> tuple[set[str], str]:
     """(the top-level packages `dicomrouter ARGUMENTS` imports, what it printed, errors included); it must
     exit with `returncode`."""
+    modules, printed = run_importing_modules(*arguments, returncode=returncode)
+    return {module.split(".")[0] for module in modules}, printed
+
+
+def run_importing_modules(*arguments: str, returncode: int = 0) -> tuple[set[str], str]:
+    """As `run_importing`, but every module by its full name (dicomrouter.cli.store)."""
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
@@ -48,7 +57,7 @@ def run_importing(*arguments: str, returncode: int = 0) -> tuple[set[str], str]:
     modules = set()
     for line in result.stderr.splitlines():
         if line.startswith("import time:") and not line.endswith("| package"):
-            modules.add(line.rsplit("|", 1)[1].strip().split(".")[0])
+            modules.add(line.rsplit("|", 1)[1].strip())
     assert "dicomrouter" in modules, "no -X importtime output: cannot tell what was imported"
     errors = "".join(line + "\n" for line in result.stderr.splitlines() if not line.startswith("import time:"))
     return modules, result.stdout + errors
@@ -64,9 +73,42 @@ def test_help_imports_no_dicom_database_or_logging_stack() -> None:
     assert not modules & (DICOM_STACK | {"sqlalchemy", "alembic", "structlog", "prometheus_client"})
 
 
+def test_help_imports_no_command_and_no_config_loader() -> None:
+    """`--help` lists the commands from cli/main.py's summaries: no command's module is imported."""
+    modules, printed = run_importing_modules("--help")
+    assert "serve" in printed and "Run the router" in printed
+    ours = {module for module in modules if module.split(".")[0] == "dicomrouter"}
+    assert ours == {"dicomrouter", "dicomrouter.cli", "dicomrouter.cli.main", "dicomrouter.config_location"}
+
+
+def test_help_lists_the_commands_as_click_would_with_them_imported() -> None:
+    """Each summary in cli/main.py is what the command's own docstring gives: the help is the same, at any
+    terminal width, as that of a plain click group holding the imported commands."""
+    eager = click.Group(
+        "dicomrouter",
+        commands={name: command.load() for name, command in COMMANDS.items()},
+        params=cli.params,
+        help=cli.help,
+        context_settings=cli.context_settings,
+    )
+    for name, command in COMMANDS.items():
+        loaded = command.load()
+        assert loaded.name == name and not loaded.hidden and not loaded.deprecated, name
+        stand_in = click.Command(name, help=command.summary)
+        for limit in range(1, 120):
+            assert stand_in.get_short_help_str(limit) == loaded.get_short_help_str(limit), (name, limit)
+    for width in (30, 60, 80, 200):
+        shown = CliRunner().invoke(cli, ["--help"], prog_name="dicomrouter", terminal_width=width)
+        expected = CliRunner().invoke(eager, ["--help"], prog_name="dicomrouter", terminal_width=width)
+        assert shown.exit_code == expected.exit_code == 0
+        assert shown.output == expected.output
+
+
 def test_config_check_imports_no_dicom_or_database_stack(config_path: Path) -> None:
-    modules = imported_by("--config", str(config_path), "config", "check")
-    assert not modules & (DICOM_STACK | {"sqlalchemy", "alembic"})
+    modules, _ = run_importing_modules("--config", str(config_path), "config", "check")
+    assert not {module.split(".")[0] for module in modules} & (DICOM_STACK | {"sqlalchemy", "alembic"})
+    # Loading a config imports neither the PDU codec nor, without TLS files in it, ssl.
+    assert not modules & {"dicomrouter.dul.pdu", "ssl", "dicomrouter.net.tls"}
 
 
 @pytest.fixture
@@ -135,9 +177,12 @@ READ_COMMANDS = [
 def test_read_commands_import_no_sqlalchemy(
     filled_config: Path, arguments: list[str], shown: str
 ) -> None:
-    modules, printed = run_importing("--config", str(filled_config), *arguments)
+    modules, printed = run_importing_modules("--config", str(filled_config), *arguments)
     assert shown in printed
-    assert not modules & (DICOM_STACK | {"sqlalchemy", "alembic"})
+    assert not {module.split(".")[0] for module in modules} & (DICOM_STACK | {"sqlalchemy", "alembic"})
+    # Only the module of the command that runs: not those of the other commands.
+    commands = {module for module in modules if module.startswith("dicomrouter.cli.")}
+    assert commands == {"dicomrouter.cli.main", "dicomrouter.cli.common", COMMANDS[arguments[0]].module}
 
 
 def test_db_backup_imports_no_sqlalchemy(config_path: Path) -> None:
