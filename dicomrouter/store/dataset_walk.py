@@ -45,6 +45,7 @@ from pydicom.valuerep import AMBIGUOUS_VR, EXPLICIT_VR_LENGTH_32
 from pydicom.values import converters
 
 from dicomrouter.dicom_file import MAX_FILE_META_BYTES, META_HEAD_BYTES, dataset_offset
+from dicomrouter.store.plain_values import NotPlain, plain_from_bytes, plain_value
 
 try:  # pydicom 3.0's reading rules, private to it: a release without them turns the walk off, not the router
     from pydicom.datadict import _dictionary_vr_fast
@@ -61,6 +62,8 @@ CHARSET_TAG = 0x00080005
 PIXEL_REPRESENTATION_TAG = 0x00280103
 LUT_DESCRIPTOR_TAG = 0x00283002
 LUT_DATA_TAG = 0x00283006
+# pydicom makes the first value of these unsigned after converting them (its raw_element_value hook)
+LUT_DESCRIPTOR_TAGS = frozenset({0x00281101, 0x00281102, 0x00281103, LUT_DESCRIPTOR_TAG})
 PIXEL_DATA_TAG = 0x7FE00010
 # Sequences nested deeper go to pydicom (which refuses thousands with a RecursionError).
 MAX_DEPTH = 64
@@ -108,6 +111,7 @@ class Walked:
     transfer_syntax: str
     elements: dict[int, RawDataElement]
     encoding: str | list[str]  # of the data set's text values, from its Specific Character Set
+    vrs: dict[int, str]  # wanted tag -> the VR pydicom converts its value with
 
     def get(self, keyword: str) -> Any:
         """The value of a wanted element as pydicom's Dataset.get(keyword) gives it (None when absent).
@@ -125,6 +129,24 @@ class Walked:
         pydicom_hooks.hooks.raw_element_vr(raw, converted, encoding=encoding, ds=None)
         pydicom_hooks.hooks.raw_element_value(raw, converted, encoding=encoding, ds=None)
         return converted["value"]
+
+    def plain(self, keyword: str) -> str | list[str] | None:
+        """plain_value(self.get(keyword)), read from the bytes where plain_values knows how."""
+        tag = tag_for_keyword(keyword)
+        raw = self.elements.get(tag) if tag is not None else None
+        if raw is None:
+            return None
+        if tag not in LUT_DESCRIPTOR_TAGS:
+            default_charset = tag == CHARSET_TAG or self.encoding in _DEFAULT_ENCODINGS
+            try:
+                return plain_from_bytes(self.vrs[tag], raw.value, default_charset)
+            except NotPlain:
+                pass
+        return plain_value(self.get(keyword))
+
+
+# A data set without a Specific Character Set, or with one pydicom decodes as its default (ISO_IR 6, empty).
+_DEFAULT_ENCODINGS = (default_encoding, [default_encoding])
 
 
 def wanted_tags(keywords: Iterable[str]) -> frozenset[int] | None:
@@ -240,8 +262,9 @@ class _Walk:
         self.size = source.size
         self.wanted = wanted
         self.defer_bytes = defer_bytes
-        # wanted top-level tag -> (VR as read, None if implicit; length; offset of the value; value)
-        self.found: dict[int, tuple[str | None, int, int, bytes]] = {}
+        # wanted top-level tag -> (VR as read, None if implicit; length; offset of the value; value;
+        # the VR pydicom converts it with)
+        self.found: dict[int, tuple[str | None, int, int, bytes, str]] = {}
         self.private_vrs: dict[tuple[str, int], str] = {}
 
     def bytes_at(self, pos: int, count: int) -> bytes:
@@ -432,7 +455,7 @@ class _Walk:
             elif tag == LUT_DESCRIPTOR_TAG:
                 lut_descriptor_length = length
             if tag in wanted or (top and tag == CHARSET_TAG):
-                self.found[tag] = (vr, length, value, self.bytes_at(value, length))
+                self.found[tag] = (vr, length, value, self.bytes_at(value, length), converted)
         if us_or_ss and has_pixel_data and not has_pixel_representation:
             raise Unsure  # pydicom fails to choose US or SS there (AttributeError)
         return pos
@@ -556,10 +579,11 @@ class _Walk:
         """The wanted elements found at the top level, raw, as pydicom's reader leaves them."""
         raw = {
             tag: RawDataElement(BaseTag(tag), vr, length, value, offset, implicit, True)
-            for tag, (vr, length, offset, value) in self.found.items()
+            for tag, (vr, length, offset, value, _) in self.found.items()
         }
         encoding: str | list[str] = default_encoding
         charset = raw.get(CHARSET_TAG)
         if charset is not None:  # as pydicom's read_dataset takes it
             encoding = convert_encodings(convert_raw_data_element(charset).value)
-        return Walked(syntax, raw, encoding)
+        vrs = {tag: found[4] for tag, found in self.found.items()}
+        return Walked(syntax, raw, encoding, vrs)

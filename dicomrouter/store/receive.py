@@ -27,6 +27,7 @@ from dicomrouter.logging import get_logger
 from dicomrouter.routing.access import Caller, may_write
 from dicomrouter.routing.store_rules import choose_destinations, rule_keywords
 from dicomrouter.store.dataset_walk import walk_instance, walk_instance_file, wanted_tags
+from dicomrouter.store.plain_values import plain_value
 from dicomrouter.store.queue import ClaimedJob, ForwardQueue, NewJob
 from dicomrouter.store.spool import PartialFile, Spool, SpooledFile, SpoolError, SpoolFull
 
@@ -81,14 +82,6 @@ class ReceiveResult:
 def valid_uid(value: Any) -> bool:
     """One UID (a multi-valued element arrives as a list: not valid here)."""
     return isinstance(value, str) and 0 < len(value) <= 64 and UID_PATTERN.match(value) is not None
-
-
-def _plain(value: Any) -> Any:
-    if value is None:
-        return None
-    if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
-        return [str(v) for v in value]
-    return str(value)
 
 
 def check_complete(dataset) -> None:
@@ -156,7 +149,7 @@ def read_header(encoded: bytes, keywords: Iterable[str], max_inflated: int = 2 *
     wanted_keywords = {*CATALOG_KEYWORDS, *keywords}
     walked = walk_instance(encoded, wanted_tags(wanted_keywords))
     if walked is not None:
-        return _header(walked, wanted_keywords, walked.transfer_syntax)
+        return _header(walked.plain, wanted_keywords, walked.transfer_syntax)
     return read_header_pydicom(encoded, keywords, max_inflated)
 
 
@@ -171,16 +164,20 @@ def read_header_pydicom(encoded: bytes, keywords: Iterable[str], max_inflated: i
 
 def header_values(dataset, keywords: Iterable[str]) -> dict[str, Any]:
     """What the catalog records and the rules look at, as plain values."""
-    return _header(dataset, {*CATALOG_KEYWORDS, *keywords}, str(dataset.file_meta.TransferSyntaxUID))
+    return _header(
+        lambda keyword: plain_value(dataset.get(keyword)),
+        {*CATALOG_KEYWORDS, *keywords},
+        str(dataset.file_meta.TransferSyntaxUID),
+    )
 
 
-def _header(dataset, keywords: Iterable[str], transfer_syntax: str) -> dict[str, Any]:
-    """`dataset.get(keyword)` of each keyword, as plain values (a pydicom Dataset or a dataset_walk.Walked)."""
+def _header(plain: Callable[[str], Any], keywords: Iterable[str], transfer_syntax: str) -> dict[str, Any]:
+    """`plain(keyword)` of each keyword that has a value (store.plain_values: str or list of str)."""
     header: dict[str, Any] = {}
     for keyword in keywords:
-        value = dataset.get(keyword)
-        if value is not None and value != "":
-            header[keyword] = _plain(value)
+        value = plain(keyword)
+        if value is not None:
+            header[keyword] = value
     header["TransferSyntaxUID"] = transfer_syntax
     return header
 
@@ -219,7 +216,7 @@ def read_header_from_file(path: Path, file_size: int, keywords: Iterable[str]) -
     wanted_keywords = {*CATALOG_KEYWORDS, *keywords}
     walked = walk_instance_file(path, file_size, wanted_tags(wanted_keywords), DEFERRED_VALUE_BYTES)
     if walked is not None:
-        return _header(walked, wanted_keywords, walked.transfer_syntax)
+        return _header(walked.plain, wanted_keywords, walked.transfer_syntax)
     return read_header_from_file_pydicom(path, file_size, keywords)
 
 

@@ -15,7 +15,9 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
+from pydicom.charset import default_encoding
 from pydicom.data.data_manager import DATA_ROOT
+from pydicom.datadict import DicomDictionary, tag_for_keyword
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
@@ -29,6 +31,7 @@ from dicomrouter.store.dataset_walk import (
     walk_instance,
     wanted_tags,
 )
+from dicomrouter.store.plain_values import NotPlain, plain_from_bytes, plain_value
 from dicomrouter.store.receive import (
     CATALOG_KEYWORDS,
     read_header,
@@ -143,6 +146,65 @@ def test_bundled_files_in_every_walked_syntax():
     # the walk answers for the usual instance itself, in each family of syntaxes
     assert vouched[ImplicitVRLittleEndian] >= 20 and vouched[ExplicitVRLittleEndian] >= 20, vouched
     assert vouched["encapsulated"] >= 10, vouched
+
+
+def plain_keywords(data: bytes) -> set[str]:
+    """The keywords of the top-level elements whose dictionary VR plain_values reads (none of them a
+    sequence or of ambiguous VR: with those wanted the walk would hand the whole instance to pydicom)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            dataset = dcmread(BytesIO(data), force=True)
+        except Exception:
+            return set()
+    keywords = set()
+    for tag in dataset.keys():
+        entry = DicomDictionary.get(tag)
+        if entry is not None and entry[0] in PLAIN_VRS and entry[4]:
+            keywords.add(entry[4])
+    return keywords
+
+
+PLAIN_VRS = {
+    *"AE AS CS DA DT TM UI SH LO UC ST LT UT UR PN IS DS".split(),
+    *"US SS UL SL FL FD SV UV".split(),
+}
+
+
+def test_bundled_files_every_plain_value():
+    """Every top-level value of a VR plain_values reads, in pydicom's files: read_header with all of them
+    wanted answers as pydicom alone, and Walked.plain gives plain_value(Walked.get), mostly without pydicom."""
+    fast = total = 0
+    for note, data in corpus():
+        keywords = plain_keywords(data)
+        if not keywords:
+            continue
+        expected = outcome(read_header_pydicom, data, keywords)
+        assert outcome(read_header, data, keywords) == expected, note
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            walked = walk_instance(data, wanted_tags({*CATALOG_KEYWORDS, *keywords}))
+            if walked is None:
+                continue
+            default_charset = walked.encoding in (default_encoding, [default_encoding])
+            for keyword in keywords:
+                assert walked.plain(keyword) == plain_value(walked.get(keyword)), (
+                    f"{note}: {keyword}"
+                )
+                tag = tag_for_keyword(keyword)
+                raw = walked.elements.get(tag)
+                if raw is None:
+                    continue
+                total += 1
+                try:
+                    plain_from_bytes(
+                        walked.vrs[tag], raw.value, default_charset or tag == 0x00080005
+                    )
+                    fast += 1
+                except NotPlain:
+                    pass
+    print(f"{fast} of {total} values read without pydicom")
+    assert total > 2000 and fast > total // 2, (fast, total)
 
 
 def small_files() -> list[tuple[str, bytes]]:
