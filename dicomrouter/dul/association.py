@@ -21,7 +21,13 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from dicomrouter.audit import AssociationAudit
-from dicomrouter.dul.connection import Connection, PduReader, ProtocolViolation, SessionEnded
+from dicomrouter.dul.connection import (
+    Connection,
+    PduReader,
+    ProtocolViolation,
+    SessionEnded,
+    set_timeout,
+)
 from dicomrouter.dul.dimse import (
     AFFECTED_SOP_CLASS,
     AFFECTED_SOP_INSTANCE,
@@ -61,6 +67,7 @@ log = get_logger(__name__)
 PDV_HEADER_LENGTH = 6  # item length (4), presentation context ID, message control header
 RELEASE_WAIT_S = 2.0  # after A-RELEASE-RP the requestor closes the connection (Sta13)
 OPERATION_JOIN_S = 10.0  # at the end, how long a cancelled operation gets to finish
+READ_AHEAD_BYTES = 64 * 1024  # what the reader of an established association receives at a time
 UNRECOGNIZED_OPERATION = 0x0211
 PROCESSING_FAILURE = 0xC000
 SUCCESS, PENDING_STATUSES = 0x0000, (0xFF00, 0xFF01)
@@ -191,6 +198,7 @@ class Association:
         caller: Any,
         audit: AssociationAudit,
         limits: AssociationLimits,
+        reader: PduReader | None = None,
     ):
         self.connection = connection
         self.request = request
@@ -202,7 +210,11 @@ class Association:
         self.calling_ae = request.calling_ae
         self.called_ae = request.called_ae
         self.peer_max_pdu = request.max_pdu
-        self.reader = PduReader(connection, limits.max_pdu_size, limits.network_timeout_s)
+        # The reader that read the A-ASSOCIATE-RQ reads on (one stream for the connection), from now
+        # on ahead: a small C-STORE's command and data PDUs then come in one or two system calls.
+        self.reader = reader or PduReader(connection, limits.max_pdu_size, limits.network_timeout_s)
+        self.reader.timeout_s = limits.network_timeout_s
+        self.reader.stream.enable_read_ahead(READ_AHEAD_BYTES)
         self.log = log.bind(calling_ae=request.calling_ae, called_ae=request.called_ae, address=connection.address)
         self._command = bytearray()
         self._incoming: Request | None = None
@@ -451,7 +463,7 @@ class Association:
         max_pdu = self.peer_max_pdu
         connection = self.connection
         with connection.send_lock:
-            connection.sock.settimeout(self.limits.network_timeout_s)
+            set_timeout(connection.sock, self.limits.network_timeout_s)
             send_message(connection.sock, context_id, command, dataset, max_pdu)
 
     def respond(
@@ -483,7 +495,7 @@ class Association:
         """Whole messages' PDUs (from `response_pdus`) in one send: many small answers, one system call."""
         connection = self.connection
         with connection.send_lock:
-            connection.sock.settimeout(self.limits.network_timeout_s)
+            set_timeout(connection.sock, self.limits.network_timeout_s)
             connection.send_locked(pdus)
 
     def response_command(

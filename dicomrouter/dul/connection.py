@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import select
 import socket
 import ssl
@@ -28,6 +29,12 @@ from dicomrouter.dul.pdu import (
 )
 
 ABORT_DRAIN_S = 1.0  # after an A-ABORT, read what the peer still sends for at most this long
+
+
+def set_timeout(sock: socket.socket, seconds: float) -> None:
+    """The socket's timeout for sends, set only when it changes (each setting is a system call)."""
+    if sock.gettimeout() != seconds:
+        sock.settimeout(seconds)
 
 
 class SessionEnded(Exception):
@@ -210,11 +217,15 @@ class PduStream:
             raise PduTimeout()
 
     def _recv_into(self, view: memoryview, deadline: float) -> int:
-        self._wait(deadline)
-        try:
-            count = self.sock.recv_into(view)
-        except (ssl.SSLWantReadError, BlockingIOError, InterruptedError):
-            return 0  # TLS record bytes, not yet a whole record: wait again
+        sock = self.sock
+        if sock.gettimeout() is not None and not isinstance(sock, ssl.SSLSocket):
+            count = self._recv_ready(view, deadline)
+        else:
+            self._wait(deadline)
+            try:
+                count = sock.recv_into(view)
+            except (ssl.SSLWantReadError, BlockingIOError, InterruptedError):
+                return 0  # TLS record bytes, not yet a whole record: wait again
         if count == 0:
             raise PeerClosed("the peer closed the connection")
         if not self.heard_from:
@@ -222,6 +233,23 @@ class PduStream:
             if self._on_first_byte is not None:
                 self._on_first_byte()
         return count
+
+    def _recv_ready(self, view: memoryview, deadline: float) -> int:
+        """Read from a plain socket with a timeout (its descriptor never blocks): what is there at once,
+        polling only when nothing is. The socket's own recv would poll before every read, and each
+        system call is a trip through the GIL."""
+        while True:
+            try:
+                return os.readv(self.sock.fileno(), (view,))
+            except BlockingIOError:
+                self._wait(deadline)
+
+    def enable_read_ahead(self, size: int) -> None:
+        """From now on receive up to `size` bytes at a time (see the class); for a reader that keeps
+        the socket from here on. Nothing is buffered yet: until now it read exactly."""
+        if not self._ahead and size > 0 and not self.mid_pdu:
+            self._ahead = bytearray(size)
+            self._ahead_view = memoryview(self._ahead)
 
     def _check_header(self) -> tuple[int, int]:
         pdu_type, length = struct.unpack(">BxI", self._header)

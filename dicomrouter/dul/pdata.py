@@ -9,6 +9,7 @@ at a time into one buffer, so a 2 GB instance costs one group of memory, not 2 G
 
 from __future__ import annotations
 
+import os
 import socket
 import ssl
 import struct
@@ -114,8 +115,20 @@ def send_gathered(sock: socket.socket, parts: list[Buffer]) -> None:
     views = [memoryview(part) for part in parts if len(part)]
     left = sum(len(view) for view in views)
     first = 0
+    # A socket with a timeout never blocks: write straight away while the kernel takes it all. Its own
+    # sendmsg would poll before every call; once the buffer is full, it waits (within its timeout).
+    at_once = sock.gettimeout() is not None
     while left:
-        sent = sock.sendmsg(views[first : first + MAX_BUFFERS_PER_SEND])
+        batch = views[first : first + MAX_BUFFERS_PER_SEND]
+        sent = 0
+        if at_once:
+            try:
+                sent = os.writev(sock.fileno(), batch)
+            except BlockingIOError:
+                pass
+            at_once = sent == sum(len(view) for view in batch)
+        if not sent:
+            sent = sock.sendmsg(batch)
         left -= sent
         while sent and sent >= len(views[first]):
             sent -= len(views[first])

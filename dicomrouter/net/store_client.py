@@ -26,6 +26,10 @@ class ContextRejected(Exception):
     """The peer does not accept this SOP class in this transfer syntax: a permanent refusal."""
 
 
+class SpoolFileMissing(Exception):
+    """The spool file to send is gone: nothing will ever send it (a permanent failure of the job)."""
+
+
 class StoreFailed(Exception):
     """No C-STORE response (timeout, abort): worth retrying."""
 
@@ -141,9 +145,18 @@ class EncodedStoreClient:
         A file up to one send group is read whole, at once; a larger one piece by piece as it goes
         out (a 2 GB instance costs one group of memory, not 2 GB)."""
         try:
-            with open(path, "rb", buffering=0) as fp:
-                size = os.fstat(fp.fileno()).st_size
-                head = fp.read(size if size <= GROUP_BYTES else META_HEAD_BYTES)
+            # os.open, not open(): the file object's own fstat and checks cost system calls per instance.
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError as exc:
+            raise SpoolFileMissing(f"spool file {path} is missing") from exc
+        except OSError as exc:
+            raise StoreFailed(f"cannot read spool file {path}: {exc}") from exc
+        try:
+            try:
+                size = os.fstat(fd).st_size
+                head = os.read(fd, size if size <= GROUP_BYTES else META_HEAD_BYTES)
+            finally:
+                os.close(fd)
             start = dataset_offset(head)  # the group length says where the meta ends
             if start > size:
                 raise ValueError(f"the file meta claims {start} bytes, the file has {size}")
@@ -181,5 +194,6 @@ __all__ = [
     "StoreOutcome",
     "ContextRejected",
     "StoreFailed",
+    "SpoolFileMissing",
     "PeerUnavailable",
 ]

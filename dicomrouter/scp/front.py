@@ -168,7 +168,7 @@ class DicomFront:
         if not admitted:
             self._reject(connection, "", "", REJECT_LOCAL_LIMIT, "local limit exceeded (connections waiting to associate)")
             return
-        self._associate(connection, bytes(body))
+        self._associate(connection, reader, bytes(body))
 
     def _handshake(self, connection: Connection, timeout_s: float) -> bool:
         """Finish the TLS handshake of an accepted connection, in its own thread; log why not."""
@@ -204,7 +204,7 @@ class DicomFront:
         if may_linger:  # as after any A-ASSOCIATE-RJ (Sta13), the requestor closes first
             connection.read_until_closed(REJECT_LINGER_S)
 
-    def _associate(self, connection: Connection, body: bytes) -> None:
+    def _associate(self, connection: Connection, reader: PduReader, body: bytes) -> None:
         config = self.holder.current
         router = config.router
         try:
@@ -274,7 +274,7 @@ class DicomFront:
             if refused:
                 log.info("contexts_refused", calling_ae=calling_ae, address=connection.address, refused=refused[:20])
             audit.record("association", "accepted", detail=f"{decision.reason} ({caller.kind})")
-            Association(connection, request, results, services, caller, audit, limits).serve()
+            Association(connection, request, results, services, caller, audit, limits, reader).serve()
         finally:
             audit.close()
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections import deque
@@ -17,6 +16,7 @@ from dicomrouter.net.store_client import (
     ContextRejected,
     EncodedStoreClient,
     PeerUnavailable,
+    SpoolFileMissing,
     StoreFailed,
 )
 from dicomrouter.net.upper_layer import Link
@@ -174,7 +174,11 @@ class DestinationLane:
     def __init__(self, forwarder: Forwarder, name: str):
         self.forwarder = forwarder
         self.name = name
-        self.wakeup = threading.Condition()
+        # Worker 0 waits on `wakeup`, the helper workers on `helpers` (one lock): a job handed over
+        # wakes the one worker that sends it, not every thread of the lane.
+        lock = threading.Lock()
+        self.wakeup = threading.Condition(lock)
+        self.helpers = threading.Condition(lock)
         self.paused_until = 0.0
         self.consecutive_failures = 0
         self.backlog = False  # the last claim came back full: let every worker send
@@ -192,10 +196,12 @@ class DestinationLane:
         self.draining: Recovery | None = None
 
     def notify(self) -> None:
+        """A pending job was queued, a backlog begun or the forwarder is stopping: every worker looks."""
         with self.wakeup:
             self.claim_wanted = True
             self.signalled = True
             self.wakeup.notify_all()
+            self.helpers.notify_all()
 
     def accepts_direct(self) -> bool:
         """Whether a job queued now may be claimed for this lane in its own insert: the lane is sending
@@ -235,14 +241,18 @@ class DestinationLane:
         interval passed: jobs handed over directly need no claim transaction, nor an empty one after them."""
         return self.claim_wanted or self.backlog or time.monotonic() - self.last_claim >= poll_interval_s
 
-    def wait(self, seconds: float, use_signal: bool = True) -> None:
+    def wait(self, seconds: float, index: int = 0, use_signal: bool = True) -> None:
         """Sleep up to `seconds`, or not at all when work was signalled since the last wait.
 
         Without the flag, a job committed between worker 0's empty claim and its wait would sit
-        until the next poll. Only worker 0 consumes it (`use_signal`): helper workers idle on
-        the condition alone, so they cannot take the signal meant for it.
+        until the next poll. Only worker 0 consumes it (`use_signal`): helper workers (`index` > 0)
+        idle on their own condition, woken by `notify` only, so they cannot take the signal meant
+        for it (nor wake for every job handed over).
         """
         with self.wakeup:
+            if index > 0:
+                self.helpers.wait(timeout=seconds)
+                return
             if not use_signal:
                 self.wakeup.wait(timeout=seconds)
                 return
@@ -331,7 +341,7 @@ class DestinationLane:
             server = forwarder.holder.current.server(self.name)
             if server is None or server.deleted:
                 self._hand_back_direct(0.0, "handed back: destination not configured")
-                self.wait(forwarder.settings.poll_interval_s, use_signal=index == 0)
+                self.wait(forwarder.settings.poll_interval_s, index)
                 continue
             if client is None or client.peer != server:
                 if client:
@@ -340,18 +350,18 @@ class DestinationLane:
             pause = self.paused_until - time.monotonic()
             if pause > 0:
                 self._hand_back_direct(pause, "handed back: destination paused")
-                self.wait(min(pause, forwarder.settings.poll_interval_s), use_signal=index == 0)
+                self.wait(min(pause, forwarder.settings.poll_interval_s), index)
                 continue
             if forwarder.suspensions.is_suspended(self.name, forwarder.settings.poll_interval_s):
                 # In maintenance (`queue suspend`): its jobs wait, no attempt is spent.
                 self._hand_back_direct(0.0, "handed back: destination suspended")
                 client.close()
-                self.wait(forwarder.settings.poll_interval_s, use_signal=index == 0)
+                self.wait(forwarder.settings.poll_interval_s, index)
                 continue
             if index > 0 and not self.backlog:
                 if time.monotonic() - idle_since > IDLE_RELEASE_S:
                     client.close()
-                self.wait(forwarder.settings.poll_interval_s, use_signal=index == 0)
+                self.wait(forwarder.settings.poll_interval_s, index)
                 continue
             jobs, claimed_at = self._take_direct()
             if not jobs and self._claim_due(forwarder.settings.poll_interval_s):
@@ -361,7 +371,7 @@ class DestinationLane:
                     jobs = forwarder.queue.claim(self.name, CLAIM_BATCH)
                 except Exception:
                     log.exception("claim_failed", destination=self.name)
-                    self.wait(forwarder.settings.poll_interval_s, use_signal=index == 0)
+                    self.wait(forwarder.settings.poll_interval_s, index)
                     continue
                 self.backlog = len(jobs) == CLAIM_BATCH
                 if self.backlog:
@@ -374,7 +384,7 @@ class DestinationLane:
                         log.exception("drain_check_failed", destination=self.name)
                 if time.monotonic() - idle_since > IDLE_RELEASE_S:
                     client.close()
-                self.wait(forwarder.settings.poll_interval_s, use_signal=index == 0)
+                self.wait(forwarder.settings.poll_interval_s, index)
                 continue
             idle_since = time.monotonic()
             try:
@@ -385,7 +395,7 @@ class DestinationLane:
                 # the lease.
                 log.exception("forward_batch_failed", destination=self.name, jobs=len(jobs))
                 client.close(abort=True)
-                self.wait(forwarder.settings.poll_interval_s, use_signal=False)
+                self.wait(forwarder.settings.poll_interval_s, index, use_signal=False)
         if client:
             client.close()
 
@@ -402,14 +412,14 @@ class DestinationLane:
                 forwarder.queue.postpone(jobs[position:], 0.0, "handed back: stopping or claim lease half spent")
                 break
             path = job.spool_path
-            if not os.path.exists(path):
+            try:
+                outcome = client.send_file(path, job.sop_class_uid, job.sop_instance_uid, job.transfer_syntax_uid)
+            except SpoolFileMissing:
                 forwarder.queue.fail(job, f"spool file {path} is missing", None, permanent=True)
                 forwarder.count_failure(self.name, "spool_missing", "spool file missing", reachable=None)
                 log.error("dead_letter", job_id=job.id, destination=self.name, reason="spool file missing")
                 forwarder.audit_dead_letter(job, f"spool file {path} is missing")
                 continue
-            try:
-                outcome = client.send_file(path, job.sop_class_uid, job.sop_instance_uid, job.transfer_syntax_uid)
             except PeerUnavailable as exc:
                 reason = f"{exc.status}: {exc.reason}"
                 forwarder.count_failure(self.name, "unreachable", reason, reachable=False)
