@@ -137,16 +137,40 @@ class Walked:
         if raw is None:
             return None
         if tag not in LUT_DESCRIPTOR_TAGS:
-            default_charset = tag == CHARSET_TAG or self.encoding in _DEFAULT_ENCODINGS
+            encoding = self.encoding
+            first = encoding if isinstance(encoding, str) else encoding[0]
+            ascii_charset = tag == CHARSET_TAG or first in ASCII_ENCODINGS
             try:
-                return plain_from_bytes(self.vrs[tag], raw.value, default_charset)
+                return plain_from_bytes(self.vrs[tag], raw.value, ascii_charset)
             except NotPlain:
                 pass
         return plain_value(self.get(keyword))
 
 
-# A data set without a Specific Character Set, or with one pydicom decodes as its default (ISO_IR 6, empty).
-_DEFAULT_ENCODINGS = (default_encoding, [default_encoding])
+# Python encodings (as pydicom.charset.python_encoding names them) that decode ASCII bytes as ASCII
+# and encode ASCII text (a PersonName's round trip) back to the same bytes. pydicom decodes a value
+# without an escape sequence with the data set's first encoding only (charset.decode_bytes), so one
+# of these first makes ASCII text read as ASCII, whatever code extensions follow it ("ISO 2022 IR
+# 100\ISO 2022 IR 87" too). Left out, though Python's codecs would do: the stateful ISO 2022 ones
+# (iso2022_jp*, which warn encoding a PersonName), shift_jis, euc_kr and GB2312, rare as a first value.
+ASCII_ENCODINGS = frozenset(
+    {
+        default_encoding,  # no Specific Character Set, an empty first value, ISO_IR 6, ISO 2022 IR 6
+        "latin_1",  # ISO_IR 100
+        "iso8859_2",  # ISO_IR 101
+        "iso8859_3",  # ISO_IR 109
+        "iso8859_4",  # ISO_IR 110
+        "iso_ir_126",  # Greek
+        "iso_ir_127",  # Arabic
+        "iso_ir_138",  # Hebrew
+        "iso_ir_144",  # Cyrillic
+        "iso_ir_148",  # Latin-5
+        "iso_ir_166",  # Thai
+        "UTF8",  # ISO_IR 192
+        "GB18030",
+        "GBK",
+    }
+)
 
 
 def wanted_tags(keywords: Iterable[str]) -> frozenset[int] | None:

@@ -5,8 +5,8 @@ pydicom builds an object per value (UID, PersonName, IS, DSfloat, MultiValue) th
 turns back into str: for the dozen values read per C-STORE that cost more than walking the whole
 instance. `plain_from_bytes` gives what `plain_value` of pydicom's converted value gives (pydicom 3,
 default settings, which the walk requires anyway), for the usual value; anything it is not sure
-of (non-ASCII bytes, a character set other than the default for text that depends on it, escape
-sequences, an IS or DS that is not a plain number) raises NotPlain and pydicom converts it.
+of (non-ASCII bytes, escape sequences, text that depends on a character set that may not decode
+ASCII as ASCII, an IS or DS that is not a plain number) raises NotPlain and pydicom converts it.
 """
 
 from __future__ import annotations
@@ -56,10 +56,11 @@ _NUMBERS = {
 }
 
 
-def plain_from_bytes(vr: str, value: bytes, default_charset: bool) -> str | list[str] | None:
+def plain_from_bytes(vr: str, value: bytes, ascii_charset: bool) -> str | list[str] | None:
     """`plain_value` of what pydicom converts `value` (little endian) to with `vr`, without pydicom.
 
-    default_charset: the data set has no Specific Character Set, or an empty one or ISO_IR 6.
+    ascii_charset: pydicom decodes the data set's text without escape sequences as ASCII where its
+    bytes are ASCII (the walk's ASCII_ENCODINGS: no Specific Character Set, ISO_IR 100, ISO_IR 192, ...).
     Raises NotPlain when pydicom must decide.
     """
     if not value:
@@ -74,7 +75,7 @@ def plain_from_bytes(vr: str, value: bytes, default_charset: bool) -> str | list
     convert = _TEXT.get(vr)
     if convert is None or not value.isascii():
         raise NotPlain
-    if vr in CHARSET_VRS and (not default_charset or ESC in value):
+    if vr in CHARSET_VRS and (not ascii_charset or ESC in value):
         raise NotPlain
     values = convert(value.decode("ascii"))
     if isinstance(values, str):
