@@ -25,6 +25,7 @@ import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from struct import Struct
 from typing import Any
@@ -33,7 +34,7 @@ from pydicom import config as pydicom_config
 from pydicom import hooks as pydicom_hooks
 from pydicom.charset import convert_encodings, default_encoding, python_encoding
 from pydicom.datadict import DicomDictionary, private_dictionary_VR, tag_for_keyword
-from pydicom.dataelem import RawDataElement, convert_raw_data_element
+from pydicom.dataelem import RawDataElement
 from pydicom.tag import BaseTag
 from pydicom.uid import (
     AllTransferSyntaxes,
@@ -130,6 +131,12 @@ class Walked:
         pydicom_hooks.hooks.raw_element_value(raw, converted, encoding=encoding, ds=None)
         return converted["value"]
 
+    @cached_property
+    def ascii_charset(self) -> bool:
+        """pydicom reads this data set's ASCII text (no escape sequence) as ASCII (ASCII_ENCODINGS)."""
+        encoding = self.encoding
+        return (encoding if isinstance(encoding, str) else encoding[0]) in ASCII_ENCODINGS
+
     def plain(self, keyword: str) -> str | list[str] | None:
         """plain_value(self.get(keyword)), read from the bytes where plain_values knows how."""
         tag = tag_for_keyword(keyword)
@@ -137,11 +144,10 @@ class Walked:
         if raw is None:
             return None
         if tag not in LUT_DESCRIPTOR_TAGS:
-            encoding = self.encoding
-            first = encoding if isinstance(encoding, str) else encoding[0]
-            ascii_charset = tag == CHARSET_TAG or first in ASCII_ENCODINGS
             try:
-                return plain_from_bytes(self.vrs[tag], raw.value, ascii_charset)
+                return plain_from_bytes(
+                    self.vrs[tag], raw.value, tag == CHARSET_TAG or self.ascii_charset
+                )
             except NotPlain:
                 pass
         return plain_value(self.get(keyword))
@@ -271,6 +277,13 @@ class _File:
     def head(self, count: int) -> bytes:
         """The first `count` bytes (fewer in a shorter file)."""
         return os.pread(self.fd, count, 0)
+
+
+def _charset_terms(value: bytes) -> list[str]:
+    """A Specific Character Set's terms as pydicom's read_dataset hands them to convert_encodings: the
+    value converted as CS (ISO 8859-1 text, padding off the end, split at backslashes), one term or
+    several alike to it."""
+    return value.decode("latin-1").rstrip(" \0").split("\\")
 
 
 def _uppercase_pair(buf: bytes, offset: int) -> bool:
@@ -594,8 +607,7 @@ class _Walk:
         """A Specific Character Set pydicom knows every term of (anything else: its path decides)."""
         if vr != "CS":
             raise Unsure
-        terms = self.bytes_at(pos, length).decode("latin-1").rstrip(" \0").split("\\")
-        for index, term in enumerate(terms):
+        for index, term in enumerate(_charset_terms(self.bytes_at(pos, length))):
             if term not in python_encoding and not (index == 0 and term == ""):
                 raise Unsure
 
@@ -606,8 +618,8 @@ class _Walk:
             for tag, (vr, length, offset, value, _) in self.found.items()
         }
         encoding: str | list[str] = default_encoding
-        charset = raw.get(CHARSET_TAG)
-        if charset is not None:  # as pydicom's read_dataset takes it
-            encoding = convert_encodings(convert_raw_data_element(charset).value)
+        charset = self.found.get(CHARSET_TAG)
+        if charset is not None:
+            encoding = convert_encodings(_charset_terms(charset[3]))
         vrs = {tag: found[4] for tag, found in self.found.items()}
         return Walked(syntax, raw, encoding, vrs)

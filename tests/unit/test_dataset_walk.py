@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
-from pydicom.charset import default_encoding
 from pydicom.data.data_manager import DATA_ROOT
 from pydicom.datadict import DicomDictionary, tag_for_keyword
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -186,7 +185,6 @@ def test_bundled_files_every_plain_value():
             walked = walk_instance(data, wanted_tags({*CATALOG_KEYWORDS, *keywords}))
             if walked is None:
                 continue
-            default_charset = walked.encoding in (default_encoding, [default_encoding])
             for keyword in keywords:
                 assert walked.plain(keyword) == plain_value(walked.get(keyword)), (
                     f"{note}: {keyword}"
@@ -198,7 +196,7 @@ def test_bundled_files_every_plain_value():
                 total += 1
                 try:
                     plain_from_bytes(
-                        walked.vrs[tag], raw.value, default_charset or tag == 0x00080005
+                        walked.vrs[tag], raw.value, walked.ascii_charset or tag == 0x00080005
                     )
                     fast += 1
                 except NotPlain:

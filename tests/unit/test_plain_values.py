@@ -92,13 +92,14 @@ OTHER_CHARSETS = [
 ]
 
 
-def encodings_of(charset: str | None):
-    """The encodings the walk derives from a Specific Character Set (as pydicom's read_dataset)."""
+def encodings_of(charset: str | bytes | None):
+    """The encodings pydicom's read_dataset derives from a Specific Character Set."""
     if charset is None:
         return default_encoding
+    value = charset.encode() if isinstance(charset, str) else charset
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return convert_encodings(convert_raw_data_element(charset_raw(charset.encode())).value)
+        return convert_encodings(convert_raw_data_element(charset_raw(value)).value)
 
 
 def charset_raw(value: bytes) -> RawDataElement:
@@ -319,6 +320,31 @@ def test_ascii_text_skips_pydicom_in_ascii_charsets(name, encoding, ascii_charse
             else:
                 with pytest.raises(pytest.fail.Exception):
                     element.plain(keyword)
+
+
+@pytest.mark.parametrize("syntax", [EXPLICIT, IMPLICIT])
+def test_walk_takes_the_encodings_pydicom_takes(syntax):
+    """The walk reads the Specific Character Set's terms itself, for convert_encodings as pydicom does."""
+    values = [name.encode() for name in ASCII_CHARSETS + OTHER_CHARSETS] + [
+        b"",
+        b"  ",
+        b"ISO_IR 100 ",
+        b"ISO_IR 192\0",
+        b"\\ISO 2022 IR 87 ",
+        b" ISO_IR 100",
+        b"ISO_IR 100\\",
+        b"ISO_IR 100\\ ",
+    ]
+    for value in values:
+        data = instance(syntax, {CHARSET_TAG: element(syntax, CHARSET_TAG, "CS", value)})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            walked = walk_instance(data, wanted_tags(CATALOG_KEYWORDS))
+        expected = encodings_of(value)
+        if walked is None:  # a term pydicom does not know (" ISO_IR 100"): pydicom's path
+            assert value.startswith(b" "), value
+            continue
+        assert walked.encoding == expected, value
 
 
 def test_specific_character_set_read_in_the_default_encoding():
