@@ -1,4 +1,4 @@
-"""One pass over a received instance's bytes: is it whole, would every value read back, and the raw
+"""One pass over a received instance's bytes: is it whole, would every value read back, and the
 elements we route by.
 
 pydicom's path (dcmread, then converting every value) costs about a millisecond per instance, a
@@ -105,14 +105,28 @@ class Unsure(Exception):
     """The walk cannot vouch for this instance: pydicom's path decides."""
 
 
+# A wanted top-level element as the walk found it: (its VR as read, None in an implicit VR data set;
+# where its value starts in the instance; the value; the VR pydicom converts it with). A tuple, not
+# a RawDataElement: most values are read without pydicom, and building one costs as much as reading it.
+Found = tuple[str | None, int, bytes, str]
+
+
 @dataclass(frozen=True)
 class Walked:
-    """A data set the walk vouches for: its transfer syntax and the wanted top-level elements, raw."""
+    """A data set the walk vouches for: its transfer syntax and the wanted top-level elements."""
 
     transfer_syntax: str
-    elements: dict[int, RawDataElement]
+    implicit: bool  # Implicit VR Little Endian
+    found: dict[int, Found]  # wanted tag -> the element
     encoding: str | list[str]  # of the data set's text values, from its Specific Character Set
-    vrs: dict[int, str]  # wanted tag -> the VR pydicom converts its value with
+
+    def raw(self, tag: int) -> RawDataElement | None:
+        """A wanted element as pydicom's reader leaves it (None when absent)."""
+        found = self.found.get(tag)
+        if found is None:
+            return None
+        vr, offset, value, _ = found
+        return RawDataElement(BaseTag(tag), vr, len(value), value, offset, self.implicit, True)
 
     def get(self, keyword: str) -> Any:
         """The value of a wanted element as pydicom's Dataset.get(keyword) gives it (None when absent).
@@ -121,7 +135,7 @@ class Walked:
         and no element of ambiguous VR, the two cases where that needs more than the element itself.
         """
         tag = tag_for_keyword(keyword)
-        raw = self.elements.get(tag) if tag is not None else None
+        raw = self.raw(tag) if tag is not None else None
         if raw is None:
             return None
         encoding = default_encoding if tag == CHARSET_TAG else self.encoding
@@ -140,13 +154,14 @@ class Walked:
     def plain(self, keyword: str) -> str | list[str] | None:
         """plain_value(self.get(keyword)), read from the bytes where plain_values knows how."""
         tag = tag_for_keyword(keyword)
-        raw = self.elements.get(tag) if tag is not None else None
-        if raw is None:
+        found = self.found.get(tag) if tag is not None else None
+        if found is None:
             return None
         if tag not in LUT_DESCRIPTOR_TAGS:
+            _, _, value, converted_vr = found
             try:
                 return plain_from_bytes(
-                    self.vrs[tag], raw.value, tag == CHARSET_TAG or self.ascii_charset
+                    converted_vr, value, tag == CHARSET_TAG or self.ascii_charset
                 )
             except NotPlain:
                 pass
@@ -299,9 +314,7 @@ class _Walk:
         self.size = source.size
         self.wanted = wanted
         self.defer_bytes = defer_bytes
-        # wanted top-level tag -> (VR as read, None if implicit; length; offset of the value; value;
-        # the VR pydicom converts it with)
-        self.found: dict[int, tuple[str | None, int, int, bytes, str]] = {}
+        self.found: dict[int, Found] = {}  # wanted top-level tag -> the element
         self.private_vrs: dict[tuple[str, int], str] = {}
 
     def bytes_at(self, pos: int, count: int) -> bytes:
@@ -492,7 +505,7 @@ class _Walk:
             elif tag == LUT_DESCRIPTOR_TAG:
                 lut_descriptor_length = length
             if tag in wanted or (top and tag == CHARSET_TAG):
-                self.found[tag] = (vr, length, value, self.bytes_at(value, length), converted)
+                self.found[tag] = (vr, value, self.bytes_at(value, length), converted)
         if us_or_ss and has_pixel_data and not has_pixel_representation:
             raise Unsure  # pydicom fails to choose US or SS there (AttributeError)
         return pos
@@ -612,14 +625,9 @@ class _Walk:
                 raise Unsure
 
     def walked(self, syntax: str, implicit: bool) -> Walked:
-        """The wanted elements found at the top level, raw, as pydicom's reader leaves them."""
-        raw = {
-            tag: RawDataElement(BaseTag(tag), vr, length, value, offset, implicit, True)
-            for tag, (vr, length, offset, value, _) in self.found.items()
-        }
+        """The wanted elements found at the top level, and the encodings of their text."""
         encoding: str | list[str] = default_encoding
         charset = self.found.get(CHARSET_TAG)
         if charset is not None:
-            encoding = convert_encodings(_charset_terms(charset[3]))
-        vrs = {tag: found[4] for tag, found in self.found.items()}
-        return Walked(syntax, raw, encoding, vrs)
+            encoding = convert_encodings(_charset_terms(charset[2]))
+        return Walked(syntax, implicit, self.found, encoding)

@@ -190,14 +190,12 @@ def test_bundled_files_every_plain_value():
                     f"{note}: {keyword}"
                 )
                 tag = tag_for_keyword(keyword)
-                raw = walked.elements.get(tag)
-                if raw is None:
+                found = walked.found.get(tag)
+                if found is None:
                     continue
                 total += 1
                 try:
-                    plain_from_bytes(
-                        walked.vrs[tag], raw.value, walked.ascii_charset or tag == 0x00080005
-                    )
+                    plain_from_bytes(found[3], found[2], walked.ascii_charset or tag == 0x00080005)
                     fast += 1
                 except NotPlain:
                     pass

@@ -233,7 +233,8 @@ def walked(tag: int, vr: str, value: bytes, implicit_vr: bool, encoding) -> Walk
     )
     chosen: dict = {}
     pydicom_hooks.hooks.raw_element_vr(raw, chosen, encoding=encoding, ds=None)
-    return Walked(IMPLICIT if implicit_vr else EXPLICIT, {tag: raw}, encoding, {tag: chosen["VR"]})
+    found = (raw.VR, 0, value, chosen["VR"])
+    return Walked(IMPLICIT if implicit_vr else EXPLICIT, implicit_vr, {tag: found}, encoding)
 
 
 def result(read, *args):
