@@ -49,7 +49,7 @@ from dicomrouter.store.forwarder import Forwarder
 from dicomrouter.store.queue import ForwardQueue
 from dicomrouter.store.receive import ReceiveService
 from dicomrouter.store.scratch import clean_scratch
-from dicomrouter.store.spool import Spool
+from dicomrouter.store.spool import FREE_FILES_MAX, Spool
 
 if TYPE_CHECKING:
     from dicomrouter.supervisor import WorkerRole
@@ -209,6 +209,7 @@ class RouterApp:
         if self.committer is not None:
             self.committer.stop()
         self.forwarder.stop()
+        self.spool.release_free_files()  # nothing writes to the spool any more
         self.audit.stop()
         log.info("router_stopped")
 
@@ -229,7 +230,7 @@ def build_app(
     catalog = Catalog(sessions)
     holder = ConfigHolder(config, worker.share if worker else lambda config: config)
     config = holder.current
-    spool = Spool(config.router.spool)
+    spool = Spool(config.router.spool, keep_free=FREE_FILES_MAX)
     queue = ForwardQueue(sessions, node_id(), config.router.forwarding)
     # Counted only when something serves them (the HTTP port); the CLI's import counts nothing.
     metrics = Metrics(worker.metrics_dir if worker else None) if config.router.http is not None else None

@@ -6,11 +6,18 @@ import errno
 import hashlib
 import os
 import secrets
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from dicomrouter.private_files import owner_only
+
+# The router keeps spool files no job needs any more for reuse, up to this many per process and this
+# large each: creating a file (an inode found and set up) and deleting one cost the kernel more than the
+# write and fsync of a small instance; a file written over in place also needs no new blocks.
+FREE_FILES_MAX = 32
+FREE_FILE_MAX_BYTES = 2 * 1024 * 1024
 
 
 class SpoolError(Exception):
@@ -42,18 +49,26 @@ class Spool:
     A sender's SOP Instance UID such as ``../../x`` therefore can never name a path.
     """
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, keep_free: int = 0):
+        """`keep_free`: how many files no job needs this process keeps to write over (0: delete them;
+        a short-lived process such as the CLI has no use for them)."""
         self.root = Path(root)
+        self.keep_free = keep_free
         self.tmp = self.root / "tmp"
         self.objects = self.root / "objects"
+        self.free = self.root / "free"  # files kept for reuse by the process that put them there
         # Owner-only: the files hold patient data. An older, wider spool root is narrowed.
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         owner_only(self.root)
         self.tmp.mkdir(mode=0o700, exist_ok=True)
         self.objects.mkdir(mode=0o700, exist_ok=True)
+        self.free.mkdir(mode=0o700, exist_ok=True)
         self._known_dirs: set[str] = set()  # objects/XX folders known to exist, by XX
         self._objects = str(self.objects)
         self._tmp = str(self.tmp)
+        self._free_folder = str(self.free)
+        self._free: list[tuple[str, int]] = []  # (path in free/, size): ours to reuse
+        self._free_lock = threading.Lock()
         self._prepare_folders()
 
     def _prepare_folders(self) -> None:
@@ -83,12 +98,14 @@ class Spool:
         final = f"{self._objects}/{sha256[:2]}/{sha256}-{token}.dcm"
         tmp = f"{self._tmp}/{sha256}-{token}.part"
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            fd, old_size = self._open_new(tmp)
             try:
                 view = memoryview(content)
                 while view:
                     written = os.write(fd, view)
                     view = view[written:]
+                if old_size > len(content):  # a reused file: what is left of its old content goes
+                    os.ftruncate(fd, len(content))
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -100,6 +117,25 @@ class Spool:
             _unlink_quietly(final)  # renamed but not durable: no job will point at it
             raise _spool_error(self.root, exc) from exc
         return SpooledFile(final, sha256, len(content))
+
+    def _open_new(self, tmp: str) -> tuple[int, int]:
+        """A file at `tmp` to write into: one of our free files moved there (written over in place), else
+        a new one. (descriptor, bytes it already holds)"""
+        while True:
+            with self._free_lock:
+                if not self._free:
+                    break
+                path, size = self._free.pop()
+            try:
+                os.rename(path, tmp)  # ours alone now, whoever else looks at free/
+            except FileNotFoundError:
+                continue  # swept meanwhile (clean_partial_writes of a process that started)
+            try:
+                return os.open(tmp, os.O_WRONLY), size
+            except OSError:
+                _unlink_quietly(tmp)
+                raise
+        return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), 0
 
     def open_partial(self, hashed: bool = True) -> PartialFile:
         """A file in tmp/ to write a large instance into while it arrives; `adopt` makes it safe.
@@ -140,8 +176,33 @@ class Spool:
         return folder
 
     def remove(self, path: str | Path) -> None:
-        """Delete a spool file once every destination acknowledged it."""
+        """Let a spool file go once no job needs it: kept in free/ for this process to write over (see
+        FREE_FILES_MAX), or deleted. Nothing reads it any more: every job that named it is finished."""
+        with self._free_lock:
+            keep = len(self._free) < self.keep_free
+        if keep:
+            try:
+                size = os.stat(path).st_size
+            except FileNotFoundError:
+                return
+            if size <= FREE_FILE_MAX_BYTES:
+                free = f"{self._free_folder}/{secrets.token_hex(8)}.free"
+                try:
+                    os.rename(path, free)
+                except FileNotFoundError:
+                    return
+                with self._free_lock:
+                    self._free.append((free, size))
+                return
         _unlink_quietly(path)
+
+    def release_free_files(self) -> int:
+        """Delete the files kept for reuse (at shutdown); how many."""
+        with self._free_lock:
+            free, self._free = self._free, []
+        for path, _ in free:
+            _unlink_quietly(path)
+        return len(free)
 
     def clean_partial_writes(self, older_than_s: float = 600.0) -> int:
         """Remove half-written files left by a crash; they were never acknowledged.
@@ -151,10 +212,17 @@ class Spool:
         removed = 0
         limit = time.time() - older_than_s
         for leftover in self.tmp.glob("*.part"):
-            try:
-                if leftover.stat().st_mtime < limit:
+            try:  # ctime: a free file moved here to be written over keeps its old mtime until written
+                if leftover.stat().st_ctime < limit:
                     _unlink_quietly(leftover)
                     removed += 1
+            except FileNotFoundError:
+                continue
+        # Files kept for reuse by a process that ended (the ones of the living were moved there lately).
+        for leftover in self.free.glob("*.free"):
+            try:
+                if leftover.stat().st_ctime < limit:
+                    _unlink_quietly(leftover)
             except FileNotFoundError:
                 continue
         return removed
