@@ -148,7 +148,7 @@ class RouteConfig:
 class ForwardingConfig:
     """Store-and-forward timings. Defaults deliver within a minute of a PACS coming back."""
 
-    workers_per_destination: int = 2
+    workers_per_destination: int = 4
     retry_initial_s: float = 3.0
     retry_max_s: float = 30.0
     retry_multiplier: float = 2.0

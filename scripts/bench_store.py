@@ -183,15 +183,16 @@ def write_config(folder: Path, router_port: int, orthanc, http_port: int | None 
                  catalog_url: str = "sqlite:///var/catalog.db") -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     http = f"\n  http: {{host: 127.0.0.1, port: {http_port}}}" if http_port else ""
+    # The router's default associations per destination, unless BENCH_WORKERS says otherwise.
+    lanes = os.environ.get("BENCH_WORKERS")
+    forwarding = f"\n  forwarding:\n    workers_per_destination: {lanes}" if lanes else ""
     text = f"""router:
   ae_title: DICOMROUTER
   host: 127.0.0.1
   port: {router_port}
   catalog: {catalog_url}
   spool: var/spool
-  max_pdu_size: {os.environ.get("BENCH_MAX_PDU", 262144)}
-  forwarding:
-    workers_per_destination: {os.environ.get("BENCH_WORKERS", 2)}{http}
+  max_pdu_size: {os.environ.get("BENCH_MAX_PDU", 262144)}{forwarding}{http}
 servers:
   - name: Bench PACS
     ae_title: {orthanc.spec.ae_title}

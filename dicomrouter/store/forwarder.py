@@ -32,6 +32,9 @@ log = get_logger(__name__)
 
 CLAIM_BATCH = 16
 DIRECT_MAX = CLAIM_BATCH  # jobs handed straight to a lane and not yet sent; more wait in the queue
+# Jobs handed over and waiting while worker 0 sends: from this many on a helper worker sends too (a
+# burst from several modalities would otherwise go to the PACS over one association per worker).
+HELPER_JOINS_AT = 4
 IDLE_RELEASE_S = 5.0  # release an idle association so it does not hold a PACS slot
 
 
@@ -222,6 +225,8 @@ class DestinationLane:
             self.direct.extend((claimed_at, job) for job in jobs)
             self.signalled = True
             self.wakeup.notify_all()
+            if len(self.direct) >= HELPER_JOINS_AT:
+                self.helpers.notify()
 
     def _take_direct(self) -> tuple[list[ClaimedJob], float]:
         """Up to CLAIM_BATCH jobs handed over by the receive path, and when the oldest was claimed."""
@@ -329,7 +334,8 @@ class DestinationLane:
         )
 
     def run(self, index: int = 0) -> None:
-        """Worker 0 always sends; the others join only while there is a backlog.
+        """Worker 0 always sends; the others join only while there is a backlog (a claim came back
+        full) or HELPER_JOINS_AT jobs handed over wait.
 
         In a steady stream one association keeps up, and extra workers would only compete for
         the interpreter; after an outage, or under a burst, every worker drains the queue.
@@ -358,7 +364,7 @@ class DestinationLane:
                 client.close()
                 self.wait(forwarder.settings.poll_interval_s, index)
                 continue
-            if index > 0 and not self.backlog:
+            if index > 0 and not self.backlog and len(self.direct) < HELPER_JOINS_AT:
                 if time.monotonic() - idle_since > IDLE_RELEASE_S:
                     client.close()
                 self.wait(forwarder.settings.poll_interval_s, index)
